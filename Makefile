@@ -1,0 +1,22 @@
+# The two quick-start commands (README): `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: demo test lint bench
+
+demo:  ## install mmfm and train the demo model (about a minute on 2 CPU cores)
+	$(PIP) install -e .
+	$(PYTHON) -m mmfm train launch/demo.yaml
+
+test:  ## install the test dependencies, check lint/format, run the whole suite
+	$(PIP) install -e ".[test]"
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m pytest -q tests
+
+lint:  ## lint and format check only
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+bench:  ## the benchmarks whose results are recorded in bench/README.md
+	$(PYTHON) bench/attention.py

@@ -1,0 +1,82 @@
+"""The `mmfm` command.
+
+mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
+mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
+mmfm config --doc                                  every field with its type, default and doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXAMPLES = """examples:
+  mmfm train launch/demo.yaml
+  mmfm train launch/demo.yaml optim.lr=3e-4 train.steps=50
+  mmfm train launch/demo.yaml train.run_dir=runs/mine train.resume=auto
+  mmfm config launch/demo.yaml model.n_layers=8
+  mmfm config --doc
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfm",
+        description="Train multimodal foundation models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("recipe", help="YAML recipe, e.g. launch/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    config = sub.add_parser("config", help="print the resolved config, or document every field")
+    config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
+    config.add_argument("overrides", nargs="*", help="dotted overrides")
+    config.add_argument("--doc", action="store_true", help="list every field with its doc")
+    return parser
+
+
+def _print_field_docs() -> None:
+    from mmfm.config import field_docs
+
+    for key, type_name, default, doc in field_docs():
+        print(f"{key} ({type_name}, default {default!r})\n    {doc}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from mmfm.config import ConfigError, load_config, to_yaml
+
+    try:
+        if args.command == "config":
+            if args.doc:
+                _print_field_docs()
+            else:
+                print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+        elif args.command == "train":
+            from mmfm.train.main import train
+
+            result = train(load_config(args.recipe, args.overrides))
+            if result.stopped_by:
+                print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"mmfm: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except _user_errors() as e:
+        print(f"mmfm: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from mmfm.data.shards import ShardError
+    from mmfm.train.checkpoint import CheckpointError
+    from mmfm.train.trainer import NonFiniteLossError
+
+    return (ShardError, CheckpointError, NonFiniteLossError)

@@ -1,0 +1,30 @@
+"""Configuration: one dataclass tree, loaded from YAML recipes plus dotted overrides."""
+
+from mmfm.config.loading import field_docs, load_config, save_config, to_yaml
+from mmfm.config.schema import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "field_docs",
+    "load_config",
+    "save_config",
+    "to_yaml",
+]

@@ -1,0 +1,154 @@
+"""Build a validated `Config` from a YAML recipe plus dotted overrides, and save it.
+
+Keys are checked against the dataclass tree before OmegaConf merges them, so a typo fails
+with the closest valid key instead of OmegaConf's bare `ConfigKeyError`. Values are
+type-checked by OmegaConf; cross-field rules live in the dataclasses' `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import textwrap
+import typing
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mmfm.config.schema import Config, ConfigError
+
+
+def _now(fmt: str = "%Y%m%d-%H%M%S") -> str:
+    """`${now:%Y%m%d}` in a recipe: the launch time, e.g. for a fresh run_dir per launch."""
+    return datetime.now().strftime(fmt)
+
+
+if not OmegaConf.has_resolver("now"):
+    # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
+    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    _register("now", _now, use_cache=True)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the tree (sections and leaves)."""
+    for name, tp in _fields(cls).items():
+        key = f"{prefix}{name}"
+        yield key
+        if _is_dataclass_type(tp):
+            yield from valid_keys(tp, key + ".")
+
+
+def _check_keys(node: Any, cls: type, prefix: str, origin: str) -> None:
+    if not isinstance(node, dict):
+        return
+    fields = _fields(cls)
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            candidates = list(valid_keys())
+            close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
+            if not close:
+                leaf = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+                close = [f"{prefix}{leaf[0]}"] if leaf else []
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}' in {origin}{hint}")
+        if _is_dataclass_type(fields[key]):
+            _check_keys(value, fields[key], dotted + ".", origin)
+
+
+def _as_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge the dataclass defaults, the YAML recipe and `key=value` overrides, then validate."""
+    layers: list[tuple[DictConfig, str]] = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml errors come in several types
+            raise ConfigError(f"cannot parse {path}: {e}") from e
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...)")
+        layers.append((loaded, str(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+
+    merged = OmegaConf.structured(Config)
+    for layer, origin in layers:
+        _check_keys(_as_container(layer), Config, "", origin)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{origin}: {_first_line(e)} (key {e.full_key})") from None
+    try:
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise ConfigError(f"{_first_line(e)} (key {e.full_key})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, docstring) of every leaf field, read from the source."""
+    docs = _attribute_docstrings(cls)
+    defaults = cls()
+    for name, tp in _fields(cls).items():
+        key = f"{prefix}{name}"
+        if _is_dataclass_type(tp):
+            yield from field_docs(tp, key + ".")
+        else:
+            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            yield key, type_name, getattr(defaults, name), docs.get(name, "")
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,288 @@
+"""The one configuration tree of mmfm.
+
+Every section is a dataclass whose fields carry a docstring (shown by `mmfm config --doc`).
+Each section checks its own fields in `__post_init__`; `Config.__post_init__` checks the
+combinations that span sections. Messages say which field to change and how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmfm.data.batch import MODALITY_NAMES
+
+ATTENTION_BACKENDS = ("auto", "sdpa_masked", "docs", "flex")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is invalid; the message says what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _require_positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}.{name} must be positive, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Rows of the embedding table: every token id of the unified vocabulary is below it."""
+    dim: int = 512
+    """Hidden size of the residual stream."""
+    n_layers: int = 8
+    """Number of transformer blocks."""
+    n_heads: int = 8
+    """Number of query heads; must divide `dim`."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide `n_heads`. None: same as n_heads."""
+    ffn_dim: int | None = None
+    """Hidden size of the SwiGLU MLP. None: Llama's rule, 8/3 * dim rounded up to
+    `ffn_multiple_of`."""
+    ffn_multiple_of: int = 256
+    """Rounding for the automatic `ffn_dim`."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding (Llama 2: 1e4, Llama 3: 5e5, LWM: up to 5e7)."""
+    max_seq_len: int = 4096
+    """Longest document (in tokens) the model is meant for; data.seq_len may not exceed it.
+    Exported as max_position_embeddings."""
+    tie_embeddings: bool = False
+    """Use the input embedding matrix as the output projection."""
+    attention: str = "auto"
+    """Attention kernel, all exact and document-masked: `docs` (causal SDPA per document,
+    equal lengths batched; CPU default), `flex` (FlexAttention with a document block mask,
+    compiled; GPU default, no backward on CPU), `sdpa_masked` (dense SDPA with an explicit
+    mask: the slow reference), or `auto`."""
+    init_std: float = 0.02
+    """Standard deviation of the truncated-normal init; output projections of each block are
+    further scaled by 1/sqrt(2 * n_layers)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "model", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
+        _require_positive(self, "model", "ffn_multiple_of", "rope_theta", "init_std", "norm_eps")
+        _require(
+            self.dim % self.n_heads == 0,
+            f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}): "
+            "change one of them",
+        )
+        _require(
+            self.head_dim % 2 == 0,
+            f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings",
+        )
+        kv = self.num_kv_heads
+        _require(
+            kv > 0 and self.n_heads % kv == 0,
+            f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({kv}): "
+            f"choose n_kv_heads among the divisors of {self.n_heads}",
+        )
+        _require(self.ffn_dim is None or self.ffn_dim > 0, "model.ffn_dim must be positive")
+        _require_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        m = self.ffn_multiple_of
+        return m * -(-int(8 * self.dim / 3) // m)
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Shards of pre-tokenized documents: local paths, brace patterns
+    (`shards-{000000..000009}.tar`) or `builtin:demo` (the generated demo corpus)."""
+    seq_len: int = 2048
+    """Tokens per packed row."""
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    """Loss weight per target modality (text, image, mask, dna, svg, video); unlisted
+    modalities weigh 1.0, 0 removes a modality from the loss."""
+    cache_dir: str = "~/.cache/mmfm"
+    """Where built-in datasets (`builtin:...` paths) are generated."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "data", "seq_len")
+        for name, weight in self.loss_weights.items():
+            _require(
+                name in MODALITY_NAMES,
+                f"data.loss_weights has unknown modality {name!r}; "
+                f"known: {', '.join(MODALITY_NAMES)}",
+            )
+            _require(weight >= 0, f"data.loss_weights.{name} must be >= 0, got {weight}")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (the outer dimension of HSDP)."""
+    dp_shard: int = 1
+    """Fully-sharded data-parallel degree (FSDP2)."""
+    cp: int = 1
+    """Context-parallel degree (ring attention)."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallelism)."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "parallel", "dp_replicate", "dp_shard", "cp", "tp", "pp")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` at the end of the decay."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to `lr`."""
+    decay: str = "cosine"
+    """Shape of the decay after warmup: cosine, linear or constant."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices (not to norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still
+    logged)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "optim", "lr", "eps")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optim.{name} must be within [0, 1)")
+        _require_choice("optim.decay", self.decay, LR_DECAYS)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    global_batch_size: int = 8
+    """Packed rows per optimizer step, summed over data-parallel ranks and accumulation."""
+    micro_batch_size: int = 8
+    """Packed rows per forward/backward on one rank; gradient accumulation makes up the rest
+    of the global batch."""
+    seed: int = 0
+    """Seed of the weight init and the data order; the same seed gives the same weights
+    whatever the parallel layout."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; parameters and optimizer state stay fp32)."""
+    run_dir: str = "runs/default"
+    """Directory of this run: resolved config, metrics.jsonl, tb/, checkpoints/, train.log."""
+    resume: str = "none"
+    """none (refuse a run_dir that already has checkpoints), auto (continue from the newest
+    complete checkpoint if any), or the path of one checkpoint directory."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many consecutive steps with a non-finite loss or
+    gradient norm (each such step is skipped and counted)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "train", "steps", "global_batch_size", "micro_batch_size")
+        _require_positive(self, "train", "max_nonfinite_steps")
+        _require_choice("train.device", self.device, DEVICES)
+        _require_choice("train.precision", self.precision, PRECISIONS)
+        _require(bool(self.run_dir), "train.run_dir must not be empty")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save a checkpoint every this many steps; 0 saves only at the end and on signals."""
+    keep: int = 3
+    """Number of newest complete checkpoints to keep; older ones are deleted."""
+    at_end: bool = True
+    """Save a checkpoint when training finishes."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)")
+        _require_positive(self, "checkpoint", "keep")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    """Log metrics (metrics.jsonl, TensorBoard) every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tb/."""
+    progress: bool = True
+    """Show a progress bar on a terminal (plain log lines every `print_every` steps otherwise)."""
+    print_every: int = 10
+    """Without a terminal, print a metrics line every this many steps."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "logging", "every", "print_every")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The transformer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """What is read and how it is packed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the model and data are split over processes."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When checkpoints are written and how many are kept."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, TensorBoard and the progress bar."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
+            f"({self.model.max_seq_len}): raise model.max_seq_len or lower data.seq_len",
+        )
+        rows_per_pass = self.train.micro_batch_size * self.parallel.dp_size
+        _require(
+            self.train.global_batch_size % rows_per_pass == 0,
+            f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({self.train.micro_batch_size} x "
+            f"{self.parallel.dp_size} = {rows_per_pass})",
+        )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp_size)

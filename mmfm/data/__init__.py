@@ -1,0 +1,1 @@
+"""Data: the `Batch` contract, pre-tokenized WebDataset shards, packing and the loader."""

@@ -1,0 +1,1 @@
+"""Training: the loop, loss, optimizer, checkpoints, metrics and progress."""

@@ -1,0 +1,167 @@
+"""Atomic, resumable checkpoints with `torch.distributed.checkpoint` (DCP).
+
+`<run_dir>/checkpoints/step_<N>/` holds the DCP files (tensors only: model, optimizer state,
+RNG), `train_state.json` (step, scheduler, loader cursor, optimizer hyper-parameters,
+counters) and `config.yaml`. A checkpoint is written as `.step_<N>.tmp` and renamed when
+complete, so a crash mid-write never leaves a directory that `resume=auto` would pick.
+
+Loading never unpickles arbitrary objects: DCP's `.metadata` is read by an unpickler that
+admits only DCP's own metadata classes, and a checkpoint whose entries are not all tensors
+(DCP would `torch.load(weights_only=False)` them) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, unsafe or does not match the run."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP writes into `.metadata`; anything else is refused unimported."""
+
+    _ALLOWED = frozenset(
+        {
+            ("torch", "Size"),
+            ("torch.serialization", "_get_layout"),
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+            ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"),
+            ("collections", "OrderedDict"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        dcp_metadata = module == "torch.distributed.checkpoint.metadata"
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dcp_metadata or dtype or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}; refusing to load")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """`FileSystemReader` without arbitrary unpickling (see the module docstring)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} is not DCP metadata")
+        for key, item in metadata.state_dict_metadata.items():
+            if not isinstance(item, TensorStorageMetadata):
+                raise CheckpointError(f"{path}: entry {key!r} is not a tensor; refusing to load")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every call that it runs without a process group; in one process that is
+    the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))  # type: ignore[union-attr]
+
+
+class Checkpointer:
+    """Saves, finds, loads and prunes the checkpoints of one run."""
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            p
+            for p in self.root.iterdir()
+            if _STEP_DIR.match(p.name)
+            and (p / STATE_FILE).is_file()
+            and (p / ".metadata").is_file()
+        ]
+        return sorted(found, key=step_of)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, tensors: dict, state: dict, config_yaml: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".step_{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _single_process_quiet():
+            dcp.save(tensors, checkpoint_id=tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        if final.exists():  # the same step saved again, e.g. a signal right after a save
+            old = self.root / f".step_{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for path in self.complete()[: -self.keep]:
+            log.info("removing old checkpoint %s (checkpoint.keep=%d)", path, self.keep)
+            shutil.rmtree(path)
+        for path in self.root.glob(".step_*"):  # leftovers of crashed writes
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def load(path: str | Path, tensors: dict) -> dict:
+        """Fill `tensors` (a state dict of the right structure) in place; return the JSON state."""
+        path = Path(path)
+        if not is_complete(path):
+            raise CheckpointError(
+                f"{path} is not a complete mmfm checkpoint (needs .metadata and {STATE_FILE})"
+            )
+        reader = SafeFileSystemReader(path)
+        reader.read_metadata()  # DCP would wrap our refusal in a generic CheckpointException
+        with _single_process_quiet():
+            dcp.load(tensors, storage_reader=reader)
+        return json.loads((path / STATE_FILE).read_text())

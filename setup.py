@@ -1,0 +1,39 @@
+"""Install mmfm: `pip install -e .`, or `pip install -e ".[test]"` for the test suite."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    for line in (ROOT / "mmfm" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("mmfm/__init__.py has no __version__")
+
+
+setup(
+    name="mmfm",
+    version=_version(),
+    description="Train multimodal foundation models with Megatron-style parallelism on PyTorch",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmfm", "mmfm.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.86",
+        "sentencepiece",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45", "ruff==0.17.6"],
+    },
+    entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},
+)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny model config on the built-in demo corpus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmfm.config import Config, load_config
+from mmfm.data.demo import DEMO_VOCAB_SIZE
+
+TINY = [
+    f"model.vocab_size={DEMO_VOCAB_SIZE}",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_multiple_of=32",
+    "model.max_seq_len=128",
+    "data.paths=[builtin:demo]",
+    "data.seq_len=128",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+    "logging.progress=false",
+    "logging.print_every=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("mmfm-cache"))
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, demo_cache) -> list[str]:
+    """Dotted overrides for a tiny model on the demo corpus, run dir under tmp_path."""
+    return [*TINY, f"data.cache_dir={demo_cache}", f"train.run_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides):
+    """`tiny_config(*overrides)`: the tiny config with more overrides on top."""
+
+    def make(*overrides: str) -> Config:
+        return load_config(None, [*tiny_overrides, *overrides])
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,184 @@
+"""The trainer end to end on the demo corpus: logging, overfitting, exact resume, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfm.config import ConfigError, load_config
+from mmfm.train import checkpoint as checkpoint_module
+from mmfm.train.callbacks import Callback
+from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.main import build_trainer, train
+from mmfm.train.trainer import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir, cfg) -> dict:
+    trainer = build_trainer(cfg)
+    trainer.load(Checkpointer(Path(run_dir) / "checkpoints", 1).latest())
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_demo_recipe_trains_and_reports(tmp_path, demo_cache):
+    run_dir = tmp_path / "demo"
+    cfg = load_config(
+        REPO / "launch/demo.yaml",
+        [
+            "train.steps=4",
+            f"train.run_dir={run_dir}",
+            f"data.cache_dir={demo_cache}",
+            "logging.progress=false",
+        ],
+    )
+    assert train(cfg).step == 4
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "loss/text", "loss/image", "loss/dna"):
+        assert all(r[key] is not None for r in rows), key
+    assert load_config(run_dir / "config.yaml") == cfg  # the resolved config, reloadable
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "step_4" / "train_state.json").is_file()
+    assert "data: 4 shards" in (run_dir / "train.log").read_text()
+
+
+def test_tiny_model_overfits_a_fixed_batch(tiny_config):
+    cfg = tiny_config("optim.lr=3e-3", "optim.decay=constant", "optim.weight_decay=0")
+    trainer = build_trainer(cfg)
+    batch = trainer.loader.next_step()
+    losses = [trainer.train_step(batch)["loss"] for _ in range(80)]
+    assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config):
+    def losses(micro):
+        trainer = build_trainer(tiny_config(f"train.micro_batch_size={micro}"))
+        return [trainer.train_step(trainer.loader.next_step())["loss"] for _ in range(3)]
+
+    for a, b in zip(losses(4), losses(1), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+class _SignalAt(Callback):
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_resume_is_exact(tiny_config, tmp_path):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = tiny_config("train.steps=20", f"train.run_dir={straight_dir}")
+    train(straight)
+
+    # 10 steps, interrupted by SIGUSR1, then resumed for the other 10.
+    interrupted = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}")
+    trainer = build_trainer(interrupted)
+    trainer.callbacks.append(_SignalAt(10, signal.SIGUSR1))
+    result = trainer.fit()
+    assert (result.step, result.stopped_by) == (10, "SIGUSR1")
+    resumed = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}", "train.resume=auto")
+    assert train(resumed).step == 20
+
+    a, b = metrics(straight_dir), metrics(resumed_dir)
+    assert [r["step"] for r in b] == list(range(1, 21))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x["step"], x["loss"], y["loss"])
+    wa, wb = final_weights(straight_dir, resumed), final_weights(resumed_dir, resumed)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_resume_none_refuses_a_run_dir_with_checkpoints(tiny_config):
+    train(tiny_config("train.steps=2"))
+    with pytest.raises(ConfigError, match=r"set train\.resume=auto"):
+        train(tiny_config("train.steps=4"))
+
+
+def test_crash_while_writing_leaves_no_pickable_checkpoint(tiny_config, monkeypatch, tmp_path):
+    real_save, calls = checkpoint_module.dcp.save, []
+
+    def crashing_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id)  # tensors written, state not yet
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash while writing a checkpoint")
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("train.steps=6", "checkpoint.every=2"))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert (ckpt_dir / ".step_4.tmp").is_dir() and not (ckpt_dir / "step_4").exists()
+    assert Checkpointer(ckpt_dir, 3).latest().name == "step_2"
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", real_save)
+    assert train(tiny_config("train.steps=6", "checkpoint.every=2", "train.resume=auto")).step == 6
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 7))
+    assert not list(ckpt_dir.glob(".step_*"))
+
+
+def _nan_on_steps(trainer, steps):
+    def hook(module, args, output):
+        return output * float("nan") if trainer.step + 1 in steps else output
+
+    trainer.model.register_forward_hook(hook)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_config):
+    trainer = build_trainer(tiny_config("train.steps=4", "train.max_nonfinite_steps=2"))
+    _nan_on_steps(trainer, {2})
+    trainer.train_step(trainer.loader.next_step())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    skipped = trainer.train_step(trainer.loader.next_step())
+    assert skipped["nonfinite_steps"] == 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    after = trainer.train_step(trainer.loader.next_step())
+    assert after["loss"] == after["loss"] and trainer.nonfinite_in_a_row == 0
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tiny_config):
+    trainer = build_trainer(tiny_config("train.steps=10", "train.max_nonfinite_steps=3"))
+    _nan_on_steps(trainer, set(range(1, 11)))
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .* lower optim\.lr"):
+        trainer.fit()
+
+
+def test_bf16_autocast_trains(tiny_config):
+    trainer = build_trainer(tiny_config("train.precision=bf16"))
+    losses = [trainer.train_step(trainer.loader.next_step())["loss"] for _ in range(3)]
+    assert all(loss == loss and loss < 7 for loss in losses)
+
+
+def test_sigterm_mid_run_checkpoints_and_exits_cleanly(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "mmfm", "train", str(REPO / "launch/demo.yaml"), *tiny_overrides]
+    cmd += ["train.steps=100000", f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    last = metrics(run_dir)[-1]["step"]
+    latest = Checkpointer(run_dir / "checkpoints", 3).latest()
+    assert latest.name == f"step_{last}"
+    assert not list((run_dir / "checkpoints").glob(".step_*"))

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmfm.config import ConfigError, field_docs, load_config, to_yaml
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg.model.num_kv_heads == cfg.model.n_heads
+    assert cfg.grad_accum_steps == 1
+
+
+def test_recipe_and_overrides_merge(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 1.0e-2\ntrain:\n  steps: 7\n")
+    cfg = load_config(recipe, ["optim.lr=3e-4", "data.loss_weights.dna=0.5"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.steps == 7
+    assert cfg.data.loss_weights == {"dna": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("override", "unknown", "closest"),
+    [
+        ("optim.lrr=1", "optim.lrr", "optim.lr"),
+        ("trian.steps=3", "trian", "train"),
+        ("model.n_kv_head=2", "model.n_kv_head", "model.n_kv_heads"),
+    ],
+)
+def test_unknown_override_names_key_and_closest(override, unknown, closest):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"unknown config key '{unknown}'" in str(err.value)
+    assert f"did you mean '{closest}'" in str(err.value)
+
+
+def test_unknown_key_in_recipe_names_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  n_layer: 2\n")
+    with pytest.raises(
+        ConfigError, match=r"model.n_layer' in .*bad.yaml; did you mean 'model.n_layers'"
+    ):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.n_heads=6", "model.n_kv_heads=4", "model.dim=48"],
+            "divisible by model.n_kv_heads",
+        ),
+        (
+            ["model.dim=100", "model.n_heads=8"],
+            "model.dim .100. must be divisible by model.n_heads",
+        ),
+        (["data.seq_len=0"], "data.seq_len must be positive"),
+        (["data.seq_len=8192", "model.max_seq_len=4096"], "raise model.max_seq_len or lower"),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], "must be a multiple of"),
+        (["model.attention=fast"], "model.attention='fast' is not one of"),
+        (["data.loss_weights.txt=1"], "unknown modality 'txt'"),
+        (["optim.min_lr_ratio=2"], "optim.min_lr_ratio must be within"),
+        (["model.dim=abc"], r"could not be converted to Integer \(key model.dim\)"),
+    ],
+)
+def test_invalid_values_say_what_to_change(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_every_field_has_a_docstring():
+    docs = list(field_docs())
+    assert len(docs) > 30
+    missing = [key for key, _, _, doc in docs if not doc]
+    assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.n_layers=3", "data.paths=[a.tar,b.tar]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_now_resolver_is_resolved_once():
+    cfg = load_config(None, ["train.run_dir=runs/x-${now:%Y}"])
+    assert "${" not in cfg.train.run_dir and cfg.train.run_dir.startswith("runs/x-20")
+
+
+def test_cli_reports_config_errors_without_traceback():
+    out = subprocess.run(
+        [sys.executable, "-m", "mmfm", "config", "launch/demo.yaml", "optim.lrr=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "did you mean 'optim.lr'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_config_doc_lists_fields():
+    out = subprocess.run(
+        [sys.executable, "-m", "mmfm", "config", "--doc"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "model.rope_theta (float, default 10000.0)" in out.stdout
