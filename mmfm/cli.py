@@ -8,6 +8,7 @@ mmfm config --doc                                  every field with its type, de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ EXAMPLES = """examples:
   mmfm train launch/demo.yaml
   mmfm train launch/demo.yaml optim.lr=3e-4 train.steps=50
   mmfm train launch/demo.yaml train.run_dir=runs/mine train.resume=auto
+  mmfm train launch/demo.yaml parallel.tp=2 parallel.pp=2 --nproc 4
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
 """
@@ -36,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="YAML recipe, e.g. launch/demo.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="start this many local processes with torchrun's launcher (one per GPU); "
+        "under torchrun or srun leave it out",
+    )
     config = sub.add_parser("config", help="print the resolved config, or document every field")
     config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
@@ -61,9 +70,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 print(to_yaml(load_config(args.recipe, args.overrides)), end="")
         elif args.command == "train":
+            cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
+            if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+                _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
+                return
             from mmfm.train.main import train
 
-            result = train(load_config(args.recipe, args.overrides))
+            result = train(cfg)
             if result.stopped_by:
                 print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
     except ConfigError as e:
@@ -72,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except _user_errors() as e:
         print(f"mmfm: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
+    """Run `torchrun --standalone --nproc-per-node N -m mmfm ...` in this process."""
+    from torch.distributed.run import main as torchrun
+
+    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "mmfm", *mmfm_args])
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

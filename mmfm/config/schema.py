@@ -15,6 +15,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa_masked", "docs", "flex")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_DECAYS = ("cosine", "linear", "constant")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 
 
 class ConfigError(ValueError):
@@ -135,18 +136,60 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
-    """Replicated data-parallel degree (the outer dimension of HSDP)."""
+    """Replicated data-parallel degree (the outer dimension of HSDP, e.g. across nodes)."""
     dp_shard: int = 1
-    """Fully-sharded data-parallel degree (FSDP2)."""
+    """Fully-sharded data-parallel degree (FSDP2: parameters, gradients and optimizer state
+    sharded over these ranks)."""
     cp: int = 1
     """Context-parallel degree (ring attention)."""
     tp: int = 1
-    """Tensor-parallel degree (with sequence parallelism)."""
+    """Tensor-parallel degree; must divide n_heads, n_kv_heads, vocab_size and the MLP size."""
     pp: int = 1
-    """Pipeline-parallel degree."""
+    """Pipeline-parallel degree (number of ranks the layer stack is split over)."""
+    sequence_parallel: bool = True
+    """With tp > 1, also shard norms and the residual stream along the sequence (Megatron SP);
+    data.seq_len must then be divisible by tp."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b, interleaved_zb (zero bubble, looped
+    stages) or zbv (zero bubble, V-shaped stages; pp_virtual_stages must be 2)."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank; > 1 for the interleaved schedules and zbv."""
+    pp_layers: list[int] = field(default_factory=list)
+    """Transformer blocks per stage, first stage first (length pp x pp_virtual_stages, summing
+    to model.n_layers); empty: balanced, with any remainder given to the middle stages."""
+    activation_checkpoint: int = 0
+    """Recompute activations in the backward pass: 0 off, 1 every block, k every k-th block."""
+    compile: bool = False
+    """torch.compile each transformer block."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "parallel", "dp_replicate", "dp_shard", "cp", "tp", "pp")
+        _require_positive(self, "parallel", "pp_virtual_stages")
+        _require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _require(self.activation_checkpoint >= 0, "parallel.activation_checkpoint must be >= 0")
+        looped = self.pp_schedule in ("interleaved_1f1b", "interleaved_zb", "zbv")
+        if self.pp > 1 and looped:
+            _require(
+                self.pp_virtual_stages >= 2,
+                f"parallel.pp_schedule={self.pp_schedule} needs parallel.pp_virtual_stages >= 2",
+            )
+        if self.pp > 1 and not looped:
+            _require(
+                self.pp_virtual_stages == 1,
+                f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank: set "
+                "parallel.pp_virtual_stages=1 or choose interleaved_1f1b",
+            )
+        if self.pp > 1 and self.pp_schedule == "zbv":
+            _require(
+                self.pp_virtual_stages == 2, "parallel.pp_schedule=zbv needs pp_virtual_stages=2"
+            )
+        if self.pp_layers:
+            _require(
+                len(self.pp_layers) == self.num_stages,
+                f"parallel.pp_layers has {len(self.pp_layers)} entries; it needs one per stage "
+                f"(pp x pp_virtual_stages = {self.num_stages})",
+            )
+            _require(all(n > 0 for n in self.pp_layers), "parallel.pp_layers must be positive")
 
     @property
     def world_size(self) -> int:
@@ -155,6 +198,10 @@ class ParallelConfig:
     @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_virtual_stages
 
 
 @dataclass
@@ -282,6 +329,70 @@ class Config:
             f"train.micro_batch_size x data-parallel size ({self.train.micro_batch_size} x "
             f"{self.parallel.dp_size} = {rows_per_pass})",
         )
+        self._check_tensor_parallel()
+        self._check_pipeline_parallel()
+        _require(
+            self.parallel.cp == 1,
+            "parallel.cp > 1 needs ring attention, which is not in this build yet: "
+            "set parallel.cp=1",
+        )
+
+    def _check_tensor_parallel(self) -> None:
+        tp, m = self.parallel.tp, self.model
+        if tp == 1:
+            return
+        for name, value in (
+            ("model.n_heads", m.n_heads),
+            ("model.n_kv_heads", m.num_kv_heads),
+            ("model.vocab_size", m.vocab_size),
+            ("the MLP size (model.ffn_dim)", m.hidden_dim),
+        ):
+            _require(
+                value % tp == 0,
+                f"{name} ({value}) must be divisible by parallel.tp ({tp}): change one of them",
+            )
+        if self.parallel.sequence_parallel:
+            _require(
+                self.data.seq_len % tp == 0,
+                f"data.seq_len ({self.data.seq_len}) must be divisible by parallel.tp ({tp}) "
+                "with sequence parallelism (or set parallel.sequence_parallel=false)",
+            )
+        _require(
+            not m.tie_embeddings,
+            "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
+        )
+
+    def _check_pipeline_parallel(self) -> None:
+        p, m = self.parallel, self.model
+        if p.pp == 1:
+            return
+        _require(
+            m.n_layers >= p.num_stages,
+            f"parallel.pp x parallel.pp_virtual_stages = {p.num_stages} stages, but "
+            f"model.n_layers is {m.n_layers}: every stage needs at least one block",
+        )
+        if p.pp_layers:
+            _require(
+                sum(p.pp_layers) == m.n_layers,
+                f"parallel.pp_layers sums to {sum(p.pp_layers)}, model.n_layers is {m.n_layers}",
+            )
+        _require(
+            not m.tie_embeddings,
+            "model.tie_embeddings is not supported with parallel.pp > 1 yet (the embedding "
+            "and the output live on different stages): set it to false",
+        )
+        _require(
+            self.grad_accum_steps >= p.pp,
+            f"pipeline parallelism runs the {self.grad_accum_steps} micro-batches of a step "
+            f"through {p.pp} ranks and needs at least {p.pp}: lower train.micro_batch_size or "
+            "raise train.global_batch_size",
+        )
+        if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
+            _require(
+                self.grad_accum_steps % p.pp == 0,
+                f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
+                f"({self.grad_accum_steps}) to be a multiple of parallel.pp ({p.pp})",
+            )
 
     @property
     def grad_accum_steps(self) -> int:

@@ -53,6 +53,17 @@ class Batch:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
+    def select(self, rows: torch.Tensor | slice) -> Batch:
+        """The rows `rows` of every field."""
+        return Batch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def cat(batches: list[Batch]) -> Batch:
+        """The rows of `batches`, one after the other."""
+        return Batch(
+            **{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         non_blocking = torch.device(device).type == "cuda"
         return Batch(

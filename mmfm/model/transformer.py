@@ -86,7 +86,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids, per-document positions and document ids in; logits out."""
+    """Token ids, per-document positions and document ids in; logits out.
+
+    A pipeline stage is this module with some parts removed: without `tok_embeddings` it
+    takes hidden states instead of token ids, without `norm` it returns hidden states.
+    """
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
         super().__init__()
@@ -104,9 +108,11 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         mask = self.backend.prepare(doc_ids)
         rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = self.tok_embeddings(tokens)
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, rope, self.backend, mask)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)

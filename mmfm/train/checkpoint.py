@@ -102,11 +102,16 @@ def step_of(path: Path) -> int:
 
 
 class Checkpointer:
-    """Saves, finds, loads and prunes the checkpoints of one run."""
+    """Saves, finds, loads and prunes the checkpoints of one run.
 
-    def __init__(self, root: str | Path, keep: int):
+    In a multi-process job every rank writes its shards with DCP; the main rank then writes
+    the JSON state and renames the directory, between barriers.
+    """
+
+    def __init__(self, root: str | Path, keep: int, is_main: bool = True, barrier=lambda: None):
         self.root = Path(root)
         self.keep = keep
+        self.is_main, self.barrier = is_main, barrier
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -126,24 +131,31 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, step: int, tensors: dict, state: dict, config_yaml: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier()
         with _single_process_quiet():
             dcp.save(tensors, checkpoint_id=tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        (tmp / CONFIG_FILE).write_text(config_yaml)
+        if self.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            self._publish(tmp, final)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # the same step saved again, e.g. a signal right after a save
-            old = self.root / f".step_{step}.old"
+            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        self._prune()
-        return final
 
     def _prune(self) -> None:
         for path in self.complete()[: -self.keep]:

@@ -9,8 +9,9 @@ import torch
 
 from mmfm.config import Config, ConfigError, save_config
 from mmfm.data.loader import build_loader
-from mmfm.model import build_model, init_weights
-from mmfm.train.callbacks import MetricsFile, Progress, TensorBoard
+from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.parallelize import parallelize
+from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.trainer import FitResult, Trainer
@@ -18,23 +19,20 @@ from mmfm.train.trainer import FitResult, Trainer
 log = logging.getLogger("mmfm")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
-
-
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    """INFO to the terminal and `<run_dir>/train.log` on the main rank, warnings elsewhere."""
     logger = logging.getLogger("mmfm")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if run_dir is not None else logging.WARNING)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
 
@@ -57,45 +55,61 @@ def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
     return Path(resume)
 
 
+def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [
+        MetricsFile(run_dir / "metrics.jsonl", cfg.logging.every),
+        Progress(cfg.logging.progress, cfg.logging.print_every),
+    ]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoard(run_dir / "tb", cfg.logging.every))
+    return callbacks
+
+
 def build_trainer(cfg: Config) -> Trainer:
-    """Every component of a run, built from the config; the run dir is created."""
-    if cfg.parallel.world_size != 1:
-        raise ConfigError(
-            f"parallel.* asks for {cfg.parallel.world_size} processes; this build of mmfm trains "
-            "in one process: set dp_replicate, dp_shard, cp, tp and pp to 1"
-        )
+    """Every component of a run, built from the config, on this process's share."""
+    env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    env.barrier()
+    setup_logging(run_dir if env.is_main else None, env.rank)
     torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
 
-    model = build_model(cfg.model, device)
-    model.to_empty(device=device)
-    init_weights(model, cfg.model, cfg.train.seed)
+    parallel_model = parallelize(cfg, env)
+    model = parallel_model.model
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("run dir %s | %.2fM parameters | device %s", run_dir, n_params / 1e6, device)
-
+    log.info(
+        "run dir %s | %d process(es), layout %s | %.2fM parameters on rank 0 | device %s",
+        run_dir,
+        env.world_size,
+        _layout(cfg),
+        n_params / 1e6,
+        env.device,
+    )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    loader = build_loader(cfg)
+    loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dims.dp)
     log.info(
-        "data: %d shards | %d rows x %d tokens per step (%d micro-batches of %d rows)",
+        "data: %d shards | %d rows x %d tokens per step (%d micro-batches of %d rows per "
+        "data-parallel rank)",
         len(loader.stream.urls),
         cfg.train.global_batch_size,
         cfg.data.seq_len,
         cfg.grad_accum_steps,
         cfg.train.micro_batch_size,
     )
-    checkpointer = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep)
-    callbacks = [
-        MetricsFile(run_dir / "metrics.jsonl", cfg.logging.every),
-        Progress(cfg.logging.progress, cfg.logging.print_every),
-    ]
-    if cfg.logging.tensorboard:
-        callbacks.append(TensorBoard(run_dir / "tb", cfg.logging.every))
-    return Trainer(cfg, model, optimizer, scheduler, loader, checkpointer, callbacks, device)
+    checkpointer = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier)
+    callbacks = _callbacks(cfg, run_dir) if env.is_main else []
+    return Trainer(cfg, env, parallel_model, optimizer, scheduler, loader, checkpointer, callbacks)
+
+
+def _layout(cfg: Config) -> str:
+    p = cfg.parallel
+    dims = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "cp": p.cp, "tp": p.tp}
+    dims["pp"] = p.pp
+    parts = [f"{k}={v}" for k, v in dims.items() if v > 1]
+    return " ".join(parts) or "single process"
 
 
 def train(cfg: Config) -> FitResult:
@@ -103,8 +117,11 @@ def train(cfg: Config) -> FitResult:
     # Decided before build_trainer writes into the run dir.
     resume_from = _resume_path(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
     trainer = build_trainer(cfg)
-    if resume_from is not None:
-        trainer.load(resume_from)
-    result = trainer.fit()
-    log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
-    return result
+    try:
+        if resume_from is not None:
+            trainer.load(resume_from)
+        result = trainer.fit()
+        log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
+        return result
+    finally:
+        trainer.env.close()

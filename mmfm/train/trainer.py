@@ -1,14 +1,15 @@
 """The training loop.
 
 `Trainer.fit()` runs optimizer steps until `train.steps`, a stop signal, or too many
-non-finite steps in a row. One step consumes one global batch as micro-batches (gradient
-accumulation), normalises the loss by the step's target count, clips, and steps AdamW.
-Reporting is done by callbacks; state goes to and comes from `Checkpointer`.
+non-finite steps in a row. One step consumes one global batch: this rank's share arrives as
+micro-batches, the loss is normalised by the global target count, the step runner
+(whole model or pipeline) accumulates gradients, then gradients are clipped across all
+shards and AdamW steps. Reporting is done by callbacks on the main rank; state goes to and
+comes from `Checkpointer`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -29,11 +30,17 @@ from torch.distributed.checkpoint.state_dict import (
 from mmfm.config import Config, to_yaml
 from mmfm.data.batch import MODALITY_NAMES, Batch
 from mmfm.data.loader import PackedLoader
+from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
+from mmfm.parallel.parallelize import ParallelModel
 from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import Checkpointer
-from mmfm.train.loss import count_targets, modality_sums, token_cross_entropy, weighted_loss
+from mmfm.train.loss import StepLoss, count_targets
 
 log = logging.getLogger("mmfm")
+
+# Optimizer state keyed by parameter name, so that it reshards across layouts.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,24 +79,22 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        model: nn.Module,
+        env: ParallelEnv,
+        parallel_model: ParallelModel,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loader: PackedLoader,
         checkpointer: Checkpointer,
         callbacks: list[Callback],
-        device: torch.device,
     ):
-        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.cfg, self.env = cfg, env
+        self.model, self.steps = parallel_model.model, parallel_model.steps
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.loader, self.checkpointer, self.callbacks = loader, checkpointer, callbacks
-        self.device = device
+        self.device = env.device
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
-        bf16 = cfg.train.precision == "bf16"
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -104,8 +109,8 @@ class Trainer:
                     metrics = self.train_step(self.loader.next_step())
                     for cb in self.callbacks:
                         cb.on_step_end(self.step, metrics)
-                    if stop.received is not None:
-                        stopped_by = signal.Signals(stop.received).name
+                    if self._stop_requested(stop):
+                        stopped_by = signal.Signals(stop.received or signal.SIGTERM).name
                         break
                     every = self.cfg.checkpoint.every
                     if every and self.step % every == 0 and self.step < total:
@@ -120,24 +125,24 @@ class Trainer:
                 cb.on_fit_end()
         return FitResult(self.step, stopped_by)
 
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+        flag = torch.tensor([float(stop.received is not None)], device=self.device)
+        return bool(self.env.all_reduce(flag, "dp_cp", "pp", "tp").item())
+
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         start = time.perf_counter()
         self.model.train()
-        num_targets = count_targets(micro_batches).to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        per_modality = torch.zeros(len(MODALITY_NAMES), 2, device=self.device)
-        for batch in micro_batches:
-            batch = batch.to(self.device)
-            with self.autocast:
-                logits = self.model(batch.tokens, batch.positions, batch.doc_ids)
-            ce = token_cross_entropy(logits, batch.labels)
-            loss = weighted_loss(ce, batch, num_targets)
-            loss.backward()
-            loss_sum += loss.detach()
-            per_modality += modality_sums(ce.detach(), batch)
-        grad_norm = self._clip_gradients()
+        num_targets = self.env.all_reduce(count_targets(micro_batches).to(self.device), "dp_cp")
+        step_loss = StepLoss(num_targets)
+        self.steps.run(micro_batches, step_loss)
+        finalize_gradients(self.model.parameters())
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)
+        stats = self.env.all_reduce(step_loss.totals(), "dp_cp", "pp")
         lr = self.scheduler.get_last_lr()[0]
-        loss_value, norm_value = loss_sum.item(), grad_norm.item()
+        stats = stats.tolist()
+        loss_value, norm_value = stats[0], grad_norm.item()
         stepped = self._step_if_finite(loss_value, norm_value)
         with warnings.catch_warnings():
             if not stepped:  # a skipped update still advances the schedule, on purpose
@@ -146,7 +151,7 @@ class Trainer:
                 )
             self.scheduler.step()
         self.step += 1
-        tokens = sum(b.num_tokens for b in micro_batches)
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         metrics = {
             "loss": loss_value,
             "lr": lr,
@@ -154,14 +159,12 @@ class Trainer:
             "tokens_per_s": tokens / (time.perf_counter() - start),
             "nonfinite_steps": float(self.nonfinite_total),
         }
-        for name, (ce_sum, count) in zip(MODALITY_NAMES, per_modality.tolist(), strict=True):
+        per_modality = stats[1:]
+        for i, name in enumerate(MODALITY_NAMES):
+            ce_sum, count = per_modality[2 * i], per_modality[2 * i + 1]
             if count > 0:
                 metrics[f"loss/{name}"] = ce_sum / count
         return metrics
-
-    def _clip_gradients(self) -> torch.Tensor:
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
 
     def _step_if_finite(self, loss: float, grad_norm: float) -> bool:
         """Step the optimizer unless the loss or gradient norm is non-finite."""
@@ -192,20 +195,29 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state(self) -> tuple[dict, dict]:
-        """(tensors for DCP, JSON-able state) of everything a resume needs."""
-        optim = get_optimizer_state_dict(self.model, self.optimizer)
-        tensors = {
+    def _optimizer_state(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
+
+    def _tensors(self, optim: dict) -> dict:
+        return {
             "model": get_model_state_dict(self.model),
-            "optim": optim["state"],
+            "optim": {k: v for k, v in optim.items() if k.startswith("state.")},
             "rng": {"cpu": torch.get_rng_state()},
         }
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensors for DCP, JSON-able state) of everything a resume needs.
+
+        Optimizer hyper-parameters are not saved: they come from the config, and the
+        learning rate from the scheduler state.
+        """
+        tensors = self._tensors(self._optimizer_state())
         state = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
-            "optim_param_groups": optim["param_groups"],
             "nonfinite": {"total": self.nonfinite_total, "in_a_row": self.nonfinite_in_a_row},
+            "world_size": self.env.world_size,
         }
         return tensors, state
 
@@ -214,16 +226,18 @@ class Trainer:
         return self.checkpointer.save(self.step, tensors, state, to_yaml(self.cfg))
 
     def load(self, path: str | Path) -> None:
-        tensors, _ = self.state()
+        optim = self._optimizer_state()
+        tensors = self._tensors(optim)
         state = self.checkpointer.load(path, tensors)
         set_model_state_dict(self.model, tensors["model"])
-        set_optimizer_state_dict(
-            self.model,
-            self.optimizer,
-            {"state": tensors["optim"], "param_groups": state["optim_param_groups"]},
-        )
+        optim.update(tensors["optim"])
+        set_optimizer_state_dict(self.model, self.optimizer, optim, options=_OPTIM_OPTIONS)
         torch.set_rng_state(tensors["rng"]["cpu"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(
+            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite"]["total"]

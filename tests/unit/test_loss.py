@@ -8,7 +8,7 @@ import torch
 
 from mmfm.config import OptimConfig
 from mmfm.data.batch import IGNORE_INDEX, Batch, Modality
-from mmfm.train.loss import count_targets, modality_sums, token_cross_entropy, weighted_loss
+from mmfm.train.loss import StepLoss, count_targets, modality_sums
 from mmfm.train.optim import lr_multiplier
 
 
@@ -31,12 +31,14 @@ def test_split_steps_give_the_same_loss_as_one_batch():
     ]
     n = count_targets([whole])
     assert n == count_targets(halves) == 4 * 5
-    full = weighted_loss(token_cross_entropy(logits, whole.labels), whole, n)
-    split = sum(
-        weighted_loss(token_cross_entropy(logits[i : i + 2], h.labels), h, n)
-        for i, h in zip((0, 2), halves, strict=True)
-    )
-    assert full.item() == pytest.approx(split.item(), abs=1e-6)
+    full = StepLoss(n)(logits, whole, key=0)
+    split_loss = StepLoss(n)
+    for i, h in zip((0, 2), halves, strict=True):
+        split_loss(logits[i : i + 2], h, key=i)
+    split_loss(logits[:2], halves[0], key=0)  # a repeated key replaces, never double-counts
+    assert full.item() == pytest.approx(split_loss.totals()[0].item(), abs=1e-6)
+    assert whole.select(slice(2, 4)).labels.equal(halves[1].labels)
+    assert Batch.cat(halves).tokens.equal(whole.tokens)
     # By hand: sum of weighted cross-entropies over the number of targets.
     ce = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), whole.labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX

@@ -1,0 +1,111 @@
+"""`parallelize()`: from a model config to this rank's trainable model parts.
+
+Fixed order, as in torchtitan: build on `meta` -> pipeline split -> tensor/sequence parallel
+-> (context parallel) -> activation checkpointing -> compile -> FSDP2 -> allocate and
+initialise. Initialisation draws every parameter's full value from the seed and its name and
+copies out this rank's shard, so every layout starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import loss_parallel
+
+from mmfm.config.schema import Config
+from mmfm.model import build_model, init_weights
+from mmfm.parallel.data_parallel import apply_fsdp
+from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.pipeline import (
+    ModelParts,
+    PipelineSteps,
+    local_stage_ids,
+    stage_layer_counts,
+    stage_module,
+)
+from mmfm.parallel.tensor_parallel import apply_tensor_parallel
+from mmfm.train.steps import LocalSteps
+
+
+@dataclass
+class ParallelModel:
+    model: nn.Module
+    """Every parameter this rank holds, under its global name (optimizer, checkpoints)."""
+    steps: LocalSteps | PipelineSteps
+    """Runs forward + backward of a step's micro-batches."""
+
+
+def materialize_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's piece of the full initial value into `param` (no communication)."""
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    shape, offset = compute_local_shape_and_global_offset(
+        full.shape, param.device_mesh, param.placements
+    )
+    piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+    param.to_local().copy_(piece)
+
+
+def _checkpoint_blocks(part: nn.Module, every: int) -> None:
+    for i, name in enumerate(list(part.layers)):
+        if i % every == 0:
+            part.layers[name] = checkpoint_wrapper(part.layers[name], preserve_rng_state=False)
+
+
+def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
+    p = cfg.parallel
+    model = build_model(cfg.model, env.device)
+    if p.pp > 1:
+        counts = stage_layer_counts(cfg.model.n_layers, p)
+        stage_ids = local_stage_ids(env.coordinate("pp"), p)
+        parts = [stage_module(model, s, counts) for s in stage_ids]
+    else:
+        parts, stage_ids = [model], [0]
+
+    dp_mesh = _data_parallel_mesh(env)
+    for part in parts:
+        if p.tp > 1:
+            apply_tensor_parallel(part, env.mesh["tp"], p.sequence_parallel)
+        if p.activation_checkpoint:
+            _checkpoint_blocks(part, p.activation_checkpoint)
+        if p.compile:
+            for block in part.layers.values():
+                block.compile()
+        if dp_mesh is not None:
+            bf16 = cfg.train.precision == "bf16"
+            apply_fsdp(part, dp_mesh, bf16, reshard_after_forward=p.pp == 1)
+        part.to_empty(device=env.device)
+        init_weights(part, cfg.model, cfg.train.seed, materialize=materialize_shard)
+
+    loss_context = loss_parallel if p.tp > 1 else contextlib.nullcontext
+    autocast = _autocast_factory(cfg, env.device)
+    if p.pp > 1:
+        steps = PipelineSteps(
+            parts, stage_ids, p, env, cfg.grad_accum_steps, loss_context, autocast
+        )
+        return ParallelModel(ModelParts(parts), steps)
+    return ParallelModel(model, LocalSteps(model, env.device, loss_context, autocast))
+
+
+def _data_parallel_mesh(env: ParallelEnv):
+    """FSDP mesh: (dp_replicate, dp_shard) for HSDP, dp_shard for FSDP, or None."""
+    if env.dims.dp == 1:
+        return None
+    if env.dims.dp_replicate > 1:
+        return env.mesh["dp_replicate", "dp_shard"]
+    return env.sub_mesh("dp_shard")
+
+
+def _autocast_factory(cfg: Config, device: torch.device) -> Callable:
+    if cfg.train.precision == "bf16":
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
