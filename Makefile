@@ -20,3 +20,4 @@ lint:  ## lint and format check only
 
 bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/attention.py
+	$(PYTHON) bench/memory_per_rank.py

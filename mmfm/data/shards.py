@@ -79,9 +79,13 @@ def decode_sample(sample: dict, url: str) -> Document:
 
 
 def write_shard(path: str | Path, docs: Sequence[Document]) -> None:
-    """Write `docs` to one tar, atomically (temporary name, then rename)."""
+    """Write `docs` to one tar, atomically (temporary name, then rename).
+
+    The temporary name is per process, so ranks that write the same shard at once (e.g. a
+    generated corpus) never rename each other's half-written file.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with wds.TarWriter(str(tmp), encoder=False) as sink:
         for doc in docs:
             sink.write(encode_sample(doc))

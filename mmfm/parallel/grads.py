@@ -13,19 +13,23 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 from mmfm.parallel.env import ParallelEnv
 
 
 @torch.no_grad()
 def finalize_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Sum partial gradients (e.g. of sequence-parallel norm weights over the TP group)."""
+    """Give every gradient its parameter's layout.
+
+    Sequence-parallel norm weights get partial gradients (summed here over the TP group,
+    as Megatron does explicitly), and DTensor's embedding backward returns the vocab-parallel
+    embedding's gradient replicated (kept here as this rank's vocabulary shard only).
+    """
     for p in params:
         g = p.grad
-        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
-            placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]
-            p.grad = g.redistribute(placements=placements)
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ LAYOUTS = {
     "hsdp2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2_fsdp2": ["parallel.tp=2", "parallel.dp_shard=2"],
+    "fsdp2_activation_checkpoint": ["parallel.dp_shard=2", "parallel.activation_checkpoint=1"],
 }
 
 
@@ -84,6 +85,15 @@ def test_layout_matches_one_process(name, base, reference, tmp_path):
         train_metrics, world_size(layout), args=([*base, *layout, f"train.run_dir={tmp_path}"],)
     )
     assert_same_run(results[0], reference)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["parallel.activation_checkpoint=2"], ["parallel.compile=true"]],
+    ids=["every_2nd_block_checkpointed", "compiled_blocks"],
+)
+def test_single_process_options_match(options, base, reference, tmp_path):
+    assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
 
 
 def test_eight_ranks_tp2_pp2_fsdp2(base, reference, tmp_path):
