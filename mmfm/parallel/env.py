@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,7 @@ class ParallelEnv:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, device_name: str) -> ParallelEnv:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        rank, world_size, local_rank = process_ranks(os.environ)
         dims = ParallelDims.from_config(cfg, world_size)
         device = _device(device_name, local_rank)
         mesh, flat = None, {}
@@ -132,6 +131,29 @@ class ParallelEnv:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def process_ranks(environ: MutableMapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, or from SLURM's when `srun`
+    starts one task per GPU without torchrun (then copied to torchrun's names, which
+    `init_process_group` reads; MASTER_ADDR and MASTER_PORT must be exported by the job)."""
+    if "RANK" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
+        if missing:
+            raise ConfigError(
+                f"srun started {environ['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set: export "
+                "MASTER_ADDR=<first host of the job> and MASTER_PORT=<free port> in the job "
+                "script, or run torchrun inside srun"
+            )
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+        environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    return (
+        int(environ.get("RANK", "0")),
+        int(environ.get("WORLD_SIZE", "1")),
+        int(environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def _device(name: str, local_rank: int) -> torch.device:

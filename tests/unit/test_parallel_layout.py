@@ -4,7 +4,7 @@ import pytest
 
 from mmfm.config import ConfigError, ParallelConfig, load_config
 from mmfm.model import build_model
-from mmfm.parallel.env import ParallelDims
+from mmfm.parallel.env import ParallelDims, process_ranks
 from mmfm.parallel.pipeline import ModelParts, local_stage_ids, stage_layer_counts, stage_module
 
 MODEL = ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=4"]
@@ -85,3 +85,14 @@ def test_stages_keep_global_names_and_their_parts():
     names = {n for n, _ in merged.named_parameters()}
     assert {"tok_embeddings.weight", "layers.0.attention.wq.weight", "output.weight"} <= names
     assert not any(n.startswith("layers.1.") for n in names)
+
+
+def test_ranks_from_torchrun_or_srun():
+    assert process_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    assert process_ranks({}) == (0, 1, 0)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT are not set"):
+        process_ranks(dict(slurm))
+    environ = {**slurm, "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
+    assert process_ranks(environ) == (5, 16, 5)
+    assert environ["RANK"] == "5" and environ["WORLD_SIZE"] == "16"
