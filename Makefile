@@ -21,3 +21,4 @@ lint:  ## lint and format check only
 bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/attention.py
 	$(PYTHON) bench/memory_per_rank.py
+	$(PYTHON) bench/ring_attention.py

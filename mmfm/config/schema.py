@@ -141,7 +141,14 @@ class ParallelConfig:
     """Fully-sharded data-parallel degree (FSDP2: parameters, gradients and optimizer state
     sharded over these ranks)."""
     cp: int = 1
-    """Context-parallel degree (ring attention)."""
+    """Context-parallel degree: each rank holds 2 of the 2 x cp zigzag chunks of every row and
+    attention runs as a ring; data.seq_len must be divisible by 2 x cp."""
+    cp_attention: str = "ring"
+    """Context-parallel attention: ring (keys/values travel rank to rank) or allgather (the
+    baseline: every rank gathers all keys/values)."""
+    cp_kernel: str = "auto"
+    """Local kernel of the ring: sdpa (PyTorch's fused CPU flash attention), math (explicit
+    softmax, any device), or auto (sdpa on CPU, math elsewhere)."""
     tp: int = 1
     """Tensor-parallel degree; must divide n_heads, n_kv_heads, vocab_size and the MLP size."""
     pp: int = 1
@@ -166,6 +173,8 @@ class ParallelConfig:
         _require_positive(self, "parallel", "dp_replicate", "dp_shard", "cp", "tp", "pp")
         _require_positive(self, "parallel", "pp_virtual_stages")
         _require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _require_choice("parallel.cp_attention", self.cp_attention, ("ring", "allgather"))
+        _require_choice("parallel.cp_kernel", self.cp_kernel, ("auto", "sdpa", "math"))
         _require(self.activation_checkpoint >= 0, "parallel.activation_checkpoint must be >= 0")
         looped = self.pp_schedule in ("interleaved_1f1b", "interleaved_zb", "zbv")
         if self.pp > 1 and looped:
@@ -331,10 +340,11 @@ class Config:
         )
         self._check_tensor_parallel()
         self._check_pipeline_parallel()
+        cp = self.parallel.cp
         _require(
-            self.parallel.cp == 1,
-            "parallel.cp > 1 needs ring attention, which is not in this build yet: "
-            "set parallel.cp=1",
+            self.data.seq_len % (2 * cp) == 0,
+            f"data.seq_len ({self.data.seq_len}) must be divisible by 2 x parallel.cp "
+            f"({2 * cp}): context parallelism splits every row into 2 x cp equal chunks",
         )
 
     def _check_tensor_parallel(self) -> None:
@@ -352,10 +362,12 @@ class Config:
                 f"{name} ({value}) must be divisible by parallel.tp ({tp}): change one of them",
             )
         if self.parallel.sequence_parallel:
+            local = self.data.seq_len // self.parallel.cp
             _require(
-                self.data.seq_len % tp == 0,
-                f"data.seq_len ({self.data.seq_len}) must be divisible by parallel.tp ({tp}) "
-                "with sequence parallelism (or set parallel.sequence_parallel=false)",
+                local % tp == 0,
+                f"the tokens per rank (data.seq_len / parallel.cp = {local}) must be divisible "
+                f"by parallel.tp ({tp}) with sequence parallelism (or set "
+                "parallel.sequence_parallel=false)",
             )
         _require(
             not m.tie_embeddings,

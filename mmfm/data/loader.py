@@ -2,7 +2,8 @@
 
 The stream visits the shards in a seeded order that changes each epoch and reads samples in
 shard order. Every data-parallel rank reads the same stream and keeps its slice of each
-global batch, so the global batches do not depend on the layout. The whole loader state is
+global batch, so the global batches do not depend on the layout; a context-parallel rank
+then keeps its zigzag chunks of every row. The whole loader state is
 the cursor of the next token to place (epoch, shard, sample, offset), saved as JSON.
 """
 
@@ -18,6 +19,7 @@ from mmfm.config.schema import Config
 from mmfm.data.batch import Batch
 from mmfm.data.packing import RowBuilder, collate, modality_weight_table
 from mmfm.data.shards import Document, ShardError, expand_paths, read_shard
+from mmfm.data.zigzag import zigzag_slice
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class PackedLoader:
         loss_weights: Mapping[str, float],
         dp_rank: int = 0,
         dp_size: int = 1,
+        cp_rank: int = 0,
+        cp_size: int = 1,
     ):
         assert global_batch_size % (micro_batch_size * dp_size) == 0
         self.stream = stream
@@ -107,6 +111,7 @@ class PackedLoader:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.weights = modality_weight_table(loss_weights)
         self.cursor = Cursor()
         self._rows: Iterator | None = None
@@ -122,7 +127,10 @@ class PackedLoader:
         per_rank = self.global_batch_size // self.dp_size
         mine = rows[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         mbs = self.micro_batch_size
-        return [collate(mine[i : i + mbs]) for i in range(0, per_rank, mbs)]
+        return [
+            zigzag_slice(collate(mine[i : i + mbs]), self.cp_size, self.cp_rank)
+            for i in range(0, per_rank, mbs)
+        ]
 
     def state_dict(self) -> dict:
         return {"cursor": dataclasses.asdict(self.cursor), "urls": self.stream.urls}
@@ -157,7 +165,9 @@ def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
     return urls
 
 
-def build_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> PackedLoader:
+def build_loader(
+    cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
+) -> PackedLoader:
     urls = resolve_paths(cfg.data.paths, cfg.data.cache_dir)
     return PackedLoader(
         DocumentStream(urls, cfg.train.seed),
@@ -167,4 +177,6 @@ def build_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> PackedLoade
         loss_weights=cfg.data.loss_weights,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
     )

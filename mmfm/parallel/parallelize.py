@@ -1,15 +1,17 @@
 """`parallelize()`: from a model config to this rank's trainable model parts.
 
 Fixed order, as in torchtitan: build on `meta` -> pipeline split -> tensor/sequence parallel
--> (context parallel) -> activation checkpointing -> compile -> FSDP2 -> allocate and
-initialise. Initialisation draws every parameter's full value from the seed and its name and
-copies out this rank's shard, so every layout starts from the same weights.
+-> context parallel (the ring replaces the attention backend) -> activation checkpointing ->
+compile -> FSDP2 (over data-parallel and context-parallel ranks) -> allocate and initialise.
+Initialisation draws every parameter's full value from the seed and its name and copies out
+this rank's shard, so every layout starts from the same weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +22,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mmfm.config.schema import Config
+from mmfm.config.schema import Config, ParallelConfig
 from mmfm.model import build_model, init_weights
+from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 from mmfm.parallel.data_parallel import apply_fsdp
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.pipeline import (
@@ -75,6 +78,8 @@ def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
     for part in parts:
         if p.tp > 1:
             apply_tensor_parallel(part, env.mesh["tp"], p.sequence_parallel)
+        if p.cp > 1:
+            part.backend = context_parallel_backend(p, env)
         if p.activation_checkpoint:
             _checkpoint_blocks(part, p.activation_checkpoint)
         if p.compile:
@@ -96,13 +101,26 @@ def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
     return ParallelModel(model, LocalSteps(model, env.device, loss_context, autocast))
 
 
+def context_parallel_backend(p: ParallelConfig, env: ParallelEnv):
+    group = env.sub_mesh("cp").get_group()
+    if p.cp_attention == "allgather":
+        return AllGatherAttention(group)
+    return RingAttention(group, build_kernel(p.cp_kernel, env.device))
+
+
 def _data_parallel_mesh(env: ParallelEnv):
-    """FSDP mesh: (dp_replicate, dp_shard) for HSDP, dp_shard for FSDP, or None."""
-    if env.dims.dp == 1:
+    """FSDP mesh: context-parallel ranks hold the same parameters but different tokens, so
+    they shard (and sum gradients) together with the data-parallel ranks: (dp_replicate,
+    dp_shard x cp) for HSDP, dp_shard x cp for FSDP, or None."""
+    if env.dims.dp * env.dims.cp == 1:
         return None
     if env.dims.dp_replicate > 1:
-        return env.mesh["dp_replicate", "dp_shard"]
-    return env.sub_mesh("dp_shard")
+        if env.dims.cp == 1:
+            return env.mesh["dp_replicate", "dp_shard"]
+        with warnings.catch_warnings():  # slicing a flattened dimension; no other spelling yet
+            warnings.simplefilter("ignore", UserWarning)
+            return env.mesh["dp_replicate", "dp_shard_cp"]
+    return env.sub_mesh("dp_shard_cp")
 
 
 def _autocast_factory(cfg: Config, device: torch.device) -> Callable:

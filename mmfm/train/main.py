@@ -89,7 +89,9 @@ def build_trainer(cfg: Config) -> Trainer:
     )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    loader = build_loader(cfg, dp_rank=env.dp_rank, dp_size=env.dims.dp)
+    loader = build_loader(
+        cfg, env.dp_rank, env.dims.dp, cp_rank=env.coordinate("cp"), cp_size=env.dims.cp
+    )
     log.info(
         "data: %d shards | %d rows x %d tokens per step (%d micro-batches of %d rows per "
         "data-parallel rank)",

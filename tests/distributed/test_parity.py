@@ -48,6 +48,10 @@ LAYOUTS = {
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2_fsdp2": ["parallel.tp=2", "parallel.dp_shard=2"],
     "fsdp2_activation_checkpoint": ["parallel.dp_shard=2", "parallel.activation_checkpoint=1"],
+    "cp2": ["parallel.cp=2"],
+    "cp2_allgather": ["parallel.cp=2", "parallel.cp_attention=allgather"],
+    "cp4": ["parallel.cp=4"],
+    "cp2_tp2": ["parallel.cp=2", "parallel.tp=2"],
 }
 
 
@@ -55,7 +59,13 @@ def world_size(layout: list[str]) -> int:
     size = 1
     for item in layout:
         key, value = item.split("=")
-        if key in ("parallel.tp", "parallel.pp", "parallel.dp_shard", "parallel.dp_replicate"):
+        if key in (
+            "parallel.tp",
+            "parallel.pp",
+            "parallel.cp",
+            "parallel.dp_shard",
+            "parallel.dp_replicate",
+        ):
             size *= int(value)
     return size
 
@@ -96,8 +106,15 @@ def test_single_process_options_match(options, base, reference, tmp_path):
     assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
 
 
-def test_eight_ranks_tp2_pp2_fsdp2(base, reference, tmp_path):
-    layout = ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"]
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"],
+        ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=2"],
+    ],
+    ids=["tp2_pp2_fsdp2", "cp2_tp2_fsdp2"],
+)
+def test_eight_ranks(layout, base, reference, tmp_path):
     results = run_distributed(
         train_metrics, 8, args=([*base, *layout, f"train.run_dir={tmp_path}"],)
     )

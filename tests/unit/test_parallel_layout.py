@@ -42,7 +42,15 @@ MODEL += ["model.max_seq_len=64", "train.global_batch_size=8", "train.micro_batc
         (["parallel.pp=2", "parallel.pp_layers=[1,2]"], "sums to 3, model.n_layers is 4"),
         (["parallel.pp=2", "train.micro_batch_size=8"], "needs at least 2"),
         (["parallel.dp_shard=3"], r"must be a multiple of .*\(2 x 3 = 6\)"),
-        (["parallel.cp=2"], "parallel.cp > 1 needs ring attention"),
+        (["parallel.cp=3"], r"data.seq_len \(64\) must be divisible by 2 x parallel.cp \(6\)"),
+        (
+            [
+                *("parallel.cp=2", "parallel.tp=8", "model.n_heads=8", "model.n_kv_heads=8"),
+                *("data.seq_len=72", "model.max_seq_len=128"),
+            ],
+            r"data.seq_len / parallel.cp = 36\) must be divisible by parallel.tp",
+        ),
+        (["parallel.cp_attention=star"], "parallel.cp_attention='star' is not one of"),
         (["parallel.pp_schedule=2f2b"], "parallel.pp_schedule='2f2b' is not one of"),
     ],
 )
