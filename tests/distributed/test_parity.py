@@ -52,6 +52,7 @@ LAYOUTS = {
     "cp2_allgather": ["parallel.cp=2", "parallel.cp_attention=allgather"],
     "cp4": ["parallel.cp=4"],
     "cp2_tp2": ["parallel.cp=2", "parallel.tp=2"],
+    "cp2_pp2": ["parallel.cp=2", "parallel.pp=2"],
 }
 
 
