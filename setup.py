@@ -31,9 +31,12 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        "defusedxml",
+        "biopython",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "ruff==0.17.6"],
+        "svg": ["cairosvg"],
+        "test": ["pytest>=7", "transformers>=4.45", "ruff==0.17.6", "cairosvg"],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},
 )

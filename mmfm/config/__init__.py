@@ -1,6 +1,6 @@
 """Configuration: one dataclass tree, loaded from YAML recipes plus dotted overrides."""
 
-from mmfm.config.loading import field_docs, load_config, save_config, to_yaml
+from mmfm.config.loading import field_docs, load_config, load_structured, save_config, to_yaml
 from mmfm.config.schema import (
     CheckpointConfig,
     Config,
@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "field_docs",
     "load_config",
+    "load_structured",
     "save_config",
     "to_yaml",
 ]

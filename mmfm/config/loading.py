@@ -17,12 +17,14 @@ import typing
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmfm.config.schema import Config, ConfigError
+
+T = TypeVar("T")
 
 
 def _now(fmt: str = "%Y%m%d-%H%M%S") -> str:
@@ -54,14 +56,14 @@ def valid_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
             yield from valid_keys(tp, key + ".")
 
 
-def _check_keys(node: Any, cls: type, prefix: str, origin: str) -> None:
+def _check_keys(node: Any, cls: type, prefix: str, origin: str, root: type) -> None:
     if not isinstance(node, dict):
         return
     fields = _fields(cls)
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            candidates = list(valid_keys())
+            candidates = list(valid_keys(root))
             close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
             if not close:
                 leaf = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
@@ -69,7 +71,7 @@ def _check_keys(node: Any, cls: type, prefix: str, origin: str) -> None:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{dotted}' in {origin}{hint}")
         if _is_dataclass_type(fields[key]):
-            _check_keys(value, fields[key], dotted + ".", origin)
+            _check_keys(value, fields[key], dotted + ".", origin, root)
 
 
 def _as_container(cfg: DictConfig) -> dict:
@@ -78,6 +80,13 @@ def _as_container(cfg: DictConfig) -> dict:
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge the dataclass defaults, the YAML recipe and `key=value` overrides, then validate."""
+    return load_structured(Config, recipe, overrides)
+
+
+def load_structured(
+    root: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """`load_config` for any dataclass tree (training configs, tokenizer recipes, ...)."""
     layers: list[tuple[DictConfig, str]] = []
     if recipe is not None:
         path = Path(recipe)
@@ -88,16 +97,16 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         except Exception as e:  # yaml errors come in several types
             raise ConfigError(f"cannot parse {path}: {e}") from e
         if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...)")
+            raise ConfigError(f"{path} must hold a mapping of sections (section: ...)")
         layers.append((loaded, str(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
 
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(root)
     for layer, origin in layers:
-        _check_keys(_as_container(layer), Config, "", origin)
+        _check_keys(_as_container(layer), root, "", origin, root)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
@@ -117,11 +126,11 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 

@@ -121,6 +121,9 @@ class DataConfig:
     modalities weigh 1.0, 0 removes a modality from the loss."""
     cache_dir: str = "~/.cache/mmfm"
     """Where built-in datasets (`builtin:...` paths) are generated."""
+    vocab: str | None = None
+    """vocab.json of the tokenizers the shards were made with (see tokenizers/); copied into
+    the run dir and every checkpoint. model.vocab_size must cover it."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "data", "seq_len")

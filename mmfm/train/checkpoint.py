@@ -108,10 +108,19 @@ class Checkpointer:
     the JSON state and renames the directory, between barriers.
     """
 
-    def __init__(self, root: str | Path, keep: int, is_main: bool = True, barrier=lambda: None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int,
+        is_main: bool = True,
+        barrier=lambda: None,
+        extra_files: tuple[Path, ...] = (),
+    ):
         self.root = Path(root)
         self.keep = keep
         self.is_main, self.barrier = is_main, barrier
+        self.extra_files = extra_files
+        """Files copied into every checkpoint (the vocabulary)."""
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -142,6 +151,8 @@ class Checkpointer:
         if self.is_main:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / CONFIG_FILE).write_text(config_yaml)
+            for path in self.extra_files:
+                shutil.copyfile(path, tmp / path.name)
             self._publish(tmp, final)
             self._prune()
         self.barrier()

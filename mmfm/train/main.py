@@ -11,6 +11,7 @@ from mmfm.config import Config, ConfigError, save_config
 from mmfm.data.loader import build_loader
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.optim import build_optimizer, build_scheduler
@@ -67,11 +68,14 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share."""
+    vocab = _check_vocab(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if vocab is not None:
+            vocab.save(run_dir / VOCAB_FILE)
     env.barrier()
     setup_logging(run_dir if env.is_main else None, env.rank)
     torch.manual_seed(cfg.train.seed)
@@ -101,9 +105,24 @@ def build_trainer(cfg: Config) -> Trainer:
         cfg.grad_accum_steps,
         cfg.train.micro_batch_size,
     )
-    checkpointer = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier)
+    extra = (run_dir / VOCAB_FILE,) if vocab is not None else ()
+    checkpointer = Checkpointer(
+        checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
+    )
     callbacks = _callbacks(cfg, run_dir) if env.is_main else []
     return Trainer(cfg, env, parallel_model, optimizer, scheduler, loader, checkpointer, callbacks)
+
+
+def _check_vocab(cfg: Config) -> Vocab | None:
+    if cfg.data.vocab is None:
+        return None
+    vocab = Vocab.load(cfg.data.vocab)
+    if cfg.model.vocab_size < vocab.size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary in "
+            f"data.vocab ({cfg.data.vocab}: {vocab.size} ids): raise model.vocab_size"
+        )
+    return vocab
 
 
 def _layout(cfg: Config) -> str:

@@ -182,3 +182,17 @@ def test_sigterm_mid_run_checkpoints_and_exits_cleanly(tmp_path, tiny_overrides)
     latest = Checkpointer(run_dir / "checkpoints", 3).latest()
     assert latest.name == f"step_{last}"
     assert not list((run_dir / "checkpoints").glob(".step_*"))
+
+
+def test_vocabulary_travels_with_the_run_and_checkpoints(tiny_config, tmp_path):
+    from mmfm.tokenization.vocab import Vocab
+
+    vocab = Vocab.build(300, codebooks=[("image", 16)])
+    vocab.save(tmp_path / "v.json")
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(320\) is smaller"):
+        train(tiny_config(f"data.vocab={tmp_path / 'v.json'}", "model.vocab_size=320"))
+    cfg = tiny_config(f"data.vocab={tmp_path / 'v.json'}", "train.steps=2", "model.vocab_size=384")
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    assert Vocab.load(run / "vocab.json") == vocab
+    assert Vocab.load(run / "checkpoints" / "step_2" / "vocab.json") == vocab

@@ -1,0 +1,62 @@
+"""`mmfm tokenizer train | encode | decode`: build a recipe's tokenizers, and try them by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from mmfm.tokenization.dna import dna_format, read_dna, read_function_pairs
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.svg import SvgRecord
+from mmfm.tokenization.tokenizers import Record, TextRecord, Tokenizers
+
+
+def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> Iterator[Record]:
+    """The records of a file, by its name: SVG, FASTA/FASTQ/GenBank, jsonl, or plain text."""
+    if path.suffix.lower() == ".svg":
+        yield SvgRecord(path.stem, path.read_text(encoding="utf-8"), str(path))
+    elif dna_format(path):
+        yield from (read_function_pairs(path) if pairs else read_dna(path))
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield TextRecord(f"{path.stem}:{i}", json.loads(line)[jsonl_field], str(path))
+    else:
+        yield TextRecord(path.stem, path.read_text(encoding="utf-8"), str(path))
+
+
+def train(recipe_path: str, overrides: Sequence[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizers = Tokenizers.train(recipe)
+    print(f"{recipe.output_dir}: vocabulary of {tokenizers.vocab.size} ids")
+    for book in tokenizers.vocab.codebooks:
+        print(f"  {book.name:6s} codes {book.offset}..{book.offset + book.size - 1}")
+
+
+def encode(recipe_path: str, files: Sequence[str], show: int, pairs: bool, limit: int) -> None:
+    recipe = load_recipe(recipe_path)
+    tokenizers = Tokenizers.load(recipe)
+    vocab = tokenizers.vocab
+    for name in files:
+        for n, record in enumerate(records_of(Path(name), pairs, recipe.text.jsonl_field)):
+            if n >= limit:
+                print(f"... (--limit {limit} records per file)")
+                break
+            doc = tokenizers.encode(record)
+            spans = ", ".join(f"{m} {e - s}" for m, s, e in doc.segments())
+            print(f"{name} [{record.key}]: {len(doc.tokens)} tokens ({spans})")
+            shown = [f"{int(t)}:{vocab.piece(int(t))!r}" for t in doc.tokens[:show]]
+            more = " ..." if len(doc.tokens) > show else ""
+            print("  " + " ".join(shown) + more)
+
+
+def decode(recipe_path: str, ids: Sequence[str]) -> None:
+    tokenizers = Tokenizers.load(load_recipe(recipe_path))
+    values = ids or sys.stdin.read().split()
+    for modality, content in tokenizers.decode(int(v) for v in values):
+        print(f"[{modality}]\n{content}")

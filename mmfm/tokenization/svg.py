@@ -1,0 +1,186 @@
+"""SVG (StarVector style): parse safely, normalise, and tokenize as code with the text model.
+
+Parsing uses `defusedxml`: entity declarations (billion laughs) and external entities are
+refused before anything is expanded or read, and files over `max_kb` are refused unread.
+Normalisation drops comments, processing instructions, `<metadata>`, editor namespaces
+(Inkscape, Sodipodi, Illustrator, RDF, ...) and ids nobody references; rounds numbers to
+`precision` significant digits (relative, so a 0..1 gradient box and a 500-unit canvas
+keep the same accuracy); with `simplify_paths`, rewrites path data compactly. The result is
+framed by the `<svg>` ... `</svg>` delimiter tokens; decoding gives an SVG that parses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from xml.etree.ElementTree import Element, ParseError
+
+import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
+
+from mmfm.tokenization.recipe import SvgRecipe
+
+SVG_NS = "http://www.w3.org/2000/svg"
+XLINK_NS = "http://www.w3.org/1999/xlink"
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+_PREFIX = {SVG_NS: "", XLINK_NS: "xlink:", XML_NS: "xml:"}
+_DROP_TAGS = {"metadata"}
+_NUMERIC_ATTRS = {
+    "d", "points", "transform", "viewBox", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r",
+    "rx", "ry", "fx", "fy", "width", "height", "stroke-width", "opacity", "fill-opacity",
+    "stroke-opacity", "offset", "font-size", "stroke-miterlimit", "stroke-dashoffset",
+    "stroke-dasharray", "style", "gradientTransform", "patternTransform", "stop-opacity",
+}  # fmt: skip
+_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# A number in an attribute that is not part of a word or a colour (#2ea6b9, stop94, ...).
+_FREE_NUMBER = re.compile(r"(?<![#\w.])-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_PATH_TOKEN = re.compile(r"[A-Za-z]|-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_REFERENCE = re.compile(r"#([A-Za-z_][\w.:-]*)")
+
+
+class SvgError(ValueError):
+    """An SVG the tokenizer refuses (unsafe, too large, not SVG, not well-formed)."""
+
+
+@dataclass(frozen=True)
+class SvgRecord:
+    key: str
+    svg: str
+    source: str = ""
+
+
+def parse_svg(data: str | bytes, max_kb: int = 512, origin: str = "svg") -> Element:
+    """The root element, parsed with every XML attack refused."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > max_kb * 1024:
+        raise SvgError(f"{origin}: {len(raw)} bytes is over svg.max_kb={max_kb} KiB; not parsed")
+    try:
+        root = fromstring(raw, forbid_dtd=False, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException as e:
+        raise SvgError(f"{origin}: refused unsafe XML ({type(e).__name__}: {e})") from None
+    except ParseError as e:
+        raise SvgError(f"{origin}: not well-formed XML ({e})") from None
+    if _split(root.tag) != (SVG_NS, "svg") and root.tag != "svg":
+        raise SvgError(f"{origin}: the root element is <{root.tag}>, not <svg>")
+    return root
+
+
+def _split(tag: str) -> tuple[str, str]:
+    if tag.startswith("{"):
+        ns, _, local = tag[1:].partition("}")
+        return ns, local
+    return SVG_NS, tag  # unqualified: SVG without a namespace declaration
+
+
+def _round(match: re.Match, digits: int) -> str:
+    """The number with `digits` significant digits, shortest form, no exponent."""
+    value = float(match.group(0))
+    text = f"{value:.{digits}g}"
+    if "e" in text:  # tiny values become 0; huge ones are rounded to integers
+        text = "0" if abs(value) < 1 else str(round(value))
+    if text.startswith(("0.", "-0.")):
+        text = text.replace("0.", ".", 1)
+    return "0" if text in ("-0", "") else text
+
+
+def _compact_path(d: str, precision: int) -> str:
+    out: list[str] = []
+    previous_number = False
+    for token in _PATH_TOKEN.findall(d):
+        if token[0].isalpha():
+            out.append(token)
+            previous_number = False
+            continue
+        number = _round(_NUMBER.fullmatch(token), precision)
+        if previous_number and not number.startswith("-"):
+            out.append(" ")
+        out.append(number)
+        previous_number = True
+    return "".join(out)
+
+
+def _escape(text: str, quote: bool = False) -> str:
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace('"', "&quot;") if quote else text
+
+
+class _Writer:
+    def __init__(self, recipe: SvgRecipe, referenced: set[str]):
+        self.recipe, self.referenced = recipe, referenced
+        self.uses_xlink = False
+
+    def element(self, el: Element) -> str:
+        ns, local = _split(el.tag)
+        attrs = []
+        for name, value in el.attrib.items():
+            a_ns, a_local = _split(name) if name.startswith("{") else ("", name)
+            if a_ns and a_ns not in _PREFIX:
+                continue  # editor namespaces (inkscape:, sodipodi:, ...)
+            if a_local == "id" and value not in self.referenced:
+                continue
+            if a_local in _NUMERIC_ATTRS:
+                value = self._numbers(a_local, value)
+            self.uses_xlink |= a_ns == XLINK_NS
+            attrs.append(f' {_PREFIX.get(a_ns, "")}{a_local}="{_escape(value.strip(), True)}"')
+        body = [] if el.text is None or not el.text.strip() else [_escape(el.text)]
+        for child in el:
+            c_ns, c_local = _split(child.tag) if isinstance(child.tag, str) else ("", "")
+            if c_ns in _PREFIX and c_local not in _DROP_TAGS:  # drops comments, PIs, editors
+                body.append(self.element(child))
+            if child.tail and child.tail.strip():
+                body.append(_escape(child.tail))
+        tag = f"{_PREFIX[ns]}{local}"
+        inner = "".join(body)
+        return f"<{tag}{''.join(attrs)}>{inner}</{tag}>" if inner else f"<{tag}{''.join(attrs)}/>"
+
+    def _numbers(self, name: str, value: str) -> str:
+        precision = self.recipe.precision
+        if name == "d" and self.recipe.simplify_paths:
+            return _compact_path(value, precision)
+        pattern = _NUMBER if name in ("d", "points") else _FREE_NUMBER
+        return pattern.sub(lambda m: _round(m, precision), " ".join(value.split()))
+
+
+def normalize_svg(data: str | bytes, recipe: SvgRecipe, origin: str = "svg") -> str:
+    """The normalised SVG text (see the module docstring)."""
+    root = parse_svg(data, recipe.max_kb, origin)
+    values = [v for el in root.iter() for v in el.attrib.values()]
+    values += [el.text or "" for el in root.iter() if isinstance(el.tag, str)]
+    referenced = {m.group(1) for v in values for m in _REFERENCE.finditer(v)}
+    writer = _Writer(recipe, referenced)
+    body = writer.element(root)
+    xmlns = f' xmlns="{SVG_NS}"' + (f' xmlns:xlink="{XLINK_NS}"' if writer.uses_xlink else "")
+    return body.replace("<svg", f"<svg{xmlns}", 1)
+
+
+class SvgTokenizer:
+    def __init__(self, recipe: SvgRecipe, text_tokenizer):
+        self.recipe, self.text = recipe, text_tokenizer
+
+    def encode(self, svg: str | bytes, origin: str = "svg") -> list[int]:
+        """Text ids of the normalised SVG code (not framed)."""
+        return self.text.encode(normalize_svg(svg, self.recipe, origin))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """SVG text from ids; raises SvgError if it is not a well-formed SVG."""
+        svg = self.text.decode(ids)
+        parse_svg(svg, max_kb=1 << 20, origin="decoded SVG")
+        return svg
+
+
+def render_svg(svg: str, size: int = 128) -> np.ndarray:
+    """`[size, size, 3]` uint8 RGB rendering on white (cairosvg; `pip install cairosvg`)."""
+    try:
+        import cairosvg
+    except ImportError as e:  # optional: only rendering needs the cairo library
+        raise SvgError("rendering SVG needs cairosvg: pip install cairosvg") from e
+    from io import BytesIO
+
+    from PIL import Image
+
+    png = cairosvg.svg2png(
+        bytestring=svg.encode(), output_width=size, output_height=size, background_color="white"
+    )
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB"))

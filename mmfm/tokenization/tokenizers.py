@@ -1,0 +1,183 @@
+"""The tokenizer set of a recipe: one call from a raw record to a framed token document.
+
+`Tokenizers.train(recipe)` trains the text model (and the DNA BPE model), lays out the
+unified vocabulary and writes everything to `recipe.output_dir`; `Tokenizers.load(recipe)`
+reads it back. `encode(record)` is the interface `mmfm prepare` calls for every modality:
+
+    TextRecord  ->  <s> text </s>
+    DnaRecord   ->  <s> <dna> dna </dna> [<sep> output text] </s>
+    SvgRecord   ->  <s> <svg> svg code </svg> </s>
+
+Each span carries its modality (delimiters belong to their span), which sets the loss
+weights and per-modality metrics downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmfm.data.batch import Modality
+from mmfm.data.shards import Document
+from mmfm.tokenization.dna import DnaRecord, DnaTokenizer, read_dna
+from mmfm.tokenization.document import DocumentBuilder
+from mmfm.tokenization.recipe import TokenizerRecipe
+from mmfm.tokenization.svg import SvgRecord, SvgTokenizer
+from mmfm.tokenization.text import BOS, EOS, TextTokenizer, iter_corpus
+from mmfm.tokenization.vocab import (
+    FIXED_SPECIALS,
+    RESERVED_CODEBOOKS,
+    VOCAB_FILE,
+    Vocab,
+    VocabError,
+)
+
+log = logging.getLogger("mmfm")
+
+TEXT_MODEL, DNA_MODEL = "text.model", "dna.model"
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    key: str
+    text: str
+    source: str = ""
+
+
+Record = TextRecord | DnaRecord | SvgRecord
+
+
+class Tokenizers:
+    def __init__(
+        self, recipe: TokenizerRecipe, vocab: Vocab, text: TextTokenizer, dna: DnaTokenizer
+    ):
+        self.recipe, self.vocab, self.text, self.dna = recipe, vocab, text, dna
+        self.svg = SvgTokenizer(recipe.svg, text)
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, recipe: TokenizerRecipe) -> Tokenizers:
+        out = Path(recipe.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        specials = [*FIXED_SPECIALS, *recipe.task_tokens]
+        texts = iter_corpus(
+            recipe.text.corpus,
+            recipe.text.jsonl_field,
+            int(recipe.text.max_corpus_mb * 2**20),
+            recipe.cache_dir,
+        )
+        log.info(
+            "training the %s text model (%d pieces)", recipe.text.model_type, recipe.text.vocab_size
+        )
+        text = TextTokenizer.train(texts, recipe.text, symbols=specials)
+        text.save(out / TEXT_MODEL)
+        bpe = None
+        if recipe.dna.scheme == "bpe":
+            log.info("training the DNA BPE model (%d pieces)", recipe.dna.bpe_vocab_size)
+            sequences = (r.sequence.upper() for r in _dna_records(recipe.dna.bpe_corpus, recipe))
+            bpe = DnaTokenizer.train_bpe(sequences, recipe.dna.bpe_vocab_size)
+            (out / DNA_MODEL).write_bytes(bpe)
+        dna = DnaTokenizer(recipe.dna, bpe)
+        vocab = Vocab.build(
+            text.size,
+            recipe.task_tokens,
+            [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
+            text_pieces=text.pieces(),
+        )
+        vocab.save(out / VOCAB_FILE)
+        log.info("wrote %s: %d ids (%d text)", out / VOCAB_FILE, vocab.size, text.size)
+        return cls(recipe, vocab, text, dna)
+
+    @classmethod
+    def load(cls, recipe: TokenizerRecipe) -> Tokenizers:
+        out = Path(recipe.output_dir)
+        if not (out / VOCAB_FILE).is_file() or not (out / TEXT_MODEL).is_file():
+            raise VocabError(
+                f"{out} holds no trained tokenizers ({VOCAB_FILE}, {TEXT_MODEL}): run "
+                f"mmfm tokenizer train with this recipe first"
+            )
+        vocab = Vocab.load(out / VOCAB_FILE)
+        text = TextTokenizer(out / TEXT_MODEL)
+        bpe = (out / DNA_MODEL).read_bytes() if recipe.dna.scheme == "bpe" else None
+        dna = DnaTokenizer(recipe.dna, bpe)
+        book = vocab.codebook("dna")
+        if text.size != vocab.text_size or dna.size != book.size:
+            raise VocabError(
+                f"{out / VOCAB_FILE} does not match the recipe's tokenizers (text "
+                f"{text.size} vs {vocab.text_size}, dna {dna.size} vs {book.size}): retrain"
+            )
+        return cls(recipe, vocab, text, dna)
+
+    # -- records <-> documents --------------------------------------------------------------------
+
+    def encode(self, record: Record, rng: np.random.Generator | None = None) -> Document:
+        doc = DocumentBuilder().add([BOS], Modality.TEXT)
+        if isinstance(record, TextRecord):
+            doc.add(self.text.encode(record.text), Modality.TEXT)
+        elif isinstance(record, DnaRecord):
+            ids = self.dna.encode(record.sequence, self.vocab, record.key, rng)
+            self._framed(doc, Modality.DNA, ids)
+            if record.output is not None:
+                doc.add(
+                    [self.vocab.special("<sep>"), *self.text.encode(record.output)], Modality.TEXT
+                )
+        elif isinstance(record, SvgRecord):
+            self._framed(doc, Modality.SVG, self.svg.encode(record.svg, record.key))
+        else:
+            raise TypeError(f"no tokenizer for {type(record).__name__}")
+        return doc.add([EOS], Modality.TEXT).build(record.key, record.source)
+
+    def _framed(self, doc: DocumentBuilder, modality: Modality, ids: Sequence[int]) -> None:
+        start, end = self.vocab.delimiters(modality)
+        doc.add([start, *ids, end], modality)
+
+    def decode(self, ids: Iterable[int]) -> list[tuple[str, str]]:
+        """The document as (modality, content) spans: text, dna sequences, SVG code."""
+        ids = list(ids)
+        spans: list[tuple[str, str]] = []
+        frames = {self.vocab.delimiters(m)[0]: m for m in (Modality.DNA, Modality.SVG)}
+        i, text = 0, []
+        while i < len(ids):
+            if ids[i] in frames:
+                modality = frames[ids[i]]
+                end = ids.index(self.vocab.delimiters(modality)[1], i + 1)
+                if text:
+                    spans.append(("text", self.text.decode(text)))
+                    text = []
+                body = ids[i + 1 : end]
+                content = (
+                    self.dna.decode(body, self.vocab)
+                    if modality == Modality.DNA
+                    else self.svg.decode(body)
+                )
+                spans.append((modality.name.lower(), content))
+                i = end + 1
+            else:
+                if self.vocab.lookup(ids[i])[0] == "text":
+                    if ids[i] not in (BOS, EOS):
+                        text.append(ids[i])
+                elif text:  # a special (e.g. <sep>) ends a text span
+                    spans.append(("text", self.text.decode(text)))
+                    text = []
+                i += 1
+        if text:
+            spans.append(("text", self.text.decode(text)))
+        return spans
+
+
+def _dna_records(sources: Iterable[str], recipe: TokenizerRecipe):
+    from mmfm.data.real import fetch
+
+    for source in sources:
+        paths = (
+            sorted(fetch(source[5:], recipe.cache_dir).iterdir())
+            if source.startswith("real:")
+            else [Path(source)]
+        )
+        for path in paths:
+            yield from read_dna(path)

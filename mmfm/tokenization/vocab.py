@@ -1,0 +1,186 @@
+"""The unified vocabulary: one id space for every modality.
+
+Layout, in this order:
+
+1. the text tokenizer's ids `[0, text_size)` (sentencepiece pieces; bytes for the demo);
+2. the special and delimiter tokens (`<img>`, `</img>`, `<mask>`, ..., `<sep>`, task tokens);
+3. one contiguous range per discrete codebook: image (8192, SEED), mask (1024, HiMTok),
+   video (8192, LWM), then DNA (its size depends on the scheme). Image, mask and video are
+   reserved before DNA, so their tokenizers plug in later without renumbering.
+
+Every id maps back to (kind, local code), where kind is "text", "special" or a codebook
+name. The layout is saved as JSON next to every checkpoint and prepared dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmfm.data.batch import Modality
+
+VOCAB_FILE = "vocab.json"
+
+# Delimiters of each modality's spans, then the other fixed specials.
+DELIMITERS: dict[Modality, tuple[str, str]] = {
+    Modality.IMAGE: ("<img>", "</img>"),
+    Modality.MASK: ("<mask>", "</mask>"),
+    Modality.DNA: ("<dna>", "</dna>"),
+    Modality.SVG: ("<svg>", "</svg>"),
+    Modality.VIDEO: ("<vision>", "</vision>"),
+}
+FIXED_SPECIALS = (
+    *(name for pair in DELIMITERS.values() for name in pair),
+    "<eof>",  # end of a video frame (LWM)
+    "<eov>",  # end of the last frame (LWM)
+    "<sep>",  # between a task's input and its output (Omni-DNA)
+    "<dna_soft>",  # soft-masked (lower-case) DNA run starts
+    "</dna_soft>",
+)
+RESERVED_CODEBOOKS = (("image", 8192), ("mask", 1024), ("video", 8192))
+CODEBOOK_PREFIX = {"image": "img", "mask": "mask", "video": "vid", "dna": "dna"}
+
+
+class VocabError(ValueError):
+    """A vocabulary file or id is invalid; the message says which."""
+
+
+@dataclass(frozen=True)
+class Codebook:
+    name: str
+    offset: int
+    size: int
+    pieces: tuple[str, ...] = ()
+    """Readable names of the codes (e.g. DNA k-mers); empty: numbered names."""
+
+    def piece(self, code: int) -> str:
+        if self.pieces:
+            return f"<{CODEBOOK_PREFIX.get(self.name, self.name)}_{self.pieces[code]}>"
+        width = len(str(self.size - 1))
+        return f"<{CODEBOOK_PREFIX.get(self.name, self.name)}_{code:0{width}d}>"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    text_size: int
+    specials: tuple[str, ...]
+    codebooks: tuple[Codebook, ...]
+    text_kind: str = "sentencepiece"
+    """sentencepiece, or bytes (the demo: one id per byte)."""
+    text_pieces: tuple[str, ...] = field(default=(), repr=False)
+    """Readable text pieces, for display and export."""
+
+    @classmethod
+    def build(
+        cls,
+        text_size: int,
+        extra_specials: Sequence[str] = (),
+        codebooks: Sequence[tuple[str, int] | tuple[str, int, Sequence[str]]] = (),
+        text_kind: str = "sentencepiece",
+        text_pieces: Sequence[str] = (),
+    ) -> Vocab:
+        specials = (*FIXED_SPECIALS, *extra_specials)
+        if len(set(specials)) != len(specials):
+            raise VocabError(f"duplicate special tokens in {specials}")
+        offset, books = text_size + len(specials), []
+        for entry in codebooks:
+            name, size = entry[0], entry[1]
+            pieces = tuple(entry[2]) if len(entry) > 2 else ()
+            if pieces and len(pieces) != size:
+                raise VocabError(f"codebook {name}: {len(pieces)} pieces for {size} codes")
+            books.append(Codebook(name, offset, size, pieces))
+            offset += size
+        return cls(text_size, specials, tuple(books), text_kind, tuple(text_pieces))
+
+    @property
+    def size(self) -> int:
+        last = self.codebooks[-1] if self.codebooks else None
+        return last.offset + last.size if last else self.text_size + len(self.specials)
+
+    def special(self, name: str) -> int:
+        try:
+            return self.text_size + self.specials.index(name)
+        except ValueError:
+            raise VocabError(f"no special token {name!r}; have {self.specials}") from None
+
+    def delimiters(self, modality: Modality) -> tuple[int, int]:
+        start, end = DELIMITERS[modality]
+        return self.special(start), self.special(end)
+
+    def codebook(self, name: str) -> Codebook:
+        for book in self.codebooks:
+            if book.name == name:
+                return book
+        raise VocabError(f"no codebook {name!r}; have {[b.name for b in self.codebooks]}")
+
+    def code_id(self, name: str, code: int) -> int:
+        book = self.codebook(name)
+        if not 0 <= code < book.size:
+            raise VocabError(f"code {code} outside codebook {name} of {book.size}")
+        return book.offset + code
+
+    def lookup(self, token_id: int) -> tuple[str, int]:
+        """(kind, local code) of `token_id`: kind is text, special or a codebook name."""
+        if 0 <= token_id < self.text_size:
+            return "text", token_id
+        if token_id < self.text_size + len(self.specials):
+            return "special", token_id - self.text_size
+        for book in self.codebooks:
+            if book.offset <= token_id < book.offset + book.size:
+                return book.name, token_id - book.offset
+        raise VocabError(f"token id {token_id} is outside the vocabulary of {self.size}")
+
+    def piece(self, token_id: int) -> str:
+        """A readable name: the text piece, the special, or e.g. `<img_00042>`, `<dna_ACG>`."""
+        kind, code = self.lookup(token_id)
+        if kind == "text":
+            return self.text_pieces[code] if self.text_pieces else f"<text_{code}>"
+        if kind == "special":
+            return self.specials[code]
+        return self.codebook(kind).piece(code)
+
+    # -- JSON -----------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "format": "mmfm-vocab/1",
+            "size": self.size,
+            "text": {"kind": self.text_kind, "size": self.text_size, "pieces": self.text_pieces},
+            "specials": list(self.specials),
+            "codebooks": [
+                {"name": b.name, "offset": b.offset, "size": b.size, "pieces": list(b.pieces)}
+                for b in self.codebooks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocab:
+        if data.get("format") != "mmfm-vocab/1":
+            raise VocabError(f"not an mmfm vocabulary (format {data.get('format')!r})")
+        text = data["text"]
+        vocab = cls(
+            text["size"],
+            tuple(data["specials"]),
+            tuple(
+                Codebook(b["name"], b["offset"], b["size"], tuple(b["pieces"]))
+                for b in data["codebooks"]
+            ),
+            text["kind"],
+            tuple(text["pieces"]),
+        )
+        if vocab.size != data["size"]:
+            raise VocabError(f"vocabulary declares size {data['size']}, its layout {vocab.size}")
+        return vocab
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise VocabError(f"{path}: cannot read the vocabulary: {e}") from e
