@@ -22,3 +22,5 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/attention.py
 	$(PYTHON) bench/memory_per_rank.py
 	$(PYTHON) bench/ring_attention.py
+	$(PYTHON) bench/tokenizers.py
+	$(PYTHON) bench/loader.py

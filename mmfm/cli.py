@@ -3,6 +3,7 @@
 mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm config --doc                                  every field with its type, default and doc
+mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set (tokenizers/*.yaml)
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
 mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to text / DNA / SVG
@@ -22,6 +23,7 @@ EXAMPLES = """examples:
   mmfm train launch/demo.yaml parallel.tp=2 parallel.pp=2 --nproc 4
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
+  mmfm prepare data_pipelines/text-kjv.yaml --workers 2
   mmfm tokenizer train tokenizers/base.yaml
   mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
@@ -55,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
     config.add_argument("--doc", action="store_true", help="list every field with its doc")
+    prepare = sub.add_parser("prepare", help="tokenize raw corpora into WebDataset shards")
+    prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
+    prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     _add_tokenizer_parser(sub)
     return parser
 
@@ -95,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _print_field_docs()
             else:
                 print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+        elif args.command == "prepare":
+            import logging
+
+            from mmfm.data.prepare import load_prepare_recipe, prepare
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            prepare(load_prepare_recipe(args.recipe, args.overrides), args.workers)
         elif args.command == "tokenizer":
             _tokenizer_command(args)
         elif args.command == "train":
@@ -136,6 +149,7 @@ def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     from mmfm.data.real import FetchError
     from mmfm.data.shards import ShardError
+    from mmfm.data.stream import DataError
     from mmfm.tokenization.dna import DnaError
     from mmfm.tokenization.svg import SvgError
     from mmfm.tokenization.vocab import VocabError
@@ -151,4 +165,5 @@ def _user_errors() -> tuple[type[Exception], ...]:
         SvgError,
         FetchError,
         FileNotFoundError,
+        DataError,
     )

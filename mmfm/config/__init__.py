@@ -10,6 +10,7 @@ from mmfm.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    SourceConfig,
     TrainConfig,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "SourceConfig",
     "TrainConfig",
     "field_docs",
     "load_config",

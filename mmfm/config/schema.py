@@ -110,10 +110,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    name: str = "data"
+    """Name of the source in the metrics (data/mix/<name>)."""
+    paths: list[str] = field(default_factory=list)
+    """Its shards: directories, files, brace patterns (`web-{000000..000099}.tar`),
+    `http(s)://` URLs, `pipe:` commands, or `builtin:demo`."""
+    weight: float = 1.0
+    """Relative share of tokens drawn from this source (normalised over the sources)."""
+    max_epochs: int = 0
+    """Repetition cap: passes over this source before it stops contributing; 0: no cap."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "data.sources: every source needs a name")
+        _require(bool(self.paths), f"data.sources: source {self.name!r} has no paths")
+        _require(self.weight > 0, f"data.sources: {self.name!r} weight must be > 0")
+        _require(self.max_epochs >= 0, f"data.sources: {self.name!r} max_epochs must be >= 0")
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)
-    """Shards of pre-tokenized documents: local paths, brace patterns
-    (`shards-{000000..000009}.tar`) or `builtin:demo` (the generated demo corpus)."""
+    """Shards of one source (shorthand for a single entry in `sources`): directories,
+    files, brace patterns (`shards-{000000..000009}.tar`), `http(s)://`, `pipe:` or
+    `builtin:demo` (the generated demo corpus)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources mixed by weight (instead of `paths`)."""
     seq_len: int = 2048
     """Tokens per packed row."""
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -124,9 +146,33 @@ class DataConfig:
     vocab: str | None = None
     """vocab.json of the tokenizers the shards were made with (see tokenizers/); copied into
     the run dir and every checkpoint. model.vocab_size must cover it."""
+    shuffle_buffer: int = 64
+    """Documents each data stream shuffles among (one stream per global-batch row)."""
+    packing: str = "best_fit"
+    """best_fit (largest pending document that fits; fills rows) or greedy (arrival order)."""
+    pack_buffer: int = 32
+    """Pending documents best_fit chooses from, per stream."""
+    long_docs: str = "split"
+    """Documents longer than data.seq_len: split (row-sized pieces) or drop (counted)."""
+    num_workers: int = 1
+    """Loader processes per rank (0: in the training process)."""
+    prefetch: int = 2
+    """Steps each loader worker may run ahead."""
+    max_error_rate: float = 0.01
+    """Stop when more than this fraction of a stream's documents were bad (after 100)."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, "data", "seq_len")
+        _require_positive(self, "data", "seq_len", "shuffle_buffer", "pack_buffer", "prefetch")
+        _require_choice("data.packing", self.packing, ("best_fit", "greedy"))
+        _require_choice("data.long_docs", self.long_docs, ("split", "drop"))
+        _require(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _require(0 <= self.max_error_rate <= 1, "data.max_error_rate must be within [0, 1]")
+        _require(
+            not (self.paths and self.sources),
+            "set data.paths (one source) or data.sources (several), not both",
+        )
+        names = [s.name for s in self.sources]
+        _require(len(set(names)) == len(names), f"data.sources names must be unique: {names}")
         for name, weight in self.loss_weights.items():
             _require(
                 name in MODALITY_NAMES,

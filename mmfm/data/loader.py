@@ -1,154 +1,256 @@
-"""The minimal streaming loader: shards -> documents -> packed rows -> per-rank micro-batches.
+"""The streaming loader: virtual streams -> packed rows -> this rank's micro-batches.
 
-The stream visits the shards in a seeded order that changes each epoch and reads samples in
-shard order. Every data-parallel rank reads the same stream and keeps its slice of each
-global batch, so the global batches do not depend on the layout; a context-parallel rank
-then keeps its zigzag chunks of every row. The whole loader state is
-the cursor of the next token to place (epoch, shard, sample, offset), saved as JSON.
+There is one virtual stream per row of the global batch (`mmfm.data.stream`): row i of
+every step comes from stream i, so the global batches do not depend on the layout. A
+data-parallel rank owns the contiguous block of streams whose rows it trains on and reads
+only their shards; its loader workers (processes) split those streams among themselves and
+run ahead by `data.prefetch` steps. Every row arrives with its stream's state as of that
+row, so the state saved at a step boundary is exact even though workers run ahead. A
+context-parallel rank then keeps its zigzag chunks of every row.
+
+State: `{stream id: stream state}` for all streams, gathered from every rank at checkpoint
+time; any data-parallel size (and any number of workers) can resume from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+import multiprocessing as mp
+import queue
+import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from mmfm.config.schema import Config
+from mmfm.config.schema import Config, SourceConfig
 from mmfm.data.batch import Batch
-from mmfm.data.packing import RowBuilder, collate, modality_weight_table
-from mmfm.data.shards import Document, ShardError, expand_paths, read_shard
+from mmfm.data.packing import modality_weight_table
+from mmfm.data.shards import ShardError, expand_paths
+from mmfm.data.stream import (
+    SKIP_REASONS,
+    DataError,
+    SourceSpec,
+    StreamSettings,
+    VirtualStream,
+)
 from mmfm.data.zigzag import zigzag_slice
 
-
-@dataclass(frozen=True)
-class Cursor:
-    """Position of the next token to place in a row."""
-
-    epoch: int = 0
-    shard: int = 0
-    """Index into this epoch's shard order."""
-    sample: int = 0
-    """Index of the document inside that shard."""
-    offset: int = 0
-    """Tokens of that document already placed (a document longer than a row is split)."""
+STATE_FORMAT = "mmfm-streams/1"
 
 
-class DocumentStream:
-    """Documents of all shards, forever, each epoch in a new seeded shard order."""
+def collate(rows: list[dict[str, np.ndarray]]) -> Batch:
+    return Batch(**{name: torch.from_numpy(np.stack([r[name] for r in rows])) for name in rows[0]})
 
-    def __init__(self, urls: Sequence[str], seed: int):
-        if not urls:
-            raise ShardError("data.paths matched no shards")
-        self.urls = list(urls)
-        self.seed = seed
 
-    def shard_order(self, epoch: int) -> list[str]:
-        rng = np.random.default_rng([self.seed, epoch])
-        return [self.urls[i] for i in rng.permutation(len(self.urls))]
+@dataclass
+class _Row:
+    stream: int
+    arrays: dict[str, np.ndarray]
+    counts: dict[str, float]
+    snapshot: dict
 
-    def documents(self, cursor: Cursor) -> Iterator[tuple[Document, Cursor]]:
-        """(document, cursor at its start) from `cursor` on; the first may be partly placed."""
-        epoch, shard, sample = cursor.epoch, cursor.shard, cursor.sample
+
+def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
+    arrays, stats, skipped = stream.next_row()
+    counts = {"pad_tokens": float(stats.pad), "split_docs": float(stats.split)}
+    counts["dropped_docs"] = float(stats.dropped)
+    for source, tokens in stats.tokens_by_source.items():
+        counts[f"tokens/{names[source]}"] = float(tokens)
+    for reason, n in skipped.items():
+        counts[f"skipped/{reason}"] = float(n)
+    return _Row(stream.id, arrays, counts, stream.snapshot())
+
+
+def _build_streams(ids, sources, settings, snapshots) -> list[VirtualStream]:
+    streams = []
+    for i in ids:
+        stream = VirtualStream(i, sources, settings)
+        if snapshots.get(str(i)) is not None:
+            stream.restore(snapshots[str(i)])
+        streams.append(stream)
+    return streams
+
+
+def _worker(ids, sources, settings, snapshots, out: mp.Queue) -> None:
+    """Produce rows for `ids`, step after step, until the parent goes away."""
+    try:
+        streams = _build_streams(ids, sources, settings, snapshots)
+        names = [s.name for s in sources]
         while True:
-            order = self.shard_order(epoch)
-            found_any = False
-            for shard_index in range(shard, len(order)):
-                first = sample if shard_index == shard else 0
-                docs = read_shard(order[shard_index], skip=first)
-                for index, doc in enumerate(docs, start=first):
-                    found_any = True
-                    yield doc, Cursor(epoch, shard_index, index)
-            if not found_any and shard == 0 and sample == 0:
-                raise ShardError(f"no documents in any of the {len(self.urls)} shards")
-            epoch, shard, sample = epoch + 1, 0, 0
+            for stream in streams:
+                out.put(_produce(stream, names))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
 
 
-def pack_rows(
-    stream: DocumentStream, cursor: Cursor, seq_len: int, weights: np.ndarray
-) -> Iterator[tuple[dict[str, np.ndarray], Cursor]]:
-    """Packed rows, each with the cursor just after it."""
-    docs = stream.documents(cursor)
-    doc, at = next(docs)
-    offset = cursor.offset
-    while True:
-        row = RowBuilder(seq_len, weights)
-        while True:
-            remaining = len(doc.tokens) - offset
-            if remaining > row.free and row.used > 0:
-                break  # starts the next row
-            take = min(remaining, row.free)
-            if take > 0:
-                row.add(doc.tokens, doc.modality, offset, offset + take)
-            offset += take
-            if offset == len(doc.tokens):
-                doc, at = next(docs)
-                offset = 0
-            if row.free == 0:
-                break
-        yield row.finish(), dataclasses.replace(at, offset=offset)
-
-
-class PackedLoader:
-    """Global batches of packed rows; `next_step()` returns this rank's micro-batches."""
-
+class StreamingLoader:
     def __init__(
         self,
-        stream: DocumentStream,
-        seq_len: int,
-        global_batch_size: int,
+        sources: Sequence[SourceSpec],
+        settings: StreamSettings,
         micro_batch_size: int,
-        loss_weights: Mapping[str, float],
         dp_rank: int = 0,
         dp_size: int = 1,
         cp_rank: int = 0,
         cp_size: int = 1,
+        num_workers: int = 0,
+        prefetch: int = 2,
     ):
-        assert global_batch_size % (micro_batch_size * dp_size) == 0
-        self.stream = stream
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
+        n = settings.n_streams
+        assert n % dp_size == 0
+        self.sources, self.settings = list(sources), settings
         self.micro_batch_size = micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.cp_rank, self.cp_size = cp_rank, cp_size
-        self.weights = modality_weight_table(loss_weights)
-        self.cursor = Cursor()
-        self._rows: Iterator | None = None
+        per_rank = n // dp_size
+        self.stream_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+        self.num_workers = min(num_workers, per_rank)
+        self.prefetch = prefetch
+        self.snapshots: dict[str, dict | None] = {str(i): None for i in self.stream_ids}
+        self._streams: list[VirtualStream] | None = None
+        self._procs: list = []
+        self._queues: list = []
+        self._counts: dict[str, float] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.num_workers == 0:
+            self._streams = _build_streams(
+                self.stream_ids, self.sources, self.settings, self.snapshots
+            )
+            return
+        ctx = mp.get_context("spawn")
+        for w in range(self.num_workers):
+            ids = self.stream_ids[w :: self.num_workers]
+            q = ctx.Queue(maxsize=max(1, self.prefetch * len(ids)))
+            p = ctx.Process(
+                target=_worker,
+                args=(
+                    ids,
+                    self.sources,
+                    self.settings,
+                    {str(i): self.snapshots[str(i)] for i in ids},
+                    q,
+                ),
+                daemon=True,
+            )
+            p.start()
+            self._procs.append(p)
+            self._queues.append(q)
+
+    def _next_row(self, position: int) -> _Row:
+        if self._streams is not None:
+            return _produce(self._streams[position], self.names)
+        q = self._queues[position % self.num_workers]
+        while True:
+            try:
+                item = q.get(timeout=10)
+                break
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise DataError(
+                        f"a loader worker died (exit code {dead[0].exitcode})"
+                    ) from None
+        if isinstance(item, tuple):
+            raise DataError(f"a loader worker failed:\n{item[1]}")
+        return item
 
     def next_step(self) -> list[Batch]:
-        """This rank's share of the next global batch, split into micro-batches."""
-        if self._rows is None:
-            self._rows = pack_rows(self.stream, self.cursor, self.seq_len, self.weights)
-        rows = []
-        for _ in range(self.global_batch_size):
-            row, self.cursor = next(self._rows)
-            rows.append(row)
-        per_rank = self.global_batch_size // self.dp_size
-        mine = rows[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        """This rank's rows of the next global batch, as micro-batches."""
+        if self._streams is None and not self._procs:
+            self._start()
+        rows, counts = [], {}
+        for position, stream_id in enumerate(self.stream_ids):
+            row = self._next_row(position)
+            assert row.stream == stream_id, "loader workers out of order"
+            self.snapshots[str(stream_id)] = row.snapshot
+            rows.append(row.arrays)
+            for key, value in row.counts.items():
+                counts[key] = counts.get(key, 0.0) + value
+        self._counts = counts
         mbs = self.micro_batch_size
         return [
-            zigzag_slice(collate(mine[i : i + mbs]), self.cp_size, self.cp_rank)
-            for i in range(0, per_rank, mbs)
+            zigzag_slice(collate(rows[i : i + mbs]), self.cp_size, self.cp_rank)
+            for i in range(0, len(rows), mbs)
         ]
 
+    def close(self) -> None:
+        for p in self._procs:
+            p.kill()
+        self._procs, self._queues = [], []
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def count_keys(self) -> list[str]:
+        """The additive counters of a step, in a fixed order (summed over ranks by the trainer)."""
+        keys = ["pad_tokens", "split_docs", "dropped_docs"]
+        keys += [f"tokens/{n}" for n in self.names] + [f"skipped/{r}" for r in SKIP_REASONS]
+        return keys
+
+    def step_counts(self) -> list[float]:
+        return [self._counts.get(k, 0.0) for k in self.count_keys()]
+
+    def describe(self, counts: Sequence[float]) -> dict[str, float]:
+        """Metrics from the step's counters summed over data-parallel ranks."""
+        c = dict(zip(self.count_keys(), counts, strict=True))
+        total = self.settings.n_streams * self.settings.seq_len
+        metrics = {"data/padding": c["pad_tokens"] / total, "data/split_docs": c["split_docs"]}
+        metrics["data/dropped_docs"] = c["dropped_docs"]
+        used = sum(c[f"tokens/{n}"] for n in self.names) or 1.0
+        for n in self.names:
+            metrics[f"data/mix/{n}"] = c[f"tokens/{n}"] / used
+        for r in SKIP_REASONS:
+            if c[f"skipped/{r}"]:
+                metrics[f"data/skipped/{r}"] = c[f"skipped/{r}"]
+        return metrics
+
+    # -- state -------------------------------------------------------------------------------
+
+    def fingerprint(self) -> list:
+        return [[s.name, len(s.urls), s.urls[0]] for s in self.sources]
+
     def state_dict(self) -> dict:
-        return {"cursor": dataclasses.asdict(self.cursor), "urls": self.stream.urls}
+        return {
+            "format": STATE_FORMAT,
+            "n_streams": self.settings.n_streams,
+            "sources": self.fingerprint(),
+            "streams": dict(self.snapshots),
+        }
+
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        """One state from every data-parallel rank's (each holds its own streams)."""
+        merged = dict(states[0])
+        merged["streams"] = {k: v for s in states for k, v in s["streams"].items()}
+        return merged
 
     def load_state_dict(self, state: dict) -> None:
-        if state["urls"] != self.stream.urls:
+        if state.get("format") != STATE_FORMAT:
+            raise ShardError("the checkpoint's data state is not a streaming-loader state")
+        if state["n_streams"] != self.settings.n_streams:
             raise ShardError(
-                "the checkpoint's loader state was saved for other shards "
-                f"({len(state['urls'])} shards, first {state['urls'][:1]}) than data.paths "
-                f"gives now ({len(self.stream.urls)} shards, first {self.stream.urls[:1]}); "
-                "resume with the same data.paths"
+                f"the checkpoint was made with train.global_batch_size={state['n_streams']} "
+                f"(one data stream per row); it is {self.settings.n_streams} now: resume with "
+                "the same global batch size (the data-parallel size may change)"
             )
-        self.cursor = Cursor(**state["cursor"])
-        self._rows = None
+        if state["sources"] != self.fingerprint():
+            raise ShardError(
+                f"the checkpoint's data sources {state['sources']} differ from data.sources "
+                f"now {self.fingerprint()}: resume with the same data"
+            )
+        self.close()
+        self._streams = None
+        self.snapshots = {str(i): state["streams"].get(str(i)) for i in self.stream_ids}
 
 
 def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
-    """Shard URLs of `data.paths`; `builtin:<name>` entries are generated on first use."""
+    """Shard URLs of a source's paths; `builtin:<name>` entries are generated on first use."""
     from mmfm.data.demo import ensure_demo_shards
 
     builtin = {"builtin:demo": ensure_demo_shards}
@@ -165,18 +267,41 @@ def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
     return urls
 
 
+def source_specs(cfg: Config) -> list[SourceSpec]:
+    """`data.sources`, or `data.paths` as one source named `data`."""
+    configs = list(cfg.data.sources) or [SourceConfig(name="data", paths=list(cfg.data.paths))]
+    specs = []
+    for source in configs:
+        urls = resolve_paths(source.paths, cfg.data.cache_dir)
+        if not urls:
+            raise ShardError(f"data source {source.name!r}: its paths match no shards")
+        specs.append(SourceSpec(source.name, tuple(urls), source.weight, source.max_epochs))
+    return specs
+
+
 def build_loader(
     cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
-) -> PackedLoader:
-    urls = resolve_paths(cfg.data.paths, cfg.data.cache_dir)
-    return PackedLoader(
-        DocumentStream(urls, cfg.train.seed),
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        loss_weights=cfg.data.loss_weights,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        cp_rank=cp_rank,
-        cp_size=cp_size,
+) -> StreamingLoader:
+    d = cfg.data
+    settings = StreamSettings(
+        n_streams=cfg.train.global_batch_size,
+        seq_len=d.seq_len,
+        seed=cfg.train.seed,
+        weights=tuple(modality_weight_table(d.loss_weights).tolist()),
+        shuffle_buffer=d.shuffle_buffer,
+        packing=d.packing,
+        pack_buffer=d.pack_buffer,
+        long_docs=d.long_docs,
+        max_error_rate=d.max_error_rate,
+    )
+    return StreamingLoader(
+        source_specs(cfg),
+        settings,
+        cfg.train.micro_batch_size,
+        dp_rank,
+        dp_size,
+        cp_rank,
+        cp_size,
+        num_workers=d.num_workers,
+        prefetch=d.prefetch,
     )

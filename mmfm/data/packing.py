@@ -1,20 +1,27 @@
-"""Greedy packing of documents into fixed-length rows.
+"""Packing documents into fixed-length rows whose attention never crosses a document.
 
-Documents are laid end to end. One that does not fit the rest of a row starts the next row
-(the rest is padding); one longer than a row is split into row-sized pieces. The packer
-keeps no state between rows except "how many tokens of the current document are placed",
-which is what makes the loader's resume exact.
+`RowBuilder` lays pieces of documents end to end (positions restart, targets stay inside the
+document, no-loss spans get weight 0, the rest is padding: one more document without
+targets). `Packer` decides what goes in a row from a bounded buffer of pending documents:
+
+- best_fit: a row starts with the oldest pending document (so none waits more than a
+  buffer's worth of rows), then takes the largest pending document that fits the space left
+  (best fit), so short documents fill the gaps long ones leave;
+- greedy: documents in arrival order; one that does not fit starts the next row.
+
+Documents longer than a row are split into row-sized pieces (`long_docs: split`; each piece
+still predicts the next token of the document) or dropped and counted (`drop`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from mmfm.data.batch import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
+from mmfm.data.batch import IGNORE_INDEX, MODALITY_NAMES, Modality
+from mmfm.data.shards import Document
 
 PAD_ID = 0
 
@@ -24,57 +31,148 @@ def modality_weight_table(loss_weights: Mapping[str, float]) -> np.ndarray:
     return np.array([loss_weights.get(name, 1.0) for name in MODALITY_NAMES], dtype=np.float32)
 
 
-@dataclass
 class RowBuilder:
-    """One row being filled; `add` places a piece of a document, `finish` pads the rest."""
+    """One row being filled; `add` places a piece of a document, `finish` pads the rest.
 
-    seq_len: int
-    weights: np.ndarray
+    Pieces are only recorded by `add`; `finish` builds all six arrays with a handful of
+    vectorised numpy calls, so the per-document cost stays small.
+    """
 
-    def __post_init__(self) -> None:
-        n = self.seq_len
-        self.tokens = np.full(n, PAD_ID, dtype=np.int64)
-        self.labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
-        self.positions = np.zeros(n, dtype=np.int64)
-        self.doc_ids = np.zeros(n, dtype=np.int64)
-        self.loss_weights = np.zeros(n, dtype=np.float32)
-        self.modality = np.zeros(n, dtype=np.int64)
+    def __init__(self, seq_len: int, weights: np.ndarray):
+        self.seq_len, self.weights = seq_len, weights
+        self.pieces: list[tuple[Document, int, int]] = []
         self.used = 0
-        self.n_docs = 0
 
     @property
     def free(self) -> int:
         return self.seq_len - self.used
 
-    def add(self, tokens: np.ndarray, modality: np.ndarray, start: int, end: int) -> None:
-        """Place tokens[start:end]; its targets are the following tokens of the document."""
-        n, lo = end - start, self.used
-        hi = lo + n
-        self.tokens[lo:hi] = tokens[start:end]
-        self.positions[lo:hi] = np.arange(n)
-        self.doc_ids[lo:hi] = self.n_docs
-        # Targets: tokens[start+1 : end+1]; the document's last token has none.
-        n_targets = min(end + 1, len(tokens)) - (start + 1)
-        self.labels[lo : lo + n_targets] = tokens[start + 1 : start + 1 + n_targets]
-        target_modality = modality[start + 1 : start + 1 + n_targets]
-        self.modality[lo : lo + n_targets] = target_modality
-        self.loss_weights[lo : lo + n_targets] = self.weights[target_modality]
-        self.used, self.n_docs = hi, self.n_docs + 1
+    def add(self, doc: Document, start: int, end: int) -> None:
+        """Place doc.tokens[start:end]; its targets are the following tokens of the document."""
+        self.pieces.append((doc, start, end))
+        self.used += end - start
 
     def finish(self) -> dict[str, np.ndarray]:
         """The row as arrays; padding is one more document with no targets."""
-        self.doc_ids[self.used :] = self.n_docs
-        self.positions[self.used :] = np.arange(self.free)
-        self.modality[self.used :] = Modality.TEXT
+        n, pad = self.seq_len, self.free
+        lengths = np.array([end - start for _, start, end in self.pieces] + [pad], dtype=np.int64)
+        tokens = [doc.tokens[a:b] for doc, a, b in self.pieces]
+        # Targets: tokens[a+1 : b+1]; a document's last token has none (IGNORE_INDEX).
+        labels, modality, weights = [], [], []
+        for doc, a, b in self.pieces:
+            target = doc.tokens[a + 1 : b + 1]
+            target_modality = doc.modality[a + 1 : b + 1]
+            w = self.weights[target_modality]
+            for x, y in doc.no_loss:  # targets inside a no-loss span
+                lo, hi = max(x, a + 1), min(y, b + 1)
+                if lo < hi:
+                    w[lo - a - 1 : hi - a - 1] = 0
+            missing = (b - a) - len(target)
+            labels += [target, np.full(missing, IGNORE_INDEX)]
+            modality += [target_modality, np.zeros(missing, np.uint8)]
+            weights += [w, np.zeros(missing, np.float32)]
+        tokens.append(np.full(pad, PAD_ID))
+        labels.append(np.full(pad, IGNORE_INDEX))
+        modality.append(np.full(pad, Modality.TEXT, np.uint8))
+        weights.append(np.zeros(pad, np.float32))
+        starts = np.cumsum(lengths) - lengths
         return {
-            "tokens": self.tokens,
-            "labels": self.labels,
-            "positions": self.positions,
-            "doc_ids": self.doc_ids,
-            "loss_weights": self.loss_weights,
-            "modality": self.modality,
+            "tokens": np.concatenate(tokens).astype(np.int64),
+            "labels": np.concatenate(labels).astype(np.int64),
+            "positions": np.arange(n) - np.repeat(starts, lengths),
+            "doc_ids": np.repeat(np.arange(len(lengths)), lengths),
+            "loss_weights": np.concatenate(weights).astype(np.float32),
+            "modality": np.concatenate(modality).astype(np.int64),
         }
 
 
-def collate(rows: list[dict[str, np.ndarray]]) -> Batch:
-    return Batch(**{name: torch.from_numpy(np.stack([r[name] for r in rows])) for name in rows[0]})
+class Exhausted(RuntimeError):
+    """The documents ran out (every source reached its repetition cap)."""
+
+
+@dataclass(eq=False)  # compared by identity: the buffer removes this very document
+class Pending:
+    """A document waiting to be packed, and where it came from (for the loader state)."""
+
+    doc: Document
+    ref: tuple
+    source: int = 0
+    offset: int = 0
+    """Tokens already placed (a split document)."""
+    remaining: int = -1
+    """Tokens still to place (kept as a field: best fit reads it for every candidate)."""
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.doc.tokens) - self.offset
+
+
+@dataclass
+class RowStats:
+    docs: int = 0
+    pad: int = 0
+    split: int = 0
+    dropped: int = 0
+    tokens_by_source: dict[int, int] = field(default_factory=dict)
+
+
+class Packer:
+    def __init__(
+        self, seq_len: int, weights: np.ndarray, mode: str = "best_fit", buffer: int = 32,
+        long_docs: str = "split",
+    ):  # fmt: skip
+        self.seq_len, self.weights = seq_len, weights
+        self.mode, self.long_docs = mode, long_docs
+        self.capacity = buffer if mode == "best_fit" else 1
+        self.buffer: list[Pending] = []
+
+    def row(self, pull: Callable[[], Pending]) -> tuple[dict[str, np.ndarray], RowStats]:
+        """Fill one row, pulling documents with `pull` as the buffer empties."""
+        row, stats = RowBuilder(self.seq_len, self.weights), RowStats()
+        while row.free > 0:
+            try:
+                self._fill(pull, stats)
+            except Exhausted:  # the last documents still go out, in a last padded row
+                if not self.buffer and row.used == 0:
+                    raise
+            if not self.buffer:
+                break
+            choice = self._choose(row)
+            if choice is None:
+                break
+            take = min(choice.remaining, row.free)
+            row.add(choice.doc, choice.offset, choice.offset + take)
+            counts = stats.tokens_by_source
+            counts[choice.source] = counts.get(choice.source, 0) + take
+            if take < choice.remaining:
+                stats.split += choice.offset == 0
+                choice.offset += take
+                choice.remaining -= take
+            else:
+                self.buffer.remove(choice)
+                stats.docs += 1
+        stats.pad = row.free
+        return row.finish(), stats
+
+    def _fill(self, pull: Callable[[], Pending], stats: RowStats) -> None:
+        while len(self.buffer) < self.capacity:
+            pending = pull()
+            if self.long_docs == "drop" and pending.remaining > self.seq_len:
+                stats.dropped += 1
+                continue
+            self.buffer.append(pending)
+
+    def _choose(self, row: RowBuilder) -> Pending | None:
+        if row.used == 0:  # the oldest document (a piece of it, if longer than a row)
+            return self.buffer[0]
+        if self.mode == "greedy":
+            head = self.buffer[0]
+            return head if head.remaining <= row.free else None
+        best, best_size, free = None, 0, row.free
+        for p in self.buffer:  # the largest that fits (the earliest among equals)
+            size = p.remaining
+            if best_size < size <= free:
+                best, best_size = p, size
+        return best
+
+    def refs(self) -> list[list]:
+        return [[*p.ref, p.offset] for p in self.buffer]

@@ -124,6 +124,15 @@ class ParallelEnv:
                 dist.all_reduce(tensor, group=mesh.get_group())
         return tensor
 
+    def all_gather_object(self, obj: object, dim: str) -> list:
+        """`obj` from every rank along mesh dimension `dim`, in rank order."""
+        mesh = self.sub_mesh(dim)
+        if mesh is None:
+            return [obj]
+        out: list = [None] * mesh.size()
+        dist.all_gather_object(out, obj, group=mesh.get_group())
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

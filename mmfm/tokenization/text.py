@@ -9,17 +9,16 @@ are added by the modality tokenizers, not by the text).
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
 import sys
-import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from mmfm.data.files import iter_files
 from mmfm.tokenization.recipe import TextRecipe
 
 # Sentences longer than this are cut (sentencepiece's limit is per "sentence").
@@ -105,7 +104,7 @@ def iter_corpus(
     share = max_bytes // len(sources)
     for source in sources:
         read = 0
-        for path in _corpus_files([source], cache_dir):
+        for path in iter_files([source], cache_dir):
             for text in _file_texts(path, jsonl_field):
                 yield text
                 read += len(text.encode())
@@ -113,24 +112,6 @@ def iter_corpus(
                     break
             if read >= share:
                 break
-
-
-def _corpus_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
-    from mmfm.data.real import fetch
-
-    for source in sources:
-        if source == "builtin:python-stdlib":
-            root = Path(sysconfig.get_paths()["stdlib"])
-            yield from sorted(p for p in root.glob("*.py") if p.is_file())
-        elif source.startswith("real:"):
-            yield from sorted(p for p in fetch(source[5:], cache_dir).iterdir() if p.is_file())
-        elif Path(source).is_dir():
-            yield from sorted(p for p in Path(source).rglob("*") if p.is_file())
-        else:
-            matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"text.corpus: {source!r} matches no file")
-            yield from (Path(m) for m in matches if Path(m).is_file())
 
 
 def _file_texts(path: Path, jsonl_field: str) -> Iterator[str]:

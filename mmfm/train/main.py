@@ -96,10 +96,11 @@ def build_trainer(cfg: Config) -> Trainer:
     loader = build_loader(
         cfg, env.dp_rank, env.dims.dp, cp_rank=env.coordinate("cp"), cp_size=env.dims.cp
     )
+    sources = ", ".join(f"{s.name} ({len(s.urls)} shards)" for s in loader.sources)
     log.info(
-        "data: %d shards | %d rows x %d tokens per step (%d micro-batches of %d rows per "
+        "data: %s | %d rows x %d tokens per step (%d micro-batches of %d rows per "
         "data-parallel rank)",
-        len(loader.stream.urls),
+        sources,
         cfg.train.global_batch_size,
         cfg.data.seq_len,
         cfg.grad_accum_steps,
@@ -145,4 +146,5 @@ def train(cfg: Config) -> FitResult:
         log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
         return result
     finally:
+        trainer.loader.close()
         trainer.env.close()

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mmfm.config import Config, to_yaml
 from mmfm.data.batch import MODALITY_NAMES, Batch
-from mmfm.data.loader import PackedLoader
+from mmfm.data.loader import StreamingLoader
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.parallel.parallelize import ParallelModel
@@ -83,7 +83,7 @@ class Trainer:
         parallel_model: ParallelModel,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        loader: PackedLoader,
+        loader: StreamingLoader,
         checkpointer: Checkpointer,
         callbacks: list[Callback],
     ):
@@ -140,6 +140,8 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)
         stats = self.env.all_reduce(step_loss.totals(), "dp_cp", "pp")
+        data_counts = torch.tensor(self.loader.step_counts(), device=self.device)
+        data_counts = self.env.all_reduce(data_counts, "dp").tolist()
         lr = self.scheduler.get_last_lr()[0]
         stats = stats.tolist()
         loss_value, norm_value = stats[0], grad_norm.item()
@@ -164,6 +166,7 @@ class Trainer:
             ce_sum, count = per_modality[2 * i], per_modality[2 * i + 1]
             if count > 0:
                 metrics[f"loss/{name}"] = ce_sum / count
+        metrics.update(self.loader.describe(data_counts))
         return metrics
 
     def _step_if_finite(self, loss: float, grad_norm: float) -> bool:
@@ -215,7 +218,10 @@ class Trainer:
         state = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
+            # Each data-parallel rank holds the state of its own data streams.
+            "loader": self.loader.merge_states(
+                self.env.all_gather_object(self.loader.state_dict(), "dp")
+            ),
             "nonfinite": {"total": self.nonfinite_total, "in_a_row": self.nonfinite_in_a_row},
             "world_size": self.env.world_size,
         }

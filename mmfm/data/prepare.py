@@ -1,0 +1,292 @@
+"""`mmfm prepare RECIPE`: raw corpora -> tokenized WebDataset shards + manifest.json.
+
+The records of every source are read in recipe order (files sorted) and cut into chunks of
+`shard_size`; chunk i becomes `<output>/<name>-%06i.tar`, tokenized by a pool of worker
+processes with the recipe's tokenizers. A shard is written under a temporary name and
+renamed when complete, with its statistics beside it, so a rerun skips finished shards and
+an interrupted run resumes where it stopped; the output is byte-identical either way.
+Rejected records (invalid UTF-8 or JSON, tokenizer rejects such as an unsafe SVG or an
+invalid DNA character, empty documents) are counted per reason and logged once per file.
+`manifest.json` sums the shards: samples, tokens per modality, rejects; `vocab.json` is
+copied next to the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mmfm.config.loading import load_structured
+from mmfm.config.schema import _require, _require_choice, _require_positive
+from mmfm.data.batch import MODALITY_NAMES
+from mmfm.data.files import iter_files
+from mmfm.data.shards import write_shard
+
+log = logging.getLogger("mmfm")
+KINDS = ("text", "dna", "dna-pairs", "svg")
+
+
+@dataclass
+class PrepareSource:
+    kind: str = "text"
+    """text (jsonl records, or one record per other file), dna (FASTA / FASTQ / GenBank
+    sequences), dna-pairs (GenBank CDS -> /product task pairs) or svg (one record per file)."""
+    paths: list[str] = field(default_factory=list)
+    """Files, directories, globs, or real:<name> (fetched from a registry)."""
+    name: str = ""
+    """Stored as each document's source; default: the kind."""
+    jsonl_field: str = "text"
+    """Field of a jsonl record that holds the text."""
+    max_length: int = 0
+    """dna: cut sequences into windows of at most this many bases (0: whole sequences)."""
+    limit: int = 0
+    """Read at most this many records of this source (0: all)."""
+
+    def __post_init__(self) -> None:
+        _require_choice("sources[].kind", self.kind, KINDS)
+        _require(bool(self.paths), f"sources: a {self.kind} source needs paths")
+        _require(self.max_length >= 0 and self.limit >= 0, "max_length and limit must be >= 0")
+
+
+@dataclass
+class PrepareRecipe:
+    name: str = "data"
+    """Shard name prefix: <output>/<name>-000000.tar, ..."""
+    output: str = "data/out"
+    """Directory of the shards, manifest.json and vocab.json."""
+    tokenizer: str = "tokenizers/base.yaml"
+    """Tokenizer recipe whose trained files tokenize the records."""
+    shard_size: int = 1000
+    """Records per shard (rejected records leave a shard a little smaller)."""
+    seed: int = 0
+    """Seed of tokenizer augmentations (DNA reverse complement)."""
+    cache_dir: str = "~/.cache/mmfm"
+    """Where real:<name> inputs are fetched to."""
+    sources: list[PrepareSource] = field(default_factory=list)
+    """What to read, in order."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "prepare", "shard_size")
+        _require(bool(self.sources), "a prepare recipe needs at least one entry in sources")
+
+
+def load_prepare_recipe(path, overrides=()) -> PrepareRecipe:
+    return load_structured(PrepareRecipe, path, overrides)
+
+
+# -- reading records ----------------------------------------------------------------------------
+
+
+class Rejects:
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self._logged: set[tuple[str, str]] = set()
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        self.counts[reason] += 1
+        origin = where.split(":")[0]
+        if (reason, origin) not in self._logged:
+            self._logged.add((reason, origin))
+            log.warning("rejected (%s) %s: %s", reason, where, detail)
+
+
+def _text_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
+    from mmfm.tokenization.tokenizers import TextRecord
+
+    name = source.name or source.kind
+    if path.suffix != ".jsonl":
+        try:
+            yield TextRecord(path.name, path.read_bytes().decode("utf-8"), name)
+        except UnicodeDecodeError as e:
+            rejects.add("invalid_utf8", str(path), str(e))
+        return
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            where = f"{path}:{i + 1}"
+            if not raw.strip():
+                continue
+            try:
+                text = json.loads(raw.decode("utf-8")).get(source.jsonl_field)
+            except UnicodeDecodeError as e:
+                rejects.add("invalid_utf8", where, str(e))
+                continue
+            except (json.JSONDecodeError, AttributeError) as e:
+                rejects.add("bad_json", where, str(e))
+                continue
+            if not isinstance(text, str):
+                rejects.add("missing_field", where, f"no string field {source.jsonl_field!r}")
+                continue
+            yield TextRecord(f"{path.stem}:{i + 1}", text, name)
+
+
+def _dna_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
+    from mmfm.tokenization.dna import DnaRecord, read_dna, read_function_pairs
+
+    name = source.name or source.kind
+    reader = read_function_pairs if source.kind == "dna-pairs" else read_dna
+    for record in reader(path):
+        window = source.max_length or len(record.sequence) or 1
+        for start in range(0, max(len(record.sequence), 1), window):
+            key = record.key if window >= len(record.sequence) else f"{record.key}:{start}"
+            seq = record.sequence[start : start + window]
+            yield DnaRecord(key, seq, record.output, name)
+
+
+def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
+    from mmfm.tokenization.svg import SvgRecord
+
+    try:
+        yield SvgRecord(path.stem, path.read_bytes().decode("utf-8"), source.name or "svg")
+    except UnicodeDecodeError as e:
+        rejects.add("invalid_utf8", str(path), str(e))
+
+
+_READERS = {"text": _text_records, "dna": _dna_records, "dna-pairs": _dna_records}
+_READERS["svg"] = _svg_records
+
+
+def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator:
+    for source in recipe.sources:
+        records = (
+            record
+            for path in iter_files(source.paths, recipe.cache_dir)
+            for record in _READERS[source.kind](path, source, rejects)
+        )
+        yield from islice(records, source.limit or None)
+
+
+# -- tokenizing shards in workers ---------------------------------------------------------------
+
+_TOKENIZERS = None
+
+
+def _init_worker(tokenizer_recipe: str) -> None:
+    global _TOKENIZERS
+    from mmfm.tokenization.recipe import load_recipe
+    from mmfm.tokenization.tokenizers import Tokenizers
+
+    _TOKENIZERS = Tokenizers.load(load_recipe(tokenizer_recipe))
+
+
+def _tokenize_shard(job: tuple) -> dict:
+    """Tokenize one chunk of records and write it as a shard; return its statistics."""
+    from mmfm.tokenization.dna import DnaError
+    from mmfm.tokenization.svg import SvgError
+
+    path, records, seed = job
+    rng = np.random.default_rng([seed, int(Path(path).stem.rsplit("-", 1)[1])])
+    docs, rejected = [], Counter()
+    for record in records:
+        try:
+            doc = _TOKENIZERS.encode(record, rng)
+        except DnaError as e:
+            rejected["dna_error"] += 1
+            log.warning("rejected (dna_error) %s: %s", record.key, e)
+            continue
+        except SvgError as e:
+            rejected["svg_error"] += 1
+            log.warning("rejected (svg_error) %s: %s", record.key, e)
+            continue
+        if len(doc.tokens) <= 2:  # <s> </s> only
+            rejected["empty"] += 1
+            continue
+        docs.append(doc)
+    modality = np.concatenate([d.modality for d in docs]) if docs else np.zeros(0, np.uint8)
+    by_modality = np.bincount(modality, minlength=len(MODALITY_NAMES))
+    stats = {
+        "file": Path(path).name,
+        "samples": len(docs),
+        "tokens": int(by_modality.sum()),
+        "tokens_by_modality": dict(zip(MODALITY_NAMES, map(int, by_modality), strict=True)),
+        "rejected": dict(rejected),
+    }
+    _write_stats(Path(path), stats)
+    write_shard(path, docs)
+    return stats
+
+
+def _stats_path(shard: Path) -> Path:
+    return shard.parent / ".stats" / f"{shard.stem}.json"
+
+
+def _write_stats(shard: Path, stats: dict) -> None:
+    target = _stats_path(shard)
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, target)
+
+
+def _chunks(records: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(records, size)):
+        yield chunk
+
+
+def prepare(recipe: PrepareRecipe, workers: int = 1, progress: bool = True) -> dict:
+    """Write the shards and manifest of `recipe`; return the manifest."""
+    from mmfm.tokenization.recipe import load_recipe
+    from mmfm.tokenization.tokenizers import Tokenizers
+
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizers = Tokenizers.load(load_recipe(recipe.tokenizer))  # fails early if untrained
+    tokenizers.vocab.save(out / "vocab.json")
+    rejects = Rejects()
+    jobs = (
+        (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed)
+        for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size))
+    )
+    todo_or_done = (job if not Path(job[0]).exists() else job[0] for job in jobs)
+    bar = tqdm(unit="doc", desc=f"prepare {recipe.name}", disable=not progress)
+    shards, skipped = [], 0
+    with mp.get_context("spawn").Pool(workers, _init_worker, (recipe.tokenizer,)) as pool:
+        for item in pool.imap(_run_or_skip, todo_or_done):
+            stats, was_done = item
+            skipped += was_done
+            shards.append(stats)
+            bar.update(stats["samples"] + sum(stats["rejected"].values()))
+    bar.close()
+    manifest = _manifest(recipe, shards, rejects)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for leftover in out.glob(".*.tmp"):  # temporary files of an interrupted run
+        leftover.unlink()
+    log.info(
+        "%s: %d shards (%d already done), %d documents, %d tokens, rejected %s",
+        out, len(shards), skipped, manifest["samples"], manifest["tokens"], manifest["rejected"],
+    )  # fmt: skip
+    return manifest
+
+
+def _run_or_skip(job) -> tuple[dict, bool]:
+    if isinstance(job, str):  # finished by an earlier run
+        return json.loads(_stats_path(Path(job)).read_text()), True
+    return _tokenize_shard(job), False
+
+
+def _manifest(recipe: PrepareRecipe, shards: list[dict], rejects: Rejects) -> dict:
+    by_modality: Counter = Counter()
+    rejected: Counter = Counter(rejects.counts)
+    for s in shards:
+        by_modality.update(s["tokens_by_modality"])
+        rejected.update(s["rejected"])
+    return {
+        "format": "mmfm-shards/1",
+        "name": recipe.name,
+        "tokenizer": recipe.tokenizer,
+        "vocab": "vocab.json",
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "tokens_by_modality": {m: by_modality[m] for m in MODALITY_NAMES},
+        "rejected": dict(rejected),
+    }
