@@ -242,3 +242,9 @@ def test_too_many_bad_documents_stop_with_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"over data.max_error_rate=0.01.*raise data.max_error"):
         for _ in range(100):
             ld.next_step()
+
+
+def test_pipe_sources_give_the_same_batches(tmp_path):
+    urls = corpus(tmp_path / "c")
+    piped = tuple(f"pipe:cat {u}" for u in urls)
+    assert np.array_equal(rows_of(loader(urls).next_step()), rows_of(loader(piped).next_step()))
