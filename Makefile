@@ -24,3 +24,4 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/ring_attention.py
 	$(PYTHON) bench/tokenizers.py
 	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/convert.py

@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={
         "svg": ["cairosvg"],
-        "test": ["pytest>=7", "transformers>=4.45", "ruff==0.17.6", "cairosvg"],
+        "hf": ["transformers>=4.45", "protobuf"],
+        "test": ["pytest>=7", "transformers>=4.45", "protobuf", "ruff==0.17.6", "cairosvg"],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},
 )

@@ -4,6 +4,8 @@ mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm config --doc                                  every field with its type, default and doc
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
+mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
+mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
 mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set (tokenizers/*.yaml)
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
 mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to text / DNA / SVG
@@ -24,6 +26,8 @@ EXAMPLES = """examples:
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
+  mmfm convert hf runs/mine/checkpoints/step_1000 hf/mine --dtype bf16
+  mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/base.yaml
   mmfm tokenizer train tokenizers/base.yaml
   mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
@@ -61,8 +65,34 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
     prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    _add_convert_parser(sub)
     _add_tokenizer_parser(sub)
     return parser
+
+
+def _add_convert_parser(sub) -> None:
+    convert = sub.add_parser("convert", help="export to / import from Hugging Face")
+    csub = convert.add_subparsers(dest="action", required=True)
+    hf = csub.add_parser("hf", help="checkpoint -> Hugging Face Llama folder (safetensors)")
+    hf.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100")
+    hf.add_argument("out", help="output folder")
+    hf.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    hf.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB")
+    hf.add_argument(
+        "--arch",
+        choices=["auto", "llama", "mistral", "qwen2"],
+        default="auto",
+        help="architecture of the export (auto: qwen2 if the model has q/k/v biases, else llama)",
+    )
+    imp = csub.add_parser("from-hf", help="Llama / Mistral / Qwen2 folder -> mmfm checkpoint")
+    imp.add_argument("hf_dir", help="a Hugging Face model folder (config.json + weights)")
+    imp.add_argument("out", help="output checkpoint directory (for train.init_from)")
+    imp.add_argument(
+        "--extend-vocab",
+        metavar="RECIPE",
+        help="append the modality tokens of a tokenizer recipe (tokenizers/*.yaml)",
+    )
+    imp.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
 
 
 def _add_tokenizer_parser(sub) -> None:
@@ -108,6 +138,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             prepare(load_prepare_recipe(args.recipe, args.overrides), args.workers)
+        elif args.command == "convert":
+            import logging
+
+            from mmfm.convert.hf import export_hf, import_hf
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            if args.action == "hf":
+                export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.arch)
+            else:
+                import_hf(args.hf_dir, args.out, args.extend_vocab, args.seed)
         elif args.command == "tokenizer":
             _tokenizer_command(args)
         elif args.command == "train":
@@ -147,6 +187,7 @@ def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from mmfm.convert.hf import ConversionError
     from mmfm.data.real import FetchError
     from mmfm.data.shards import ShardError
     from mmfm.data.stream import DataError
@@ -166,4 +207,5 @@ def _user_errors() -> tuple[type[Exception], ...]:
         FetchError,
         FileNotFoundError,
         DataError,
+        ConversionError,
     )

@@ -63,6 +63,8 @@ class ModelConfig:
     Exported as max_position_embeddings."""
     tie_embeddings: bool = False
     """Use the input embedding matrix as the output projection."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2 has them; Llama and Mistral not)."""
     attention: str = "auto"
     """Attention kernel, all exact and document-masked: `docs` (causal SDPA per document,
     equal lengths batched; CPU default), `flex` (FlexAttention with a document block mask,
@@ -316,6 +318,9 @@ class TrainConfig:
     resume: str = "none"
     """none (refuse a run_dir that already has checkpoints), auto (continue from the newest
     complete checkpoint if any), or the path of one checkpoint directory."""
+    init_from: str | None = None
+    """Start from the model weights of this checkpoint (e.g. one written by `mmfm convert
+    from-hf`), with a fresh optimizer at step 0; ignored when resuming."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or
     gradient norm (each such step is skipped and counted)."""

@@ -34,6 +34,8 @@ def init_value(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> tor
     """The full initial value of parameter `name` (fp32, CPU)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     std = cfg.init_std
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         std /= math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, GPT-2 style

@@ -28,8 +28,9 @@ class TextRecipe:
     """Field of a jsonl record that holds the text."""
     max_corpus_mb: float = 64.0
     """Read at most this much text for training, shared equally among the sources."""
-    user_symbols: list[str] = field(default_factory=lambda: ["\n", "\t", "    "])
-    """Extra pieces that are never split (newline, tab, indentation help code and SVG)."""
+    user_symbols: list[str] = field(default_factory=lambda: ["\n", "\t"])
+    """Extra pieces that are never split (newline and tab help code and SVG; runs of spaces
+    become pieces on their own)."""
 
     def __post_init__(self) -> None:
         _require_choice("text.model_type", self.model_type, ("bpe", "unigram"))

@@ -2,9 +2,9 @@
 
 Trained with byte fallback (any character is representable), the identity normalisation
 (no NFKC, no whitespace folding) and no dummy prefix, so `decode(encode(s)) == s` for every
-Unicode string. The vocabulary's special tokens are user-defined symbols of the model:
-never split, but literal text, so text never turns into a special id by accident (frames
-are added by the modality tokenizers, not by the text).
+Unicode string. The vocabulary's special tokens are not pieces of this model: they live after
+the text ids, text never turns into one by accident (frames are added by the modality
+tokenizers), and the Hugging Face export can add each of them exactly once.
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ class TextTokenizer:
         return [self.sp.id_to_piece(i) for i in range(self.size)]
 
     @classmethod
-    def train(
-        cls, texts: Iterable[str], recipe: TextRecipe, symbols: Iterable[str] = ()
-    ) -> TextTokenizer:
+    def train(cls, texts: Iterable[str], recipe: TextRecipe) -> TextTokenizer:
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=_chunks(texts),
@@ -73,7 +71,7 @@ class TextTokenizer:
             add_dummy_prefix=False,
             split_digits=True,
             allow_whitespace_only_pieces=True,
-            user_defined_symbols=[*recipe.user_symbols, *symbols],
+            user_defined_symbols=list(recipe.user_symbols),
             unk_id=UNK,
             bos_id=BOS,
             eos_id=EOS,

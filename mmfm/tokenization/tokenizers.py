@@ -29,7 +29,6 @@ from mmfm.tokenization.recipe import TokenizerRecipe
 from mmfm.tokenization.svg import SvgRecord, SvgTokenizer
 from mmfm.tokenization.text import BOS, EOS, TextTokenizer, iter_corpus
 from mmfm.tokenization.vocab import (
-    FIXED_SPECIALS,
     RESERVED_CODEBOOKS,
     VOCAB_FILE,
     Vocab,
@@ -64,7 +63,6 @@ class Tokenizers:
     def train(cls, recipe: TokenizerRecipe) -> Tokenizers:
         out = Path(recipe.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        specials = [*FIXED_SPECIALS, *recipe.task_tokens]
         texts = iter_corpus(
             recipe.text.corpus,
             recipe.text.jsonl_field,
@@ -74,7 +72,7 @@ class Tokenizers:
         log.info(
             "training the %s text model (%d pieces)", recipe.text.model_type, recipe.text.vocab_size
         )
-        text = TextTokenizer.train(texts, recipe.text, symbols=specials)
+        text = TextTokenizer.train(texts, recipe.text)
         text.save(out / TEXT_MODEL)
         bpe = None
         if recipe.dna.scheme == "bpe":
@@ -88,6 +86,7 @@ class Tokenizers:
             recipe.task_tokens,
             [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
             text_pieces=text.pieces(),
+            text_model=text.proto,
         )
         vocab.save(out / VOCAB_FILE)
         log.info("wrote %s: %d ids (%d text)", out / VOCAB_FILE, vocab.size, text.size)

@@ -14,6 +14,7 @@ name. The layout is saved as JSON next to every checkpoint and prepared dataset.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class Vocab:
     """sentencepiece, or bytes (the demo: one id per byte)."""
     text_pieces: tuple[str, ...] = field(default=(), repr=False)
     """Readable text pieces, for display and export."""
+    text_model: bytes | None = field(default=None, repr=False)
+    """The sentencepiece model itself, so that a checkpoint alone can be exported with its
+    tokenizer (mmfm convert hf)."""
 
     @classmethod
     def build(
@@ -80,6 +84,7 @@ class Vocab:
         codebooks: Sequence[tuple[str, int] | tuple[str, int, Sequence[str]]] = (),
         text_kind: str = "sentencepiece",
         text_pieces: Sequence[str] = (),
+        text_model: bytes | None = None,
     ) -> Vocab:
         specials = (*FIXED_SPECIALS, *extra_specials)
         if len(set(specials)) != len(specials):
@@ -92,7 +97,7 @@ class Vocab:
                 raise VocabError(f"codebook {name}: {len(pieces)} pieces for {size} codes")
             books.append(Codebook(name, offset, size, pieces))
             offset += size
-        return cls(text_size, specials, tuple(books), text_kind, tuple(text_pieces))
+        return cls(text_size, specials, tuple(books), text_kind, tuple(text_pieces), text_model)
 
     @property
     def size(self) -> int:
@@ -147,7 +152,14 @@ class Vocab:
         return {
             "format": "mmfm-vocab/1",
             "size": self.size,
-            "text": {"kind": self.text_kind, "size": self.text_size, "pieces": self.text_pieces},
+            "text": {
+                "kind": self.text_kind,
+                "size": self.text_size,
+                "pieces": self.text_pieces,
+                "model_base64": base64.b64encode(self.text_model).decode()
+                if self.text_model
+                else None,
+            },
             "specials": list(self.specials),
             "codebooks": [
                 {"name": b.name, "offset": b.offset, "size": b.size, "pieces": list(b.pieces)}
@@ -169,6 +181,7 @@ class Vocab:
             ),
             text["kind"],
             tuple(text["pieces"]),
+            base64.b64decode(text["model_base64"]) if text.get("model_base64") else None,
         )
         if vocab.size != data["size"]:
             raise VocabError(f"vocabulary declares size {data['size']}, its layout {vocab.size}")

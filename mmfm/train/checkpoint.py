@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,31 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
+    def load_model(path: str | Path, model_state: dict) -> None:
+        """Fill a model state dict in place from checkpoint `path` (its "model." entries only:
+        no optimizer, no training state), after checking every name and shape."""
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+        reader = SafeFileSystemReader(path)
+        stored = reader.read_metadata().state_dict_metadata
+        for name, tensor in model_state.items():
+            entry = stored.get(f"model.{name}")
+            if entry is None:
+                raise CheckpointError(f"{path} has no weight {name!r}: a different model")
+            if tuple(entry.size) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(entry.size)}, the model wants "
+                    f"{tuple(tensor.shape)}: make the model section match the checkpoint's"
+                )
+        with _single_process_quiet():
+            dcp.load(
+                {"model": model_state},
+                storage_reader=reader,
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+            )
+
+    @staticmethod
     def load(path: str | Path, tensors: dict) -> dict:
         """Fill `tensors` (a state dict of the right structure) in place; return the JSON state."""
         path = Path(path)
@@ -188,3 +213,20 @@ class Checkpointer:
         with _single_process_quiet():
             dcp.load(tensors, storage_reader=reader)
         return json.loads((path / STATE_FILE).read_text())
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, config) of a checkpoint in one process, whatever layout saved it."""
+    from mmfm.config import load_config
+    from mmfm.model import build_model
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint")
+    cfg = load_config(path / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    model = build_model(cfg.model, device)
+    model.to_empty(device=device)
+    state = model.state_dict()
+    Checkpointer.load_model(path, state)
+    model.load_state_dict(state)
+    return model.eval(), cfg

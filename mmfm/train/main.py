@@ -142,6 +142,8 @@ def train(cfg: Config) -> FitResult:
     try:
         if resume_from is not None:
             trainer.load(resume_from)
+        elif cfg.train.init_from is not None:
+            trainer.load_model(cfg.train.init_from)
         result = trainer.fit()
         log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
         return result

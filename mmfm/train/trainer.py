@@ -231,6 +231,13 @@ class Trainer:
         tensors, state = self.state()
         return self.checkpointer.save(self.step, tensors, state, to_yaml(self.cfg))
 
+    def load_model(self, path: str | Path) -> None:
+        """Model weights only (train.init_from): optimizer, schedule and data start fresh."""
+        state = get_model_state_dict(self.model)
+        self.checkpointer.load_model(path, state)
+        set_model_state_dict(self.model, state)
+        log.info("initialised the model from %s", path)
+
     def load(self, path: str | Path) -> None:
         optim = self._optimizer_state()
         tensors = self._tensors(optim)

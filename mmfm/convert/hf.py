@@ -1,0 +1,297 @@
+"""Hugging Face export and import.
+
+Export (`mmfm convert hf`): any mmfm checkpoint (any parallel layout) -> a Llama folder that
+`transformers` loads: config.json, generation_config.json, safetensors shards (+ index), the
+tokenizer with every modality token, and the mmfm vocabulary. Weights stream shard by shard
+straight out of the DCP files, so memory stays near one output shard.
+
+Import (`mmfm convert from-hf`): a Llama, Mistral or Qwen2 folder (safetensors, or .bin read
+with `weights_only=True`) -> an mmfm checkpoint for `train.init_from`, optionally with the
+vocabulary grown by the modality tokens: each new embedding (and output) row is the mean of
+the existing rows plus Gaussian noise of 1% of their standard deviation, seeded, so new
+tokens start near the "average token" without being identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
+from mmfm.convert.keymaps import from_hf, model_config_from_hf, to_hf
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
+from mmfm.train.checkpoint import CONFIG_FILE, SafeFileSystemReader, _single_process_quiet
+
+log = logging.getLogger("mmfm")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MMFM_VOCAB = "mmfm_vocab.json"
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint or folder that cannot be converted; the message says why."""
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def _model_entries(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (shape, dtype) of the model weights stored in a DCP checkpoint."""
+    metadata = SafeFileSystemReader(ckpt).read_metadata()
+    return {
+        key[len("model.") :]: (item.size, item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+
+
+def _shards(entries: dict, dtype: torch.dtype, max_bytes: int) -> Iterator[list[str]]:
+    shard, size = [], 0
+    for name, (shape, _) in entries.items():
+        nbytes = shape.numel() * dtype.itemsize
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = [], 0
+        shard.append(name)
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def export_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    max_shard: str = "2GB",
+    arch: str = "auto",
+) -> Path:
+    """Write the Hugging Face folder of checkpoint `ckpt` to `out`.
+
+    `arch`: llama, mistral or qwen2; auto is qwen2 for a model with q/k/v biases (Qwen2 is
+    Llama plus exactly those), llama otherwise.
+    """
+    from transformers import GenerationConfig
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / CONFIG_FILE).is_file() or not (ckpt / ".metadata").is_file():
+        raise ConversionError(f"{ckpt} is not an mmfm checkpoint (needs {CONFIG_FILE}, .metadata)")
+    cfg = load_config(ckpt / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    m, torch_dtype = cfg.model, DTYPES[dtype]
+    arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
+    config_class = _config_class(arch, m)
+    entries = _model_entries(ckpt)
+    vocab = Vocab.load(ckpt / VOCAB_FILE) if (ckpt / VOCAB_FILE).is_file() else None
+    if vocab is not None and vocab.size > m.vocab_size:
+        raise ConversionError(
+            f"{ckpt / VOCAB_FILE} has {vocab.size} ids, the model's embedding only "
+            f"{m.vocab_size}: the vocabulary does not fit this model"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+    shards = list(_shards(entries, torch_dtype, _parse_size(max_shard)))
+    weight_map, total = {}, 0
+    for index, names in enumerate(shards):
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors = {name: torch.empty(entries[name][0], dtype=entries[name][1]) for name in names}
+        with _single_process_quiet():
+            dcp.load(
+                {"model": tensors},
+                storage_reader=SafeFileSystemReader(ckpt),
+                planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+            )
+        hf = {to_hf(name): t.to(torch_dtype).contiguous() for name, t in tensors.items()}
+        if m.qkv_bias and arch == "llama":  # Llama's attention_bias also biases o_proj: zeros
+            for name in list(hf):
+                if name.endswith("q_proj.bias"):
+                    hf[name.replace("q_proj", "o_proj")] = torch.zeros(m.dim, dtype=torch_dtype)
+        save_file(hf, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(hf, file))
+        total += sum(t.numel() * t.element_size() for t in hf.values())
+        del tensors, hf
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+    special = {}
+    if vocab is not None:
+        special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    arch_options = {
+        "llama": {"attention_bias": m.qkv_bias},
+        "mistral": {"sliding_window": None},
+        "qwen2": {"use_sliding_window": False, "sliding_window": None},
+    }[arch]
+    config_class(
+        vocab_size=m.vocab_size,
+        hidden_size=m.dim,
+        intermediate_size=m.hidden_dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings,
+        hidden_act="silu",
+        dtype=dtype_name(torch_dtype),
+        architectures=[f"{config_class.__name__.removesuffix('Config')}ForCausalLM"],
+        **arch_options,
+        **special,
+    ).save_pretrained(str(out))
+    GenerationConfig(**special).save_pretrained(str(out))
+    if vocab is not None:
+        from mmfm.convert.hf_tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(vocab, out)
+        shutil.copyfile(ckpt / VOCAB_FILE, out / MMFM_VOCAB)
+    else:
+        log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
+    log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
+    return out
+
+
+def _config_class(arch: str, m: ModelConfig):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if arch == "mistral" and m.qkv_bias:
+        raise ConversionError("Mistral has no q/k/v biases: export this model as qwen2 or llama")
+    if arch == "qwen2" and not m.qkv_bias:
+        raise ConversionError("Qwen2 always has q/k/v biases: export this model as llama")
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- import -------------------------------------------------------------------------------------
+
+
+def _hf_weights(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a Hugging Face folder: safetensors (sharded or not) or .bin files read
+    with `torch.load(weights_only=True)`; never unpickles anything else."""
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, f.get_tensor(name)
+        return
+    files = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ConversionError(f"{hf_dir} holds no *.safetensors or pytorch_model*.bin weights")
+    for file in files:
+        try:
+            weights = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for anything but plain tensors
+            raise ConversionError(f"{file}: refused to load (weights only): {e}") from None
+        yield from weights.items()
+
+
+def _grow_rows(weight: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """`weight` with `rows` more rows: the mean row plus noise of 1% of the rows' std."""
+    if rows == 0:
+        return weight
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = weight.float().mean(0), weight.float().std()
+    new = mean + 0.01 * std * torch.randn(rows, weight.shape[1], generator=gen)
+    return torch.cat([weight, new.to(weight.dtype)])
+
+
+def import_hf(
+    hf_dir: str | Path, out: str | Path, extend_vocab: str | None = None, seed: int = 0
+) -> Path:
+    """Write an mmfm checkpoint (model weights, config.yaml, vocab.json) from a HF folder."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    base = model_config_from_hf(hf_cfg)
+    vocab = _extended_vocab(base, extend_vocab) if extend_vocab else None
+    model_cfg = base if vocab is None else replace(base, vocab_size=vocab.size)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in _hf_weights(hf_dir):
+        mmfm_name = from_hf(name)
+        if mmfm_name is not None:
+            state[mmfm_name] = tensor.float()
+    if model_cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    _check_state(state, model_cfg, hf_dir)
+    added = model_cfg.vocab_size - base.vocab_size
+    for name in ("tok_embeddings.weight", "output.weight"):
+        if name in state:
+            state[name] = _grow_rows(state[name], added, seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _single_process_quiet():
+        dcp.save({"model": state}, checkpoint_id=out)
+    # Only the model section matters to train.init_from; the rest must merely be valid.
+    data = DataConfig(seq_len=min(2048, model_cfg.max_seq_len))
+    save_config(Config(model=model_cfg, data=data), out / CONFIG_FILE)
+    if vocab is not None:
+        vocab.save(out / VOCAB_FILE)
+    log.info(
+        "wrote %s: %s (%d ids, %d added)", out, hf_cfg["model_type"], model_cfg.vocab_size, added
+    )
+    return out
+
+
+def _extended_vocab(base: ModelConfig, layout: str) -> Vocab:
+    """The unified vocabulary with the imported model's tokenizer as its text part."""
+    from mmfm.tokenization.dna import DnaTokenizer
+    from mmfm.tokenization.recipe import load_recipe
+    from mmfm.tokenization.vocab import RESERVED_CODEBOOKS
+
+    recipe = load_recipe(layout)
+    if recipe.dna.scheme == "bpe":
+        raise VocabError("--extend-vocab takes the char or kmer DNA scheme (no model to train)")
+    dna = DnaTokenizer(recipe.dna)
+    return Vocab.build(
+        base.vocab_size,
+        recipe.task_tokens,
+        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
+        text_kind="imported",
+    )
+
+
+def _check_state(state: dict, cfg: ModelConfig, source: Path) -> None:
+    from mmfm.model import build_model
+
+    expected = {n: p.shape for n, p in build_model(cfg).named_parameters()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ConversionError(f"{source} lacks weights for {missing[:5]} ({len(missing)} in all)")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ConversionError(f"{source} has weights mmfm has no place for: {extra[:5]}")
+    for name, shape in expected.items():
+        have = state[name].shape
+        if name in ("tok_embeddings.weight", "output.weight"):  # may grow by --extend-vocab
+            ok = have[1:] == shape[1:] and have[0] <= shape[0]
+        else:
+            ok = have == shape
+        if not ok:
+            raise ConversionError(
+                f"{source}: {name} has shape {tuple(have)}, expected {tuple(shape)}"
+            )

@@ -1,0 +1,122 @@
+"""Explicit weight-name maps between mmfm and Hugging Face architectures.
+
+No name is guessed: every mmfm parameter has exactly one Hugging Face name per supported
+architecture, and every Hugging Face weight must be claimed by a rule (or be a buffer listed
+as ignorable). RoPE needs no permutation: mmfm uses the `rotate_half` layout Hugging Face's
+Llama code uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mmfm.config.schema import ConfigError, ModelConfig
+
+# mmfm suffix inside layers.{i}. -> Hugging Face suffix inside model.layers.{i}.
+_LAYER = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_IGNORED = re.compile(r"(rotary_emb\.inv_freq)$")
+_FROM_HF_LAYER = {v: k for k, v in _LAYER.items()}
+_FROM_HF_TOP = {v: k for k, v in _TOP.items()}
+
+
+def to_hf(name: str) -> str:
+    """The Hugging Face name of mmfm parameter `name`."""
+    if name in _TOP:
+        return _TOP[name]
+    match = _LAYER_NAME.match(name)
+    if match and match.group(2) in _LAYER:
+        return f"model.layers.{match.group(1)}.{_LAYER[match.group(2)]}"
+    raise KeyError(f"no Hugging Face name for mmfm parameter {name!r}")
+
+
+def from_hf(name: str) -> str | None:
+    """The mmfm name of Hugging Face weight `name`; None for ignorable buffers."""
+    if _HF_IGNORED.search(name):
+        return None
+    if name in _FROM_HF_TOP:
+        return _FROM_HF_TOP[name]
+    match = _HF_LAYER_NAME.match(name)
+    if match and match.group(2) in _FROM_HF_LAYER:
+        return f"layers.{match.group(1)}.{_FROM_HF_LAYER[match.group(2)]}"
+    raise KeyError(f"Hugging Face weight {name!r} has no mmfm counterpart")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    qkv_bias: bool | None
+    """True/False: fixed by the architecture; None: read `attention_bias` (Llama)."""
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", None),
+    "mistral": Architecture("mistral", False),
+    "qwen2": Architecture("qwen2", True),
+}
+
+
+def model_config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
+    """mmfm's ModelConfig for a Hugging Face config.json; refuses what mmfm cannot run exactly."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"unsupported architecture {model_type!r} (config.json model_type); mmfm imports "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    arch = ARCHITECTURES[model_type]
+    heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+
+    def refuse(why: str) -> None:
+        raise ConfigError(f"{model_type} checkpoint: {why}; mmfm cannot reproduce it exactly")
+
+    if hf.get("head_dim") not in (None, dim // heads):
+        refuse(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        refuse(f"RoPE scaling is set ({hf.get('rope_scaling') or rope}; mmfm has plain RoPE)")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act is {hf['hidden_act']}, not silu")
+    if hf.get("mlp_bias"):
+        refuse("the MLP has biases")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window is not None and window < hf.get("max_position_embeddings", 0):
+        refuse(f"sliding_window={window} is below max_position_embeddings (mmfm attends fully)")
+    qkv_bias = arch.qkv_bias
+    if qkv_bias is None:
+        if hf.get("attention_bias"):
+            refuse("attention_bias=True also puts a bias on o_proj")
+        qkv_bias = False
+    return ModelConfig(
+        vocab_size=vocab_size or hf["vocab_size"],
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+    )
