@@ -6,6 +6,7 @@ mmfm config --doc                                  every field with its type, de
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
+mmfm slurm submit RECIPE.yaml --nodes N --gpus-per-node G --time T [...]   a SLURM job
 mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set (tokenizers/*.yaml)
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
 mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to text / DNA / SVG
@@ -28,6 +29,8 @@ EXAMPLES = """examples:
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
   mmfm convert hf runs/mine/checkpoints/step_1000 hf/mine --dtype bf16
   mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/base.yaml
+  mmfm slurm submit launch/demo.yaml --nodes 2 --gpus-per-node 8 --time 04:00:00 \
+      parallel.dp_replicate=2 parallel.dp_shard=2 parallel.tp=4 --dry-run
   mmfm tokenizer train tokenizers/base.yaml
   mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
@@ -65,9 +68,49 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
     prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument(
+        "--part", default="0/1", help="i/n: only shards i, i+n, ... (one task of an array job)"
+    )
     _add_convert_parser(sub)
     _add_tokenizer_parser(sub)
+    _add_slurm_parser(sub)
     return parser
+
+
+def _add_slurm_parser(sub) -> None:
+    slurm = sub.add_parser("slurm", help="submit training, preparation and export jobs to SLURM")
+    ssub = slurm.add_subparsers(dest="action", required=True)
+
+    def common(p, time_default="01:00:00"):
+        p.add_argument("--time", default=time_default, help="HH:MM:SS limit of the job")
+        p.add_argument("--partition")
+        p.add_argument("--account")
+        p.add_argument("--cpus-per-task", type=int, default=8)
+        p.add_argument("--template", help="another .sbatch template (double-brace placeholders)")
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the job script, submit nothing"
+        )
+
+    train = ssub.add_parser("submit", help="a training job (train.sbatch)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*")
+    train.add_argument("--nodes", type=int, default=1)
+    train.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU nodes")
+    train.add_argument("--ntasks-per-node", type=int, help="default: one per GPU")
+    train.add_argument(
+        "--signal-seconds", type=int, default=120, help="SIGUSR1 this long before the limit"
+    )
+    common(train)
+    prepare = ssub.add_parser("prepare", help="an array job of mmfm prepare (prepare.sbatch)")
+    prepare.add_argument("recipe")
+    prepare.add_argument("overrides", nargs="*")
+    prepare.add_argument("--parts", type=int, default=4, help="array tasks")
+    common(prepare)
+    convert = ssub.add_parser("convert", help="a Hugging Face export job (convert.sbatch)")
+    convert.add_argument("checkpoint")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    common(convert)
 
 
 def _add_convert_parser(sub) -> None:
@@ -122,7 +165,16 @@ def _print_field_docs() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also come after options (`... --nodes 2 parallel.tp=4`).
+    unknown = [
+        e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")
+    ]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from mmfm.config import ConfigError, load_config, to_yaml
 
     try:
@@ -137,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             from mmfm.data.prepare import load_prepare_recipe, prepare
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-            prepare(load_prepare_recipe(args.recipe, args.overrides), args.workers)
+            index, parts = (int(x) for x in args.part.split("/"))
+            recipe = load_prepare_recipe(args.recipe, args.overrides)
+            prepare(recipe, args.workers, part=(index, parts))
         elif args.command == "convert":
             import logging
 
@@ -148,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.arch)
             else:
                 import_hf(args.hf_dir, args.out, args.extend_vocab, args.seed)
+        elif args.command == "slurm":
+            _slurm_command(args)
         elif args.command == "tokenizer":
             _tokenizer_command(args)
         elif args.command == "train":
@@ -166,6 +222,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     except _user_errors() as e:
         print(f"mmfm: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _slurm_command(args: argparse.Namespace) -> None:
+    from mmfm import slurm
+
+    job = {
+        "time": args.time,
+        "cpus_per_task": args.cpus_per_task,
+        "partition": args.partition,
+        "account": args.account,
+        "template": args.template,
+        "dry_run": args.dry_run,
+    }
+    if args.action == "submit":
+        slurm.submit(
+            args.recipe,
+            args.overrides,
+            args.nodes,
+            args.gpus_per_node,
+            ntasks_per_node=args.ntasks_per_node,
+            signal_seconds=args.signal_seconds,
+            **job,
+        )
+    elif args.action == "prepare":
+        slurm.submit_prepare(args.recipe, args.overrides, args.parts, **job)
+    else:
+        slurm.submit_convert(args.checkpoint, args.out, args.dtype, **job)
 
 
 def _tokenizer_command(args: argparse.Namespace) -> None:
@@ -191,6 +274,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mmfm.data.real import FetchError
     from mmfm.data.shards import ShardError
     from mmfm.data.stream import DataError
+    from mmfm.slurm import SlurmError
     from mmfm.tokenization.dna import DnaError
     from mmfm.tokenization.svg import SvgError
     from mmfm.tokenization.vocab import VocabError
@@ -208,4 +292,5 @@ def _user_errors() -> tuple[type[Exception], ...]:
         FileNotFoundError,
         DataError,
         ConversionError,
+        SlurmError,
     )

@@ -321,6 +321,9 @@ class TrainConfig:
     init_from: str | None = None
     """Start from the model weights of this checkpoint (e.g. one written by `mmfm convert
     from-hf`), with a fresh optimizer at step 0; ignored when resuming."""
+    max_requeues: int = 20
+    """Under SLURM, after a signal-triggered checkpoint the job requeues itself, at most this
+    many times (errors never requeue)."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or
     gradient norm (each such step is skipped and counted)."""

@@ -232,8 +232,14 @@ def _chunks(records: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def prepare(recipe: PrepareRecipe, workers: int = 1, progress: bool = True) -> dict:
-    """Write the shards and manifest of `recipe`; return the manifest."""
+def prepare(
+    recipe: PrepareRecipe, workers: int = 1, progress: bool = True, part: tuple[int, int] = (0, 1)
+) -> dict | None:
+    """Write the shards and manifest of `recipe`; return the manifest.
+
+    `part=(i, n)` tokenizes only the shards whose index is i modulo n (one task of an array
+    job); the manifest is written once every shard exists (None until then).
+    """
     from mmfm.tokenization.recipe import load_recipe
     from mmfm.tokenization.tokenizers import Tokenizers
 
@@ -242,20 +248,28 @@ def prepare(recipe: PrepareRecipe, workers: int = 1, progress: bool = True) -> d
     tokenizers = Tokenizers.load(load_recipe(recipe.tokenizer))  # fails early if untrained
     tokenizers.vocab.save(out / "vocab.json")
     rejects = Rejects()
+    index, parts = part
     jobs = (
-        (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed)
+        (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed, i % parts == index)
         for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size))
     )
-    todo_or_done = (job if not Path(job[0]).exists() else job[0] for job in jobs)
+    todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
     bar = tqdm(unit="doc", desc=f"prepare {recipe.name}", disable=not progress)
-    shards, skipped = [], 0
+    shards, skipped, paths = [], 0, []
     with mp.get_context("spawn").Pool(workers, _init_worker, (recipe.tokenizer,)) as pool:
-        for item in pool.imap(_run_or_skip, todo_or_done):
-            stats, was_done = item
+        for path, (stats, was_done) in pool.imap(_run_or_skip, todo_or_done):
             skipped += was_done
             shards.append(stats)
-            bar.update(stats["samples"] + sum(stats["rejected"].values()))
+            paths.append(path)
+            if stats:
+                bar.update(stats["samples"] + sum(stats["rejected"].values()))
     bar.close()
+    # Other array tasks' shards, looked at again now that this task's own are all written:
+    # whichever task looks last sees every shard and writes the manifest.
+    shards = [s or _finished_stats(Path(p)) for s, p in zip(shards, paths, strict=True)]
+    if not all(shards):
+        log.info("%s: %d of %d shards written", out, sum(map(bool, shards)), len(shards))
+        return None
     manifest = _manifest(recipe, shards, rejects)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for leftover in out.glob(".*.tmp"):  # temporary files of an interrupted run
@@ -267,10 +281,16 @@ def prepare(recipe: PrepareRecipe, workers: int = 1, progress: bool = True) -> d
     return manifest
 
 
-def _run_or_skip(job) -> tuple[dict, bool]:
-    if isinstance(job, str):  # finished by an earlier run
-        return json.loads(_stats_path(Path(job)).read_text()), True
-    return _tokenize_shard(job), False
+def _finished_stats(shard: Path) -> dict | None:
+    return json.loads(_stats_path(shard).read_text()) if shard.exists() else None
+
+
+def _run_or_skip(job) -> tuple[str, tuple[dict | None, bool]]:
+    """(shard path, (its statistics or None if another task has yet to write it, skipped))."""
+    if isinstance(job, str):  # written by an earlier run or another array task, or not yet
+        stats = _finished_stats(Path(job))
+        return job, (stats, stats is not None)
+    return job[0], (_tokenize_shard(job), False)
 
 
 def _manifest(recipe: PrepareRecipe, shards: list[dict], rejects: Rejects) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from mmfm.config import Config, ConfigError, save_config
 from mmfm.data.loader import build_loader
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
 from mmfm.train.checkpoint import Checkpointer
@@ -83,6 +85,8 @@ def build_trainer(cfg: Config) -> Trainer:
     parallel_model = parallelize(cfg, env)
     model = parallel_model.model
     n_params = sum(p.numel() for p in model.parameters())
+    if restart_count() is not None:
+        log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
     log.info(
         "run dir %s | %d process(es), layout %s | %.2fM parameters on rank 0 | device %s",
         run_dir,
@@ -146,6 +150,8 @@ def train(cfg: Config) -> FitResult:
             trainer.load_model(cfg.train.init_from)
         result = trainer.fit()
         log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
+        if result.stopped_by and trainer.env.is_main:
+            requeue_after_stop(cfg.train.max_requeues)
         return result
     finally:
         trainer.loader.close()

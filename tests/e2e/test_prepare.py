@@ -150,3 +150,17 @@ def test_prepare_command(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "did you mean 'shard_size'" in bad.stderr
+
+
+def test_array_parts_split_the_shards_and_the_last_writes_the_manifest(tmp_path):
+    recipe = load_prepare_recipe(recipe_file(tmp_path, REAL, shard_size=60))
+    assert prepare(recipe, progress=False, part=(1, 2)) is None  # shards 1, 3, ... only
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("t-*.tar")) == [
+        "t-000001.tar",
+        "t-000003.tar",
+        "t-000005.tar",
+    ]
+    assert not (out / "manifest.json").exists()
+    manifest = prepare(recipe, progress=False, part=(0, 2))
+    assert manifest["samples"] == 419 and len(manifest["shards"]) == 7

@@ -1,0 +1,216 @@
+"""`mmfm slurm submit` against a real SLURM (slurmctld + slurmd + munge) started here.
+
+The daemons come from Debian's packages (.ci/run installs them; this file tries apt-get too)
+and run as root with a configuration under a temporary directory. The test submits a 2-task
+data-parallel job, then a longer one that gets the pre-timeout SIGUSR1 mid-run: it must
+checkpoint, requeue itself, resume and end with the loss of an uninterrupted run.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmfm.testing import free_port, train_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+def _install() -> None:
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return
+    if not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    cmd = ["apt-get", "install", "-y", "-q", *PACKAGES]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+        subprocess.run(cmd, capture_output=True, check=True)
+
+
+def _config(root: Path, host: str) -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
+    return f"""ClusterName=mmfmtest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.socket.2,cred_expire=10
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MailProg=/bin/true
+ReturnToService=2
+KillWait=5
+MpiDefault=none
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+NodeName={host} CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    _install()
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("munge", "state", "spool", "log"):
+        (root / sub).mkdir()
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    (root / "munge").chmod(0o755)
+    munge = root / "munge"
+    subprocess.run(
+        ["munged", "--force", f"--socket={munge}/munge.socket.2", f"--key-file={key}",
+         f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+         f"--seed-file={munge}/munged.seed"],
+        check=True,
+    )  # fmt: skip
+    host = socket.gethostname().split(".")[0]
+    conf = root / "slurm.conf"
+    conf.write_text(_config(root, host))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+    subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env)
+        if state.stdout.strip() == "idle":
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(
+            f"the SLURM node never became idle: {(root / 'log/slurmctld.log').read_text()[-2000:]}"
+        )
+    yield env
+    for pid_file in (root / "slurmd.pid", root / "slurmctld.pid", munge / "munged.pid"):
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+
+
+TINY = [
+    "model.dim=64", "model.n_layers=2", "model.ffn_multiple_of=32", "data.seq_len=128",
+    "model.max_seq_len=128", "data.num_workers=0", "logging.print_every=1000",
+    "logging.tensorboard=false", "checkpoint.every=1000",
+]  # fmt: skip
+
+
+def submit(env, run_dir, steps, *extra) -> str:
+    cmd = [sys.executable, "-m", "mmfm", "slurm", "submit", str(REPO / "launch/demo.yaml")]
+    cmd += ["--nodes", "1", "--ntasks-per-node", "2", "--cpus-per-task", "1"]
+    cmd += ["--time", "00:10:00", "parallel.dp_shard=2", *TINY, f"train.steps={steps}"]
+    cmd += [f"train.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    assert f"log: {run_dir}/slurm-" in out.stdout
+    return out.stdout.split()[2]
+
+
+def job_state(env, job) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env
+    )
+    return out.stdout.strip()
+
+
+def wait_until_gone(env, job, timeout=240):
+    deadline = time.time() + timeout
+    while job_state(env, job) and time.time() < deadline:
+        time.sleep(1)
+    assert not job_state(env, job), f"job {job} still {job_state(env, job)}"
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_task_job_trains_and_checkpoints(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = submit(slurm, run, 6)
+    wait_until_gone(slurm, job)
+    log = (run / f"slurm-{job}.out").read_text()
+    assert "2 tasks, restart 0" in log and "layout dp_shard=2" in log
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7))
+    assert (run / "checkpoints" / "step_6" / "train_state.json").is_file()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    run, steps = tmp_path / "run", 120
+    job = submit(slurm, run, steps)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # let it train a little
+        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= 10:
+            break
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=slurm)
+    deadline = time.time() + 120
+    while job_state(slurm, job) not in ("PENDING", "") and time.time() < deadline:
+        time.sleep(0.5)
+    assert job_state(slurm, job) == "PENDING", "the job did not requeue itself"
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
+    wait_until_gone(slurm, job)
+
+    log = (run / f"slurm-{job}.out").read_text()
+    assert "SIGUSR1 received: saved" in log and f"requeued SLURM job {job}" in log
+    assert "restart 1" in log and "resumed from" in log
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 2 and f"step_{steps}" in saved  # the signal's checkpoint, and the end
+    reference = train_metrics(
+        [*TINY, f"train.steps={steps}", f"train.run_dir={tmp_path / 'ref'}",
+         f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=384", "model.n_heads=4",
+         "model.n_kv_heads=2", "data.paths=[builtin:demo]", "optim.lr=3e-3",
+         "optim.warmup_steps=20", "optim.weight_decay=0.01", "train.global_batch_size=8",
+         "train.micro_batch_size=4"]
+    )  # fmt: skip
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert rows[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
+
+
+def test_prepare_array_job_writes_every_shard_and_the_manifest(slurm, tmp_path, real_data):
+    real_data("kjv")
+    recipe = tmp_path / "prep.yaml"
+    recipe.write_text(
+        f"name: t\noutput: {tmp_path / 'out'}\ntokenizer: {REPO / 'tokenizers/base.yaml'}\n"
+        "shard_size: 20\nsources:\n  - {kind: text, paths: [real:kjv], limit: 100}\n"
+    )
+    cmd = [sys.executable, "-m", "mmfm", "slurm", "prepare", str(recipe), "--parts", "2"]
+    cmd += ["--cpus-per-task", "1", "--time", "00:05:00"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=slurm, cwd=REPO, check=True)
+    job = out.stdout.split()[2]
+    wait_until_gone(slurm, job)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["samples"] == 100 and len(manifest["shards"]) == 5
+
+
+def test_dry_run_prints_the_job_and_checks_the_layout(tmp_path):
+    cmd = [sys.executable, "-m", "mmfm", "slurm", "submit", str(REPO / "launch/demo.yaml")]
+    cmd += ["--nodes", "2", "--gpus-per-node", "8", "--time", "04:00:00", "--partition", "gpu"]
+    cmd += ["--dry-run", f"train.run_dir={tmp_path / 'run'}", "train.micro_batch_size=1"]
+    layout = ["parallel.dp_replicate=2", "parallel.dp_shard=4", "parallel.tp=2"]
+    out = subprocess.run([*cmd, *layout], capture_output=True, text=True, check=True)
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu"):
+        assert f"#SBATCH {line}" in out.stdout
+    assert "--signal=USR1@120" in out.stdout and "--requeue" in out.stdout
+    assert f"train.run_dir={tmp_path / 'run'} train.resume=auto" in out.stdout
+    bad = subprocess.run([*cmd, "parallel.dp_shard=4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "2 node(s) x 8 task(s) = 16" in bad.stderr
