@@ -22,6 +22,7 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/attention.py
 	$(PYTHON) bench/memory_per_rank.py
 	$(PYTHON) bench/ring_attention.py
-	$(PYTHON) bench/tokenizers.py
+	$(PYTHON) bench/tokenization.py
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
+	$(PYTHON) bench/visual_tokenizers.py

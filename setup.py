@@ -33,11 +33,20 @@ setup(
         "tqdm",
         "defusedxml",
         "biopython",
+        "Pillow",
     ],
     extras_require={
         "svg": ["cairosvg"],
         "hf": ["transformers>=4.45", "protobuf"],
-        "test": ["pytest>=7", "transformers>=4.45", "protobuf", "ruff==0.17.6", "cairosvg"],
+        "video": ["av>=12"],
+        "test": [
+            "pytest>=7",
+            "transformers>=4.45",
+            "protobuf",
+            "ruff==0.17.6",
+            "cairosvg",
+            "av>=12",
+        ],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},
 )

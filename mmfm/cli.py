@@ -7,9 +7,9 @@ mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shard
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
 mmfm slurm submit RECIPE.yaml --nodes N --gpus-per-node G --time T [...]   a SLURM job
-mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set (tokenizers/*.yaml)
+mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set or a visual tokenizer
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
-mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to text / DNA / SVG
+mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to content
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   mmfm slurm submit launch/demo.yaml --nodes 2 --gpus-per-node 8 --time 04:00:00 \
       parallel.dp_replicate=2 parallel.dp_shard=2 parallel.tp=4 --dry-run
   mmfm tokenizer train tokenizers/base.yaml
+  mmfm tokenizer train tokenizers/seed_image.yaml steps=300
   mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
 """
@@ -141,10 +142,16 @@ def _add_convert_parser(sub) -> None:
 def _add_tokenizer_parser(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train and try the modality tokenizers")
     tsub = tok.add_subparsers(dest="action", required=True)
-    train = tsub.add_parser("train", help="train the text (and DNA BPE) models, write vocab.json")
+    train = tsub.add_parser(
+        "train",
+        help="train the text (and DNA BPE) models and write vocab.json, or train a visual "
+        "tokenizer (recipes with a top-level kind: seed_image, himtok_mask, video)",
+    )
     train.add_argument("recipe", help="tokenizer recipe, e.g. tokenizers/base.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. text.vocab_size=16000")
-    encode = tsub.add_parser("encode", help="show the tokens of files (svg, fasta/gb, txt, jsonl)")
+    encode = tsub.add_parser(
+        "encode", help="show the tokens of files (svg, fasta/gb, txt, jsonl, images, videos)"
+    )
     encode.add_argument("recipe")
     encode.add_argument("files", nargs="+")
     encode.add_argument("--show", type=int, default=40, help="tokens shown per document")
@@ -155,6 +162,9 @@ def _add_tokenizer_parser(sub) -> None:
     decode = tsub.add_parser("decode", help="token ids (arguments or stdin) back to content")
     decode.add_argument("recipe")
     decode.add_argument("ids", nargs="*")
+    decode.add_argument(
+        "--out", default="decoded", help="folder for decoded images, masks (PNG), videos (GIF)"
+    )
 
 
 def _print_field_docs() -> None:
@@ -259,7 +269,7 @@ def _tokenizer_command(args: argparse.Namespace) -> None:
     elif args.action == "encode":
         commands.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
     else:
-        commands.decode(args.recipe, args.ids)
+        commands.decode(args.recipe, args.ids, args.out)
 
 
 def _launch_local(nproc: int, mmfm_args: list[str]) -> None:

@@ -13,6 +13,7 @@ copied next to the shards.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import multiprocessing as mp
@@ -33,14 +34,17 @@ from mmfm.data.files import iter_files
 from mmfm.data.shards import write_shard
 
 log = logging.getLogger("mmfm")
-KINDS = ("text", "dna", "dna-pairs", "svg")
+KINDS = ("text", "dna", "dna-pairs", "svg", "image-text", "image-mask", "video")
 
 
 @dataclass
 class PrepareSource:
     kind: str = "text"
     """text (jsonl records, or one record per other file), dna (FASTA / FASTQ / GenBank
-    sequences), dna-pairs (GenBank CDS -> /product task pairs) or svg (one record per file)."""
+    sequences), dna-pairs (GenBank CDS -> /product task pairs), svg (one record per file),
+    image-text (an image and its caption: the sidecar <stem>.txt, else the file name),
+    image-mask (an image and its mask: the sidecar <stem>.mask.png, else Otsu's threshold)
+    or video (a clip's frames, and its caption as for image-text)."""
     paths: list[str] = field(default_factory=list)
     """Files, directories, globs, or real:<name> (fetched from a registry)."""
     name: str = ""
@@ -51,11 +55,18 @@ class PrepareSource:
     """dna: cut sequences into windows of at most this many bases (0: whole sequences)."""
     limit: int = 0
     """Read at most this many records of this source (0: all)."""
+    fps: float = 2.0
+    """video: frames per second taken from each clip."""
+    max_frames: int = 8
+    """video: at most this many frames per clip (each is 257 tokens with its <eof>)."""
+    caption_from_name: bool = True
+    """image-text, video: without a sidecar <stem>.txt, caption with the file name's words."""
 
     def __post_init__(self) -> None:
         _require_choice("sources[].kind", self.kind, KINDS)
         _require(bool(self.paths), f"sources: a {self.kind} source needs paths")
         _require(self.max_length >= 0 and self.limit >= 0, "max_length and limit must be >= 0")
+        _require(self.fps > 0 and self.max_frames > 0, "fps and max_frames must be > 0")
 
 
 @dataclass
@@ -151,8 +162,32 @@ def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterato
         rejects.add("invalid_utf8", str(path), str(e))
 
 
+def _visual_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
+    from mmfm.tokenization.visual.records import PictureError, visual_records
+
+    siblings = path.parent.glob(glob.escape(path.stem) + ".*")
+    if path.name.endswith(".mask.png") or (
+        path.suffix == ".txt" and any(p != path for p in siblings)
+    ):
+        return  # a sidecar (mask or caption) of a picture, read with it
+    try:
+        yield from visual_records(
+            path,
+            source.kind,
+            source.name or source.kind,
+            source.fps,
+            source.max_frames,
+            source.caption_from_name,
+        )
+    except PictureError as e:
+        rejects.add(e.reason, str(path), str(e))
+    except (OSError, ValueError, RuntimeError, SyntaxError) as e:  # Pillow / PyAV decode errors
+        rejects.add("undecodable", str(path), f"{type(e).__name__}: {e}")
+
+
 _READERS = {"text": _text_records, "dna": _dna_records, "dna-pairs": _dna_records}
 _READERS["svg"] = _svg_records
+_READERS.update(dict.fromkeys(("image-text", "image-mask", "video"), _visual_records))
 
 
 def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator:

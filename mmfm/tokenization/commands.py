@@ -8,15 +8,25 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
 from mmfm.tokenization.dna import dna_format, read_dna, read_function_pairs
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.svg import SvgRecord
 from mmfm.tokenization.tokenizers import Record, TextRecord, Tokenizers
+from mmfm.tokenization.visual.data import IMAGE_SUFFIXES
+from mmfm.tokenization.visual.records import VIDEO_SUFFIXES, visual_records
 
 
 def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> Iterator[Record]:
-    """The records of a file, by its name: SVG, FASTA/FASTQ/GenBank, jsonl, or plain text."""
-    if path.suffix.lower() == ".svg":
+    """The records of a file, by its name: SVG, FASTA/FASTQ/GenBank, jsonl, an image (with its
+    caption, see visual_records), a video, or plain text."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        yield from visual_records(path, "image-text", str(path))
+    elif path.suffix.lower() in VIDEO_SUFFIXES:
+        yield from visual_records(path, "video", str(path))
+    elif path.suffix.lower() == ".svg":
         yield SvgRecord(path.stem, path.read_text(encoding="utf-8"), str(path))
     elif dna_format(path):
         yield from (read_function_pairs(path) if pairs else read_dna(path))
@@ -30,7 +40,16 @@ def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> It
 
 
 def train(recipe_path: str, overrides: Sequence[str]) -> None:
+    """Train a tokenizer set (text/DNA/SVG + vocabulary), or one visual tokenizer: recipes
+    with a top-level `kind` (tokenizers/seed_image.yaml, himtok_mask.yaml, video.yaml)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raw = OmegaConf.load(recipe_path)
+    if isinstance(raw, DictConfig) and "kind" in raw:
+        from mmfm.tokenization.visual.train import load_visual_recipe, train_visual
+
+        metrics = train_visual(load_visual_recipe(recipe_path, overrides))
+        print(json.dumps(metrics, indent=1))
+        return
     recipe = load_recipe(recipe_path, overrides)
     tokenizers = Tokenizers.train(recipe)
     print(f"{recipe.output_dir}: vocabulary of {tokenizers.vocab.size} ids")
@@ -55,8 +74,21 @@ def encode(recipe_path: str, files: Sequence[str], show: int, pairs: bool, limit
             print("  " + " ".join(shown) + more)
 
 
-def decode(recipe_path: str, ids: Sequence[str]) -> None:
+def decode(recipe_path: str, ids: Sequence[str], out: str = "decoded") -> None:
+    """Print text, DNA and SVG spans; write pictures to `out` (PNG; a video as an animated GIF
+    at 2 fps) and print their paths."""
     tokenizers = Tokenizers.load(load_recipe(recipe_path))
     values = ids or sys.stdin.read().split()
-    for modality, content in tokenizers.decode(int(v) for v in values):
-        print(f"[{modality}]\n{content}")
+    for n, (modality, content) in enumerate(tokenizers.decode(int(v) for v in values)):
+        if isinstance(content, str):
+            print(f"[{modality}]\n{content}")
+            continue
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if modality == "video":
+            target = Path(out) / f"{n}-video.gif"
+            first, *rest = (Image.fromarray(f) for f in content)
+            first.save(target, save_all=True, append_images=rest, duration=500, loop=0)
+        else:
+            target = Path(out) / f"{n}-{modality}.png"
+            Image.fromarray(content * 255 if modality == "mask" else content).save(target)
+        print(f"[{modality}]\n{target} ({' x '.join(map(str, content.shape))})")

@@ -97,6 +97,12 @@ class TokenizerRecipe:
     """SVG normalisation."""
     task_tokens: list[str] = field(default_factory=list)
     """Extra special tokens, e.g. class labels of DNA tasks (<class_0>, ...)."""
+    image_tokenizer: str | None = None
+    """Folder of a trained image tokenizer (tokenizers/seed_image.yaml); None: no images."""
+    mask_tokenizer: str | None = None
+    """Folder of a trained mask tokenizer (tokenizers/himtok_mask.yaml); None: no masks."""
+    video_tokenizer: str | None = None
+    """Folder of a trained video tokenizer (tokenizers/video.yaml); None: no video."""
     cache_dir: str = "~/.cache/mmfm"
     """Where `real:` corpora are fetched to."""
 

@@ -4,9 +4,12 @@
 unified vocabulary and writes everything to `recipe.output_dir`; `Tokenizers.load(recipe)`
 reads it back. `encode(record)` is the interface `mmfm prepare` calls for every modality:
 
-    TextRecord  ->  <s> text </s>
-    DnaRecord   ->  <s> <dna> dna </dna> [<sep> output text] </s>
-    SvgRecord   ->  <s> <svg> svg code </svg> </s>
+    TextRecord       ->  <s> text </s>
+    DnaRecord        ->  <s> <dna> dna </dna> [<sep> output text] </s>
+    SvgRecord        ->  <s> <svg> svg code </svg> </s>
+    ImageRecord      ->  <s> [text] <img> 32 image codes </img> </s>
+    ImageMaskRecord  ->  <s> [text] <img> image codes </img> <mask> mask codes </mask> </s>
+    VideoRecord      ->  <s> [text] <vision> f1 <eof> f2 ... <eof> fn <eov> </vision> </s>
 
 Each span carries its modality (delimiters belong to their span), which sets the loss
 weights and per-modality metrics downstream.
@@ -28,6 +31,7 @@ from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import TokenizerRecipe
 from mmfm.tokenization.svg import SvgRecord, SvgTokenizer
 from mmfm.tokenization.text import BOS, EOS, TextTokenizer, iter_corpus
+from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import (
     RESERVED_CODEBOOKS,
     VOCAB_FILE,
@@ -47,7 +51,37 @@ class TextRecord:
     source: str = ""
 
 
-Record = TextRecord | DnaRecord | SvgRecord
+@dataclass(frozen=True)
+class ImageRecord:
+    key: str
+    image: np.ndarray
+    """`[H, W, 3]` uint8 RGB; centre-cropped and resized to the tokenizer's size."""
+    text: str | None = None
+    """A caption, before the image (image-text pairs)."""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ImageMaskRecord:
+    key: str
+    image: np.ndarray
+    mask: np.ndarray
+    """`[H, W]` {0, 1}, aligned with the image."""
+    text: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    key: str
+    frames: np.ndarray
+    """`[N, H, W, 3]` uint8."""
+    text: str | None = None
+    source: str = ""
+
+
+FRAMED = (Modality.DNA, Modality.SVG, Modality.IMAGE, Modality.MASK, Modality.VIDEO)
+Record = TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord
 
 
 class Tokenizers:
@@ -56,6 +90,7 @@ class Tokenizers:
     ):
         self.recipe, self.vocab, self.text, self.dna = recipe, vocab, text, dna
         self.svg = SvgTokenizer(recipe.svg, text)
+        self.visual = VisualTokenizers(recipe, vocab)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -127,6 +162,10 @@ class Tokenizers:
                 )
         elif isinstance(record, SvgRecord):
             self._framed(doc, Modality.SVG, self.svg.encode(record.svg, record.key))
+        elif isinstance(record, ImageRecord | ImageMaskRecord | VideoRecord):
+            if record.text:
+                doc.add(self.text.encode(record.text), Modality.TEXT)
+            self.visual.add(doc, record)
         else:
             raise TypeError(f"no tokenizer for {type(record).__name__}")
         return doc.add([EOS], Modality.TEXT).build(record.key, record.source)
@@ -135,26 +174,24 @@ class Tokenizers:
         start, end = self.vocab.delimiters(modality)
         doc.add([start, *ids, end], modality)
 
-    def decode(self, ids: Iterable[int]) -> list[tuple[str, str]]:
-        """The document as (modality, content) spans: text, dna sequences, SVG code."""
+    def decode(self, ids: Iterable[int]) -> list[tuple[str, str | np.ndarray]]:
+        """The document as (modality, content) spans: text, DNA sequences and SVG code as
+        strings; images, masks and videos as pictures (see VisualTokenizers.decode)."""
         ids = list(ids)
-        spans: list[tuple[str, str]] = []
-        frames = {self.vocab.delimiters(m)[0]: m for m in (Modality.DNA, Modality.SVG)}
+        spans: list[tuple[str, str | np.ndarray]] = []
+        frames = {self.vocab.delimiters(m)[0]: m for m in FRAMED}
         i, text = 0, []
         while i < len(ids):
             if ids[i] in frames:
                 modality = frames[ids[i]]
-                end = ids.index(self.vocab.delimiters(modality)[1], i + 1)
+                close = self.vocab.delimiters(modality)[1]
+                if close not in ids[i + 1 :]:
+                    raise VocabError(f"{modality.name.lower()} span at {i} has no closing id")
+                end = ids.index(close, i + 1)
                 if text:
                     spans.append(("text", self.text.decode(text)))
                     text = []
-                body = ids[i + 1 : end]
-                content = (
-                    self.dna.decode(body, self.vocab)
-                    if modality == Modality.DNA
-                    else self.svg.decode(body)
-                )
-                spans.append((modality.name.lower(), content))
+                spans.append((modality.name.lower(), self._decode_span(modality, ids[i + 1 : end])))
                 i = end + 1
             else:
                 if self.vocab.lookup(ids[i])[0] == "text":
@@ -167,6 +204,13 @@ class Tokenizers:
         if text:
             spans.append(("text", self.text.decode(text)))
         return spans
+
+    def _decode_span(self, modality: Modality, body: list[int]) -> str | np.ndarray:
+        if modality == Modality.DNA:
+            return self.dna.decode(body, self.vocab)
+        if modality == Modality.SVG:
+            return self.svg.decode(body)
+        return self.visual.decode(modality, body)
 
 
 def _dna_records(sources: Iterable[str], recipe: TokenizerRecipe):

@@ -6,7 +6,7 @@ the Arabidopsis chloroplast genome (GenBank), and SVG icons (matplotlib; Bootstr
 npm is available). Reports tokens/s (median of 3 runs, one process) and bytes per token; for
 SVG, tokens of the raw file (text model alone) against the normalised, framed document.
 
-    python bench/tokenizers.py
+    python bench/tokenization.py
 """
 
 from __future__ import annotations

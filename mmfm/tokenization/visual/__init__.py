@@ -1,0 +1,1 @@
+"""Visual tokenizers: SEED-style images, HiMTok-style masks, LWM-style video frames."""

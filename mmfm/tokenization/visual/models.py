@@ -1,0 +1,266 @@
+"""The three visual tokenizers: SEED-style images, HiMTok-style masks, LWM-style video frames.
+
+Each maps a batch to integer codes (`encode`) and back (`decode`), has `num_codes` and
+`tokens_per_item`, and returns its training losses from `forward`. Pixels are in [-1, 1],
+masks in {0, 1}.
+
+- `SeedImageTokenizer` (SEED): ViT patch encoder -> causal Q-Former (learned queries with
+  causal self-attention, cross-attending to the patches) -> quantiser -> a decoder whose
+  patch queries cross-attend to the 32 codes and predict pixels (optionally also the encoder
+  features). Causal queries make the code sequence one-dimensional and left-to-right.
+- `HiMTokMaskTokenizer` (HiMTok): a conv + transformer mask encoder, 32 causal latent tokens
+  -> quantiser -> a decoder that reconstructs the mask from any prefix of the tokens (the
+  rest is masked out of its attention). Trained on random prefixes with a hierarchical loss
+  over several resolutions, so early tokens carry the coarse shape and later ones detail.
+- `FrameVQ` (LWM's VQGAN, without the GAN): a convolutional autoencoder quantising every
+  position of a 16 x 16 latent grid: 256 codes per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfm.tokenization.visual.layers import causal_mask, decoder, encoder, patchify, unpatchify
+from mmfm.tokenization.visual.quantizer import VectorQuantizer
+
+
+@dataclass
+class SeedImageConfig:
+    image_size: int = 64
+    patch: int = 8
+    dim: int = 128
+    heads: int = 4
+    encoder_layers: int = 2
+    qformer_layers: int = 2
+    decoder_layers: int = 2
+    tokens: int = 32
+    codebook_size: int = 8192
+    code_dim: int = 16
+    beta: float = 0.25
+    feature_loss: float = 0.0
+    """Weight of reconstructing the encoder's patch features too (0: pixels only)."""
+
+
+class SeedImageTokenizer(nn.Module):
+    kind = "seed_image"
+
+    def __init__(self, cfg: SeedImageConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_patches = (cfg.image_size // cfg.patch) ** 2
+        self.patch_embed = nn.Linear(3 * cfg.patch**2, cfg.dim)
+        self.patch_pos = nn.Parameter(0.02 * torch.randn(n_patches, cfg.dim))
+        self.encoder = encoder(cfg.dim, cfg.encoder_layers, cfg.heads)
+        self.queries = nn.Parameter(0.02 * torch.randn(cfg.tokens, cfg.dim))
+        self.qformer = decoder(cfg.dim, cfg.qformer_layers, cfg.heads)
+        self.quantizer = VectorQuantizer(cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.out_queries = nn.Parameter(0.02 * torch.randn(n_patches, cfg.dim))
+        self.decoder = decoder(cfg.dim, cfg.decoder_layers, cfg.heads)
+        self.to_pixels = nn.Linear(cfg.dim, 3 * cfg.patch**2)
+        self.to_features = nn.Linear(cfg.dim, cfg.dim) if cfg.feature_loss else None
+
+    @property
+    def num_codes(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.cfg.tokens
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.patch_embed(patchify(images, self.cfg.patch)) + self.patch_pos)
+
+    def _tokens(self, features: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(features.shape[0], -1, -1)
+        mask = causal_mask(self.cfg.tokens, features.device)
+        return self.qformer(q, features, tgt_mask=mask)
+
+    def _decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.out_queries.expand(z.shape[0], -1, -1), z)
+
+    def _pixels(self, h: torch.Tensor) -> torch.Tensor:
+        patches = self.to_pixels(h)
+        return unpatchify(patches, self.cfg.patch, 3, self.cfg.image_size)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self._features(images)
+        z, codes, vq_loss = self.quantizer(self._tokens(features))
+        h = self._decode_features(z)
+        recon = self._pixels(h)
+        losses = {"reconstruction": F.mse_loss(recon, images), "vq": vq_loss}
+        if self.to_features is not None:
+            target = features.detach()
+            losses["features"] = self.cfg.feature_loss * F.mse_loss(self.to_features(h), target)
+        return {"loss": sum(losses.values()), "codes": codes, "output": recon, **losses}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, S, S]` in [-1, 1] -> codes `[B, tokens]`."""
+        return self.quantizer(self._tokens(self._features(images)))[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._pixels(self._decode_features(self.quantizer.lookup(codes))).clamp(-1, 1)
+
+
+@dataclass
+class HiMTokConfig:
+    mask_size: int = 64
+    stem: int = 4
+    """Downsampling of the convolutional stem (64 / 4 = a 16 x 16 feature grid)."""
+    dim: int = 128
+    heads: int = 4
+    encoder_layers: int = 2
+    latent_layers: int = 2
+    decoder_layers: int = 2
+    tokens: int = 32
+    codebook_size: int = 1024
+    code_dim: int = 16
+    beta: float = 0.25
+    levels: tuple[int, ...] = (8, 16, 32, 64)
+    """Resolutions of the hierarchical loss, coarse to fine."""
+    level_weights: tuple[float, ...] = (2.0, 1.5, 1.0, 1.0)
+
+
+class HiMTokMaskTokenizer(nn.Module):
+    kind = "himtok_mask"
+
+    def __init__(self, cfg: HiMTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.mask_size // cfg.stem
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, cfg.dim // 2, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(cfg.dim // 2, cfg.dim, 3, stride=cfg.stem // 2, padding=1),
+        )
+        self.grid_pos = nn.Parameter(0.02 * torch.randn(grid * grid, cfg.dim))
+        self.encoder = encoder(cfg.dim, cfg.encoder_layers, cfg.heads)
+        self.latents = nn.Parameter(0.02 * torch.randn(cfg.tokens, cfg.dim))
+        self.latent_former = decoder(cfg.dim, cfg.latent_layers, cfg.heads)
+        self.quantizer = VectorQuantizer(cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.out_queries = nn.Parameter(0.02 * torch.randn(grid * grid, cfg.dim))
+        self.decoder = decoder(cfg.dim, cfg.decoder_layers, cfg.heads)
+        self.to_logits = nn.Linear(cfg.dim, cfg.stem * cfg.stem)
+
+    @property
+    def num_codes(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.cfg.tokens
+
+    def _tokens(self, masks: torch.Tensor) -> torch.Tensor:
+        f = self.stem(masks[:, None].float() * 2 - 1).flatten(2).transpose(1, 2)
+        f = self.encoder(f + self.grid_pos)
+        q = self.latents.expand(masks.shape[0], -1, -1)
+        return self.latent_former(q, f, tgt_mask=causal_mask(self.cfg.tokens, masks.device))
+
+    def _logits(self, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Mask logits from tokens `z`, using only the first keep[b] tokens of item b."""
+        hidden = torch.arange(z.shape[1], device=z.device)[None] >= keep[:, None]
+        h = self.decoder(
+            self.out_queries.expand(z.shape[0], -1, -1), z, memory_key_padding_mask=hidden
+        )
+        return unpatchify(self.to_logits(h), self.cfg.stem, 1, self.cfg.mask_size)[:, 0]
+
+    def forward(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        z, codes, vq_loss = self.quantizer(self._tokens(masks))
+        keep = torch.randint(1, self.cfg.tokens + 1, (len(masks),), device=masks.device)
+        logits = self._logits(z, keep)
+        target = masks.float()[:, None]
+        prob = torch.sigmoid(logits)[:, None]
+        loss = 0.0
+        for size, weight in zip(self.cfg.levels, self.cfg.level_weights, strict=True):
+            t = F.adaptive_avg_pool2d(target, size)
+            p = F.adaptive_avg_pool2d(prob, size).clamp(1e-6, 1 - 1e-6)
+            loss = loss + weight * F.binary_cross_entropy(p, t)
+        return {"loss": loss + vq_loss, "codes": codes, "output": logits, "vq": vq_loss}
+
+    @torch.no_grad()
+    def encode(self, masks: torch.Tensor) -> torch.Tensor:
+        """`[B, S, S]` in {0, 1} -> codes `[B, tokens]`, coarse to fine."""
+        return self.quantizer(self._tokens(masks))[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Masks from codes `[B, k]`, any prefix length 1 <= k <= tokens."""
+        k = codes.shape[1]
+        z = self.quantizer.lookup(codes)
+        pad = torch.zeros(len(codes), self.cfg.tokens - k, z.shape[-1], device=z.device)
+        keep = torch.full((len(codes),), k, device=codes.device)
+        return (self._logits(torch.cat([z, pad], 1), keep) > 0).to(torch.uint8)
+
+
+@dataclass
+class FrameVQConfig:
+    frame_size: int = 64
+    hidden: int = 64
+    dim: int = 64
+    codebook_size: int = 8192
+    code_dim: int = 16
+    beta: float = 0.25
+
+
+class FrameVQ(nn.Module):
+    """A convolutional VQ autoencoder: 16 x 16 = 256 codes per 64 x 64 frame."""
+
+    kind = "video"
+
+    def __init__(self, cfg: FrameVQConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden, cfg.dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, h, 4, 2, 1), nn.GELU(), nn.Conv2d(h, h, 4, 2, 1), nn.GELU(),
+            nn.Conv2d(h, d, 3, 1, 1),
+        )  # fmt: skip
+        self.quantizer = VectorQuantizer(d, cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(d, h, 3, 1, 1), nn.GELU(), nn.ConvTranspose2d(h, h, 4, 2, 1), nn.GELU(),
+            nn.ConvTranspose2d(h, 3, 4, 2, 1),
+        )  # fmt: skip
+
+    @property
+    def num_codes(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def tokens_per_item(self) -> int:
+        return (self.cfg.frame_size // 4) ** 2
+
+    def _grid(self, z: torch.Tensor) -> torch.Tensor:
+        g = self.cfg.frame_size // 4
+        return z.transpose(1, 2).reshape(len(z), -1, g, g)
+
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encoder(frames).flatten(2).transpose(1, 2)
+        q, codes, vq_loss = self.quantizer(z)
+        recon = self.decoder(self._grid(q))
+        loss = F.mse_loss(recon, frames)
+        return {"loss": loss + vq_loss, "codes": codes, "output": recon, "vq": vq_loss}
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[N, 3, S, S]` in [-1, 1] -> codes `[N, 256]` (row-major over the latent grid)."""
+        return self.quantizer(self.encoder(frames).flatten(2).transpose(1, 2))[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self._grid(self.quantizer.lookup(codes))).clamp(-1, 1)
+
+
+MODELS = {
+    "seed_image": (SeedImageTokenizer, SeedImageConfig),
+    "himtok_mask": (HiMTokMaskTokenizer, HiMTokConfig),
+    "video": (FrameVQ, FrameVQConfig),
+}
+
+
+def config_dict(model: nn.Module) -> dict:
+    return {"kind": model.kind, **asdict(model.cfg)}

@@ -1,0 +1,187 @@
+"""Pictures in documents: image, mask and video spans in the unified vocabulary.
+
+image  ->  <img> c1 ... c32 </img>                      (codes from the image range)
+mask   ->  <mask> c1 ... c32 </mask>                    (coarse to fine, mask range)
+video  ->  <vision> f1 <eof> f2 <eof> ... fn <eov> </vision>, fi = 256 codes of frame i
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmfm.data.batch import Modality
+from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.vocab import VocabError
+
+KIND_OF = {"image": "seed_image", "mask": "himtok_mask", "video": "video"}
+
+
+class VisualTokenizers:
+    """The recipe's trained image, mask and video tokenizers, each loaded when first used
+    (a text-only run never loads them)."""
+
+    def __init__(self, recipe, vocab):
+        self.vocab = vocab
+        self._paths = {
+            "image": recipe.image_tokenizer,
+            "mask": recipe.mask_tokenizer,
+            "video": recipe.video_tokenizer,
+        }
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        """The trained `name` (image, mask, video) tokenizer."""
+        if name not in self._models:
+            from mmfm.tokenization.visual.train import load_visual
+
+            if not self._paths[name]:
+                raise VocabError(f"a {name} record needs {name}_tokenizer in the tokenizer recipe")
+            model = load_visual(self._paths[name])
+            if model.kind != KIND_OF[name]:
+                raise VocabError(
+                    f"{name}_tokenizer {self._paths[name]} is a {model.kind} tokenizer; "
+                    f"train one with tokenizers/{KIND_OF[name]}.yaml"
+                )
+            if model.num_codes > self.vocab.codebook(name).size:
+                raise VocabError(
+                    f"{self._paths[name]}: {model.num_codes} codes, but the vocabulary reserves "
+                    f"{self.vocab.codebook(name).size} for {name}"
+                )
+            self._models[name] = model
+        return self._models[name]
+
+    def _ids(self, book: str, codes: torch.Tensor) -> list[int]:
+        return (codes + self.vocab.codebook(book).offset).tolist()
+
+    def image_ids(self, image: np.ndarray) -> list[int]:
+        model = self.model("image")
+        x = vdata.to_tensor([vdata.square(image, model.cfg.image_size)])
+        start, end = self.vocab.delimiters(Modality.IMAGE)
+        return [start, *self._ids("image", model.encode(x)[0]), end]
+
+    def mask_ids(self, mask: np.ndarray) -> list[int]:
+        model = self.model("mask")
+        m = torch.from_numpy(vdata.square(mask.astype(np.uint8), model.cfg.mask_size))[None]
+        start, end = self.vocab.delimiters(Modality.MASK)
+        return [start, *self._ids("mask", model.encode(m)[0]), end]
+
+    def video_ids(self, frames: np.ndarray) -> list[int]:
+        model = self.model("video")
+        x = vdata.to_tensor([vdata.square(f, model.cfg.frame_size) for f in frames])
+        codes = model.encode(x)
+        v = self.vocab
+        ids = [v.special("<vision>")]
+        for i, frame in enumerate(codes):
+            ids += self._ids("video", frame)
+            ids.append(v.special("<eov>" if i == len(codes) - 1 else "<eof>"))
+        return [*ids, v.special("</vision>")]
+
+    def _codes(self, book: str, ids: list[int]) -> torch.Tensor:
+        b = self.vocab.codebook(book)
+        codes = torch.tensor(ids, dtype=torch.long) - b.offset
+        if len(codes) and (codes.min() < 0 or codes.max() >= b.size):
+            raise VocabError(f"a {book} span holds ids outside the {book} codebook")
+        return codes
+
+    @torch.no_grad()
+    def decode(self, modality: Modality, body: list[int]) -> np.ndarray:
+        """The picture of a span's body (ids between its delimiters): image `[H, W, 3]`,
+        mask `[H, W]` of {0, 1} (any prefix of the codes decodes), video `[N, H, W, 3]`."""
+        if modality == Modality.IMAGE:
+            model = self.model("image")
+            return vdata.to_uint8(model.decode(self._codes("image", body)[None]))[0]
+        if modality == Modality.MASK:
+            model = self.model("mask")
+            return model.decode(self._codes("mask", body)[None])[0].numpy().astype(np.uint8)
+        model = self.model("video")
+        ends = {self.vocab.special("<eof>"), self.vocab.special("<eov>")}
+        frames, frame = [], []
+        for i in body:
+            if i in ends:
+                frames.append(self._codes("video", frame))
+                frame = []
+            else:
+                frame.append(i)
+        if frame or not frames or any(len(f) != model.tokens_per_item for f in frames):
+            raise VocabError(
+                f"a video span must be frames of {model.tokens_per_item} codes, each closed by "
+                "<eof> (the last by <eov>)"
+            )
+        return vdata.to_uint8(model.decode(torch.stack(frames)))
+
+    def add(self, doc, record) -> None:
+        from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord
+
+        if isinstance(record, ImageRecord | ImageMaskRecord):
+            doc.add(self.image_ids(record.image), Modality.IMAGE)
+            if isinstance(record, ImageMaskRecord):
+                doc.add(self.mask_ids(record.mask), Modality.MASK)
+        else:
+            doc.add(self.video_ids(record.frames), Modality.VIDEO)
+
+
+class PictureError(ValueError):
+    """A file that is no picture of the wanted kind; `reason` names it for the reject counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+VIDEO_SUFFIXES = {".gif", ".apng", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
+
+
+def caption_of(path: Path, from_name: bool = True) -> str | None:
+    """The sidecar `<stem>.txt` next to a picture, else (from_name) its name as words."""
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text(encoding="utf-8").strip()
+    return path.stem.replace("_", " ").replace("-", " ") if from_name else None
+
+
+def visual_records(
+    path: Path,
+    kind: str,
+    source: str = "",
+    fps: float = 2.0,
+    max_frames: int = 8,
+    caption_from_name: bool = True,
+) -> Iterator:
+    """The record of one picture or clip file (`kind`: image-text, image-mask or video).
+
+    image-mask: the mask is the sidecar `<stem>.mask.png` (nonzero = 1) when there is one,
+    else the Otsu threshold of the image. Raises PictureError for a file of the wrong type or
+    a mask of the wrong size, and whatever Pillow / PyAV raise for a file that does not decode
+    (OSError, ValueError, RuntimeError).
+    """
+    from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord, VideoRecord
+
+    suffix = path.suffix.lower()
+    caption = caption_of(path, caption_from_name)
+    if kind == "video":
+        if suffix not in VIDEO_SUFFIXES:
+            raise PictureError("not_video", f"not a video ({sorted(VIDEO_SUFFIXES)})")
+        yield VideoRecord(path.stem, vdata.read_video(path, fps, max_frames), caption, source)
+        return
+    if suffix not in vdata.IMAGE_SUFFIXES:
+        raise PictureError("not_image", f"not an image ({sorted(vdata.IMAGE_SUFFIXES)})")
+    image = vdata.read_image(path)
+    if kind == "image-text":
+        yield ImageRecord(path.stem, image, caption, source)
+        return
+    sidecar = path.with_name(f"{path.stem}.mask.png")
+    if sidecar.is_file():
+        with Image.open(sidecar) as im:
+            mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+        if mask.shape != image.shape[:2]:
+            raise PictureError(
+                "bad_mask", f"{sidecar.name} is {mask.shape}, the image {image.shape[:2]}"
+            )
+    else:
+        mask = vdata.otsu_mask(image)
+    yield ImageMaskRecord(path.stem, image, mask, caption, source)

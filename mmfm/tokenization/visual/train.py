@@ -1,0 +1,281 @@
+"""Training, evaluating, saving and loading the visual tokenizers.
+
+`mmfm tokenizer train tokenizers/<seed_image|himtok_mask|video>.yaml` trains one on real
+pictures on CPU (a progress bar, a checkpoint every `checkpoint_every` steps), then
+evaluates it on held-out pictures and writes `eval.json` next to the weights:
+
+- images and frames: PSNR of the reconstruction, next to a baseline with the same bit budget
+  (the picture downsampled to as many 8-bit RGB pixels as the codes have bits, then
+  upsampled bicubically);
+- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens;
+- every quantiser: the perplexity of its codes (codes effectively in use).
+
+A trained tokenizer is a folder: `config.json` (kind + model config) and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from mmfm.config.loading import load_structured
+from mmfm.config.schema import ConfigError, _require, _require_choice, _require_positive
+from mmfm.data.files import iter_files
+from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.visual.models import MODELS, config_dict
+from mmfm.tokenization.visual.quantizer import perplexity
+
+log = logging.getLogger("mmfm")
+VISUAL_KINDS = tuple(MODELS)
+
+
+@dataclass
+class VisualRecipe:
+    kind: str = "seed_image"
+    """seed_image, himtok_mask or video."""
+    output_dir: str = "tokenizers/seed_image"
+    """Where config.json, model.safetensors and eval.json go."""
+    data: list[str] = field(default_factory=lambda: ["real:photos"])
+    """Pictures: files, directories, globs, real:<name>. Masks come from silhouettes (files
+    named *horse*, black on white) and Otsu thresholds of the others; videos' frames are
+    read with fps / max_frames."""
+    held_out: list[str] = field(default_factory=lambda: ["chelsea.png", "coffee.png", "rocket.jpg"])
+    """File names kept out of training and used for the evaluation."""
+    fps: float = 2.0
+    """video: frames per second taken from each clip."""
+    max_frames: int = 64
+    """video: at most this many frames per clip."""
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Crops per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (linear warmup over min(100, steps / 10) steps, then cosine to 10%)."""
+    checkpoint_every: int = 500
+    """Save the weights every this many steps (0: only at the end)."""
+    eval_items: int = 64
+    """Held-out crops in the evaluation."""
+    seed: int = 0
+    """Seed of the weights and the crops."""
+    cache_dir: str = "~/.cache/mmfm"
+    """Where real:<name> data is fetched to."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Fields of the model's config (SeedImageConfig, HiMTokConfig or FrameVQConfig)."""
+
+    def __post_init__(self) -> None:
+        _require_choice("kind", self.kind, VISUAL_KINDS)
+        _require_positive(self, "train", "steps", "batch_size", "lr", "eval_items")
+        _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        names = [f.name for f in fields(MODELS[self.kind][1])]
+        for key in self.model:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; fields: {names}"
+                raise ConfigError(f"model.{key} is not a {self.kind} model field{hint}")
+
+
+def load_visual_recipe(path, overrides=()) -> VisualRecipe:
+    return load_structured(VisualRecipe, path, overrides)
+
+
+def build(recipe: VisualRecipe) -> nn.Module:
+    model_class, config_class = MODELS[recipe.kind]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()}
+    torch.manual_seed(recipe.seed)
+    return model_class(config_class(**values))
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def pictures(recipe: VisualRecipe, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training pictures, held-out pictures) of the recipe's kind."""
+    files = list(iter_files(recipe.data, recipe.cache_dir))
+    train, held = [], []
+    for path in files:
+        for picture in _read(recipe, path, size):
+            (held if path.name in recipe.held_out else train).append(picture)
+    if not train or not held:
+        raise ConfigError(
+            f"{recipe.kind}: {len(train)} training and {len(held)} held-out pictures from "
+            f"{recipe.data} (held_out {recipe.held_out}): both must be non-empty"
+        )
+    return train, held
+
+
+def _read(recipe: VisualRecipe, path: Path, size: int) -> list[np.ndarray]:
+    suffix = path.suffix.lower()
+    if recipe.kind == "video":
+        if suffix in vdata.IMAGE_SUFFIXES and suffix not in {".gif", ".apng"}:
+            return [vdata.read_image(path)]
+        return list(vdata.read_video(path, recipe.fps, recipe.max_frames))
+    if suffix not in vdata.IMAGE_SUFFIXES:
+        return []
+    image = vdata.read_image(path)
+    if min(image.shape[:2]) < size:
+        return []
+    if recipe.kind == "himtok_mask":
+        return [vdata.silhouette(image) if "horse" in path.name else vdata.otsu_mask(image)]
+    return [image]
+
+
+def as_batch(kind: str, pictures: list[np.ndarray]) -> torch.Tensor:
+    if kind == "himtok_mask":
+        return torch.from_numpy(np.stack(pictures))
+    return vdata.to_tensor(pictures)
+
+
+# -- train and evaluate -------------------------------------------------------------------------
+
+
+def item_size(model: nn.Module) -> int:
+    """Side of the square pictures a tokenizer takes."""
+    cfg = model.cfg
+    return getattr(cfg, "image_size", None) or getattr(cfg, "mask_size", None) or cfg.frame_size
+
+
+def _accept(kind: str):
+    return vdata.informative if kind == "himtok_mask" else (lambda crop: True)
+
+
+def held_out_batch(recipe: VisualRecipe, held: list[np.ndarray], size: int) -> torch.Tensor:
+    """The evaluation batch: `eval_items` crops of the held-out pictures (seeded)."""
+    sampler = vdata.CropSampler(held, size, seed=recipe.seed + 1)
+    return as_batch(recipe.kind, sampler.sample(recipe.eval_items, _accept(recipe.kind)))
+
+
+def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
+    model = build(recipe)
+    size = item_size(model)
+    train, held = pictures(recipe, size)
+    accept = _accept(recipe.kind)
+    sampler = vdata.CropSampler(train, size, seed=recipe.seed)
+    eval_batch = held_out_batch(recipe, held, size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    warmup = max(1, min(100, recipe.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / recipe.steps)))
+        ),
+    )
+    out = Path(recipe.output_dir)
+    log.info(
+        "%s: %d training and %d held-out pictures, %d steps",
+        recipe.kind,
+        len(train),
+        len(held),
+        recipe.steps,
+    )
+    bar = tqdm(range(recipe.steps), desc=f"train {recipe.kind}", disable=not progress)
+    history = []
+    model.train()
+    for step in bar:
+        result = model(as_batch(recipe.kind, sampler.sample(recipe.batch_size, accept)))
+        optimizer.zero_grad(set_to_none=True)
+        result["loss"].backward()
+        optimizer.step()
+        schedule.step()
+        history.append(result["loss"].item())
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if recipe.checkpoint_every and (step + 1) % recipe.checkpoint_every == 0:
+            save_visual(model, out)
+    save_visual(model, out)
+    metrics = {
+        "steps": recipe.steps,
+        "first_loss": history[0],
+        "last_loss": float(np.mean(history[-20:])),
+    }
+    metrics.update(evaluate(model.eval(), eval_batch))
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    log.info(
+        "%s: %s", out, {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
+    )
+    return metrics
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of pictures in [-1, 1], over the whole batch."""
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b + 1) / 2).item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def same_bits_baseline(images: torch.Tensor, bits: int) -> torch.Tensor:
+    """Downsample to as many 8-bit RGB pixels as `bits` allows, upsample back (bicubic)."""
+    side = max(1, int(math.sqrt(bits / 24)))
+    size = images.shape[-1]
+    out = []
+    for picture in vdata.to_uint8(images):
+        small = Image.fromarray(picture).resize((side, side), Image.BOX)
+        out.append(np.asarray(small.resize((size, size), Image.BICUBIC)))
+    return vdata.to_tensor(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
+    start = time.perf_counter()
+    codes = model.encode(batch)
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {
+        "perplexity": perplexity(codes, model.num_codes),
+        "codebook_size": model.num_codes,
+        "tokens_per_item": model.tokens_per_item,
+        "bits_per_item": model.tokens_per_item * math.ceil(math.log2(model.num_codes)),
+        "encode_items_per_s": len(batch) / seconds,
+    }
+    if model.kind == "himtok_mask":
+        target = batch.bool()
+        for k in (1, 2, 4, 8, 16, 32):
+            if k <= model.tokens_per_item:
+                pred = model.decode(codes[:, :k]).bool()
+                inter = (pred & target).flatten(1).sum(1).float()
+                union = (pred | target).flatten(1).sum(1).clamp(min=1).float()
+                metrics[f"iou@{k}"] = (inter / union).mean().item()
+        return metrics
+    metrics["psnr"] = psnr(model.decode(codes), batch)
+    baseline = same_bits_baseline(batch, metrics["bits_per_item"])
+    metrics["psnr_same_bits_baseline"] = psnr(baseline, batch)
+    return metrics
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def save_visual(model: nn.Module, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config_dict(model), indent=1))
+
+
+def load_visual(path: str | Path) -> nn.Module:
+    """A trained visual tokenizer (eval mode) from its folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{path} is not a trained visual tokenizer (config.json + model.safetensors): "
+            "run mmfm tokenizer train with its recipe"
+        )
+    cfg = json.loads((path / "config.json").read_text())
+    model_class, config_class = MODELS[cfg.pop("kind")]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    model = model_class(config_class(**values))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.eval()
