@@ -26,3 +26,4 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
 	$(PYTHON) bench/visual_tokenizers.py
+	$(PYTHON) bench/train_step.py --json bench/results/train_step.json

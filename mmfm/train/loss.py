@@ -20,17 +20,66 @@ def count_targets(batches: list[Batch]) -> torch.Tensor:
     return sum((b.loss_weights > 0).sum() for b in batches).to(torch.float32)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy over the vocabulary, `CHUNK_ELEMENTS` logits at a time.
+
+    The forward keeps only each token's log-sum-exp (fp32) instead of a log-softmax copy of
+    the logits, and upcasts bf16 logits one chunk at a time; the backward writes the
+    gradient, `(softmax - one_hot) * grad`, straight into its output in one pass per chunk.
+    Same values as `F.cross_entropy(reduction="none")` to float rounding, with two passes
+    over the `[tokens, vocab]` logits instead of five and no extra copy of them kept.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        valid = labels != IGNORE_INDEX
+        safe = torch.where(valid, labels, 0)
+        lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+        for rows in _chunks(logits):
+            lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+        target = logits.gather(1, safe[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        return torch.where(valid, lse - target, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor):
+        logits, safe, valid, lse = ctx.saved_tensors
+        g = torch.where(valid, grad_ce, 0.0)
+        grad = torch.empty_like(logits)
+        in_place = grad.dtype == torch.float32  # else fp32 per chunk, then cast into grad
+        for rows in _chunks(logits):
+            p = torch.sub(
+                logits[rows].float(), lse[rows, None], out=grad[rows] if in_place else None
+            )
+            p.exp_().mul_(g[rows, None]).scatter_add_(1, safe[rows, None], -g[rows, None])
+            if not in_place:
+                grad[rows] = p
+        return grad, None
+
+
+CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 logits per chunk: stays in cache between passes
+
+
+def _chunks(logits: torch.Tensor) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // logits.shape[1])
+    return [slice(i, i + step) for i in range(0, len(logits), step)]
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in fp32 `[rows, seq]`, 0 where the label is IGNORE_INDEX.
 
     Logits sharded over the vocabulary (a DTensor, under tensor parallelism and
     `loss_parallel`) give a replicated result, returned as a plain tensor.
     """
-    ce = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    if isinstance(ce, DTensor):
-        ce = ce.to_local()
+    if isinstance(logits, DTensor):
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).to_local()
+    else:
+        ce = ChunkedCrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
     return ce.view(labels.shape)
 
 

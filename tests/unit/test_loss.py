@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmfm.config import OptimConfig
 from mmfm.data.batch import IGNORE_INDEX, Batch, Modality
-from mmfm.train.loss import StepLoss, count_targets, modality_sums
+from mmfm.train import loss as loss_module
+from mmfm.train.loss import StepLoss, count_targets, modality_sums, token_cross_entropy
 from mmfm.train.optim import lr_multiplier
 
 
@@ -67,3 +69,33 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     linear = OptimConfig(warmup_steps=0, min_lr_ratio=0.0, decay="linear")
     assert lr_multiplier(50, linear, 100) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch(dtype, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 257)  # 3 rows per chunk, ragged end
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 10, 257, generator=gen)).to(dtype)
+    labels = torch.randint(0, 257, (2, 10), generator=gen)
+    labels[0, 3] = labels[1, -1] = IGNORE_INDEX
+    weights = torch.rand(2, 10, generator=gen)
+    grads = []
+    for ce_fn in (token_cross_entropy, _reference_cross_entropy):
+        x = logits.clone().requires_grad_()
+        ce = ce_fn(x, labels)
+        (ce * weights).sum().backward()
+        grads.append(x.grad)
+        assert ce.dtype == torch.float32 and ce.shape == labels.shape
+        assert ce[0, 3] == 0 and ce[1, -1] == 0
+    ours, ref = (token_cross_entropy(logits, labels), _reference_cross_entropy(logits, labels))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    assert grads[0].dtype == dtype
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), rtol=1e-6, atol=1e-6)
+    assert grads[0][0, 3].abs().sum() == 0  # no gradient from an ignored target
+
+
+def _reference_cross_entropy(logits, labels):
+    ce = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return ce.view(labels.shape)

@@ -1,0 +1,39 @@
+"""The training-step benchmarks run (tiny shapes) so they cannot rot between measurements."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "512"]
+
+
+def run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_train_step_bench_checks_both_sides_give_the_same_loss(tmp_path):
+    out = tmp_path / "train_step.json"
+    run("bench/train_step.py", "--shapes", "256x4", "128x1", "--steps", "1", "--warmup", "0",
+        *TINY, "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["seq"], r["docs"]) for r in rows] == [(256, 4), (128, 1)]
+    for r in rows:  # the script refuses to time sides whose losses differ
+        assert abs(r["loss_mmfm"] - r["loss_hf"]) <= 1e-5 * r["loss_mmfm"]
+        assert r["tokens_per_s_mmfm"] > 0 and r["tokens_per_s_hf"] > 0
+
+
+def test_gpu_script_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    run("bench/gpu.py", "--dry-run", "--steps", "2", "--warmup", "1", "--backends", "docs",
+        "--out", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    (result,) = report["runs"]
+    assert report["dry_run"] and result["attention"] == "docs" and result["seq"] == 256
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["loss_first_last"][1] < result["loss_first_last"][0]
