@@ -31,6 +31,7 @@ import torch
 from common import fixed_batch_trainer, packed_row
 
 from mmfm.config.schema import ModelConfig
+from mmfm.convert.hf import hf_config
 from mmfm.convert.keymaps import to_hf
 from mmfm.data.batch import IGNORE_INDEX, Batch
 from mmfm.train.optim import build_optimizer
@@ -43,22 +44,9 @@ class HFStep:
     """The same step with `transformers.LlamaForCausalLM` and a 4D document mask."""
 
     def __init__(self, trainer: Trainer):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        m = trainer.cfg.model
-        config = LlamaConfig(
-            vocab_size=m.vocab_size,
-            hidden_size=m.dim,
-            intermediate_size=m.hidden_dim,
-            num_hidden_layers=m.n_layers,
-            num_attention_heads=m.n_heads,
-            num_key_value_heads=m.num_kv_heads,
-            rms_norm_eps=m.norm_eps,
-            rope_theta=m.rope_theta,
-            max_position_embeddings=m.max_seq_len,
-            tie_word_embeddings=False,
-            attn_implementation="sdpa",
-        )
+        config = hf_config(trainer.cfg.model, "llama", attn_implementation="sdpa")
         self.model = LlamaForCausalLM(config)
         state = {to_hf(k): v for k, v in trainer.model.state_dict().items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)

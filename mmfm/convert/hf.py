@@ -94,7 +94,7 @@ def export_hf(
     cfg = load_config(ckpt / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
     m, torch_dtype = cfg.model, DTYPES[dtype]
     arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
-    config_class = _config_class(arch, m)
+    _config_class(arch, m)  # refuse an impossible architecture before writing anything
     entries = _model_entries(ckpt)
     vocab = Vocab.load(ckpt / VOCAB_FILE) if (ckpt / VOCAB_FILE).is_file() else None
     if vocab is not None and vocab.size > m.vocab_size:
@@ -135,12 +135,28 @@ def export_hf(
     special = {}
     if vocab is not None:
         special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    hf_config(m, arch, dtype_name(torch_dtype), **special).save_pretrained(str(out))
+    GenerationConfig(**special).save_pretrained(str(out))
+    if vocab is not None:
+        from mmfm.convert.hf_tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(vocab, out)
+        shutil.copyfile(ckpt / VOCAB_FILE, out / MMFM_VOCAB)
+    else:
+        log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
+    log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
+    return out
+
+
+def hf_config(m: ModelConfig, arch: str = "llama", dtype: str = "float32", **extra):
+    """The transformers config (LlamaConfig, MistralConfig, Qwen2Config) of an mmfm model."""
+    config_class = _config_class(arch, m)
     arch_options = {
         "llama": {"attention_bias": m.qkv_bias},
         "mistral": {"sliding_window": None},
         "qwen2": {"use_sliding_window": False, "sliding_window": None},
     }[arch]
-    config_class(
+    return config_class(
         vocab_size=m.vocab_size,
         hidden_size=m.dim,
         intermediate_size=m.hidden_dim,
@@ -153,21 +169,11 @@ def export_hf(
         max_position_embeddings=m.max_seq_len,
         tie_word_embeddings=m.tie_embeddings,
         hidden_act="silu",
-        dtype=dtype_name(torch_dtype),
+        dtype=dtype,
         architectures=[f"{config_class.__name__.removesuffix('Config')}ForCausalLM"],
         **arch_options,
-        **special,
-    ).save_pretrained(str(out))
-    GenerationConfig(**special).save_pretrained(str(out))
-    if vocab is not None:
-        from mmfm.convert.hf_tokenizer import save_hf_tokenizer
-
-        save_hf_tokenizer(vocab, out)
-        shutil.copyfile(ckpt / VOCAB_FILE, out / MMFM_VOCAB)
-    else:
-        log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
-    log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
-    return out
+        **extra,
+    )
 
 
 def _config_class(arch: str, m: ModelConfig):
