@@ -27,3 +27,4 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/convert.py
 	$(PYTHON) bench/visual_tokenizers.py
 	$(PYTHON) bench/train_step.py --json bench/results/train_step.json
+	$(PYTHON) bench/cross_entropy.py

@@ -37,3 +37,8 @@ def test_gpu_script_dry_run(tmp_path):
     assert report["dry_run"] and result["attention"] == "docs" and result["seq"] == 256
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["loss_first_last"][1] < result["loss_first_last"][0]
+
+
+def test_cross_entropy_bench_runs():
+    out = run("bench/cross_entropy.py", "--tokens", "64", "--vocab", "128", "--repeats", "1")
+    assert out.count("| chunked |") == 2 and out.count("| torch |") == 2
