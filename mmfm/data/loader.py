@@ -80,6 +80,8 @@ def _worker(ids, sources, settings, snapshots, out: mp.Queue) -> None:
         while True:
             for stream in streams:
                 out.put(_produce(stream, names))
+    except DataError as e:  # bad or too little data: the message says what to change
+        out.put(("data", str(e)))
     except BaseException:
         out.put(("error", traceback.format_exc()))
 
@@ -158,7 +160,8 @@ class StreamingLoader:
                         f"a loader worker died (exit code {dead[0].exitcode})"
                     ) from None
         if isinstance(item, tuple):
-            raise DataError(f"a loader worker failed:\n{item[1]}")
+            kind, text = item
+            raise DataError(text if kind == "data" else f"a loader worker failed:\n{text}")
         return item
 
     def next_step(self) -> list[Batch]:

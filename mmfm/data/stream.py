@@ -158,6 +158,10 @@ def read_unit(unit: Unit, skip: int, skips: Skips) -> Iterator[tuple[int, Docume
         skips.skip(damage.reason, unit.url, f"after #{index}", str(damage))
 
 
+EMPTY_EPOCHS_LIMIT = 8
+"""Epochs in a row without a document for a stream before its source is called too small."""
+
+
 class SourceReader:
     """One stream's documents of one source, epoch after epoch (until `max_epochs`)."""
 
@@ -165,6 +169,8 @@ class SourceReader:
         self.index, self.spec, self.settings, self.stream = index, spec, settings, stream
         self.epoch = self.unit = self.sample = 0
         self._docs: Iterator | None = None
+        self._empty_epochs = 0
+        self._epoch_gave = False
 
     @property
     def exhausted(self) -> bool:
@@ -180,7 +186,7 @@ class SourceReader:
             if self._docs is None:
                 units = self.units(self.epoch)
                 if self.unit >= len(units):
-                    self.epoch, self.unit, self.sample = self.epoch + 1, 0, 0
+                    self._end_epoch()
                     continue
                 self._docs = read_unit(units[self.unit], self.sample, skips)
             item = next(self._docs, None)
@@ -190,8 +196,23 @@ class SourceReader:
                 continue
             kept, doc = item
             self.sample = kept + 1
+            self._epoch_gave = True
             return Pending(doc, (self.index, self.epoch, self.unit, kept), self.index)
         return None
+
+    def _end_epoch(self) -> None:
+        """Next epoch; a source that keeps giving this stream nothing would loop forever."""
+        self._empty_epochs = 0 if self._epoch_gave else self._empty_epochs + 1
+        if self._empty_epochs >= EMPTY_EPOCHS_LIMIT:
+            raise DataError(
+                f"source '{self.spec.name}' gave stream {self.stream} no document in "
+                f"{EMPTY_EPOCHS_LIMIT} epochs in a row: its {len(self.spec.urls)} shard(s) hold "
+                f"too few readable documents for {self.settings.n_streams} streams (one per row "
+                "of the global batch; a shard's documents are dealt out across the streams). "
+                "Add documents, lower train.global_batch_size, or drop the source"
+            )
+        self._epoch_gave = False
+        self.epoch, self.unit, self.sample = self.epoch + 1, 0, 0
 
     def state(self) -> list[int]:
         return [self.epoch, self.unit, self.sample]

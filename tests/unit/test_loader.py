@@ -134,6 +134,21 @@ def test_repetition_cap_stops_a_source(tmp_path):
     assert drawn[0] == 50  # a's one pass, then only b
 
 
+def test_a_source_too_small_for_the_streams_is_a_clear_error(tmp_path):
+    small = corpus(tmp_path / "small", n_docs=3, n_shards=1)  # 3 documents, 8 streams
+    big = corpus(tmp_path / "big", n_docs=300, n_shards=3, start=1000)
+    sources = [SourceSpec("small", small, 0.5), SourceSpec("big", big, 0.5)]
+    assert VirtualStream(2, sources, settings(8))._draw().source == 0  # stream 2 gets one
+    starved = VirtualStream(5, sources, settings(8))
+    with pytest.raises(DataError, match="source 'small' gave stream 5 no document in 8 epochs"):
+        for _ in range(100):
+            starved._draw()
+    # through a loader worker the message arrives as it is, without a traceback
+    with pytest.raises(DataError, match=r"^source 'a' gave stream 3 no document") as info:
+        loader(small, workers=1).next_step()
+    assert "Traceback" not in str(info.value)
+
+
 def test_mixing_is_reported_in_the_metrics(tmp_path):
     a = corpus(tmp_path / "a", n_docs=300, n_shards=3)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000)
