@@ -20,6 +20,7 @@ QK^T and AV matmuls. Results go to `--out` (JSON) and stdout; bench/README.md qu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -73,7 +74,7 @@ def _sync(device: str) -> None:
 def measure(cfg: ModelConfig, seq: int, n_docs: int, attention: str, compile_blocks: bool, args):
     device = "cpu" if args.dry_run else "cuda"
     precision = "fp32" if args.dry_run else "bf16"
-    cfg = ModelConfig(**{**cfg.__dict__, "attention": attention})
+    cfg = dataclasses.replace(cfg, attention=attention)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -160,7 +160,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
     model = ModelConfig(
         vocab_size=args.vocab,
         dim=args.dim,

