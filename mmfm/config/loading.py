@@ -102,7 +102,15 @@ def load_structured(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except Exception as e:  # yaml and OmegaConf grammar errors come in several types
+            raise ConfigError(
+                f"override {item!r} is not a valid value "
+                f"({getattr(e, 'problem', None) or _first_line(e)}): close every bracket "
+                "and quote, e.g. data.paths=[a,b] or key='text with [ or ,'"
+            ) from None
+        layers.append((layer, f"override {item!r}"))
 
     merged = OmegaConf.structured(root)
     for layer, origin in layers:

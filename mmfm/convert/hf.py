@@ -9,7 +9,10 @@ Import (`mmfm convert from-hf`): a Llama, Mistral or Qwen2 folder (safetensors, 
 with `weights_only=True`) -> an mmfm checkpoint for `train.init_from`, optionally with the
 vocabulary grown by the modality tokens: each new embedding (and output) row is the mean of
 the existing rows plus Gaussian noise of 1% of their standard deviation, seeded, so new
-tokens start near the "average token" without being identical.
+tokens start near the "average token" without being identical. What mmfm cannot reproduce
+exactly (scaled RoPE in any spelling transformers reads, a weight with no mmfm counterpart,
+NaN/Inf values) and damaged files (truncated JSON or safetensors) are refused in one message
+naming the file, before anything is written.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
 from mmfm.convert.keymaps import from_hf, model_config_from_hf, to_hf
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
-from mmfm.train.checkpoint import CONFIG_FILE, SafeFileSystemReader, _single_process_quiet
+from mmfm.train.checkpoint import (
+    CONFIG_FILE,
+    SafeFileSystemReader,
+    _single_process_quiet,
+    load_tensors,
+)
 
 log = logging.getLogger("mmfm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,12 +121,7 @@ def export_hf(
             else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         )
         tensors = {name: torch.empty(entries[name][0], dtype=entries[name][1]) for name in names}
-        with _single_process_quiet():
-            dcp.load(
-                {"model": tensors},
-                storage_reader=SafeFileSystemReader(ckpt),
-                planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-            )
+        load_tensors({"model": tensors}, SafeFileSystemReader(ckpt), partial=True)
         hf = {to_hf(name): t.to(torch_dtype).contiguous() for name, t in tensors.items()}
         if m.qkv_bias and arch == "llama":  # Llama's attention_bias also biases o_proj: zeros
             for name in list(hf):
@@ -193,15 +196,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 # -- import -------------------------------------------------------------------------------------
 
 
-def _hf_weights(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of a Hugging Face folder: safetensors (sharded or not) or .bin files read
-    with `torch.load(weights_only=True)`; never unpickles anything else."""
+def _hf_weights(hf_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) of a Hugging Face folder: safetensors (sharded or not) or .bin files
+    read with `torch.load(weights_only=True)`; never unpickles anything else."""
     files = sorted(hf_dir.glob("*.safetensors"))
     if files:
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    yield name, f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        yield file, name, f.get_tensor(name)
+            except SafetensorError as e:
+                raise ConversionError(
+                    f"{file} is not a readable safetensors file ({e}): it is truncated or "
+                    "damaged; download or save it again"
+                ) from None
         return
     files = sorted(hf_dir.glob("pytorch_model*.bin"))
     if not files:
@@ -211,7 +220,46 @@ def _hf_weights(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             weights = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for anything but plain tensors
             raise ConversionError(f"{file}: refused to load (weights only): {e}") from None
-        yield from weights.items()
+        if not isinstance(weights, dict) or not all(
+            isinstance(t, torch.Tensor) for t in weights.values()
+        ):
+            raise ConversionError(f"{file} is not a state dict (a mapping of names to tensors)")
+        for name, tensor in weights.items():
+            yield file, name, tensor
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(
+            f"{file} is not valid JSON ({e}): it is truncated or damaged; download or save it again"
+        ) from None
+
+
+def _import_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """mmfm name -> fp32 tensor of every weight in the folder; refuses unknown names and
+    NaN/Inf values, naming the file and the tensor."""
+    state: dict[str, torch.Tensor] = {}
+    for file, name, tensor in _hf_weights(hf_dir):
+        try:
+            mmfm_name = from_hf(name)
+        except KeyError:
+            raise ConversionError(
+                f"{file}: weight {name!r} has no place in mmfm's Llama/Mistral/Qwen2 model; this "
+                "is another architecture or a modified checkpoint (remove the weight if it is "
+                "not part of the model)"
+            ) from None
+        if mmfm_name is None:
+            continue
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            bad = "not floating point" if not tensor.is_floating_point() else "NaN or Inf values"
+            raise ConversionError(f"{file}: weight {name!r} has {bad}; refusing to import it")
+        state[mmfm_name] = tensor.float()
+    return state
 
 
 def _grow_rows(weight: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -229,18 +277,12 @@ def import_hf(
 ) -> Path:
     """Write an mmfm checkpoint (model weights, config.yaml, vocab.json) from a HF folder."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if not (hf_dir / "config.json").is_file():
-        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    base = model_config_from_hf(hf_cfg)
+    hf_cfg = _read_hf_config(hf_dir)
+    base = model_config_from_hf(hf_cfg, source=str(hf_dir / "config.json"))
     vocab = _extended_vocab(base, extend_vocab) if extend_vocab else None
     model_cfg = base if vocab is None else replace(base, vocab_size=vocab.size)
 
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in _hf_weights(hf_dir):
-        mmfm_name = from_hf(name)
-        if mmfm_name is not None:
-            state[mmfm_name] = tensor.float()
+    state = _import_state(hf_dir)
     if model_cfg.tie_embeddings:
         state.pop("output.weight", None)
     _check_state(state, model_cfg, hf_dir)

@@ -76,25 +76,63 @@ ARCHITECTURES = {
 }
 
 
-def model_config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
-    """mmfm's ModelConfig for a Hugging Face config.json; refuses what mmfm cannot run exactly."""
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_PLAIN_ROPE = (None, "default")
+
+
+def rope_of(hf: dict) -> tuple[object, float]:
+    """(RoPE type, theta) of a config.json, read the way `transformers` 4.x and 5.x read it:
+    `rope_scaling` wins over `rope_parameters`, the type is under `rope_type` or the older
+    `type`, and `rope_theta` inside that dict wins over the top-level one."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        return f"{params!r} (not a mapping)", 0.0
+    if any(isinstance(v, dict) for v in params.values()):
+        return f"per layer type {params}", 0.0  # nested by layer type: nothing mmfm runs
+    rope_type = params["rope_type"] if "rope_type" in params else params.get("type", "default")
+    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    return rope_type, theta
+
+
+def model_config_from_hf(
+    hf: dict, vocab_size: int | None = None, source: str = "config.json"
+) -> ModelConfig:
+    """mmfm's ModelConfig for a Hugging Face config.json; refuses what mmfm cannot run exactly.
+
+    `source` names the file in the messages."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source} holds a JSON {type(hf).__name__}, not an object of fields")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(
-            f"unsupported architecture {model_type!r} (config.json model_type); mmfm imports "
+            f"unsupported architecture {model_type!r} ({source} model_type); mmfm imports "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
     arch = ARCHITECTURES[model_type]
+    bad = [k for k in _REQUIRED if type(hf.get(k)) is not int or hf[k] <= 0]
+    if bad:
+        raise ConfigError(
+            f"{source} lacks a positive integer {', '.join(bad)}: not a complete "
+            f"{model_type} config (save it again with transformers' save_pretrained)"
+        )
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
 
     def refuse(why: str) -> None:
-        raise ConfigError(f"{model_type} checkpoint: {why}; mmfm cannot reproduce it exactly")
+        raise ConfigError(f"{source} ({model_type}): {why}; mmfm cannot reproduce it exactly")
 
     if hf.get("head_dim") not in (None, dim // heads):
         refuse(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        refuse(f"RoPE scaling is set ({hf.get('rope_scaling') or rope}; mmfm has plain RoPE)")
+    rope_type, rope_theta = rope_of(hf)
+    if rope_type not in _PLAIN_ROPE:
+        refuse(f"RoPE type {rope_type!r} (rope_scaling / rope_parameters; mmfm has plain RoPE)")
+    if type(rope_theta) not in (int, float) or rope_theta <= 0:
+        refuse(f"rope_theta {rope_theta!r} is not a positive number")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act is {hf['hidden_act']}, not silu")
     if hf.get("mlp_bias"):
@@ -115,7 +153,7 @@ def model_config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         ffn_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        rope_theta=float(rope_theta),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,

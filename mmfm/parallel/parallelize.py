@@ -83,8 +83,7 @@ def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
         if p.activation_checkpoint:
             _checkpoint_blocks(part, p.activation_checkpoint)
         if p.compile:
-            for block in part.layers.values():
-                block.compile()
+            _compile_blocks(part, tensor_parallel=p.tp > 1)
         if dp_mesh is not None:
             bf16 = cfg.train.precision == "bf16"
             apply_fsdp(part, dp_mesh, bf16, reshard_after_forward=p.pp == 1)
@@ -99,6 +98,18 @@ def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
         )
         return ParallelModel(ModelParts(parts), steps)
     return ParallelModel(model, LocalSteps(model, env.device, loss_context, autocast))
+
+
+def _compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:
+    """torch.compile each transformer block. Under tensor parallelism the embedding's output
+    is a view that `DTensor.to_local` makes inside an autograd Function; a compiled graph fed
+    that view returns no gradient for it (PyTorch 2.13 AOTAutograd), so the embedding would get
+    none and DTensor's redistribute fails in backward. A copy gives the first block an input
+    of its own: one activation copy per micro-batch, results exact."""
+    if tensor_parallel and part.tok_embeddings is not None:
+        part.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
+    for block in part.layers.values():
+        block.compile()
 
 
 def context_parallel_backend(p: ParallelConfig, env: ParallelEnv):

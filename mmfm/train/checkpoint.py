@@ -2,110 +2,90 @@
 
 `<run_dir>/checkpoints/step_<N>/` holds the DCP files (tensors only: model, optimizer state,
 RNG), `train_state.json` (step, scheduler, loader cursor, optimizer hyper-parameters,
-counters) and `config.yaml`. A checkpoint is written as `.step_<N>.tmp` and renamed when
-complete, so a crash mid-write never leaves a directory that `resume=auto` would pick.
+counters), `config.yaml` and, written last, the marker `COMPLETE`. A checkpoint is written as
+`.step_<N>.tmp` and renamed when complete, and pruning removes the marker first, so neither a
+crash mid-write nor one mid-prune leaves a directory that `resume=auto` would pick. A write
+that fails (disk full) removes its temporary directory and leaves the previous checkpoints
+as they were.
 
-Loading never unpickles arbitrary objects: DCP's `.metadata` is read by an unpickler that
-admits only DCP's own metadata classes, and a checkpoint whose entries are not all tensors
-(DCP would `torch.load(weights_only=False)` them) is refused.
+Loading goes through `mmfm.train.dcp_reader`: nothing in a checkpoint is unpickled or
+executed beyond DCP's own metadata classes, and every name, shape and file is checked first.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+
+from mmfm.train.dcp_reader import (
+    CheckpointError,
+    DamagedCheckpointError,
+    SafeFileSystemReader,
+    UnsafeCheckpointError,
+    _single_process_quiet,
+    check_entries,
+    error_line,
+    load_tensors,
+)
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "DamagedCheckpointError",
+    "SafeFileSystemReader",
+    "UnsafeCheckpointError",
+    "load_checkpoint_model",
+    "load_tensors",
+]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.yaml"
+COMPLETE_FILE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unsafe or does not match the run."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP writes into `.metadata`; anything else is refused unimported."""
-
-    _ALLOWED = frozenset(
-        {
-            ("torch", "Size"),
-            ("torch.serialization", "_get_layout"),
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-            ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"),
-            ("pathlib", "WindowsPath"),
-            ("pathlib", "PureWindowsPath"),
-            ("collections", "OrderedDict"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        dcp_metadata = module == "torch.distributed.checkpoint.metadata"
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if dcp_metadata or dtype or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}; refusing to load")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` without arbitrary unpickling (see the module docstring)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        with open(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except CheckpointError as e:
-                raise CheckpointError(f"{path}: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path} is not DCP metadata")
-        for key, item in metadata.state_dict_metadata.items():
-            if not isinstance(item, TensorStorageMetadata):
-                raise CheckpointError(f"{path}: entry {key!r} is not a tensor; refusing to load")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-@contextmanager
-def _single_process_quiet():
-    """DCP warns on every call that it runs without a process group; in one process that is
-    the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        yield
-
-
 def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and (path / ".metadata").is_file()
+    """Written to the end (the marker is written last and removed first)."""
+    return all((path / name).is_file() for name in (COMPLETE_FILE, STATE_FILE, ".metadata"))
 
 
 def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))  # type: ignore[union-attr]
 
 
+def _read_state(path: Path) -> dict:
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DamagedCheckpointError(
+            f"{file} is not readable JSON ({error_line(e)}): the checkpoint is damaged; use "
+            "another checkpoint"
+        ) from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(
+            f"{file} holds a {type(state).__name__}, not an object: the checkpoint is damaged; "
+            "use another checkpoint"
+        )
+    return state
+
+
 class Checkpointer:
     """Saves, finds, loads and prunes the checkpoints of one run.
 
     In a multi-process job every rank writes its shards with DCP; the main rank then writes
-    the JSON state and renames the directory, between barriers.
+    the JSON state, the marker, and renames the directory, between barriers.
     """
 
     def __init__(
@@ -122,18 +102,15 @@ class Checkpointer:
         self.extra_files = extra_files
         """Files copied into every checkpoint (the vocabulary)."""
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+    def step_dirs(self) -> list[Path]:
+        """Every `step_<N>` directory, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [
-            p
-            for p in self.root.iterdir()
-            if _STEP_DIR.match(p.name)
-            and (p / STATE_FILE).is_file()
-            and (p / ".metadata").is_file()
-        ]
-        return sorted(found, key=step_of)
+        return sorted((p for p in self.root.iterdir() if _STEP_DIR.match(p.name)), key=step_of)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return [p for p in self.step_dirs() if is_complete(p)]
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -146,17 +123,36 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
-        with _single_process_quiet():
-            dcp.save(tensors, checkpoint_id=tmp)
+        try:
+            with _single_process_quiet():
+                dcp.save(tensors, checkpoint_id=tmp)
+            if self.is_main:
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                (tmp / CONFIG_FILE).write_text(config_yaml)
+                for path in self.extra_files:
+                    shutil.copyfile(path, tmp / path.name)
+                (tmp / COMPLETE_FILE).write_text(f"{step}\n")  # last: the rest is on disk
+        except (OSError, CheckpointException) as e:
+            raise self._write_failed(final, tmp, e) from None
         if self.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-            for path in self.extra_files:
-                shutil.copyfile(path, tmp / path.name)
             self._publish(tmp, final)
             self._prune()
         self.barrier()
         return final
+
+    def _write_failed(self, final: Path, tmp: Path, e: BaseException) -> CheckpointError:
+        if isinstance(e, CheckpointException):  # DCP's wrapper: the first rank's own error
+            e = next(iter(e.failures.values()))[0]
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "no space left on the device" if full else error_line(e)
+        previous = self.latest()
+        kept = f"the previous checkpoint {previous} is intact" if previous else "none before it"
+        return CheckpointError(
+            f"cannot write checkpoint {final} ({reason}); {kept}: free space in {self.root} "
+            "(or lower checkpoint.keep), then continue with train.resume=auto"
+        )
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # the same step saved again, e.g. a signal right after a save
@@ -169,50 +165,56 @@ class Checkpointer:
             os.replace(tmp, final)
 
     def _prune(self) -> None:
-        for path in self.complete()[: -self.keep]:
+        done = self.complete()
+        for path in done[: -self.keep]:
             log.info("removing old checkpoint %s (checkpoint.keep=%d)", path, self.keep)
+            (path / COMPLETE_FILE).unlink()  # first: a crash mid-removal leaves no checkpoint
             shutil.rmtree(path)
+        newest = step_of(done[-1]) if done else -1
+        for path in self.step_dirs():  # older, unmarked: leftovers of an interrupted prune
+            if step_of(path) < newest and not is_complete(path):
+                shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".step_*"):  # leftovers of crashed writes
             shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
-    def load_model(path: str | Path, model_state: dict) -> None:
+    def load_model(path: str | Path, model_state: dict, whole_model: bool = False) -> None:
         """Fill a model state dict in place from checkpoint `path` (its "model." entries only:
-        no optimizer, no training state), after checking every name and shape."""
+        no optimizer, no training state), after checking every name and shape; with
+        `whole_model` (not one pipeline stage's share), also that the checkpoint holds no
+        weight the model lacks."""
         path = Path(path)
         if not (path / ".metadata").is_file():
             raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
-        for name, tensor in model_state.items():
-            entry = stored.get(f"model.{name}")
-            if entry is None:
-                raise CheckpointError(f"{path} has no weight {name!r}: a different model")
-            if tuple(entry.size) != tuple(tensor.shape):
-                raise CheckpointError(
-                    f"{path}: {name} has shape {tuple(entry.size)}, the model wants "
-                    f"{tuple(tensor.shape)}: make the model section match the checkpoint's"
-                )
-        with _single_process_quiet():
-            dcp.load(
-                {"model": model_state},
-                storage_reader=reader,
-                planner=DefaultLoadPlanner(allow_partial_load=True),
-            )
+        check_entries(path, stored, {"model": model_state}, whole_model)
+        load_tensors({"model": model_state}, reader, partial=True)
 
     @staticmethod
-    def load(path: str | Path, tensors: dict) -> dict:
-        """Fill `tensors` (a state dict of the right structure) in place; return the JSON state."""
+    def load(path: str | Path, tensors: dict, whole_model: bool = False) -> dict:
+        """Fill `tensors` (a state dict of the right structure) in place; return the JSON state.
+
+        Everything that can be checked without reading the tensors is checked first: the
+        marker, the metadata (safely), the JSON state, the data files, every name and shape
+        (`whole_model`: as in `load_model`).
+        """
         path = Path(path)
         if not is_complete(path):
+            have = (path / STATE_FILE).is_file() and (path / ".metadata").is_file()
             raise CheckpointError(
-                f"{path} is not a complete mmfm checkpoint (needs .metadata and {STATE_FILE})"
+                f"{path} has no {COMPLETE_FILE} marker: it was not written to the end or was "
+                "being removed; use another checkpoint"
+                if have
+                else f"{path} is not a complete mmfm checkpoint (needs .metadata, {STATE_FILE} "
+                f"and {COMPLETE_FILE})"
             )
         reader = SafeFileSystemReader(path)
-        reader.read_metadata()  # DCP would wrap our refusal in a generic CheckpointException
-        with _single_process_quiet():
-            dcp.load(tensors, storage_reader=reader)
-        return json.loads((path / STATE_FILE).read_text())
+        stored = reader.read_metadata().state_dict_metadata
+        state = _read_state(path)
+        check_entries(path, stored, tensors, whole_model)
+        load_tensors(tensors, reader)
+        return state
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -227,6 +229,6 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model, device)
     model.to_empty(device=device)
     state = model.state_dict()
-    Checkpointer.load_model(path, state)
+    Checkpointer.load_model(path, state, whole_model=True)
     model.load_state_dict(state)
     return model.eval(), cfg
