@@ -6,7 +6,10 @@ data-parallel rank owns the contiguous block of streams whose rows it trains on 
 only their shards; its loader workers (processes) split those streams among themselves and
 run ahead by `data.prefetch` steps. Every row arrives with its stream's state as of that
 row, so the state saved at a step boundary is exact even though workers run ahead. A
-context-parallel rank then keeps its zigzag chunks of every row.
+context-parallel rank then keeps its zigzag chunks of every row. A stream that has read its
+share of every capped source gives empty rows (no targets); the step after the one at which
+every stream on every rank is dry (the `dry_streams` counter, summed over ranks by the
+trainer) raises `SourcesExhausted` on every rank.
 
 State: `{stream id: stream state}` for all streams, gathered from every rank at checkpoint
 time; any data-parallel size (and any number of workers) can resume from it.
@@ -15,25 +18,30 @@ time; any data-parallel size (and any number of workers) can resume from it.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import pickle
 import queue
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mmfm.config.schema import Config, SourceConfig
+from mmfm.data import orphans
 from mmfm.data.batch import Batch
-from mmfm.data.packing import modality_weight_table
+from mmfm.data.packing import RowBuilder, RowStats, modality_weight_table
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.stream import (
     SKIP_REASONS,
     DataError,
+    SourcesExhausted,
     SourceSpec,
     StreamSettings,
     VirtualStream,
 )
+from mmfm.data.tario import Interrupted, set_stop_check
 from mmfm.data.zigzag import zigzag_slice
 
 STATE_FORMAT = "mmfm-streams/1"
@@ -52,9 +60,16 @@ class _Row:
 
 
 def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
-    arrays, stats, skipped = stream.next_row()
+    """The stream's next row; once it ran dry, empty rows until every stream has."""
+    try:
+        arrays, stats, skipped = stream.next_row()
+    except SourcesExhausted:
+        settings = stream.settings
+        arrays = RowBuilder(settings.seq_len, np.asarray(settings.weights, np.float32)).finish()
+        stats, skipped = RowStats(pad=settings.seq_len, dry=True), {}
     counts = {"pad_tokens": float(stats.pad), "split_docs": float(stats.split)}
     counts["dropped_docs"] = float(stats.dropped)
+    counts["dry_streams"] = float(stats.dry)
     for source, tokens in stats.tokens_by_source.items():
         counts[f"tokens/{names[source]}"] = float(tokens)
     for reason, n in skipped.items():
@@ -73,7 +88,8 @@ def _build_streams(ids, sources, settings, snapshots) -> list[VirtualStream]:
 
 
 def _worker(ids, sources, settings, snapshots, out: mp.Queue) -> None:
-    """Produce rows for `ids`, step after step, until the parent goes away."""
+    """Produce rows for `ids`, step after step, until the parent goes away (started through
+    `orphans.run`, so it also goes when the parent is killed)."""
     try:
         streams = _build_streams(ids, sources, settings, snapshots)
         names = [s.name for s in sources]
@@ -82,6 +98,9 @@ def _worker(ids, sources, settings, snapshots, out: mp.Queue) -> None:
                 out.put(_produce(stream, names))
     except DataError as e:  # bad or too little data: the message says what to change
         out.put(("data", str(e)))
+    except SystemExit:  # stopped by the parent (close) or because it is gone
+        out.cancel_join_thread()  # rows nobody will read: exit without flushing them
+        raise
     except BaseException:
         out.put(("error", traceback.format_exc()))
 
@@ -113,6 +132,8 @@ class StreamingLoader:
         self._procs: list = []
         self._queues: list = []
         self._counts: dict[str, float] = {}
+        self._all_dry = False
+        """Every stream (on every rank) has run dry: the next step raises SourcesExhausted."""
 
     @property
     def names(self) -> list[str]:
@@ -130,30 +151,32 @@ class StreamingLoader:
         for w in range(self.num_workers):
             ids = self.stream_ids[w :: self.num_workers]
             q = ctx.Queue(maxsize=max(1, self.prefetch * len(ids)))
+            snapshots = {str(i): self.snapshots[str(i)] for i in ids}
+            payload = pickle.dumps((ids, self.sources, self.settings, snapshots))
             p = ctx.Process(
-                target=_worker,
-                args=(
-                    ids,
-                    self.sources,
-                    self.settings,
-                    {str(i): self.snapshots[str(i)] for i in ids},
-                    q,
-                ),
+                target=orphans.run,
+                args=(os.getpid(), "mmfm.data.loader:_worker", payload, q),
                 daemon=True,
             )
             p.start()
             self._procs.append(p)
             self._queues.append(q)
 
-    def _next_row(self, position: int) -> _Row:
+    def _next_row(self, position: int, stop: Callable[[], bool]) -> _Row:
         if self._streams is not None:
-            return _produce(self._streams[position], self.names)
+            set_stop_check(stop)
+            try:
+                return _produce(self._streams[position], self.names)
+            finally:
+                set_stop_check(None)
         q = self._queues[position % self.num_workers]
         while True:
             try:
-                item = q.get(timeout=10)
+                item = q.get(timeout=0.25)  # short, so that a stop is honoured while waiting
                 break
             except queue.Empty:
+                if stop():
+                    raise Interrupted("stopped while waiting for a loader worker") from None
                 dead = [p for p in self._procs if not p.is_alive()]
                 if dead:
                     raise DataError(
@@ -164,19 +187,36 @@ class StreamingLoader:
             raise DataError(text if kind == "data" else f"a loader worker failed:\n{text}")
         return item
 
-    def next_step(self) -> list[Batch]:
-        """This rank's rows of the next global batch, as micro-batches."""
+    def next_step(self, stop: Callable[[], bool] | None = None) -> list[Batch]:
+        """This rank's rows of the next global batch, as micro-batches.
+
+        When `stop()` turns true while waiting for data, raise `Interrupted` with the state
+        as it was before this step (the next call starts again from there).
+        """
+        if self._all_dry:
+            raise SourcesExhausted(
+                "every source reached its max_epochs (every stream read its share of every "
+                "epoch): raise data.sources[*].max_epochs or train for fewer steps"
+            )
         if self._streams is None and not self._procs:
             self._start()
         rows, counts = [], {}
-        for position, stream_id in enumerate(self.stream_ids):
-            row = self._next_row(position)
-            assert row.stream == stream_id, "loader workers out of order"
-            self.snapshots[str(stream_id)] = row.snapshot
-            rows.append(row.arrays)
-            for key, value in row.counts.items():
-                counts[key] = counts.get(key, 0.0) + value
+        before = dict(self.snapshots)
+        try:
+            for position, stream_id in enumerate(self.stream_ids):
+                row = self._next_row(position, stop or (lambda: False))
+                assert row.stream == stream_id, "loader workers out of order"
+                self.snapshots[str(stream_id)] = row.snapshot
+                rows.append(row.arrays)
+                for key, value in row.counts.items():
+                    counts[key] = counts.get(key, 0.0) + value
+        except Interrupted:
+            self.close()  # workers (or in-process streams) restart from the snapshots
+            self._streams = None
+            self.snapshots = before
+            raise
         self._counts = counts
+        self._all_dry = counts.get("dry_streams", 0.0) == self.settings.n_streams
         mbs = self.micro_batch_size
         return [
             zigzag_slice(collate(rows[i : i + mbs]), self.cp_size, self.cp_rank)
@@ -185,14 +225,19 @@ class StreamingLoader:
 
     def close(self) -> None:
         for p in self._procs:
-            p.kill()
+            p.terminate()  # SIGTERM: the worker ends its pipe commands, then exits
+        for p in self._procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
         self._procs, self._queues = [], []
 
     # -- metrics -----------------------------------------------------------------------------
 
     def count_keys(self) -> list[str]:
         """The additive counters of a step, in a fixed order (summed over ranks by the trainer)."""
-        keys = ["pad_tokens", "split_docs", "dropped_docs"]
+        keys = ["pad_tokens", "split_docs", "dropped_docs", "dry_streams"]
         keys += [f"tokens/{n}" for n in self.names] + [f"skipped/{r}" for r in SKIP_REASONS]
         return keys
 
@@ -202,6 +247,8 @@ class StreamingLoader:
     def describe(self, counts: Sequence[float]) -> dict[str, float]:
         """Metrics from the step's counters summed over data-parallel ranks."""
         c = dict(zip(self.count_keys(), counts, strict=True))
+        # streams done with one pass give empty rows; once all are, the next step stops
+        self._all_dry = c["dry_streams"] == self.settings.n_streams
         total = self.settings.n_streams * self.settings.seq_len
         metrics = {"data/padding": c["pad_tokens"] / total, "data/split_docs": c["split_docs"]}
         metrics["data/dropped_docs"] = c["dropped_docs"]
@@ -211,6 +258,8 @@ class StreamingLoader:
         for r in SKIP_REASONS:
             if c[f"skipped/{r}"]:
                 metrics[f"data/skipped/{r}"] = c[f"skipped/{r}"]
+        if c["dry_streams"]:
+            metrics["data/dry_streams"] = c["dry_streams"]
         return metrics
 
     # -- state -------------------------------------------------------------------------------
@@ -292,10 +341,13 @@ def build_loader(
         seed=cfg.train.seed,
         weights=tuple(modality_weight_table(d.loss_weights).tolist()),
         shuffle_buffer=d.shuffle_buffer,
+        shuffle_buffer_tokens=d.shuffle_buffer_tokens,
         packing=d.packing,
         pack_buffer=d.pack_buffer,
         long_docs=d.long_docs,
         max_error_rate=d.max_error_rate,
+        vocab_size=cfg.model.vocab_size,
+        read_timeout_s=d.read_timeout_s,
     )
     return StreamingLoader(
         source_specs(cfg),

@@ -10,7 +10,8 @@ targets). `Packer` decides what goes in a row from a bounded buffer of pending d
 - greedy: documents in arrival order; one that does not fit starts the next row.
 
 Documents longer than a row are split into row-sized pieces (`long_docs: split`; each piece
-still predicts the next token of the document) or dropped and counted (`drop`).
+still predicts the next token of the document) or dropped and counted (`drop`). The buffer is
+bounded in documents and in tokens (`max_tokens`): a few huge documents do not fill it.
 """
 
 from __future__ import annotations
@@ -113,16 +114,20 @@ class RowStats:
     split: int = 0
     dropped: int = 0
     tokens_by_source: dict[int, int] = field(default_factory=dict)
+    dry: bool = False
+    """The stream has no document left after this row."""
 
 
 class Packer:
     def __init__(
         self, seq_len: int, weights: np.ndarray, mode: str = "best_fit", buffer: int = 32,
-        long_docs: str = "split",
+        long_docs: str = "split", max_tokens: int = 1 << 62,
     ):  # fmt: skip
         self.seq_len, self.weights = seq_len, weights
         self.mode, self.long_docs = mode, long_docs
         self.capacity = buffer if mode == "best_fit" else 1
+        self.max_tokens = max_tokens
+        """The buffer takes no further document once it holds this many tokens."""
         self.buffer: list[Pending] = []
 
     def row(self, pull: Callable[[], Pending]) -> tuple[dict[str, np.ndarray], RowStats]:
@@ -154,12 +159,15 @@ class Packer:
         return row.finish(), stats
 
     def _fill(self, pull: Callable[[], Pending], stats: RowStats) -> None:
-        while len(self.buffer) < self.capacity:
+        while len(self.buffer) < self.capacity and self._held() < self.max_tokens:
             pending = pull()
             if self.long_docs == "drop" and pending.remaining > self.seq_len:
                 stats.dropped += 1
                 continue
             self.buffer.append(pending)
+
+    def _held(self) -> int:
+        return sum(p.remaining for p in self.buffer)
 
     def _choose(self, row: RowBuilder) -> Pending | None:
         if row.used == 0:  # the oldest document (a piece of it, if longer than a row)

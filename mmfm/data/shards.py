@@ -5,15 +5,22 @@ and `<key>.json` (`{"segments": [[modality, start, end], ...], "source": ..., "i
 "no_loss": [[start, end], ...]}`), where the segments tile the document and name the modality
 of each span, `id` is the document's original id and `no_loss` (optional) marks tokens that
 are never targets (prompts, instructions). Only these two members are decoded, with
-`numpy.load(allow_pickle=False)` and `json`: a shard can never make the reader unpickle.
+`numpy.load(allow_pickle=False)` and `json`: a shard can never make the reader unpickle. The json
+ends with `"crc32"`, a CRC-32 of both members, so a damaged sample is counted, not trained on.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
 import re
+import shlex
+import urllib.error
+import urllib.request
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,9 @@ import numpy as np
 import webdataset as wds
 
 from mmfm.data.batch import MODALITY_NAMES, Modality
+from mmfm.data.tario import Damage, read_tar
+
+log = logging.getLogger("mmfm.data")
 
 
 class ShardError(RuntimeError):
@@ -56,7 +66,8 @@ class Document:
 
 def encode_sample(doc: Document, sample_key: str | None = None) -> dict:
     """The tar members of `doc`; `sample_key` names them (default: the document id, which
-    must then be a safe file name without dots)."""
+    must then be a safe file name without dots). The json ends with a CRC-32 of both members,
+    so a damaged sample is told from a good one."""
     buf = io.BytesIO()
     tokens = np.asarray(doc.tokens)
     small = tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)
@@ -64,11 +75,26 @@ def encode_sample(doc: Document, sample_key: str | None = None) -> dict:
     meta = {"segments": doc.segments(), "source": doc.source, "id": doc.key}
     if doc.no_loss:
         meta["no_loss"] = [list(span) for span in doc.no_loss]
+    body = json.dumps(meta).encode()
+    crc = zlib.crc32(body, zlib.crc32(buf.getvalue()))
     return {
         "__key__": sample_key or doc.key,
         "tokens.npy": buf.getvalue(),
-        "json": json.dumps(meta).encode(),
+        "json": body[:-1] + b', "crc32": "%08x"}' % crc,
     }
+
+
+_CRC_TAIL = re.compile(rb', "crc32": "([0-9a-f]{8})"\}$')
+
+
+def _check_crc(raw_tokens: bytes, raw_meta: bytes) -> None:
+    """Raise ValueError when the sample's CRC-32 (if it has one) does not match."""
+    match = _CRC_TAIL.search(raw_meta)
+    if match is None:
+        return  # written before samples carried one
+    body = raw_meta[: match.start()] + b"}"
+    if zlib.crc32(body, zlib.crc32(raw_tokens)) != int(match.group(1), 16):
+        raise ValueError("its CRC-32 does not match (the sample is damaged)")
 
 
 _NPY_HEADER = re.compile(
@@ -91,45 +117,74 @@ def load_tokens(raw: bytes) -> np.ndarray:
 _MODALITY = {name: Modality[name.upper()] for name in MODALITY_NAMES}
 
 
-def decode_sample(sample: dict, url: str) -> Document:
-    try:
-        raw_tokens, raw_meta = sample["tokens.npy"], sample["json"]
-    except KeyError:
-        key = sample.get("__key__", "?")
-        raise ShardError(
-            f"shard {url}, sample {key!r}: needs members tokens.npy and json, has {sorted(sample)}"
-        ) from None
-    try:
-        tokens = load_tokens(raw_tokens)
-        meta = json.loads(raw_meta)
-    except (ValueError, OSError) as e:
-        raise ShardError(
-            f"shard {url}, sample {sample.get('__key__')!r}: cannot decode: {e}"
-        ) from e
-    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-        raise ShardError(
-            f"shard {url}, sample {sample.get('__key__')!r}: tokens.npy must be a 1-D integer "
-            f"array, got {tokens.dtype}"
-        )
-    n = len(tokens)
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _modality(meta: dict, n: int) -> np.ndarray:
+    """The modality of every token from the segments; ValueError unless they tile [0, n)."""
     segments = meta.get("segments", [])
+    if not isinstance(segments, list):
+        raise ValueError(f"segments must be a list, got {type(segments).__name__}")
     covered = 0
     modality = np.empty(n, dtype=np.uint8)
-    for name, start, end in segments:
-        if name not in _MODALITY or start != covered or not start <= end <= n:
-            raise ShardError(
-                f"shard {url}, sample {sample.get('__key__')!r}: bad segment {[name, start, end]} "
-                f"(segments must tile the document in order)"
-            )
+    for segment in segments:
+        ok = isinstance(segment, list) and len(segment) == 3
+        name, start, end = segment if ok else (None, None, None)
+        if not (ok and name in _MODALITY and _int(start) and _int(end)) or not (
+            start == covered and start <= end <= n
+        ):
+            raise ValueError(f"bad segment {segment!r} (segments must tile the document in order)")
         modality[start:end] = _MODALITY[name]
         covered = end
     if covered != n:
+        raise ValueError(f"segments do not cover all {n} tokens")
+    return modality
+
+
+def _no_loss(meta: dict, n: int) -> tuple[tuple[int, int], ...]:
+    spans = meta.get("no_loss", [])
+    if not isinstance(spans, list) or not all(
+        isinstance(s, list) and len(s) == 2 and all(map(_int, s)) and 0 <= s[0] <= s[1] <= n
+        for s in spans
+    ):
+        raise ValueError(f"no_loss must be a list of [start, end] token spans, got {spans!r}")
+    return tuple((a, b) for a, b in spans)
+
+
+def decode_sample(sample: dict, url: str, vocab_size: int = 0) -> Document:
+    """The document of one sample; ShardError naming the shard and key if it is bad in any
+    way, including token ids outside `[0, vocab_size)` when `vocab_size` is given."""
+    key = sample.get("__key__", "?")
+    try:
+        raw_tokens, raw_meta = sample["tokens.npy"], sample["json"]
+    except KeyError:
         raise ShardError(
-            f"shard {url}, sample {sample.get('__key__')!r}: segments do not cover all {n} tokens"
-        )
-    no_loss = tuple((int(a), int(b)) for a, b in meta.get("no_loss", ()))
-    doc_id = meta.get("id", sample.get("__key__", "?"))
-    return Document(tokens.astype(np.int64), modality, doc_id, meta.get("source", ""), no_loss)
+            f"shard {url}, sample {key!r}: needs members tokens.npy and json, has "
+            f"{sorted(k for k in sample if k != '__key__')}"
+        ) from None
+    try:
+        _check_crc(raw_tokens, raw_meta)
+        tokens = load_tokens(raw_tokens)
+        meta = json.loads(raw_meta)
+        if not isinstance(meta, dict):
+            raise ValueError(f"the json must be an object, got {type(meta).__name__}")
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"tokens.npy must be a 1-D integer array, got {tokens.dtype}")
+        n = len(tokens)
+        modality, no_loss = _modality(meta, n), _no_loss(meta, n)
+        doc_id, source = meta.get("id", key), meta.get("source", "")
+        if not isinstance(doc_id, (str, int)) or not isinstance(source, str):
+            raise ValueError("id and source must be strings")
+        if vocab_size and n and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+            raise ValueError(
+                f"{len(bad)} token id(s) outside the vocabulary (first {int(bad[0])}, "
+                f"model.vocab_size={vocab_size}): the shard was made with another vocabulary"
+            )
+    except (ValueError, OSError, TypeError, RecursionError) as e:
+        raise ShardError(f"shard {url}, sample {key!r}: cannot decode: {e}") from e
+    return Document(tokens.astype(np.int64), modality, str(doc_id), source, no_loss)
 
 
 def write_shard(path: str | Path, docs: Sequence[Document]) -> None:
@@ -148,72 +203,69 @@ def write_shard(path: str | Path, docs: Sequence[Document]) -> None:
 
 
 class DamagedShard(ShardError):
-    """A local shard that tarfile would silently cut short; `reason` says how."""
+    """A shard cut short or damaged; `reason` is the skip reason it is counted under."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
 
 
-def _header_size(block: bytes, path: str, offset: int) -> int:
-    """The member size of a 512-byte tar header, after checking its checksum."""
-    stored = block[148:156].split(b"\0", 1)[0].strip()
-    computed = sum(block) - sum(block[148:156]) + 8 * 32  # the checksum field counts as spaces
+def read_shard(url: str, skip: int = 0, timeout_s: float = 300.0) -> Iterator[Document]:
+    """Documents of one shard (local path, `http(s)://` or `pipe:`), after the first `skip`;
+    ShardError at the first bad sample and DamagedShard where the shard is damaged or cut."""
+    for index, sample in enumerate(_strict(url, timeout_s)):
+        if index >= skip:
+            yield decode_sample(sample, url)
+
+
+def _strict(url: str, timeout_s: float) -> Iterator[dict]:
+    """The samples, one behind, so that damage is named before the sample it cut short."""
+    held = None
+    for item in read_tar(url, timeout_s):
+        if isinstance(item, Damage):
+            raise DamagedShard(item.detail, item.reason)
+        if held is not None:
+            yield held
+        held = item
+    if held is not None:
+        yield held
+
+
+def held_samples(url: str) -> int | None:
+    """How many samples the shard holds by the `manifest.json` beside it (`mmfm prepare`
+    writes one), or None where there is none: local and http(s) shards, and `pipe:` commands
+    whose last argument is a local file (`pipe:cat x.tar`)."""
+    base, _, name = url.rpartition("/")
+    if url.startswith(("http://", "https://")):
+        return _manifest_counts(base + "/manifest.json", 0).get(name)
+    if url.startswith("pipe:"):
+        try:
+            url = shlex.split(url[len("pipe:") :])[-1]
+        except (ValueError, IndexError):
+            return None
+    path = Path(url)
     try:
-        ok = stored and int(stored, 8) == computed
-        raw = block[124:136]
-        size = (
-            int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.strip(b"\0 ") or b"0", 8)
-        )
-    except ValueError:
-        ok = False
-    if not ok:
-        raise DamagedShard(
-            f"shard {path} has a damaged tar header at byte {offset}; rewrite it", "corrupt_shard"
-        )
-    return size
+        manifest = path.parent / "manifest.json"
+        return _manifest_counts(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
+    except OSError:
+        return None
 
 
-def check_tar(path: str) -> None:
-    """Raise DamagedShard unless every header of a local tar is valid up to the end blocks.
-
-    Python's tarfile (and so webdataset) treats a truncated file or a damaged header after the
-    first as the end of the archive and silently drops the rest; walking the headers (512
-    bytes each, checksums checked, the data skipped) tells a complete shard from a damaged one.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        offset = 0
-        while True:
-            block = f.read(512)
-            if len(block) < 512:
-                raise DamagedShard(
-                    f"shard {path} is truncated at byte {offset} of {size} (no end-of-archive "
-                    "blocks); rewrite or remove it",
-                    "truncated_shard",
-                )
-            if block == bytes(512):
-                return
-            offset += 512 + -(-_header_size(block, path, offset) // 512) * 512
-            f.seek(offset)
-
-
-def read_shard(url: str, skip: int = 0) -> Iterator[Document]:
-    """Documents of one shard (local path, `http(s)://` or `pipe:`), after the first `skip`.
-
-    Local shards are checked for truncation first; streamed ones cannot be checked here.
-    """
-    if os.path.isfile(url):
-        check_tar(url)
-    stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+@functools.lru_cache(maxsize=256)
+def _manifest_counts(where: str, version: int) -> dict[str, int]:
+    """{shard file name: samples} of one manifest (`version`: its mtime, for the cache)."""
     try:
-        for index, sample in enumerate(stream):
-            if index >= skip:
-                yield decode_sample(sample, url)
-    except ShardError:
-        raise
-    except Exception as e:  # tarfile, gzip, IO errors: name the shard
-        raise ShardError(f"shard {url}: {type(e).__name__}: {e}") from e
+        if where.startswith(("http://", "https://")):
+            with urllib.request.urlopen(where, timeout=10) as response:
+                raw = response.read(1 << 24)
+        else:
+            raw = Path(where).read_bytes()
+        shards = json.loads(raw)["shards"]
+        return {s["file"]: int(s["samples"]) for s in shards}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(e, urllib.error.HTTPError):
+            log.warning("cannot use %s to count documents: %s", where, e)
+        return {}
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:

@@ -2,40 +2,69 @@
 
 A run has one virtual stream per row of the global batch: row i of every global batch comes
 from stream i, whatever the number of data-parallel ranks or loader workers. Each stream
-reads its own share of every source's shards (each epoch the shards are shuffled from the
-seed and dealt out; when there are fewer shards than streams, a shard is shared by taking
-every k-th sample), mixes the sources by weight (weights are shares of tokens: the next
-document comes from the source furthest below its share, so the mix is exact at every
-point, not just on average), shuffles through a bounded buffer and packs rows. Its whole
+reads its share of every source, mixes the sources by weight (weights are shares of tokens:
+the next document comes from the source furthest below its share, so the mix is exact at
+every point, not just on average), shuffles through a bounded buffer and packs rows. Its whole
 state is small JSON: per-source cursors and token counts, the RNG state, and references to
 the documents held in its buffers (re-read on restore). Ranks own disjoint sets of streams,
 so a checkpoint taken at one data-parallel size resumes at another with no document lost
 and none repeated.
 
-Bad data never stops a stream silently: an undecodable sample, a missing member, an empty
-document, a corrupt or truncated shard is skipped, counted by reason, and logged once with
-its shard and key; past `max_error_rate` the stream raises `DataError`.
+An epoch is global: in epoch e the streams together read every document of a source once.
+Streams live on different ranks and workers and never talk, so the deal is a pure function
+of (seed, source, epoch, number of streams) and the shard sizes, known before reading (the
+`manifest.json` of `mmfm prepare`, else one pass over a local tar's headers; shards whose
+size cannot be known, `http://` or `pipe:`, count as equal): the epoch's shards are shuffled
+and dealt largest first to the stream with the fewest tokens so far, and while the shares
+differ by more than 2% the largest units are halved into every-k-th-sample slices (each
+unit is one read of its shard; at most 8 units per stream more than there are shards) and
+dealt again. Every stream gets about the same number of tokens, so all run dry at about the
+same time (packing pads each differently): a stream done with its share starts its share of
+the next epoch (with unlimited epochs, a few rows before the others finish theirs), or, once
+every source reached `max_epochs`, gives empty rows until every stream on every rank is dry
+(the loader learns it from the step's counters, summed over ranks), so one pass reads every
+document.
+
+Memory is bounded in tokens as well as documents (`shuffle_buffer_tokens`, for the shuffle
+and the pack buffer each), and a stream never holds two copies of one document: a source's
+next epoch starts only once no document of its earlier epochs is left in the buffers.
+
+Bad data never stops a stream silently: an undecodable sample (or one whose CRC, segments or
+token ids are wrong), a missing member, an empty document, a corrupt, truncated or stalled
+shard is skipped, counted by reason in documents lost, and logged once with its shard and
+key; past `max_error_rate` the stream raises `DataError`.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
+import json
 import logging
-import math
 import os
+import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from mmfm.data.packing import Exhausted, Packer, Pending, RowStats
-from mmfm.data.shards import DamagedShard, Document, ShardError, check_tar, decode_sample
+from mmfm.data.shards import Document, ShardError, decode_sample, held_samples
+from mmfm.data.tario import Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
 
-SKIP_REASONS = ("corrupt_shard", "truncated_shard", "bad_sample", "missing_field", "empty")
+SKIP_REASONS = (
+    "corrupt_shard",
+    "truncated_shard",
+    "timeout_shard",
+    "bad_sample",
+    "missing_field",
+    "empty",
+)
+"""Why documents were lost; each counts documents (a damaged shard: those it lost, at least one)."""
 
 
 class DataError(RuntimeError):
@@ -46,13 +75,21 @@ class SourcesExhausted(DataError, Exhausted):
     """Every source reached its max_epochs and every buffered document has gone out."""
 
 
+class Blocked(Exhausted):
+    """No source may give a document now: each waits for its earlier epoch to leave the buffers."""
+
+
+def _tokens(pending: Sequence[Pending]) -> int:
+    return sum(p.remaining for p in pending)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     name: str
     urls: tuple[str, ...]
     weight: float
     max_epochs: int = 0
-    """Repetition cap: epochs a stream reads of this source; 0 means no cap."""
+    """Repetition cap: passes over this source (each stream reads its share of each); 0: none."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +100,16 @@ class StreamSettings:
     weights: tuple[float, ...]
     """Loss weight per modality."""
     shuffle_buffer: int = 64
+    shuffle_buffer_tokens: int = 1 << 20
+    """Tokens the shuffle buffer may hold (and the pack buffer: each at least one document)."""
     packing: str = "best_fit"
     pack_buffer: int = 32
     long_docs: str = "split"
     max_error_rate: float = 0.01
+    vocab_size: int = 0
+    """Token ids must lie in [0, vocab_size) (0: not checked); others are bad samples."""
+    read_timeout_s: float = 300.0
+    """A streamed shard that sends no byte for this long is counted (timeout_shard) and left."""
 
 
 @dataclass(frozen=True)
@@ -78,18 +121,160 @@ class Unit:
     j: int
 
 
-def epoch_units(
-    urls: Sequence[str], n_streams: int, stream: int, epoch: int, seed: int
-) -> list[Unit]:
-    """The units `stream` reads in `epoch`: the shards in a seeded order, dealt round-robin."""
-    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(urls))
-    k = math.ceil(n_streams / len(urls))
-    units = [Unit(urls[i], k, j) for i in order for j in range(k)]
-    return units[stream::n_streams]
+def _key(name: str) -> str:
+    """The sample a tar member belongs to, as webdataset groups them (up to the first dot)."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}"
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSize:
+    """What is known of a shard before reading it."""
+
+    samples: int
+    """-1 where unknown."""
+    tokens: float
+    """In one unit for the whole source (tokens, or bytes of token arrays)."""
+    per_sample: np.ndarray | None = None
+    """Each sample's size, where the tar headers were read."""
+
+    def slice(self, k: int, j: int) -> float:
+        """The size of samples j, j + k, j + 2k, ..."""
+        if self.per_sample is not None:
+            return float(self.per_sample[j::k].sum())
+        if self.samples > 0:
+            return self.tokens * len(range(j, self.samples, k)) / self.samples
+        return self.tokens / k
+
+
+@functools.lru_cache(maxsize=4096)
+def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
+    """Bytes of every sample's token array of a local tar, from its headers alone (the data
+    is skipped); a damaged tar gives what precedes the damage (the reader counts the rest)."""
+    sizes: list[int] = []
+    last = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key = _key(member.name)
+                if key != last:
+                    sizes.append(0)
+                    last = key
+                if member.name.endswith(".tokens.npy"):
+                    sizes[-1] += member.size
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    per_sample = np.asarray(sizes, dtype=np.float64)
+    return ShardSize(len(sizes), float(per_sample.sum()), per_sample)
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest_sizes(path: str, mtime_ns: int) -> dict[str, ShardSize]:
+    """{shard file name: size} of a `manifest.json` written by `mmfm prepare`."""
+    try:
+        shards = json.loads(Path(path).read_bytes())["shards"]
+        return {s["file"]: ShardSize(int(s["samples"]), float(s["tokens"])) for s in shards}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def shard_sizes(urls: Sequence[str]) -> list[ShardSize]:
+    """The size of every shard of a source, in one unit for the whole source: tokens from the
+    manifests beside the shards if they list them all, else bytes of token arrays from the
+    headers of local tars, else unknown (every shard counts as one)."""
+    if not all(os.path.isfile(u) for u in urls):
+        return [ShardSize(-1, 1.0)] * len(urls)
+    listed = []
+    for url in urls:
+        manifest = os.path.join(os.path.dirname(url), "manifest.json")
+        if not os.path.isfile(manifest):
+            break
+        entry = _manifest_sizes(manifest, os.stat(manifest).st_mtime_ns).get(os.path.basename(url))
+        if entry is None:
+            break
+        listed.append(entry)
+    else:
+        return listed
+    return [_tar_size(u, os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in urls]
+
+
+BALANCE = 0.02
+"""Deal until every stream's share of an epoch is within this fraction of the mean..."""
+EXTRA_UNITS = 8
+"""... or the units of an epoch number the shards + this many per stream (each unit is one
+read of its shard)."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    size: float
+    position: int
+    """Of its shard in the epoch's shuffled order."""
+    unit: Unit
+    shard: ShardSize
+
+    def halves(self) -> list[_Piece]:
+        """Samples j mod k as j mod 2k and j + k mod 2k."""
+        k, j = 2 * self.unit.k, self.unit.j
+        return [
+            _Piece(self.shard.slice(k, i), self.position, Unit(self.unit.url, k, i), self.shard)
+            for i in (j, j + self.unit.k)
+        ]
+
+    @property
+    def splittable(self) -> bool:
+        """Whether both halves hold a sample."""
+        return self.shard.samples < 0 or self.unit.j + self.unit.k < self.shard.samples
+
+
+def _lpt(pieces: Sequence[_Piece], n_streams: int) -> tuple[list[list[_Piece]], list[float]]:
+    """Pieces, largest first (ties in the given order), each to the stream with the fewest
+    tokens so far (ties: the lowest id): (every stream's pieces, every stream's tokens)."""
+    loads = [(0.0, stream) for stream in range(n_streams)]
+    dealt: list[list[_Piece]] = [[] for _ in range(n_streams)]
+    for piece in sorted(pieces, key=lambda p: -p.size):
+        load, stream = heapq.heappop(loads)
+        dealt[stream].append(piece)
+        heapq.heappush(loads, (load + piece.size, stream))
+    return dealt, [load for load, _ in sorted(loads, key=lambda x: x[1])]
+
+
+@functools.lru_cache(maxsize=16)
+def deal(
+    urls: tuple[str, ...], n_streams: int, epoch: int, seed: int
+) -> tuple[tuple[Unit, ...], ...]:
+    """Every stream's units of one epoch of the source `urls`; together they hold every sample
+    once, and every stream about the same number of tokens.
+
+    The shards are shuffled from (seed, epoch) and dealt largest first to the stream with the
+    fewest tokens so far; while the shares differ by more than `BALANCE` (and the budget of
+    `EXTRA_UNITS` allows), the largest eighth of the units are halved (samples j mod k become
+    j mod 2k and j + k mod 2k; shards stay whole where they balance already) and dealt again.
+    Each stream reads its units in shuffled order. A function of its arguments and the
+    shards' sizes only, so every rank and worker computes the same deal.
+    """
+    sizes = shard_sizes(urls)
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(urls)).tolist()
+    pieces = [
+        _Piece(sizes[i].tokens, p, Unit(urls[i], 1, 0), sizes[i]) for p, i in enumerate(order)
+    ]
+    budget = len(urls) + EXTRA_UNITS * n_streams
+    while True:
+        dealt, loads = _lpt(pieces, n_streams)
+        balanced = max(loads) - min(loads) <= BALANCE * sum(loads) / n_streams
+        largest = sorted((p for p in pieces if p.splittable), key=lambda p: -p.size)
+        if balanced or not largest or len(pieces) >= budget:
+            break
+        chosen = set(map(id, largest[: min(max(1, len(pieces) // 8), budget - len(pieces))]))
+        pieces = [h for p in pieces for h in (p.halves() if id(p) in chosen else [p])]
+    return tuple(
+        tuple(p.unit for p in sorted(share, key=lambda p: (p.position, p.unit.j)))
+        for share in dealt
+    )
 
 
 class Skips:
-    """Counts skipped items by reason; logs the first of each (reason, shard)."""
+    """Counts documents lost by reason; logs the first of each (reason, shard)."""
 
     def __init__(self, max_error_rate: float):
         self.max_error_rate = max_error_rate
@@ -97,11 +282,13 @@ class Skips:
         self.good = 0
         self._logged: set[tuple[str, str]] = set()
 
-    def skip(self, reason: str, url: str, key: str, detail: str) -> None:
-        self.counts[reason] += 1
+    def skip(self, reason: str, url: str, key: str, detail: str, n: int = 1) -> None:
+        """Count `n` documents lost for `reason`."""
+        self.counts[reason] += n
         if (reason, url) not in self._logged:
             self._logged.add((reason, url))
-            log.warning("skipped (%s) in %s, sample %s: %s", reason, url, key, detail)
+            lost = f" ({n} documents)" if n != 1 else ""
+            log.warning("skipped (%s)%s in %s, sample %s: %s", reason, lost, url, key, detail)
         bad = sum(self.counts.values())
         seen = bad + self.good
         if seen >= 100 and bad > self.max_error_rate * seen:
@@ -116,46 +303,49 @@ def _reason(error: ShardError) -> str:
     return "missing_field" if "needs members" in str(error) else "bad_sample"
 
 
-@functools.lru_cache(maxsize=4096)
-def _damage(url: str, size: int, mtime_ns: int) -> DamagedShard | None:
-    """check_tar once per version of a local shard (size and mtime in the cache key)."""
-    try:
-        check_tar(url)
-    except DamagedShard as e:
-        return e  # read what precedes the damage, then count it
-    return None
+def read_unit(
+    unit: Unit, skip: int, skips: Skips, settings: StreamSettings | None = None
+) -> Iterator[tuple[int, Document]]:
+    """(kept index, document) of a unit from the `skip`-th kept sample on; bad ones counted.
+
+    Every document of the unit is either delivered or counted: a bad sample as itself, a
+    damaged, cut or stalled shard by the documents it lost (the shard's `manifest.json` says
+    how many it holds; without one, at least one each time).
+    """
+    vocab_size = settings.vocab_size if settings else 0
+    timeout_s = settings.read_timeout_s if settings else 300.0
+    seen, damage = 0, []  # samples read (all units of the shard), damage reports
+    for item in read_tar(unit.url, timeout_s):
+        if isinstance(item, Damage):
+            damage.append(item)
+            continue
+        index, seen = seen, seen + 1
+        if index % unit.k != unit.j or index // unit.k < skip:
+            continue
+        key = item.get("__key__", "?")
+        try:
+            doc = decode_sample(item, unit.url, vocab_size)
+        except ShardError as e:
+            skips.skip(_reason(e), unit.url, key, str(e))
+            continue
+        if len(doc.tokens) == 0:
+            skips.skip("empty", unit.url, key, "a document without tokens")
+            continue
+        skips.good += 1
+        yield index // unit.k, doc
+    _count_lost(unit, seen, damage, skips)
 
 
-def read_unit(unit: Unit, skip: int, skips: Skips) -> Iterator[tuple[int, Document]]:
-    """(kept index, document) of a unit from the `skip`-th kept sample on; bad ones counted."""
-    damage = None
-    if os.path.isfile(unit.url):
-        stat = os.stat(unit.url)
-        damage = _damage(unit.url, stat.st_size, stat.st_mtime_ns)
-    stream = wds.DataPipeline(wds.SimpleShardList([unit.url]), wds.tarfile_to_samples())
-    index = 0
-    try:
-        for index, sample in enumerate(stream):
-            if index % unit.k != unit.j or index // unit.k < skip:
-                continue
-            key = sample.get("__key__", "?")
-            try:
-                doc = decode_sample(sample, unit.url)
-            except ShardError as e:
-                skips.skip(_reason(e), unit.url, key, str(e))
-                continue
-            if len(doc.tokens) == 0:
-                skips.skip("empty", unit.url, key, "a document without tokens")
-                continue
-            skips.good += 1
-            yield index // unit.k, doc
-    except DataError:
-        raise
-    except Exception as e:  # tarfile, gzip, IO, http: the rest of the shard is lost
-        skips.skip("corrupt_shard", unit.url, f"after #{index}", f"{type(e).__name__}: {e}")
-        return
-    if damage is not None:
-        skips.skip(damage.reason, unit.url, f"after #{index}", str(damage))
+def _count_lost(unit: Unit, seen: int, damage: Sequence[Damage], skips: Skips) -> None:
+    """Count the documents of `unit` that never arrived (after `seen` samples of its shard)."""
+    held = held_samples(unit.url)
+    mine = len(range(unit.j, held, unit.k)) - len(range(unit.j, seen, unit.k)) if held else 0
+    if not damage and mine > 0:
+        damage = [Damage("truncated_shard", 0, f"the shard ended after {seen} of {held} samples")]
+    for i, report in enumerate(damage):
+        last = i == len(damage) - 1
+        n = max(1, mine - len(damage) + 1) if last else 1
+        skips.skip(report.reason, unit.url, f"after #{seen}", report.detail, n)
 
 
 EMPTY_EPOCHS_LIMIT = 8
@@ -171,24 +361,31 @@ class SourceReader:
         self._docs: Iterator | None = None
         self._empty_epochs = 0
         self._epoch_gave = False
+        """Whether the current epoch gave a document yet."""
+        self._units: tuple[int, tuple[Unit, ...]] = (-1, ())
 
     @property
     def exhausted(self) -> bool:
         return bool(self.spec.max_epochs) and self.epoch >= self.spec.max_epochs
 
-    def units(self, epoch: int) -> list[Unit]:
-        s = self.settings
-        return epoch_units(self.spec.urls, s.n_streams, self.stream, epoch, s.seed + self.index)
+    def units(self, epoch: int) -> tuple[Unit, ...]:
+        """This stream's share of `epoch` (see `deal`)."""
+        if self._units[0] != epoch:
+            s = self.settings
+            shares = deal(self.spec.urls, s.n_streams, epoch, s.seed + self.index)
+            self._units = (epoch, shares[self.stream])
+        return self._units[1]
 
     def next(self, skips: Skips) -> Pending | None:
-        """The next document, or None when the cap is reached."""
+        """The next document of this epoch; None at its end (the reader then stands at the
+        start of the next epoch) or once the cap is reached."""
         while not self.exhausted:
             if self._docs is None:
                 units = self.units(self.epoch)
                 if self.unit >= len(units):
                     self._end_epoch()
-                    continue
-                self._docs = read_unit(units[self.unit], self.sample, skips)
+                    return None
+                self._docs = read_unit(units[self.unit], self.sample, skips, self.settings)
             item = next(self._docs, None)
             if item is None:
                 self._docs = None
@@ -233,10 +430,20 @@ class VirtualStream:
             settings.packing,
             settings.pack_buffer,
             settings.long_docs,
+            settings.shuffle_buffer_tokens,
         )
 
+    def _holds_earlier_epoch(self, reader: SourceReader) -> bool:
+        """Whether a document of an earlier epoch of `reader`'s source is still buffered (its
+        next epoch would read a second copy of it)."""
+        if reader._epoch_gave:  # the epoch started, so the buffers held none and get none
+            return False
+        held = (*self.shuffle, *self.packer.buffer)
+        return any(p.source == reader.index and p.ref[1] < reader.epoch for p in held)
+
     def _draw(self) -> Pending:
-        """A document from the source furthest below its token share, among those not capped."""
+        """A document from the source furthest below its token share, among those not capped
+        and not held back (Blocked when every source left is held back)."""
         while True:
             active = [r for r in self.readers if not r.exhausted]
             if not active:
@@ -244,6 +451,9 @@ class VirtualStream:
                     f"stream {self.id}: every source reached its max_epochs; raise "
                     "data.sources[*].max_epochs or train for fewer steps"
                 )
+            active = [r for r in active if not self._holds_earlier_epoch(r)]
+            if not active:
+                raise Blocked
             total_weight = sum(r.spec.weight for r in active)
             total = sum(self.drawn[r.index] for r in active) + 1
             reader = max(
@@ -255,15 +465,15 @@ class VirtualStream:
                 return pending
 
     def _pull(self) -> Pending:
-        """The next document through the shuffle buffer."""
-        size = self.settings.shuffle_buffer
-        while len(self.shuffle) < size:
+        """The next document through the shuffle buffer (bounded in documents and tokens)."""
+        size, max_tokens = self.settings.shuffle_buffer, self.settings.shuffle_buffer_tokens
+        while len(self.shuffle) < size and _tokens(self.shuffle) < max_tokens:
             try:
                 self.shuffle.append(self._draw())
-            except SourcesExhausted:
+            except Exhausted:
                 if not self.shuffle:
                     raise
-                break  # the sources ran out: drain the buffer
+                break  # the sources ran out or wait for an epoch to leave: drain the buffer
         if size <= 1:
             return self.shuffle.pop()
         i = int(self.rng.random() * len(self.shuffle))
@@ -273,9 +483,20 @@ class VirtualStream:
     def next_row(self) -> tuple[dict[str, np.ndarray], RowStats, dict[str, int]]:
         """The next packed row, its statistics, and the skips counted while making it."""
         before = dict(self.skips.counts)
-        row, stats = self.packer.row(self._pull)
+        row, stats = self.packer.row(self._pull)  # SourcesExhausted: nothing was left
+        stats.dry = self._ran_dry()
         skipped = {k: v - before.get(k, 0) for k, v in self.skips.counts.items()}
         return row, stats, {k: v for k, v in skipped.items() if v}
+
+    def _ran_dry(self) -> bool:
+        """Whether no later row can hold a document (looks one document ahead if need be)."""
+        if self.shuffle or self.packer.buffer:
+            return False
+        try:
+            self.shuffle.append(self._draw())
+        except SourcesExhausted:
+            return True
+        return False
 
     # -- state -------------------------------------------------------------------------------
 
@@ -313,7 +534,7 @@ class VirtualStream:
         docs: dict[tuple, Document] = {}
         for (source, epoch, unit_index), kept_set in wanted.items():
             unit = self.readers[source].units(epoch)[unit_index]
-            for kept, doc in read_unit(unit, min(kept_set), Skips(1.0)):
+            for kept, doc in read_unit(unit, min(kept_set), Skips(1.0), self.settings):
                 if kept in kept_set:
                     docs[(source, epoch, unit_index, kept)] = doc
                 if kept >= max(kept_set):

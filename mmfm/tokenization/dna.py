@@ -10,16 +10,22 @@ Schemes: `char` has 5 codes; `kmer` has the 5^k k-mers then every shorter k-mer,
 the remainder of a run (so every sequence round-trips exactly); `bpe` is a sentencepiece
 BPE model trained on DNA. A task document is `<dna> sequence </dna> <sep> output </s>`,
 where the output is text (or any other framed span).
+
+Files are read with Biopython; a file that is not FASTA/FASTQ/GenBank, a record cut short,
+bytes that are not UTF-8 or a file Biopython cannot read on go to a `reject` callback
+(`mmfm prepare` counts them) and are skipped, keeping every record read before them.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,32 +194,107 @@ def dna_format(path: str | os.PathLike) -> str | None:
     return _FORMATS.get(suffixes[-1].lower()) if suffixes else None
 
 
+# Bytes that are not UTF-8 are read as ASCII SUB (the substitute character, never part of
+# a sequence file), found per record below, rather than failing the whole file at whichever
+# buffer holds them (Biopython keeps sequences as ASCII bytes: surrogates cannot pass).
+_SUB = "\x1a"
+codecs.register_error("mmfm-substitute", lambda e: (_SUB * (e.end - e.start), e.end))
+
+
 def _open(path: Path):
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", errors="mmfm-substitute")
+    return open(path, errors="mmfm-substitute")
 
 
-def read_dna(path: str | os.PathLike) -> Iterator[DnaRecord]:
-    """Records of a FASTA, FASTQ or GenBank file (gzipped or not), with Biopython."""
-    from Bio import SeqIO
+Reject = Callable[[str, str, str], None]
+"""`reject(reason, where, detail)`: told of a damaged record or file, which is then skipped."""
 
+
+def _raise(reason: str, where: str, detail: str) -> None:
+    raise DnaError(f"{where}: {detail} ({reason})")
+
+
+# Biopython warns, and keeps the partial sequence, when a GenBank record ends early.
+_TRUNCATED = re.compile(r"Premature end of file|Expected sequence length")
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _parse(path: Path, fmt: str, reject: Reject) -> Iterator:
+    """Biopython's whole records of `path`. A record cut short (GenBank without its full
+    ORIGIN) is rejected as truncated; a file Biopython cannot read on (text before the first
+    `>`, a features table cut off, a truncated gzip) is rejected as unreadable after the
+    records already read."""
+    from Bio import BiopythonParserWarning, SeqIO
+
+    with _open(path) as handle:
+        records, n = (r for r in SeqIO.parse(handle, fmt)), 0  # parse errors at next()
+        while True:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", BiopythonParserWarning)
+                try:
+                    record = next(records, None)
+                except Exception as e:  # Biopython's ValueError, gzip's EOFError, ...
+                    reject("unreadable", str(path), f"after {n} records: {_first_line(e)}")
+                    return
+            cut = [str(w.message) for w in caught if _TRUNCATED.search(str(w.message))]
+            for w in caught:
+                if not _TRUNCATED.search(str(w.message)):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if record is None:
+                return
+            n += 1
+            if cut:
+                reject("truncated", f"{path}:{record.id}", "; ".join(cut))
+            else:
+                yield record
+
+
+def _valid_utf8(where: str, texts: Iterable[str], reject: Reject) -> bool:
+    for text in texts:
+        if (at := text.find(_SUB)) >= 0:
+            reject("invalid_utf8", where, f"bytes that are not UTF-8 at {at} of {text[:40]!r}")
+            return False
+    return True
+
+
+def read_dna(path: str | os.PathLike, reject: Reject = _raise) -> Iterator[DnaRecord]:
+    """Records of a FASTA, FASTQ or GenBank file (gzipped or not), with Biopython.
+
+    A file that is none of these, or a damaged record or file (see `_parse`; bytes that are
+    not UTF-8), goes to `reject` and is skipped; by default it raises DnaError.
+    """
     path = Path(path)
     fmt = dna_format(path)
     if fmt is None:
-        raise DnaError(f"{path}: not a FASTA, FASTQ or GenBank file name")
-    with _open(path) as handle:
-        for record in SeqIO.parse(handle, fmt):
-            yield DnaRecord(record.id, str(record.seq), source=str(path))
+        reject("not_dna", str(path), "not a FASTA, FASTQ or GenBank file name")
+        return
+    for record in _parse(path, fmt, reject):
+        seq = str(record.seq)
+        if _valid_utf8(f"{path}:{record.id}", (record.id, seq), reject):
+            yield DnaRecord(record.id, seq, source=str(path))
 
 
-def read_function_pairs(path: str | os.PathLike) -> Iterator[DnaRecord]:
-    """GenBank CDS features with a /product: (coding sequence -> function text) task pairs."""
-    from Bio import SeqIO
-
+def read_function_pairs(path: str | os.PathLike, reject: Reject = _raise) -> Iterator[DnaRecord]:
+    """GenBank CDS features with a /product: (coding sequence -> function text) task pairs;
+    damage is handled as in `read_dna`."""
     path = Path(path)
-    with _open(path) as handle:
-        for record in SeqIO.parse(handle, "genbank"):
-            for i, feature in enumerate(record.features):
-                product = feature.qualifiers.get("product", [None])[0]
-                if feature.type == "CDS" and product:
+    if dna_format(path) != "genbank":
+        reject("not_dna", str(path), "function pairs are read from GenBank files (.gb .gbk)")
+        return
+    for record in _parse(path, "genbank", reject):
+        for i, feature in enumerate(record.features):
+            product = feature.qualifiers.get("product", [None])[0]
+            if feature.type == "CDS" and product:
+                key = f"{record.id}/cds{i}"
+                try:
                     seq = str(feature.extract(record.seq))
-                    yield DnaRecord(f"{record.id}/cds{i}", seq, product, str(path))
+                except ValueError as e:  # e.g. a location in another record
+                    reject("bad_feature", f"{path}:{key}", _first_line(e))
+                    continue
+                if _valid_utf8(f"{path}:{key}", (key, seq, product), reject):
+                    yield DnaRecord(key, seq, product, str(path))

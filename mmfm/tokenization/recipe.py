@@ -76,7 +76,12 @@ class SvgRecipe:
     simplify_paths: bool = True
     """Rewrite path data compactly (one space between numbers, commands joined)."""
     max_kb: int = 512
-    """Reject SVG files larger than this (KiB) before parsing."""
+    """Reject SVG files larger than this (KiB) before parsing, and any whose normalised text
+    is larger (so a document holds at most about max_kb * 1024 tokens)."""
+    keep_unsafe: bool = False
+    """Keep scripts, on* event handlers, <foreignObject>, javascript: / data: URLs and
+    references outside the file; by default they are dropped (and counted in the removed
+    field of mmfm prepare's manifest.json: svg_script, svg_event_handler, ...)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.precision <= 10, "svg.precision must be within 1..10")

@@ -1,17 +1,29 @@
-"""SVG (StarVector style): parse safely, normalise, and tokenize as code with the text model.
+"""SVG (StarVector style): parse safely, sanitise, normalise, and tokenize as code with the
+text model.
 
 Parsing uses `defusedxml`: entity declarations (billion laughs) and external entities are
 refused before anything is expanded or read, and files over `max_kb` are refused unread.
-Normalisation drops comments, processing instructions, `<metadata>`, editor namespaces
-(Inkscape, Sodipodi, Illustrator, RDF, ...) and ids nobody references; rounds numbers to
-`precision` significant digits (relative, so a 0..1 gradient box and a 500-unit canvas
-keep the same accuracy); with `simplify_paths`, rewrites path data compactly. The result is
-framed by the `<svg>` ... `</svg>` delimiter tokens; decoding gives an SVG that parses.
+Sanitising (unless `keep_unsafe`) drops what a browser would run or fetch: `<script>` (and
+SVG Tiny `<handler>` / `<listener>`), `on*` event handlers, `<foreignObject>`, animations
+that set an `href` or a handler, `javascript:` values, and every reference that is not a
+`#fragment` of the file itself (`href`, `xlink:href`, `src`, `url(...)` in attributes and
+style, `<style>` sheets with `@import` or such a `url`), `data:` URLs included: they embed
+base64 blobs (or whole documents with scripts) that are no SVG code to learn from. What is
+dropped is counted by kind (`removed`). Normalisation drops comments, processing
+instructions, `<metadata>`, editor namespaces (Inkscape, Sodipodi, Illustrator, RDF, ...)
+and ids nobody references; rounds numbers to `precision` significant digits (relative, so a
+0..1 gradient box and a 500-unit canvas keep the same accuracy; beyond `precision + 3`
+digits a number keeps exponent notation, so `1e308` stays 5 characters); with
+`simplify_paths`, rewrites path data compactly. Elements nested deeper than `MAX_DEPTH`, or
+a normalised text over `max_kb`, are refused (`SvgError`). The result is framed by the
+`<svg>` ... `</svg>` delimiter tokens; decoding gives an SVG that parses.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from xml.etree.ElementTree import Element, ParseError
@@ -38,6 +50,12 @@ _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _FREE_NUMBER = re.compile(r"(?<![#\w.])-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _PATH_TOKEN = re.compile(r"[A-Za-z]|-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _REFERENCE = re.compile(r"#([A-Za-z_][\w.:-]*)")
+MAX_DEPTH = 256
+"""Deepest element nesting accepted (drawings rarely pass 30)."""
+_SCRIPT_TAGS = {"script", "handler", "listener"}
+_ANIMATION_TAGS = {"animate", "set", "animateColor", "animateMotion", "animateTransform"}
+_URL = re.compile(r"url\(\s*(['\"]?)(.*?)\1\s*\)", re.IGNORECASE | re.DOTALL)
+_SCRIPT_URL = re.compile(r"(?:java|vb)script\s*:", re.IGNORECASE)
 
 
 class SvgError(ValueError):
@@ -53,7 +71,10 @@ class SvgRecord:
 
 def parse_svg(data: str | bytes, max_kb: int = 512, origin: str = "svg") -> Element:
     """The root element, parsed with every XML attack refused."""
-    raw = data.encode() if isinstance(data, str) else data
+    try:
+        raw = data.encode() if isinstance(data, str) else data
+    except UnicodeEncodeError as e:  # a lone surrogate
+        raise SvgError(f"{origin}: not valid Unicode ({e.reason})") from None
     if len(raw) > max_kb * 1024:
         raise SvgError(f"{origin}: {len(raw)} bytes is over svg.max_kb={max_kb} KiB; not parsed")
     try:
@@ -62,6 +83,8 @@ def parse_svg(data: str | bytes, max_kb: int = 512, origin: str = "svg") -> Elem
         raise SvgError(f"{origin}: refused unsafe XML ({type(e).__name__}: {e})") from None
     except ParseError as e:
         raise SvgError(f"{origin}: not well-formed XML ({e})") from None
+    except LookupError as e:  # <?xml encoding="..."?> names no codec
+        raise SvgError(f"{origin}: {e}") from None
     if _split(root.tag) != (SVG_NS, "svg") and root.tag != "svg":
         raise SvgError(f"{origin}: the root element is <{root.tag}>, not <svg>")
     return root
@@ -75,11 +98,20 @@ def _split(tag: str) -> tuple[str, str]:
 
 
 def _round(match: re.Match, digits: int) -> str:
-    """The number with `digits` significant digits, shortest form, no exponent."""
+    """The number with `digits` significant digits, shortest form; exponent notation only
+    for numbers of more than `digits + 3` integer digits (never a 309-digit 1e308)."""
     value = float(match.group(0))
+    if not math.isfinite(value):  # 1e999: left as written
+        return match.group(0)
     text = f"{value:.{digits}g}"
-    if "e" in text:  # tiny values become 0; huge ones are rounded to integers
-        text = "0" if abs(value) < 1 else str(round(value))
+    if "e" in text:  # tiny values become 0; big ones integers, up to digits + 3 digits
+        mantissa, exponent = text.split("e")
+        if abs(value) < 1:
+            text = "0"
+        elif int(exponent) < digits + 3:
+            text = str(round(value))
+        else:
+            text = f"{mantissa}e{int(exponent)}"
     if text.startswith(("0.", "-0.")):
         text = text.replace("0.", ".", 1)
     return "0" if text in ("-0", "") else text
@@ -106,12 +138,30 @@ def _escape(text: str, quote: bool = False) -> str:
     return text.replace('"', "&quot;") if quote else text
 
 
-class _Writer:
-    def __init__(self, recipe: SvgRecipe, referenced: set[str]):
-        self.recipe, self.referenced = recipe, referenced
-        self.uses_xlink = False
+def _external(value: str) -> str | None:
+    """Why a reference (an href, or the target of a url()) is unsafe; None for #fragment."""
+    value = value.strip()
+    if value.startswith("#"):
+        return None
+    if _SCRIPT_URL.match(value):
+        return "script"
+    return "data_url" if value[:5].lower() == "data:" else "external_reference"
 
-    def element(self, el: Element) -> str:
+
+def _unsafe_urls(value: str) -> str | None:
+    """Why a value holding url(...) is unsafe (the first reason), None if none is."""
+    return next(filter(None, (_external(m.group(2)) for m in _URL.finditer(value))), None)
+
+
+class _Writer:
+    def __init__(self, recipe: SvgRecipe, referenced: set[str], origin: str):
+        self.recipe, self.referenced, self.origin = recipe, referenced, origin
+        self.uses_xlink = False
+        self.removed: Counter = Counter()
+
+    def element(self, el: Element, depth: int = 0) -> str:
+        if depth > MAX_DEPTH:
+            raise SvgError(f"{self.origin}: elements nested deeper than {MAX_DEPTH}; refused")
         ns, local = _split(el.tag)
         attrs = []
         for name, value in el.attrib.items():
@@ -120,6 +170,10 @@ class _Writer:
                 continue  # editor namespaces (inkscape:, sodipodi:, ...)
             if a_local == "id" and value not in self.referenced:
                 continue
+            if not self.recipe.keep_unsafe:
+                value = self._safe(a_local, value)
+                if value is None:
+                    continue
             if a_local in _NUMERIC_ATTRS:
                 value = self._numbers(a_local, value)
             self.uses_xlink |= a_ns == XLINK_NS
@@ -127,13 +181,55 @@ class _Writer:
         body = [] if el.text is None or not el.text.strip() else [_escape(el.text)]
         for child in el:
             c_ns, c_local = _split(child.tag) if isinstance(child.tag, str) else ("", "")
-            if c_ns in _PREFIX and c_local not in _DROP_TAGS:  # drops comments, PIs, editors
-                body.append(self.element(child))
+            known = c_ns in _PREFIX and c_local not in _DROP_TAGS  # not comments, PIs, editors
+            if known and (self.recipe.keep_unsafe or not self._drop(child, c_local)):
+                body.append(self.element(child, depth + 1))
             if child.tail and child.tail.strip():
                 body.append(_escape(child.tail))
         tag = f"{_PREFIX[ns]}{local}"
         inner = "".join(body)
         return f"<{tag}{''.join(attrs)}>{inner}</{tag}>" if inner else f"<{tag}{''.join(attrs)}/>"
+
+    def _drop(self, el: Element, local: str) -> bool:
+        """Whether a child element is unsafe as a whole (counted)."""
+        target = el.get("attributeName", "").split(":")[-1].lower()
+        if local in _SCRIPT_TAGS or (
+            local in _ANIMATION_TAGS and (target in ("href", "src") or target.startswith("on"))
+        ):
+            why = "script"
+        elif local == "foreignObject":
+            why = "foreign_object"
+        elif local == "style" and (
+            "@import" in (css := (el.text or "").lower()) or _unsafe_urls(css)
+        ):
+            why = _unsafe_urls(css) or "external_reference"
+        else:
+            return False
+        self.removed[why] += 1
+        return True
+
+    def _safe(self, name: str, value: str) -> str | None:
+        """The attribute value without what is unsafe in it (counted); None to drop it."""
+        if name.lower().startswith("on"):
+            why = "event_handler"
+        elif name in ("href", "src"):
+            why = _external(value)
+        elif _SCRIPT_URL.search(value):
+            why = "script"
+        elif name == "style" and _unsafe_urls(value):
+            kept = []
+            for declaration in value.split(";"):
+                if why := _unsafe_urls(declaration):
+                    self.removed[why] += 1
+                else:
+                    kept.append(declaration)
+            return ";".join(kept) if any(d.strip() for d in kept) else None
+        else:
+            why = _unsafe_urls(value)
+        if why:
+            self.removed[why] += 1
+            return None
+        return value
 
     def _numbers(self, name: str, value: str) -> str:
         precision = self.recipe.precision
@@ -143,25 +239,43 @@ class _Writer:
         return pattern.sub(lambda m: _round(m, precision), " ".join(value.split()))
 
 
-def normalize_svg(data: str | bytes, recipe: SvgRecipe, origin: str = "svg") -> str:
-    """The normalised SVG text (see the module docstring)."""
+def normalize_svg(
+    data: str | bytes, recipe: SvgRecipe, origin: str = "svg", removed: Counter | None = None
+) -> str:
+    """The sanitised, normalised SVG text (see the module docstring); what sanitising
+    dropped is added to `removed` by kind (script, event_handler, foreign_object,
+    external_reference, data_url)."""
     root = parse_svg(data, recipe.max_kb, origin)
     values = [v for el in root.iter() for v in el.attrib.values()]
     values += [el.text or "" for el in root.iter() if isinstance(el.tag, str)]
     referenced = {m.group(1) for v in values for m in _REFERENCE.finditer(v)}
-    writer = _Writer(recipe, referenced)
+    writer = _Writer(recipe, referenced, origin)
     body = writer.element(root)
     xmlns = f' xmlns="{SVG_NS}"' + (f' xmlns:xlink="{XLINK_NS}"' if writer.uses_xlink else "")
-    return body.replace("<svg", f"<svg{xmlns}", 1)
+    out = body.replace("<svg", f"<svg{xmlns}", 1)
+    size = len(out.encode())
+    if size > recipe.max_kb * 1024:
+        raise SvgError(f"{origin}: normalised to {size} bytes, over svg.max_kb={recipe.max_kb} KiB")
+    if removed is not None:
+        removed.update(writer.removed)
+    return out
 
 
 class SvgTokenizer:
     def __init__(self, recipe: SvgRecipe, text_tokenizer):
         self.recipe, self.text = recipe, text_tokenizer
+        self.removed: Counter = Counter()
+        """What sanitising dropped from the SVGs encoded so far, by kind."""
 
     def encode(self, svg: str | bytes, origin: str = "svg") -> list[int]:
         """Text ids of the normalised SVG code (not framed)."""
-        return self.text.encode(normalize_svg(svg, self.recipe, origin))
+        return self.text.encode(normalize_svg(svg, self.recipe, origin, self.removed))
+
+    def take_removed(self) -> dict[str, int]:
+        """`svg_<kind>` counts of what sanitising dropped since the last call."""
+        counts = {f"svg_{kind}": n for kind, n in sorted(self.removed.items())}
+        self.removed.clear()
+        return counts
 
     def decode(self, ids: Iterable[int]) -> str:
         """SVG text from ids; raises SvgError if it is not a well-formed SVG."""

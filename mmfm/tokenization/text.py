@@ -41,14 +41,18 @@ class TextTokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        if _META not in text:
-            return self.sp.encode(text)
-        ids: list[int] = []
-        for i, part in enumerate(text.split(_META)):
-            if i:
-                ids += self._meta_bytes
-            ids += self.sp.encode(part)
-        return ids
+        try:
+            if _META not in text:
+                return self.sp.encode(text)
+            ids: list[int] = []
+            for i, part in enumerate(text.split(_META)):
+                if i:
+                    ids += self._meta_bytes
+                ids += self.sp.encode(part)
+            return ids
+        except RuntimeError:  # sentencepiece's message for a str without UTF-8 says nothing
+            _require_utf8(text)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
@@ -87,6 +91,15 @@ class TextTokenizer:
         Path(path).write_bytes(self.proto)
 
 
+def _require_utf8(text: str) -> None:
+    """Raise ValueError, naming the place, if `text` has no UTF-8 form (a lone surrogate,
+    e.g. from the JSON escape "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"lone surrogate {text[e.start]!r} at character {e.start}") from None
+
+
 def _chunks(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for start in range(0, len(text), _CHUNK):
@@ -115,11 +128,16 @@ def iter_corpus(
 def _file_texts(path: Path, jsonl_field: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
                     value = json.loads(line).get(jsonl_field)
                     if isinstance(value, str):
+                        _require_utf8(value)
                         yield value
+                except (ValueError, AttributeError, RecursionError) as e:
+                    print(f"text corpus: skipping {path}:{i + 1} ({e})", file=sys.stderr)
         return
     try:
         yield path.read_text(encoding="utf-8")

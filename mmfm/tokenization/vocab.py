@@ -9,15 +9,20 @@ Layout, in this order:
    reserved before DNA, so their tokenizers plug in later without renumbering.
 
 Every id maps back to (kind, local code), where kind is "text", "special" or a codebook
-name. The layout is saved as JSON next to every checkpoint and prepared dataset.
+name. The layout is saved as JSON next to every checkpoint and prepared dataset, with its
+fingerprint: a hash of the layout (the text tokenizer's kind, size and model, the specials,
+the codebooks) that is the same for the same layout in every process and on every machine,
+so shards or a checkpoint made with another vocabulary are refused instead of trained on.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from mmfm.data.batch import Modality
@@ -146,12 +151,29 @@ class Vocab:
             return self.specials[code]
         return self.codebook(kind).piece(code)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of a SHA-256 of the layout: two vocabularies share it exactly when
+        every id means the same token (same text model, specials and codebook ranges)."""
+        if self.text_model is not None:
+            text = hashlib.sha256(self.text_model).hexdigest()
+        else:  # no model (imported, bytes): the pieces, if any, name the text ids
+            text = hashlib.sha256(json.dumps(self.text_pieces).encode()).hexdigest()
+        layout = {
+            "text": [self.text_kind, self.text_size, text],
+            "specials": self.specials,
+            "codebooks": [[b.name, b.offset, b.size, b.pieces] for b in self.codebooks],
+        }
+        blob = json.dumps(layout, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     # -- JSON -----------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
         return {
             "format": "mmfm-vocab/1",
             "size": self.size,
+            "fingerprint": self.fingerprint,
             "text": {
                 "kind": self.text_kind,
                 "size": self.text_size,
@@ -185,6 +207,12 @@ class Vocab:
         )
         if vocab.size != data["size"]:
             raise VocabError(f"vocabulary declares size {data['size']}, its layout {vocab.size}")
+        declared = data.get("fingerprint", vocab.fingerprint)  # absent in older files
+        if declared != vocab.fingerprint:
+            raise VocabError(
+                f"vocabulary declares fingerprint {declared}, its layout has {vocab.fingerprint}:"
+                " the file was edited; write it again with mmfm tokenizer train"
+            )
         return vocab
 
     def save(self, path: str | Path) -> None:
@@ -195,5 +223,7 @@ class Vocab:
         path = Path(path)
         try:
             return cls.from_json(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except VocabError as e:
+            raise VocabError(f"{path}: {e}") from None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise VocabError(f"{path}: cannot read the vocabulary: {e}") from e

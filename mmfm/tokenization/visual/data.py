@@ -1,16 +1,20 @@
 """Real pictures for the visual tokenizers: photos, masks derived from them, video frames.
 
 Images are read with Pillow; video with Pillow for GIF / APNG and with PyAV (`pip install
-av`, the `video` extra) for mp4 and the rest. Masks come from real pictures: silhouettes
-(black on white, e.g. skimage's horse) and Otsu thresholds of photos. Training draws random
-crops (random scale, random position) resized to the tokenizer's size; evaluation uses fixed
-crops of held-out pictures.
+av`, the `video` extra) for mp4 and the rest. A picture or frame of more than `max_pixels`
+pixels (default 64M, e.g. 8192 x 8192: 192 MiB as RGB) is refused from its header, before
+it is decoded, and so is a decompression bomb (Pillow's own limit, about 179M pixels). A
+clip is decoded frame by frame and only up to its last kept frame, holding only the frames
+kept. Masks come from real pictures: silhouettes (black on white, e.g. skimage's horse) and
+Otsu thresholds of photos. Training draws random crops (random scale, random position)
+resized to the tokenizer's size; evaluation uses fixed crops of held-out pictures.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,43 +23,121 @@ from PIL import Image, ImageSequence
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PILLOW_VIDEO = {".gif", ".apng", ".png", ".webp"}
+MAX_PIXELS = 1 << 26
+"""Default limit on the pixels of one picture or video frame (64M)."""
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+class PictureError(ValueError):
+    """A file that is no picture of the wanted kind, or too large; `reason` names it for the
+    reject counts (not_image, not_video, bad_mask, too_large)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, path) -> None:
+    if width * height > max_pixels:
+        raise PictureError(
+            "too_large",
+            f"{path}: {width} x {height} = {width * height} pixels is over max_pixels="
+            f"{max_pixels}; refused undecoded (raise max_pixels to read it)",
+        )
+
+
+def open_picture(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The Pillow image of `path`, opened lazily (its header only) and checked for size."""
+    try:
+        with warnings.catch_warnings():  # max_pixels decides below, not Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise PictureError("too_large", f"{path}: refused as a decompression bomb ({e})") from None
+    try:
+        _check_pixels(*im.size, max_pixels, path)
+    except PictureError:
+        im.close()
+        raise
+    return im
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """`[H, W, 3]` uint8 RGB."""
-    with Image.open(path) as im:
+    with open_picture(path, max_pixels) as im:
         return np.asarray(im.convert("RGB"))
 
 
 def read_video(
-    path: str | os.PathLike, fps: float | None = None, max_frames: int | None = None
+    path: str | os.PathLike,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """`[N, H, W, 3]` uint8 frames, resampled to `fps` (None: every frame), at most `max_frames`."""
     path = Path(path)
     if path.suffix.lower() in PILLOW_VIDEO:
-        with Image.open(path) as im:
-            frames, times, t = [], [], 0.0
-            for frame in ImageSequence.Iterator(im):
-                frames.append(np.asarray(frame.convert("RGB")))
-                times.append(t)
-                t += frame.info.get("duration", 100) / 1000
+        with open_picture(path, max_pixels) as im:
+            frames = pick_frames(_pillow_frames(im), fps, max_frames)
     else:
         try:
             import av
         except ImportError as e:
             raise RuntimeError(f"{path}: decoding {path.suffix} needs PyAV: pip install av") from e
         with av.open(str(path)) as container:
-            frames, times = [], []
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(float(frame.time or 0.0))
+            frames = pick_frames(_av_frames(container, max_pixels, path), fps, max_frames)
     if not frames:
         raise RuntimeError(f"{path}: no frames")
-    picked = range(len(frames))
-    if fps:
-        wanted = np.arange(times[0], times[-1] + 1e-9, 1 / fps)
-        picked = sorted({int(np.argmin(np.abs(np.asarray(times) - w))) for w in wanted})
-    return np.stack([frames[i] for i in picked][: max_frames or None])
+    return np.stack(frames)
+
+
+def _pillow_frames(im: Image.Image) -> Iterator[tuple[float, np.ndarray]]:
+    t = 0.0
+    for frame in ImageSequence.Iterator(im):
+        yield t, np.asarray(frame.convert("RGB"))
+        t += frame.info.get("duration", 100) / 1000
+
+
+def _av_frames(container, max_pixels: int, path) -> Iterator[tuple[float, np.ndarray]]:
+    stream = container.streams.video[0]
+    _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels, path)
+    for frame in container.decode(stream):
+        _check_pixels(frame.width, frame.height, max_pixels, path)  # streams may change size
+        yield float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+
+
+def pick_frames(
+    frames: Iterable[tuple[float, np.ndarray]], fps: float | None, max_frames: int | None
+) -> list[np.ndarray]:
+    """The frames nearest to every 1/fps seconds from the first (all frames without `fps`),
+    at most `max_frames`, read from `(time, frame)` pairs in time order. The input is
+    consumed only up to the last frame kept, and at most one unkept frame is held."""
+    limit = max_frames or float("inf")
+    kept: list[np.ndarray] = []
+    if not fps:
+        for _, frame in frames:
+            if len(kept) >= limit:
+                break
+            kept.append(frame)
+        return kept
+    step, k, first = 1 / fps, 0, None
+    previous = None  # (time, frame, index) of the frame before the current one
+    last_kept = -1
+    for index, (time, frame) in enumerate(frames):
+        first = time if first is None else first
+        # every wanted time up to this frame is nearest to it or to the previous frame
+        while (wanted := first + k * step) <= time and len(kept) < limit:
+            near_previous = previous is not None and wanted - previous[0] <= time - wanted
+            choice = previous if near_previous else (time, frame, index)
+            if choice[2] != last_kept:
+                kept.append(choice[1])
+                last_kept = choice[2]
+            k += 1
+        if len(kept) >= limit:
+            return kept
+        previous = (time, frame, index)
+    if previous is not None and first + k * step < previous[0] + 1e-9 and previous[2] != last_kept:
+        kept.append(previous[1])  # a wanted time just past the last frame
+    return kept[: max_frames or None]
 
 
 def square(image: np.ndarray, size: int, box: tuple[int, int, int] | None = None) -> np.ndarray:
