@@ -28,3 +28,4 @@ bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/visual_tokenizers.py
 	$(PYTHON) bench/train_step.py --json bench/results/train_step.json
 	$(PYTHON) bench/cross_entropy.py
+	$(PYTHON) bench/generate.py --json bench/results/generate.json

@@ -2,6 +2,7 @@
 
 mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
+mmfm eval CKPT DATA... [--steps N] [--json F]       held-out loss, perplexity, bits per byte
 mmfm config --doc                                  every field with its type, default and doc
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
@@ -10,12 +11,14 @@ mmfm slurm submit RECIPE.yaml --nodes N --gpus-per-node G --time T [...]   a SLU
 mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set or a visual tokenizer
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
 mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to content
+mmfm generate MODEL --prompt TEXT [--modality M]   sample a checkpoint or HF folder into files
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +27,8 @@ EXAMPLES = """examples:
   mmfm train launch/demo.yaml optim.lr=3e-4 train.steps=50
   mmfm train launch/demo.yaml train.run_dir=runs/mine train.resume=auto
   mmfm train launch/demo.yaml parallel.tp=2 parallel.pp=2 --nproc 4
+  mmfm eval runs/mine/checkpoints/step_1000 held_out/ --json eval.json
+  mmfm eval runs/mine/checkpoints/step_1000 notes.txt parallel.tp=2 --nproc 2
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
@@ -35,6 +40,8 @@ EXAMPLES = """examples:
   mmfm tokenizer train tokenizers/seed_image.yaml steps=300
   mmfm tokenizer encode tokenizers/base.yaml icon.svg genome.fa notes.txt
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
+  mmfm generate runs/demo/checkpoints/step_200 --prompt "a red cross on a blue background" \
+      --modality image --out generations
 """
 
 
@@ -75,7 +82,60 @@ def _parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_tokenizer_parser(sub)
     _add_slurm_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
     return parser
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser(
+        "generate", help="sample a checkpoint or exported HF folder; write every span as a file"
+    )
+    gen.add_argument("model", help="a checkpoint directory or a folder from mmfm convert hf")
+    gen.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    gen.add_argument("--prompts-file", help="more prompts, one per line")
+    gen.add_argument(
+        "--modality",
+        default="text",
+        choices=["text", "image", "mask", "video", "dna", "svg"],
+        help="the answer's modality: its opening delimiter is appended to each prompt",
+    )
+    gen.add_argument("--out", default="generations", help="folder for the files")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance (1: off); the unconditional prompt is <s> + delimiter",
+    )
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    gen.add_argument(
+        "--tokenizers", help="tokenizer recipe whose visual tokenizers decode image/mask/video"
+    )
+    gen.add_argument("--no-constrain", action="store_true", help="sample without the span grammar")
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="held-out loss per modality, perplexity and text bits per byte of a checkpoint"
+    )
+    ev.add_argument("checkpoint", help="a checkpoint directory (any training layout)")
+    ev.add_argument(
+        "data",
+        nargs="+",
+        help="held-out shards (directories, files, patterns, builtin:demo) or raw .txt files; "
+        "dotted overrides (parallel.tp=2, train.device=cuda) may follow",
+    )
+    ev.add_argument("--steps", type=int, default=0, help="global batches (0: a whole pass)")
+    ev.add_argument("--json", dest="json_path", help="also write the results to this file")
+    ev.add_argument("--nproc", type=int, default=None, help="local processes, as for train")
+    ev.set_defaults(overrides=[])
 
 
 def _add_slurm_parser(sub) -> None:
@@ -216,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             _slurm_command(args)
         elif args.command == "tokenizer":
             _tokenizer_command(args)
+        elif args.command == "generate":
+            _generate_command(args)
+        elif args.command == "eval":
+            _eval_command(args)
         elif args.command == "train":
             cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
             if args.nproc is not None and "LOCAL_RANK" not in os.environ:
@@ -226,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             result = train(cfg)
             if result.stopped_by:
                 print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
+            _mark_clean_exit()
     except ConfigError as e:
         print(f"mmfm: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -272,11 +337,106 @@ def _tokenizer_command(args: argparse.Namespace) -> None:
         commands.decode(args.recipe, args.ids, args.out)
 
 
+def _generate_command(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmfm.config import ConfigError
+    from mmfm.generate.command import GenerateArgs, run, sampling_from
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError("mmfm generate needs --prompt TEXT (or --prompts-file FILE)")
+    sampling = sampling_from(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        cfg_scale=args.cfg_scale,
+    )
+    run(
+        GenerateArgs(
+            args.model,
+            prompts,
+            args.out,
+            args.modality,
+            sampling,
+            args.batch_size,
+            args.device,
+            args.dtype,
+            args.tokenizers,
+            not args.no_constrain,
+        )
+    )
+
+
+def _eval_command(args: argparse.Namespace) -> None:
+    import re
+
+    from mmfm.config import ConfigError
+    from mmfm.train.eval_main import eval_config, evaluate_checkpoint
+
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0 (0: a whole pass), got {args.steps}")
+    dotted = [d for d in args.data if re.match(r"^[a-z_]+(\.[a-z_0-9]+)+=", d)]
+    data = [d for d in args.data if d not in dotted]
+    overrides = [*dotted, *args.overrides]
+    if not data:
+        raise ConfigError("mmfm eval needs held-out data after the checkpoint")
+    eval_config(args.checkpoint, overrides)  # fail fast, before any launch
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        options = ["--steps", str(args.steps)]
+        options += ["--json", args.json_path] if args.json_path else []
+        _launch_local(args.nproc, ["eval", args.checkpoint, *data, *overrides, *options])
+        return
+    evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path)
+
+
+_CLEAN_EXITS = "MMFM_CLEAN_EXITS"
+"""Set by `_launch_local` for its ranks: a folder where each rank that finished cleanly
+(trained to the end, or stopped by a signal after its checkpoint) leaves a mark."""
+
+
+def _mark_clean_exit() -> None:
+    if folder := os.environ.get(_CLEAN_EXITS):
+        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}"), "w"):
+            pass
+
+
 def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
-    """Run `torchrun --standalone --nproc-per-node N -m mmfm ...` in this process."""
+    """Run `torchrun --standalone --nproc-per-node N -m mmfm ...` in this process.
+
+    On SIGTERM torchrun's agent forwards the signal to every rank, waits for them
+    (`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, 30 s) and raises `SignalException` whatever they did:
+    a traceback and exit 1. Here the stop is clean (exit 0) when every rank marked that it
+    saved its checkpoint and returned; otherwise one line says how many did (exit 1).
+    """
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "mmfm", *mmfm_args])
+    with tempfile.TemporaryDirectory(prefix="mmfm-ranks-") as folder:
+        os.environ[_CLEAN_EXITS] = folder
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "mmfm", *mmfm_args])
+        except SignalException as e:
+            name = signal.Signals(e.sigval).name
+            clean = len(os.listdir(folder))
+            if clean == nproc:
+                print(f"mmfm: stopped by {name}; all {nproc} ranks exited cleanly", file=sys.stderr)
+                return
+            print(
+                f"mmfm: stopped by {name}; only {clean} of {nproc} ranks exited cleanly (the "
+                "others were killed or failed: see their output above)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        finally:
+            del os.environ[_CLEAN_EXITS]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

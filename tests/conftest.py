@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -61,3 +63,16 @@ def real_data():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _mmfm_logger_reset():
+    """`mmfm train` run in-process (`mmfm.cli.main`) points the "mmfm" logger at its own
+    handlers and stops propagation; undo that so later tests' `caplog` sees mmfm's records."""
+    yield
+    logger = logging.getLogger("mmfm")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

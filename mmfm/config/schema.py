@@ -147,9 +147,14 @@ class DataConfig:
     """Where built-in datasets (`builtin:...` paths) are generated."""
     vocab: str | None = None
     """vocab.json of the tokenizers the shards were made with (see tokenizers/); copied into
-    the run dir and every checkpoint. model.vocab_size must cover it."""
+    the run dir and every checkpoint. model.vocab_size must cover it. A source prepared with
+    another vocabulary (its manifest.json or vocab.json says so), or a resumed / init_from
+    checkpoint of another, is refused at start-up."""
     shuffle_buffer: int = 64
     """Documents each data stream shuffles among (one stream per global-batch row)."""
+    shuffle_buffer_tokens: int = 1 << 20
+    """Tokens a stream's shuffle buffer may hold, and its pack buffer too (each takes at least
+    one document): a source of a few huge documents fills neither with gigabytes."""
     packing: str = "best_fit"
     """best_fit (largest pending document that fits; fills rows) or greedy (arrival order)."""
     pack_buffer: int = 32
@@ -161,14 +166,20 @@ class DataConfig:
     prefetch: int = 2
     """Steps each loader worker may run ahead."""
     max_error_rate: float = 0.01
-    """Stop when more than this fraction of a stream's documents were bad (after 100)."""
+    """Stop when more than this fraction of a stream's documents were bad (after 100); a
+    damaged or cut shard counts the documents it lost (its manifest.json says how many)."""
+    read_timeout_s: float = 300.0
+    """A streamed shard (http, pipe:) that sends no byte for this long is counted
+    (`timeout_shard`) and left; a warning is logged every min(30, half of it) seconds of waiting."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "data", "seq_len", "shuffle_buffer", "pack_buffer", "prefetch")
+        _require_positive(self, "data", "shuffle_buffer_tokens")
         _require_choice("data.packing", self.packing, ("best_fit", "greedy"))
         _require_choice("data.long_docs", self.long_docs, ("split", "drop"))
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
         _require(0 <= self.max_error_rate <= 1, "data.max_error_rate must be within [0, 1]")
+        _require(self.read_timeout_s > 0, "data.read_timeout_s must be > 0 (seconds)")
         _require(
             not (self.paths and self.sources),
             "set data.paths (one source) or data.sources (several), not both",
@@ -366,6 +377,44 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    paths: list[str] = field(default_factory=list)
+    """Held-out shards of one source, as in `data.paths`; validation is on when these (or
+    `sources`) are set. Rows are packed like the training data (data.seq_len, the same loss
+    weights), in global batches of train.global_batch_size rows."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several held-out sources (instead of `paths`), with the syntax of `data.sources`;
+    each is read at most once per evaluation (max_epochs is ignored)."""
+    every: int = 500
+    """Evaluate every this many optimizer steps, and after the last step."""
+    steps: int = 0
+    """Global batches per evaluation; 0: one whole pass over the held-out data. The same
+    rows are read every time (a fresh reader per evaluation)."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest val/loss so far as <run_dir>/checkpoints/best:
+    an evaluation that improves on it saves step_<N> (if that step has none yet) and links
+    its files there. Never pruned, never picked by train.resume=auto."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "eval", "every")
+        _require(self.steps >= 0, "eval.steps must be >= 0 (0: a whole pass)")
+        _require(
+            not (self.paths and self.sources),
+            "set eval.paths (one source) or eval.sources (several), not both",
+        )
+        names = [s.name for s in self.sources]
+        _require(len(set(names)) == len(names), f"eval.sources names must be unique: {names}")
+        _require(
+            self.enabled or not self.keep_best,
+            "eval.keep_best needs held-out data: set eval.paths or eval.sources",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.paths or self.sources)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The transformer."""
@@ -381,6 +430,8 @@ class Config:
     """When checkpoints are written and how many are kept."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard and the progress bar."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation on held-out data during training (and the defaults of `mmfm eval`)."""
 
     def __post_init__(self) -> None:
         _require(

@@ -1,4 +1,5 @@
-"""Greedy decoding for checks and demos (no KV cache: each step runs the whole prefix)."""
+"""Greedy decoding without a KV cache (each step runs the whole prefix): the reference that
+tests and bench/generate.py hold the cached path of `mmfm.generate` against."""
 
 from __future__ import annotations
 

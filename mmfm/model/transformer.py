@@ -8,7 +8,7 @@ built on the `meta` device, parallelised from outside, then initialised by `init
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import nn
 
 from mmfm.config.schema import ModelConfig
 from mmfm.model.attention import AttentionBackend, build_attention_backend
+
+if TYPE_CHECKING:
+    from mmfm.generate.cache import KVCache
 
 
 def rotary_tables(
@@ -104,13 +107,21 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        mask = self.backend.prepare(doc_ids)
+        """Logits `[batch, seq, vocab]`. With a `cache` (inference, `mmfm.generate.cache`)
+        the tokens continue the cached ones and attend to them; `doc_ids` then only marks
+        padding: a token with a negative doc id is never attended to."""
+        mask = self.backend.prepare(doc_ids) if cache is None else cache.extend(doc_ids >= 0)
         rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, rope, self.backend, mask)
+        for name, layer in self.layers.items():
+            backend = self.backend if cache is None else cache.layer(int(name))
+            h = layer(h, rope, backend, mask)
         if self.norm is None:
             return h
         h = self.norm(h)

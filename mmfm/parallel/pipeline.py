@@ -119,6 +119,7 @@ class PipelineSteps:
             assert issubclass(schedule_cls, PipelineScheduleMulti)
             self.schedule = schedule_cls(self.stages, **kwargs)
         self.has_first = 0 in stage_ids
+        self.v_shaped = cfg.pp_schedule == "zbv"
         self.device = env.device
         self.loss_context, self.autocast = loss_context, autocast
         self._batch: Batch | None = None
@@ -127,14 +128,22 @@ class PipelineSteps:
     def _loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self._step_loss(logits, self._batch.select(rows), key=int(rows[0]))
 
-    def run(self, micro_batches: list[Batch], step_loss: StepLoss) -> None:
+    def run(
+        self, micro_batches: list[Batch], step_loss: StepLoss, forward_only: bool = False
+    ) -> None:
+        """Forward (and, unless `forward_only`, backward) of the step's micro-batches."""
         batch = Batch.cat(micro_batches).to(self.device)
         self._batch, self._step_loss = batch, step_loss
         rows = torch.arange(batch.tokens.shape[0])  # on the host: keys without a device sync
         args = (batch.tokens,) if self.has_first else ()
+        # torch's V-shaped schedule (zbv) has no forward-only mode (its `eval` still hands
+        # gradients between the two stages of a rank): it runs whole, its gradients dropped.
+        no_backward = forward_only and not self.v_shaped
+        run = self.schedule.eval if no_backward else self.schedule.step
+        grad = torch.no_grad() if no_backward else contextlib.nullcontext()
         try:
-            with self.loss_context(), self.autocast():
-                self.schedule.step(
+            with self.loss_context(), self.autocast(), grad:
+                run(
                     *args,
                     positions=batch.positions,
                     doc_ids=batch.doc_ids,
@@ -143,3 +152,6 @@ class PipelineSteps:
                 )
         finally:
             self._batch, self._step_loss = None, None
+        if forward_only and self.v_shaped:
+            for stage in self.stages:
+                stage.submod.zero_grad(set_to_none=True)

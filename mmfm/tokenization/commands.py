@@ -75,11 +75,19 @@ def encode(recipe_path: str, files: Sequence[str], show: int, pairs: bool, limit
 
 
 def decode(recipe_path: str, ids: Sequence[str], out: str = "decoded") -> None:
-    """Print text, DNA and SVG spans; write pictures to `out` (PNG; a video as an animated GIF
-    at 2 fps) and print their paths."""
+    """Print text and DNA spans; write SVG code (`.svg`) and pictures to `out` (PNG; a video
+    as an animated GIF at 2 fps) and print their paths. A span cut before its closing id is
+    decoded as far as it goes (with a warning)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokenizers = Tokenizers.load(load_recipe(recipe_path))
     values = ids or sys.stdin.read().split()
     for n, (modality, content) in enumerate(tokenizers.decode(int(v) for v in values)):
+        if modality == "svg":
+            Path(out).mkdir(parents=True, exist_ok=True)
+            target = Path(out) / f"{n}-svg.svg"
+            target.write_text(content, encoding="utf-8")
+            print(f"[svg]\n{target} ({len(content)} characters)")
+            continue
         if isinstance(content, str):
             print(f"[{modality}]\n{content}")
             continue

@@ -176,7 +176,10 @@ class Tokenizers:
 
     def decode(self, ids: Iterable[int]) -> list[tuple[str, str | np.ndarray]]:
         """The document as (modality, content) spans: text, DNA sequences and SVG code as
-        strings; images, masks and videos as pictures (see VisualTokenizers.decode)."""
+        strings; images, masks and videos as pictures (see VisualTokenizers.decode).
+
+        A span without its closing id (generation cut at its length limit) is decoded as far
+        as it goes (a video: its complete frames; SVG: the code, unparsed), with a warning."""
         ids = list(ids)
         spans: list[tuple[str, str | np.ndarray]] = []
         frames = {self.vocab.delimiters(m)[0]: m for m in FRAMED}
@@ -185,13 +188,23 @@ class Tokenizers:
             if ids[i] in frames:
                 modality = frames[ids[i]]
                 close = self.vocab.delimiters(modality)[1]
-                if close not in ids[i + 1 :]:
-                    raise VocabError(f"{modality.name.lower()} span at {i} has no closing id")
-                end = ids.index(close, i + 1)
+                end = ids.index(close, i + 1) if close in ids[i + 1 :] else len(ids)
+                body = ids[i + 1 : end]
+                if end == len(ids):
+                    log.warning(
+                        "%s span at %d has no closing id: decoded as far as it goes",
+                        modality.name.lower(),
+                        i,
+                    )
+                    body = self._complete_frames(body) if modality == Modality.VIDEO else body
                 if text:
                     spans.append(("text", self.text.decode(text)))
                     text = []
-                spans.append((modality.name.lower(), self._decode_span(modality, ids[i + 1 : end])))
+                if end == len(ids) and modality == Modality.SVG:  # cut code does not parse
+                    content = self.text.decode(body)
+                else:
+                    content = self._decode_span(modality, body)
+                spans.append((modality.name.lower(), content))
                 i = end + 1
             else:
                 if self.vocab.lookup(ids[i])[0] == "text":
@@ -204,6 +217,14 @@ class Tokenizers:
         if text:
             spans.append(("text", self.text.decode(text)))
         return spans
+
+    def _complete_frames(self, body: list[int]) -> list[int]:
+        """A cut video body up to its last frame end, that end made the last (<eov>)."""
+        frame_ends = (self.vocab.special("<eof>"), self.vocab.special("<eov>"))
+        ends = [k for k, t in enumerate(body) if t in frame_ends]
+        if not ends:
+            return body  # no whole frame: VisualTokenizers.decode says so
+        return [*body[: ends[-1]], self.vocab.special("<eov>")]
 
     def _decode_span(self, modality: Modality, body: list[int]) -> str | np.ndarray:
         if modality == Modality.DNA:

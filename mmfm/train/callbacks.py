@@ -1,7 +1,8 @@
 """Trainer callbacks: metrics.jsonl, TensorBoard, and the progress bar.
 
 The trainer owns the loop and calls `on_fit_start`, `on_step_end` (with the step's scalars)
-and `on_fit_end`; everything that reports lives here.
+and `on_fit_end`; everything that reports lives here. A step that ran validation carries
+its val/* scalars too: they are written even when the step is not a logging step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _has_validation(metrics: dict[str, float]) -> bool:
+    return "val/loss" in metrics
+
+
 class MetricsFile(Callback):
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`.
 
@@ -52,7 +57,7 @@ class MetricsFile(Callback):
         self.file = self.path.open("a")
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0:
+        if step % self.every == 0 or _has_validation(metrics):
             row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -74,7 +79,7 @@ class TensorBoard(Callback):
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0:
+        if step % self.every == 0 or _has_validation(metrics):
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
 
@@ -85,6 +90,8 @@ class TensorBoard(Callback):
 def format_metrics(metrics: dict[str, Any]) -> str:
     parts = [f"loss {metrics['loss']:.4f}"]
     parts += [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")]
+    if _has_validation(metrics):
+        parts.append(f"val {metrics['val/loss']:.4f}")
     parts += [f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_s']:,.0f} tok/s"]
     return " | ".join(parts)
 
@@ -95,6 +102,7 @@ class Progress(Callback):
     def __init__(self, enabled: bool, print_every: int):
         self.use_bar = enabled and sys.stderr.isatty()
         self.print_every = print_every
+        self.last_val: float | None = None
 
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         self.first, self.total = start_step + 1, total_steps
@@ -104,10 +112,18 @@ class Progress(Callback):
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if _has_validation(metrics):
+            self.last_val = metrics["val/loss"]
         if self.use_bar:
-            self.bar.set_postfix_str(format_metrics(metrics), refresh=False)
+            # The bar keeps showing the latest val/loss between evaluations.
+            shown = {**metrics, "val/loss": self.last_val} if self.last_val is not None else metrics
+            self.bar.set_postfix_str(format_metrics(shown), refresh=False)
             self.bar.update(1)
-        elif step % self.print_every == 0 or step in (self.first, self.total):
+        elif (
+            step % self.print_every == 0
+            or step in (self.first, self.total)
+            or _has_validation(metrics)
+        ):
             log.info("step %d/%d | %s", step, self.total, format_metrics(metrics))
 
     def on_fit_end(self) -> None:

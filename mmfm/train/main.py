@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from mmfm.config import Config, ConfigError, save_config
+from mmfm.config.schema import SourceConfig
 from mmfm.data.loader import build_loader
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
 from mmfm.slurm import requeue_after_stop, restart_count
-from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
 from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
-from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
+from mmfm.train.evaluate import build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.trainer import FitResult, Trainer
 
@@ -44,7 +46,9 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.train.run_dir) / "checkpoints"
 
 
-def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
+def _resume_candidates(cfg: Config, checkpointer: Checkpointer) -> list[Path]:
+    """The checkpoints to try resuming from, in order: the newest complete one first (then
+    the older ones, for `resume=auto`), the named one, or none."""
     resume = cfg.train.resume
     if resume == "none":
         if checkpointer.latest() is not None:
@@ -52,10 +56,25 @@ def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
                 f"{cfg.train.run_dir} already holds checkpoints ({checkpointer.latest()}); "
                 "set train.resume=auto to continue it or choose another train.run_dir"
             )
-        return None
+        return []
     if resume == "auto":
-        return checkpointer.latest()
-    return Path(resume)
+        return checkpointer.complete()[::-1]
+    return [Path(resume)]
+
+
+def _resume(trainer: Trainer, candidates: list[Path]) -> None:
+    """Load the first candidate that reads. A damaged one is skipped with a warning; any other
+    refusal (unsafe, or not this model) stops the run: an older checkpoint would hide it."""
+    for index, path in enumerate(candidates):
+        try:
+            trainer.load(path)
+            return
+        except DamagedCheckpointError as e:
+            if index + 1 == len(candidates):
+                raise
+            log.warning(
+                "cannot resume from %s, trying %s instead: %s", path, candidates[index + 1], e
+            )
 
 
 def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
@@ -70,7 +89,7 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share."""
-    vocab = _check_vocab(cfg)
+    vocab, vocab_notes = _check_vocab(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
@@ -80,6 +99,8 @@ def build_trainer(cfg: Config) -> Trainer:
             vocab.save(run_dir / VOCAB_FILE)
     env.barrier()
     setup_logging(run_dir if env.is_main else None, env.rank)
+    for note in vocab_notes:
+        log.info("%s", note)
     torch.manual_seed(cfg.train.seed)
 
     parallel_model = parallelize(cfg, env)
@@ -115,19 +136,95 @@ def build_trainer(cfg: Config) -> Trainer:
         checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
     )
     callbacks = _callbacks(cfg, run_dir) if env.is_main else []
-    return Trainer(cfg, env, parallel_model, optimizer, scheduler, loader, checkpointer, callbacks)
+    evaluator = build_evaluator(cfg, env, parallel_model, vocab)
+    if evaluator is not None:
+        log.info(
+            "validation: %s | every %d steps | %s",
+            evaluator.data.describe(),
+            cfg.eval.every,
+            f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
+        )
+    return Trainer(
+        cfg, env, parallel_model, optimizer, scheduler, loader, checkpointer, callbacks, evaluator
+    )
 
 
-def _check_vocab(cfg: Config) -> Vocab | None:
-    if cfg.data.vocab is None:
-        return None
-    vocab = Vocab.load(cfg.data.vocab)
-    if cfg.model.vocab_size < vocab.size:
+def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
+    """data.vocab, after checking that model.vocab_size covers it and that the checkpoint
+    this run starts from and every prepared source (training and held-out) were made with
+    the same vocabulary (same fingerprint); and notes for the log on sources whose
+    vocabulary is unknown (no manifest.json or vocab.json beside them: accepted)."""
+    from mmfm.data.prepare import dataset_vocab
+
+    vocab = None if cfg.data.vocab is None else Vocab.load(cfg.data.vocab)
+    if vocab is not None and cfg.model.vocab_size < vocab.size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary in "
             f"data.vocab ({cfg.data.vocab}: {vocab.size} ids): raise model.vocab_size"
         )
-    return vocab
+    # The vocabulary everything must match: (fingerprint, the file it is read from).
+    reference = None if vocab is None else (vocab.fingerprint, Path(cfg.data.vocab))
+    start = _start_checkpoint(cfg)
+    if start is not None and (start / VOCAB_FILE).is_file():
+        theirs = Vocab.load(start / VOCAB_FILE).fingerprint
+        if reference is not None and theirs != reference[0]:
+            raise VocabError(
+                f"data.vocab {reference[1]} (vocabulary {reference[0]}) differs from "
+                f"{start / VOCAB_FILE} (vocabulary {theirs}) of the checkpoint this run starts "
+                f"from, whose embedding rows mean those tokens: set data.vocab to "
+                f"{start / VOCAB_FILE} and prepare the data with that vocabulary"
+            )
+        reference = reference or (theirs, start / VOCAB_FILE)
+    notes = []
+    for name, directory in _source_dirs(cfg):
+        found = None if directory is None else dataset_vocab(directory)
+        if found is None:
+            where = directory or "built-in or remote shards"
+            notes.append(
+                f"data source {name!r} ({where}): no manifest.json or {VOCAB_FILE}, "
+                "its vocabulary is not checked"
+            )
+        elif reference is None:
+            reference = found  # no data.vocab or checkpoint: the sources must agree
+        elif found[0] != reference[0]:
+            raise VocabError(
+                f"data source {name!r}: {found[1]} says its shards were prepared with "
+                f"vocabulary {found[0]}, but {reference[1]} is vocabulary {reference[0]}: "
+                f"their ids mean other tokens. Prepare {directory} again with the tokenizers "
+                f"of {reference[1]}, or train with the vocabulary the shards were made with"
+            )
+    return vocab, notes
+
+
+def _start_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint `train` will load: the one resumed from, else train.init_from."""
+    if cfg.train.resume == "auto":
+        latest = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep).latest()
+        if latest is not None:
+            return latest
+    elif cfg.train.resume != "none":
+        return Path(cfg.train.resume)
+    return None if cfg.train.init_from is None else Path(cfg.train.init_from)
+
+
+def _source_dirs(cfg: Config) -> list[tuple[str, Path | None]]:
+    """(source name, directory of its local shards; None for built-in and remote shards)
+    for every training and held-out source."""
+    from mmfm.data.shards import expand_paths
+
+    sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
+    if cfg.eval.sources or cfg.eval.paths:
+        sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
+    found: dict[tuple[str, Path | None], None] = {}
+    for source in sources:
+        for path in source.paths:
+            if path.startswith("builtin:"):
+                found[source.name, None] = None
+                continue
+            for url in expand_paths([path]):
+                local = "://" not in url and not url.startswith("pipe:")
+                found[source.name, Path(url).parent if local else None] = None
+    return list(found)
 
 
 def _layout(cfg: Config) -> str:
@@ -141,11 +238,11 @@ def _layout(cfg: Config) -> str:
 def train(cfg: Config) -> FitResult:
     """`mmfm train`: build, resume if asked, fit."""
     # Decided before build_trainer writes into the run dir.
-    resume_from = _resume_path(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
+    resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
     trainer = build_trainer(cfg)
     try:
-        if resume_from is not None:
-            trainer.load(resume_from)
+        if resume_from:
+            _resume(trainer, resume_from)
         elif cfg.train.init_from is not None:
             trainer.load_model(cfg.train.init_from)
         result = trainer.fit()

@@ -1,7 +1,8 @@
 """Forward and backward of one step's micro-batches on a model that runs whole (no pipeline).
 
-Gradients accumulate over the micro-batches; the pipeline-parallel counterpart is
-`mmfm.parallel.pipeline.PipelineSteps`, with the same `run` contract.
+Gradients accumulate over the micro-batches (`forward_only`, for validation, records the
+loss alone); the pipeline-parallel counterpart is `mmfm.parallel.pipeline.PipelineSteps`,
+with the same `run` contract.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ class LocalSteps:
         self.model, self.device = model, device
         self.loss_context, self.autocast = loss_context, autocast
 
-    def run(self, micro_batches: list[Batch], step_loss: StepLoss) -> None:
+    def run(
+        self, micro_batches: list[Batch], step_loss: StepLoss, forward_only: bool = False
+    ) -> None:
+        """Forward (and, unless `forward_only`, backward) of every micro-batch."""
+        grad = contextlib.nullcontext() if not forward_only else torch.no_grad()
         for index, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
-            with self.loss_context():
+            with self.loss_context(), grad:
                 with self.autocast():
                     logits = self.model(batch.tokens, batch.positions, batch.doc_ids)
                 loss = step_loss(logits, batch, key=index)
-                loss.backward()
+                if not forward_only:
+                    loss.backward()

@@ -4,8 +4,9 @@
 non-finite steps in a row. One step consumes one global batch: this rank's share arrives as
 micro-batches, the loss is normalised by the global target count, the step runner
 (whole model or pipeline) accumulates gradients, then gradients are clipped across all
-shards and AdamW steps. Reporting is done by callbacks on the main rank; state goes to and
-comes from `Checkpointer`.
+shards and AdamW steps. Every `eval.every` steps an `Evaluator` adds the held-out loss
+(val/*) to the step's metrics, optionally keeping the best checkpoint. Reporting is done by
+callbacks on the main rank; state goes to and comes from `Checkpointer`.
 """
 
 from __future__ import annotations
@@ -30,17 +31,21 @@ from torch.distributed.checkpoint.state_dict import (
 from mmfm.config import Config, to_yaml
 from mmfm.data.batch import MODALITY_NAMES, Batch
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.tario import Interrupted
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.parallel.parallelize import ParallelModel
 from mmfm.train.callbacks import Callback
-from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.checkpoint import STATE_FILE, Checkpointer, DamagedCheckpointError
+from mmfm.train.evaluate import BestCheckpoint, Evaluator
 from mmfm.train.loss import StepLoss, count_targets
 
 log = logging.getLogger("mmfm")
 
 # Optimizer state keyed by parameter name, so that it reshards across layouts.
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_STATE_KEYS = ("step", "scheduler", "loader", "nonfinite")
+"""What `load` reads from train_state.json."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,15 +91,18 @@ class Trainer:
         loader: StreamingLoader,
         checkpointer: Checkpointer,
         callbacks: list[Callback],
+        evaluator: Evaluator | None = None,
     ):
         self.cfg, self.env = cfg, env
         self.model, self.steps = parallel_model.model, parallel_model.steps
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loader, self.checkpointer, self.callbacks = loader, checkpointer, callbacks
+        self.evaluator = evaluator
         self.device = env.device
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self._saved_step: int | None = None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -103,10 +111,21 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self.step, total)
         stopped_by = None
+        best = BestCheckpoint(self.checkpointer.root, self.env) if self._keep_best else None
         try:
             with StopSignal() as stop:
+                # One process: a stop also ends a wait for stalled data (with several ranks the
+                # others would be in this step's collectives; data.read_timeout_s bounds it).
+                waiting = (lambda: stop.received is not None) if self.env.world_size == 1 else None
                 while self.step < total:
-                    metrics = self.train_step(self.loader.next_step())
+                    try:
+                        batches = self.loader.next_step(waiting)
+                    except Interrupted:  # the loader state is still that of this step
+                        stopped_by = signal.Signals(stop.received or signal.SIGTERM).name
+                        break
+                    metrics = self.train_step(batches)
+                    if self.evaluator is not None and self._eval_due(total):
+                        metrics.update(self.validate(best))
                     for cb in self.callbacks:
                         cb.on_step_end(self.step, metrics)
                     if self._stop_requested(stop):
@@ -114,16 +133,41 @@ class Trainer:
                         break
                     every = self.cfg.checkpoint.every
                     if every and self.step % every == 0 and self.step < total:
-                        self.save()
+                        self._save_once()
             if stopped_by is not None:
-                path = self.save()
+                path = self._save_once()
                 log.info("%s received: saved %s at step %d, exiting", stopped_by, path, self.step)
             elif self.cfg.checkpoint.at_end:
-                self.save()
+                self._save_once()
         finally:
             for cb in self.callbacks:
                 cb.on_fit_end()
         return FitResult(self.step, stopped_by)
+
+    @property
+    def _keep_best(self) -> bool:
+        return self.evaluator is not None and self.cfg.eval.keep_best
+
+    def _eval_due(self, total: int) -> bool:
+        return self.step % self.cfg.eval.every == 0 or self.step == total
+
+    def validate(self, best: BestCheckpoint | None = None) -> dict[str, float]:
+        """val/* metrics of the held-out data now; with `best`, keep the best checkpoint."""
+        assert self.evaluator is not None
+        start = time.perf_counter()
+        result = self.evaluator.run()
+        metrics = result.metrics("val/")
+        metrics["val/seconds"] = time.perf_counter() - start
+        if best is not None and best.improves(result.loss):
+            best.keep(self._save_once(), self.step, result.loss)
+        return metrics
+
+    def _save_once(self) -> Path:
+        """A checkpoint of this step, unless one was already written (e.g. as the best)."""
+        if self._saved_step != self.step:
+            self._saved_path = self.save()
+            self._saved_step = self.step
+        return self._saved_path
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         """Whether any rank got a stop signal (all ranks must stop at the same step)."""
@@ -234,14 +278,20 @@ class Trainer:
     def load_model(self, path: str | Path) -> None:
         """Model weights only (train.init_from): optimizer, schedule and data start fresh."""
         state = get_model_state_dict(self.model)
-        self.checkpointer.load_model(path, state)
+        self.checkpointer.load_model(path, state, whole_model=self.env.dims.pp == 1)
         set_model_state_dict(self.model, state)
         log.info("initialised the model from %s", path)
 
     def load(self, path: str | Path) -> None:
         optim = self._optimizer_state()
         tensors = self._tensors(optim)
-        state = self.checkpointer.load(path, tensors)
+        state = self.checkpointer.load(path, tensors, whole_model=self.env.dims.pp == 1)
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise DamagedCheckpointError(
+                f"{Path(path) / STATE_FILE} lacks {', '.join(missing)}: the checkpoint is "
+                "damaged or not written by mmfm train; use another checkpoint"
+            )
         set_model_state_dict(self.model, tensors["model"])
         optim.update(tensors["optim"])
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=_OPTIM_OPTIONS)

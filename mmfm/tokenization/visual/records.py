@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mmfm.data.batch import Modality
 from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.visual.data import PictureError
 from mmfm.tokenization.vocab import VocabError
 
 KIND_OF = {"image": "seed_image", "mask": "himtok_mask", "video": "video"}
@@ -83,9 +83,10 @@ class VisualTokenizers:
 
     def _codes(self, book: str, ids: list[int]) -> torch.Tensor:
         b = self.vocab.codebook(book)
+        size = min(b.size, self.model(book).num_codes)
         codes = torch.tensor(ids, dtype=torch.long) - b.offset
-        if len(codes) and (codes.min() < 0 or codes.max() >= b.size):
-            raise VocabError(f"a {book} span holds ids outside the {book} codebook")
+        if len(codes) and (codes.min() < 0 or codes.max() >= size):
+            raise VocabError(f"a {book} span holds ids outside the {size} codes of its tokenizer")
         return codes
 
     @torch.no_grad()
@@ -94,9 +95,19 @@ class VisualTokenizers:
         mask `[H, W]` of {0, 1} (any prefix of the codes decodes), video `[N, H, W, 3]`."""
         if modality == Modality.IMAGE:
             model = self.model("image")
+            if len(body) != model.tokens_per_item:
+                raise VocabError(
+                    f"an image span of {len(body)} codes; the image tokenizer makes "
+                    f"{model.tokens_per_item}"
+                )
             return vdata.to_uint8(model.decode(self._codes("image", body)[None]))[0]
         if modality == Modality.MASK:
             model = self.model("mask")
+            if not 1 <= len(body) <= model.tokens_per_item:
+                raise VocabError(
+                    f"a mask span of {len(body)} codes; the mask tokenizer takes 1 to "
+                    f"{model.tokens_per_item}"
+                )
             return model.decode(self._codes("mask", body)[None])[0].numpy().astype(np.uint8)
         model = self.model("video")
         ends = {self.vocab.special("<eof>"), self.vocab.special("<eov>")}
@@ -125,14 +136,6 @@ class VisualTokenizers:
             doc.add(self.video_ids(record.frames), Modality.VIDEO)
 
 
-class PictureError(ValueError):
-    """A file that is no picture of the wanted kind; `reason` names it for the reject counts."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 VIDEO_SUFFIXES = {".gif", ".apng", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
 
 
@@ -151,12 +154,14 @@ def visual_records(
     fps: float = 2.0,
     max_frames: int = 8,
     caption_from_name: bool = True,
+    max_pixels: int = vdata.MAX_PIXELS,
 ) -> Iterator:
     """The record of one picture or clip file (`kind`: image-text, image-mask or video).
 
     image-mask: the mask is the sidecar `<stem>.mask.png` (nonzero = 1) when there is one,
-    else the Otsu threshold of the image. Raises PictureError for a file of the wrong type or
-    a mask of the wrong size, and whatever Pillow / PyAV raise for a file that does not decode
+    else the Otsu threshold of the image. Raises PictureError for a file of the wrong type, a
+    picture (or frame, or mask) over `max_pixels` or a decompression bomb, a mask of the wrong
+    size, and whatever Pillow / PyAV raise for a file that does not decode
     (OSError, ValueError, RuntimeError).
     """
     from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord, VideoRecord
@@ -166,17 +171,19 @@ def visual_records(
     if kind == "video":
         if suffix not in VIDEO_SUFFIXES:
             raise PictureError("not_video", f"not a video ({sorted(VIDEO_SUFFIXES)})")
-        yield VideoRecord(path.stem, vdata.read_video(path, fps, max_frames), caption, source)
+        yield VideoRecord(
+            path.stem, vdata.read_video(path, fps, max_frames, max_pixels), caption, source
+        )
         return
     if suffix not in vdata.IMAGE_SUFFIXES:
         raise PictureError("not_image", f"not an image ({sorted(vdata.IMAGE_SUFFIXES)})")
-    image = vdata.read_image(path)
+    image = vdata.read_image(path, max_pixels)
     if kind == "image-text":
         yield ImageRecord(path.stem, image, caption, source)
         return
     sidecar = path.with_name(f"{path.stem}.mask.png")
     if sidecar.is_file():
-        with Image.open(sidecar) as im:
+        with vdata.open_picture(sidecar, max_pixels) as im:
             mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
         if mask.shape != image.shape[:2]:
             raise PictureError(

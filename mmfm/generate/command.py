@@ -1,0 +1,111 @@
+"""`mmfm generate MODEL --prompt TEXT [--modality image] ...`: sample, decode, write files.
+
+Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`), the batch
+is generated with the KV cache under the span grammar, and every generated span is written
+to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mmfm.config.schema import ConfigError
+from mmfm.generate.engine import generate
+from mmfm.generate.layout import MODALITY_OF, Layout
+from mmfm.generate.load import Loaded, load_model
+from mmfm.generate.outputs import Span, SpanWriter, split_spans, write_generations
+from mmfm.generate.sampling import Sampling
+
+log = logging.getLogger("mmfm")
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    model: str
+    prompts: Sequence[str]
+    out: str = "generations"
+    modality: str = "text"
+    sampling: Sampling = field(default_factory=Sampling)
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "fp32"
+    tokenizers: str | None = None
+    """A tokenizer recipe whose visual tokenizers decode image, mask and video codes."""
+    constrain: bool = True
+
+
+def _visual(loaded: Loaded, recipe_path: str | None):
+    """(VisualTokenizers or None, tokens_per_item and num_codes of the trained visual
+    tokenizers)."""
+    if recipe_path is None or loaded.vocab is None:
+        return None, {}, {}
+    from mmfm.tokenization.recipe import load_recipe
+    from mmfm.tokenization.visual.records import VisualTokenizers
+
+    recipe = load_recipe(recipe_path)
+    visual = VisualTokenizers(recipe, loaded.vocab)
+    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
+    slots["video"] = recipe.video_tokenizer
+    models = {name: visual.model(name) for name, path in slots.items() if path}
+    sizes = {name: model.tokens_per_item for name, model in models.items()}
+    return visual, sizes, {name: model.num_codes for name, model in models.items()}
+
+
+def run(args: GenerateArgs) -> list[dict]:
+    """Generate for every prompt, write the files and generations.jsonl; return its records."""
+    if args.modality not in MODALITY_OF:
+        raise ConfigError(f"--modality {args.modality!r} is not one of {', '.join(MODALITY_OF)}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    loaded = load_model(args.model, args.device, args.dtype)
+    visual, sizes, num_codes = _visual(loaded, args.tokenizers)
+    layout = loaded.layout(sizes, num_codes)
+    prompts = [layout.prompt(text, args.modality) for text in args.prompts]
+    longest = max(len(p) for p in prompts) + args.sampling.max_new_tokens
+    if longest > loaded.model.cfg.max_seq_len:
+        log.warning(
+            "prompt + max_new_tokens = %d tokens, beyond the model's max_seq_len %d",
+            longest,
+            loaded.model.cfg.max_seq_len,
+        )
+    new: list[list[int]] = []
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i : i + args.batch_size]
+        new += generate(loaded.model, chunk, args.sampling, layout, args.constrain)
+
+    writer = SpanWriter(layout, args.out, visual)
+    records, all_spans = [], []
+    for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, new, strict=True)):
+        spans = _spans(prompt, ids, layout)
+        for k, span in enumerate(spans):
+            writer.write(span, f"{n:04d}-{k}-{span.modality}")
+            where = span.path or "(no file)"
+            print(f"[{n}] {span.modality}: {where}" + (f"  ({span.note})" if span.note else ""))
+        records.append(
+            {"prompt": text, "modality": args.modality, "prompt_ids": prompt, "new_ids": ids}
+        )
+        all_spans.append(spans)
+    path = write_generations(args.out, records, all_spans)
+    print(f"{path}: {len(records)} prompt(s)")
+    return records
+
+
+def _spans(prompt: list[int], new: list[int], layout: Layout) -> list[Span]:
+    """The spans of the generated part; a span the prompt opened (`--modality`) starts at its
+    opening delimiter. Offsets index the prompt and new ids laid end to end."""
+    opens = {pair[0] for pair in layout.delimiters.values()}
+    offset = len(prompt) - 1 if prompt[-1] in opens else len(prompt)
+    spans = split_spans([*prompt[offset:], *new], layout)
+    for span in spans:
+        span.start += offset
+        span.end += offset
+    return spans
+
+
+def sampling_from(**fields) -> Sampling:
+    try:
+        return Sampling(**fields)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

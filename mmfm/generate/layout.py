@@ -1,0 +1,126 @@
+"""Where each kind of token sits in a model's id space, for prompts, constraints and files.
+
+`Layout.from_vocab` reads the unified vocabulary (`mmfm.tokenization.vocab`); `demo_layout`
+describes the built-in demo corpus (`mmfm.data.demo`: its own small layout of specials,
+bytes, 64 image codes and ACGT). Everything downstream (the span grammar, the decoders)
+sees only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mmfm.data.batch import Modality
+from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
+
+# The modalities a prompt can ask for (`--modality`) and the codebook of each.
+MODALITY_OF = {m.name.lower(): m for m in Modality}
+CODEBOOK_OF = {Modality.IMAGE: "image", Modality.MASK: "mask", Modality.VIDEO: "video"}
+TOKENS_PER_ITEM = {"image": 32, "mask": 32, "video": 256}
+"""Defaults (SEED, HiMTok, LWM); the trained visual tokenizers' own numbers win."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    size: int
+    bos: int
+    eos: int
+    text: range
+    """Ids of text pieces (bytes for the demo)."""
+    delimiters: dict[Modality, tuple[int, int]]
+    """(open, close) of each framed modality the layout has."""
+    codes: dict[str, range]
+    """Id range of each codebook: image, mask, video, dna."""
+    specials: dict[str, int]
+    """Every special token by name (`<eof>`, `<eov>`, `<sep>`, task tokens, ...)."""
+    tokens_per_item: dict[str, int]
+    """Codes per image, most codes per mask, codes per video frame."""
+    encode_text: Callable[[str], list[int]] = field(repr=False)
+    decode_text: Callable[[list[int]], str] = field(repr=False)
+    dna_pieces: tuple[str, ...] = field(default=(), repr=False)
+    """The nucleotides each DNA code stands for."""
+    demo: bool = False
+
+    @classmethod
+    def from_vocab(
+        cls,
+        vocab: Vocab,
+        tokens_per_item: dict[str, int] | None = None,
+        num_codes: dict[str, int] | None = None,
+    ) -> Layout:
+        """The layout of `vocab`; `tokens_per_item` and `num_codes` come from the trained
+        visual tokenizers (a codebook range is cut to the codes its tokenizer has)."""
+        from mmfm.tokenization.text import BOS, EOS, TextTokenizer
+
+        if vocab.text_model is None:
+            raise VocabError(
+                "the vocabulary carries no sentencepiece model, so prompts cannot be encoded; "
+                "give the vocab.json written by mmfm tokenizer train"
+            )
+        text = TextTokenizer(vocab.text_model)
+        names = {b.name for b in vocab.codebooks}
+        dna = vocab.codebook("dna") if "dna" in names else None
+        return cls(
+            size=vocab.size,
+            bos=BOS,
+            eos=EOS,
+            text=range(vocab.text_size),
+            delimiters={m: vocab.delimiters(m) for m in DELIMITERS},
+            codes={
+                b.name: range(
+                    b.offset, b.offset + min(b.size, (num_codes or {}).get(b.name, b.size))
+                )
+                for b in vocab.codebooks
+            },
+            specials={name: vocab.special(name) for name in vocab.specials},
+            tokens_per_item={**TOKENS_PER_ITEM, **(tokens_per_item or {})},
+            encode_text=text.encode,
+            decode_text=text.decode,
+            dna_pieces=_dna_pieces(dna.pieces) if dna else (),
+        )
+
+    def delimiter(self, modality: Modality) -> tuple[int, int]:
+        if modality not in self.delimiters:
+            have = ", ".join(m.name.lower() for m in self.delimiters)
+            raise VocabError(
+                f"this model's vocabulary has no {modality.name.lower()} spans ({have})"
+            )
+        return self.delimiters[modality]
+
+    def prompt(self, text: str, modality: str = "text") -> list[int]:
+        """`<s> text`, then the opening delimiter of `modality` (unless text)."""
+        ids = [self.bos, *self.encode_text(text)]
+        if modality != "text":
+            ids.append(self.delimiter(MODALITY_OF[modality])[0])
+        return ids
+
+
+def _dna_pieces(pieces: tuple[str, ...]) -> tuple[str, ...]:
+    # sentencepiece BPE marks word starts with U+2581; DNA has no words.
+    return tuple(p.replace("\u2581", "") for p in pieces)
+
+
+def demo_layout() -> Layout:
+    from mmfm.data import demo
+
+    return Layout(
+        size=demo.DEMO_VOCAB_SIZE,
+        bos=demo.SPECIAL["<bos>"],
+        eos=demo.SPECIAL["<eos>"],
+        text=range(demo.TEXT_OFFSET, demo.IMAGE_OFFSET),
+        delimiters={
+            Modality.IMAGE: (demo.SPECIAL["<img>"], demo.SPECIAL["</img>"]),
+            Modality.DNA: (demo.SPECIAL["<dna>"], demo.SPECIAL["</dna>"]),
+        },
+        codes={
+            "image": range(demo.IMAGE_OFFSET, demo.IMAGE_OFFSET + demo.IMAGE_CODES),
+            "dna": range(demo.DNA_OFFSET, demo.DEMO_VOCAB_SIZE),
+        },
+        specials=dict(demo.SPECIAL),
+        tokens_per_item={"image": demo.IMAGE_CODES},
+        encode_text=lambda s: [demo.TEXT_OFFSET + b for b in s.encode()],
+        decode_text=lambda ids: bytes(i - demo.TEXT_OFFSET for i in ids).decode(errors="replace"),
+        dna_pieces=tuple(demo.NUCLEOTIDES),
+        demo=True,
+    )

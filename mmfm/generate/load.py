@@ -1,0 +1,93 @@
+"""A model to sample, in one process: from an mmfm checkpoint (any training layout, read with
+DCP) or from a Hugging Face folder written by `mmfm convert hf` (its safetensors mapped back
+through the explicit key map of `mmfm.convert.keymaps`), on CPU or CUDA, in fp32 or bf16."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mmfm.config.schema import ModelConfig
+from mmfm.convert.hf import DTYPES, MMFM_VOCAB, ConversionError
+from mmfm.convert.keymaps import from_hf, model_config_from_hf
+from mmfm.generate.layout import Layout, demo_layout
+from mmfm.model import Transformer, build_model
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
+from mmfm.train.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint_model
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    vocab: Vocab | None
+    """The unified vocabulary saved with the model (None for the demo corpus)."""
+    demo: bool
+    """Trained on `builtin:demo`: the demo's own layout (mmfm.data.demo)."""
+
+    def layout(
+        self, tokens_per_item: dict[str, int] | None = None, num_codes: dict[str, int] | None = None
+    ) -> Layout:
+        if self.vocab is not None:
+            return Layout.from_vocab(self.vocab, tokens_per_item, num_codes)
+        if self.demo:
+            return demo_layout()
+        raise CheckpointError(
+            f"the model has no {VOCAB_FILE} (data.vocab was not set when it was trained), so "
+            "prompts cannot be encoded: train with data.vocab=<tokenizers>/vocab.json"
+        )
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> Loaded:
+    """The model at `path` (a checkpoint directory or an exported HF folder), in eval mode."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        model, cfg = load_checkpoint_model(path, device)
+        vocab_file = path / VOCAB_FILE
+        demo = vocab_file.is_file() is False and list(cfg.data.paths) == ["builtin:demo"]
+    elif (path / "config.json").is_file():
+        model, vocab_file, demo = _load_hf(path, device), path / MMFM_VOCAB, False
+    else:
+        raise CheckpointError(
+            f"{path} is neither an mmfm checkpoint ({CONFIG_FILE}) nor a Hugging Face folder "
+            "(config.json): give a checkpoint directory such as runs/x/checkpoints/step_100"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = model.to(DTYPES[dtype]).eval()
+    vocab = Vocab.load(vocab_file) if vocab_file.is_file() else None
+    return Loaded(model, vocab, demo)
+
+
+def _load_hf(folder: Path, device: str) -> Transformer:
+    cfg: ModelConfig = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{folder} holds no *.safetensors weights")
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                mmfm_name = from_hf(name)
+                if mmfm_name is not None:
+                    state[mmfm_name] = f.get_tensor(name).float()
+    if cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    model = build_model(cfg, device)
+    model.to_empty(device=device)
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ConversionError(f"{folder}: weights missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ConversionError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, the config wants "
+                f"{tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        model.load_state_dict(state)
+    return model

@@ -1,0 +1,255 @@
+"""Generated ids -> spans -> files a user opens, plus `generations.jsonl`.
+
+Images and masks become PNG, video GIF (and H.264 mp4 when PyAV is installed), SVG an `.svg`
+that the hardened parser accepted (and a PNG render when cairosvg is installed), DNA FASTA,
+text `.txt`. Models emit imperfect
+spans: one cut at `max_new_tokens` is decoded as far as it goes and its note says so; a span
+whose length does not fit its tokenizer (`tokens_per_item`) is not decoded and its note
+says why. Nothing is silently dropped: every span gets a line in generations.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmfm.data.batch import Modality
+from mmfm.generate.layout import Layout
+from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
+
+
+@dataclass
+class Span:
+    modality: str
+    start: int
+    """Index of its first id (an opening delimiter) in the ids it was split from."""
+    end: int
+    """Index after its last id (the closing delimiter, when there is one)."""
+    body: list[int]
+    """The ids between the delimiters."""
+    closed: bool
+    path: str | None = None
+    note: str | None = None
+
+
+def split_spans(ids: Sequence[int], layout: Layout) -> list[Span]:
+    """Text runs and framed spans of `ids`, in order. A span without its closing delimiter
+    runs to the end (closed=False); specials such as <sep> end a text run."""
+    opens = {pair[0]: m for m, pair in layout.delimiters.items()}
+    spans: list[Span] = []
+    text: list[int] = []
+    text_start = 0
+
+    def flush(at: int) -> None:
+        if text:
+            spans.append(Span("text", text_start, at, list(text), True))
+            text.clear()
+
+    i = 0
+    while i < len(ids):
+        token = ids[i]
+        if token in opens:
+            flush(i)
+            modality = opens[token]
+            close = layout.delimiters[modality][1]
+            end = next((j for j in range(i + 1, len(ids)) if ids[j] == close), None)
+            stop = len(ids) if end is None else end
+            spans.append(
+                Span(
+                    modality.name.lower(),
+                    i,
+                    stop + (end is not None),
+                    list(ids[i + 1 : stop]),
+                    end is not None,
+                )
+            )
+            i = stop + 1
+            continue
+        if token in layout.text and token not in (layout.bos, layout.eos):
+            if not text:
+                text_start = i
+            text.append(token)
+        else:
+            flush(i)
+        i += 1
+    flush(len(ids))
+    return spans
+
+
+class SpanWriter:
+    """Decodes spans into files under `out`; `visual` (VisualTokenizers) decodes the unified
+    vocabulary's image, mask and video codes (the demo's images decode without one)."""
+
+    def __init__(self, layout: Layout, out: str | Path, visual=None):
+        self.layout, self.out, self.visual = layout, Path(out), visual
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def write(self, span: Span, stem: str) -> Span:
+        """Decode `span` into `<out>/<stem>.<ext>`; sets its path and note (and returns it)."""
+        notes = (
+            []
+            if span.closed
+            else ["unterminated (cut at max_new_tokens): decoded as far as it goes"]
+        )
+        try:
+            path = getattr(self, f"_{span.modality}")(span, self.out / stem, notes)
+        except (ValueError, RuntimeError) as e:  # VocabError, SvgError, DnaError, decoder shapes
+            path, notes = None, [*notes, f"not decoded: {e}"]
+        span.path = None if path is None else str(path)
+        span.note = "; ".join(notes) or None
+        return span
+
+    # -- one method per modality ----------------------------------------------------------------
+
+    def _text(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        path = stem.with_suffix(".txt")
+        path.write_text(self.layout.decode_text(span.body), encoding="utf-8")
+        return path
+
+    def _dna(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        from Bio import SeqIO
+        from Bio.Seq import Seq
+        from Bio.SeqRecord import SeqRecord
+
+        book = self.layout.codes["dna"]
+        codes = [t - book.start for t in span.body if t in book]
+        if len(codes) < len(span.body):
+            notes.append(f"{len(span.body) - len(codes)} non-DNA ids skipped")
+        sequence = "".join(self.layout.dna_pieces[c] for c in codes)
+        path = stem.with_suffix(".fasta")
+        record = SeqRecord(Seq(sequence), id=stem.name, description=f"{len(sequence)} nt")
+        SeqIO.write([record], path, "fasta")
+        return path
+
+    def _svg(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        code = self.layout.decode_text(span.body)
+        try:
+            parse_svg(code, max_kb=1 << 20, origin="generated SVG")
+        except SvgError as e:
+            path = stem.with_suffix(".svg.txt")
+            path.write_text(code, encoding="utf-8")
+            notes.append(f"kept as text: {e}")
+            return path
+        path = stem.with_suffix(".svg")
+        path.write_text(code, encoding="utf-8")
+        # A render only when cairosvg is installed and can draw it; the .svg is the output.
+        with contextlib.suppress(SvgError, OSError, ValueError):
+            Image.fromarray(render_svg(code)).save(stem.with_suffix(".svg.png"))
+        return path
+
+    def _image(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        wanted = self.layout.tokens_per_item["image"]
+        if len(span.body) != wanted:
+            raise ValueError(f"{len(span.body)} image codes; the image tokenizer makes {wanted}")
+        if self.layout.demo:
+            picture = demo_picture(np.array(span.body) - self.layout.codes["image"].start)
+        else:
+            picture = self._visual().decode(Modality.IMAGE, span.body)
+        path = stem.with_suffix(".png")
+        Image.fromarray(picture).save(path)
+        return path
+
+    def _mask(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        most = self.layout.tokens_per_item["mask"]
+        if not 1 <= len(span.body) <= most:
+            raise ValueError(f"{len(span.body)} mask codes; the mask tokenizer takes 1..{most}")
+        mask = self._visual().decode(Modality.MASK, span.body)
+        path = stem.with_suffix(".png")
+        Image.fromarray(mask * 255).save(path)
+        return path
+
+    def _video(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        per_frame = self.layout.tokens_per_item["video"]
+        ends = {self.layout.specials["<eof>"], self.layout.specials["<eov>"]}
+        frames, frame = [], []
+        for token in span.body:
+            if token in ends:
+                frames.append(frame)
+                frame = []
+            else:
+                frame.append(token)
+        if frame:
+            frames.append(frame)
+        whole = [f for f in frames if len(f) == per_frame]
+        if len(whole) < len(frames):
+            notes.append(f"{len(frames) - len(whole)} frame(s) without {per_frame} codes skipped")
+        if not whole:
+            raise ValueError(f"no complete frame of {per_frame} codes")
+        body = [t for f in whole for t in [*f, self.layout.specials["<eof>"]]]
+        body[-1] = self.layout.specials["<eov>"]
+        clip = self._visual().decode(Modality.VIDEO, body)
+        path = stem.with_suffix(".gif")
+        first, *rest = (Image.fromarray(f) for f in clip)
+        first.save(path, save_all=True, append_images=rest, duration=500, loop=0)
+        if write_mp4(clip, stem.with_suffix(".mp4")):
+            notes.append(f"also {stem.with_suffix('.mp4').name}")
+        return path
+
+    def _visual(self):
+        if self.visual is None:
+            raise ValueError(
+                "no visual tokenizer to decode it: pass --tokenizers RECIPE (a tokenizer recipe "
+                "with image_tokenizer, mask_tokenizer, video_tokenizer)"
+            )
+        return self.visual
+
+
+def write_mp4(frames: Sequence[np.ndarray], path: Path, fps: int = 2) -> bool:
+    """H.264 (yuv420p) of RGB `frames` when PyAV is installed (`pip install mmfm[video]`);
+    False without it. Odd sizes are padded by one pixel, as yuv420p needs even ones."""
+    try:
+        import av
+    except ImportError:
+        return False
+    height, width = frames[0].shape[:2]
+    even = (height + height % 2, width + width % 2)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = even
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            padded = np.zeros((*even, 3), np.uint8)
+            padded[:height, :width] = frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return True
+
+
+DEMO_COLORS = {
+    "black": (0, 0, 0), "white": (255, 255, 255), "red": (220, 30, 30), "green": (30, 160, 60),
+    "blue": (30, 60, 220), "yellow": (240, 210, 30), "purple": (140, 50, 170),
+    "orange": (245, 140, 20),
+}  # fmt: skip
+
+
+def demo_picture(codes: np.ndarray, scale: int = 16) -> np.ndarray:
+    """The demo corpus's 8x8 grid of (colour, shade) codes as an RGB picture (mmfm.data.demo:
+    code = colour * 8 + shade; the shade is noise and drawn as a slight lightening)."""
+    from mmfm.data.demo import COLORS
+
+    palette = np.array([DEMO_COLORS[c] for c in COLORS], dtype=np.float32)
+    colour, shade = codes // 8, codes % 8
+    rgb = palette[np.clip(colour, 0, len(COLORS) - 1)] + 12.0 * shade[:, None]
+    grid = np.clip(rgb, 0, 255).astype(np.uint8).reshape(8, 8, 3)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def write_generations(out: str | Path, records: list[dict], spans: list[list[Span]]) -> Path:
+    """`<out>/generations.jsonl`: one line per prompt with its ids, new ids and spans."""
+    path = Path(out) / "generations.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for record, its_spans in zip(records, spans, strict=True):
+            rows = [
+                {k: v for k, v in asdict(s).items() if k != "body"} | {"length": len(s.body)}
+                for s in its_spans
+            ]
+            f.write(json.dumps({**record, "spans": rows}, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,149 @@
+"""`mmfm eval CKPT DATA...`: the held-out loss of a checkpoint, at any parallel layout.
+
+The checkpoint's own config rebuilds the model and the packing (seq_len, loss weights,
+batch size); `parallel.*` overrides choose the layout to run it at (one process unless
+given), independently of the layout that trained it. DATA are prepared shards (any
+`data.paths` syntax) or raw `.txt` files, tokenized with the checkpoint's vocabulary: one
+document per paragraph (blank-line separated), framed like `mmfm prepare` frames text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from mmfm.config import Config, ConfigError, load_config, load_structured
+from mmfm.config.schema import ParallelConfig, SourceConfig
+from mmfm.data.batch import Modality
+from mmfm.data.shards import Document, write_shard
+from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.parallelize import parallelize
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
+from mmfm.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, CheckpointError
+from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
+
+log = logging.getLogger("mmfm")
+
+
+def eval_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The checkpoint's config with `overrides`; the layout comes only from the overrides."""
+    path = Path(checkpoint)
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint directory")
+    layout = [o.removeprefix("parallel.") for o in overrides if o.startswith("parallel.")]
+    rest = [o for o in overrides if not o.startswith("parallel.")]
+    cfg = load_config(path / CONFIG_FILE, rest)
+    parallel = load_structured(ParallelConfig, None, layout)
+    try:
+        return dataclasses.replace(cfg, parallel=parallel)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (mmfm eval: override train.* to fit the layout)") from None
+
+
+def _checkpoint_vocab(checkpoint: Path) -> Vocab | None:
+    path = checkpoint / VOCAB_FILE
+    return Vocab.load(path) if path.is_file() else None
+
+
+def text_documents(path: Path, vocab: Vocab | None) -> list[Document]:
+    """A raw text file as documents, one per paragraph: <bos> text <eos>."""
+    if vocab is None:  # the demo's layout: one id per byte
+        from mmfm.data.demo import SPECIAL, TEXT_OFFSET
+
+        bos, eos = SPECIAL["<bos>"], SPECIAL["<eos>"]
+
+        def encode(s: str) -> list[int]:
+            return [TEXT_OFFSET + b for b in s.encode()]
+    else:
+        from mmfm.tokenization.text import BOS, EOS, TextTokenizer
+
+        if vocab.text_model is None:
+            raise CheckpointError(
+                f"the checkpoint's {VOCAB_FILE} holds no text model: prepare {path} into "
+                "shards with mmfm prepare instead"
+            )
+        bos, eos, encode = BOS, EOS, TextTokenizer(vocab.text_model).encode
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    docs = []
+    for i, text in enumerate(p for p in paragraphs if p):
+        tokens = np.array([bos, *encode(text), eos], dtype=np.int32)
+        modality = np.full(len(tokens), Modality.TEXT, dtype=np.uint8)
+        docs.append(Document(tokens, modality, f"{path.stem}-{i:06d}", str(path)))
+    if not docs:
+        raise CheckpointError(f"{path} holds no text to evaluate on")
+    return docs
+
+
+def _sources(data: Sequence[str], vocab: Vocab | None, scratch: Path) -> list[SourceConfig]:
+    """Shard paths as one source; every .txt file tokenized into a shard of its own."""
+    paths = []
+    for item in data:
+        if item.endswith(".txt"):
+            shard = scratch / f"{Path(item).stem}-{len(paths):03d}.tar"
+            write_shard(shard, text_documents(Path(item), vocab))
+            item = str(shard)
+        paths.append(item)
+    return [SourceConfig(name="eval", paths=paths)]
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: Sequence[str],
+    overrides: Sequence[str] = (),
+    steps: int = 0,
+    json_path: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate `checkpoint` on `data` (`steps` global batches, 0: a whole pass); the main
+    rank prints the table and writes `json_path`."""
+    checkpoint = Path(checkpoint)
+    cfg = eval_config(checkpoint, overrides)
+    env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        parallel_model = parallelize(cfg, env)
+        state = get_model_state_dict(parallel_model.model)
+        Checkpointer.load_model(checkpoint, state)
+        set_model_state_dict(parallel_model.model, state)
+        vocab = _checkpoint_vocab(checkpoint)
+        table = text_byte_table(vocab, cfg.model.vocab_size)
+        with tempfile.TemporaryDirectory(prefix="mmfm-eval-") as scratch:
+            sources = _sources(data, vocab, Path(scratch))
+            evaluator = Evaluator(cfg, env, parallel_model, sources, steps, table)
+            result = evaluator.run(progress=progress)
+        if env.is_main:
+            _report(checkpoint, data, cfg, result, json_path)
+        return result
+    finally:
+        env.close()
+
+
+def _report(
+    checkpoint: Path, data: Sequence[str], cfg: Config, result: EvalResult, json_path
+) -> None:
+    state_file = checkpoint / STATE_FILE
+    step = json.loads(state_file.read_text()).get("step") if state_file.is_file() else None
+    print(
+        f"{checkpoint} (step {step}) on {', '.join(data)}: {result.rows} rows of "
+        f"{cfg.data.seq_len} tokens in {result.steps} batches",
+        file=sys.stderr,
+    )
+    if result.skipped:
+        print(f"skipped bad documents: {result.skipped}", file=sys.stderr)
+    if result.text_bytes is None:
+        print("bits per byte: the text tokenizer is unknown (no text model)", file=sys.stderr)
+    print(result.table())
+    if json_path is not None:
+        summary = {"checkpoint": str(checkpoint), "step": step, "data": list(data)}
+        summary["seq_len"] = cfg.data.seq_len
+        summary["loss_weights"] = dict(cfg.data.loss_weights)
+        Path(json_path).write_text(json.dumps({**summary, **result.summary()}, indent=1) + "\n")

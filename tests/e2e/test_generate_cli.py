@@ -1,0 +1,170 @@
+"""`mmfm generate` end to end: an exported Hugging Face folder against `transformers`'
+greedy `generate`, and the command on checkpoints whose every span becomes a file that its
+own library opens (PIL, Biopython, the SVG parser)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from PIL import Image
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mmfm.cli import main
+from mmfm.config import load_config, save_config
+from mmfm.convert.hf import export_hf, import_hf
+from mmfm.data.demo import DEMO_VOCAB_SIZE
+from mmfm.generate.engine import generate
+from mmfm.generate.load import load_model
+from mmfm.generate.sampling import Sampling
+from mmfm.model import build_model, init_weights
+from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
+from mmfm.tokenization.vocab import Vocab
+from mmfm.train.checkpoint import _single_process_quiet
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
+TINY_VISUAL = {
+    "seed_image": {"image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
+                   "qformer_layers": 1, "decoder_layers": 1, "tokens": 8, "codebook_size": 64},
+    "himtok_mask": {"mask_size": 32, "stem": 4, "dim": 32, "heads": 2, "encoder_layers": 1,
+                    "latent_layers": 1, "decoder_layers": 1, "tokens": 32, "codebook_size": 64,
+                    "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]},
+    "video": {"frame_size": 32, "hidden": 16, "dim": 16, "codebook_size": 64},
+}  # fmt: skip
+SHAPE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
+SHAPE += ["model.ffn_multiple_of=32", "model.max_seq_len=1024", "data.seq_len=128"]
+
+
+def random_checkpoint(path: Path, overrides: list[str], vocab: Path | None = None) -> Path:
+    """An untrained model saved as an mmfm checkpoint (weights, config.yaml, vocab.json)."""
+    cfg = load_config(None, [*SHAPE, *overrides])
+    model = build_model(cfg.model)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg.model, 0)
+    with _single_process_quiet():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
+    save_config(cfg, path / "config.yaml")
+    if vocab is not None:
+        Vocab.load(vocab).save(path / "vocab.json")
+    return path
+
+
+def test_greedy_on_an_exported_model_equals_transformers_generate(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    folder = export_hf(tmp_path / "ckpt", tmp_path / "export", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    mine = load_model(folder).model
+    prompts = [[1, 17, 99, 250, 3], [1, 5], [1, *range(100, 140)]]
+    new = generate(mine, prompts, Sampling(max_new_tokens=48))
+    for prompt, ids in zip(prompts, new, strict=True):
+        x = torch.tensor([prompt])
+        theirs = hf.generate(x, max_new_tokens=48, do_sample=False, eos_token_id=None)
+        assert ids == theirs[0, len(prompt) :].tolist()
+    assert load_model(tmp_path / "ckpt").model.state_dict().keys() == mine.state_dict().keys()
+    half = load_model(folder, dtype="bf16").model
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert len(generate(half, prompts, Sampling(max_new_tokens=8))[0]) == 8
+
+
+@pytest.fixture(scope="module")
+def unified(tmp_path_factory):
+    """An untrained model on the base vocabulary, and a tokenizer recipe with untrained
+    visual tokenizers (their codes decode to pictures of the right size)."""
+    root = tmp_path_factory.mktemp("unified")
+    slots = {"image": "seed_image", "mask": "himtok_mask", "video": "video"}
+    lines = [f"output_dir: {REPO / 'tokenizers/base'}"]
+    for slot, kind in slots.items():
+        save_visual(build(VisualRecipe(kind=kind, model=TINY_VISUAL[kind])), root / kind)
+        lines.append(f"{slot}_tokenizer: {root / kind}")
+    (root / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    size = -(-Vocab.load(BASE_VOCAB).size // 64) * 64
+    overrides = [f"model.vocab_size={size}", f"data.vocab={BASE_VOCAB}"]
+    ckpt = random_checkpoint(root / "ckpt", overrides, BASE_VOCAB)
+    return ckpt, root / "recipe.yaml"
+
+
+@pytest.mark.parametrize(
+    "modality,max_new,suffix",
+    [("image", 12, ".png"), ("mask", 40, ".png"), ("video", 140, ".gif"),
+     ("dna", 24, ".fasta"), ("svg", 24, ".svg.txt"), ("text", 24, ".txt")],
+)  # fmt: skip
+def test_generate_writes_a_file_per_span_that_opens(unified, modality, max_new, suffix, tmp_path):
+    from Bio import SeqIO
+
+    ckpt, recipe = unified
+    out = tmp_path / "out"
+    args = ["generate", str(ckpt), "--prompt", "a cat", "--prompt", "two dogs on grass"]
+    args += ["--modality", modality, "--tokenizers", str(recipe), "--out", str(out)]
+    main([*args, "--max-new-tokens", str(max_new), "--temperature", "1", "--seed", "2"])
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a cat", "two dogs on grass"]
+    for row in rows:
+        first = row["spans"][0]
+        assert first["modality"] == modality and len(row["new_ids"]) <= max_new
+        assert first["start"] == len(row["prompt_ids"]) - (modality != "text")
+        path = first["path"]
+        assert path and path.endswith(suffix), first
+        if suffix in (".png", ".gif"):
+            with Image.open(path) as im:
+                assert im.size == (32, 32)
+                frames = getattr(im, "n_frames", 1)
+            assert modality != "video" or frames == first["length"] // 65
+            if modality == "video":  # the same clip as H.264, when PyAV is installed (it is here)
+                import av
+
+                with av.open(str(Path(path).with_suffix(".mp4"))) as clip:
+                    assert sum(1 for _ in clip.decode(video=0)) == frames
+        elif suffix == ".fasta":
+            assert len(next(SeqIO.parse(path, "fasta")).seq) > 0
+        elif modality == "svg":  # an untrained model writes no SVG that parses: kept, said so
+            assert "kept as text" in first["note"] and "unterminated" in first["note"]
+        else:
+            assert Path(path).read_text(encoding="utf-8") is not None
+
+
+def test_the_demo_checkpoint_draws_a_png(tmp_path, demo_cache):
+    ckpt = random_checkpoint(
+        tmp_path / "ckpt",
+        [f"model.vocab_size={DEMO_VOCAB_SIZE}", "data.paths=[builtin:demo]"],
+    )
+    out = tmp_path / "out"
+    args = ["generate", str(ckpt), "--prompt", "a red cross on a blue background"]
+    main([*args, "--modality", "image", "--max-new-tokens", "70", "--out", str(out)])
+    row = json.loads((out / "generations.jsonl").read_text())
+    image = row["spans"][0]
+    assert image["closed"] and image["length"] == 64 and image["note"] is None
+    with Image.open(image["path"]) as im:
+        assert im.size == (128, 128)
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path), "--prompt", "x"])
+    assert e.value.code == 1
+    assert "neither an mmfm checkpoint" in capsys.readouterr().err
+    ckpt = random_checkpoint(tmp_path / "ckpt", [f"model.vocab_size={DEMO_VOCAB_SIZE}"])
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(ckpt), "--prompt", "x"])
+    assert "has no vocab.json" in capsys.readouterr().err
+    demo = random_checkpoint(
+        tmp_path / "demo", [f"model.vocab_size={DEMO_VOCAB_SIZE}", "data.paths=[builtin:demo]"]
+    )
+    for bad, message in [
+        (["--modality", "svg"], "no svg spans"),
+        (["--top-p", "0"], "top_p in (0, 1]"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["generate", str(demo), "--prompt", "x", *bad])
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
