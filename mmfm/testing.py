@@ -86,6 +86,24 @@ def run_distributed(
     return [results[r] for r in range(world_size)]
 
 
+def tiny_demo_model(n_layers: int = 4, seq_len: int = 64) -> list[str]:
+    """Dotted overrides for the tiny Llama (dim 64, 4 heads, 2 KV heads) on the built-in demo
+    corpus that the parity tests train at every layout."""
+    from mmfm.data.demo import DEMO_VOCAB_SIZE
+
+    return [
+        f"model.vocab_size={DEMO_VOCAB_SIZE}",
+        "model.dim=64",
+        f"model.n_layers={n_layers}",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.ffn_multiple_of=32",
+        f"model.max_seq_len={seq_len}",
+        "data.paths=[builtin:demo]",
+        f"data.seq_len={seq_len}",
+    ]
+
+
 def train_metrics(overrides: Sequence[str]) -> list[dict] | None:
     """Train with `overrides` (on this process's share) and return the rows of
     metrics.jsonl on the main rank, None on the others."""

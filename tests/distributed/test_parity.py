@@ -11,21 +11,12 @@ import sys
 
 import pytest
 
-from mmfm.data.demo import DEMO_VOCAB_SIZE
-from mmfm.testing import run_distributed, train_metrics
+from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 
 REL = 1e-5
 
 MODEL = [
-    f"model.vocab_size={DEMO_VOCAB_SIZE}",
-    "model.dim=64",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_multiple_of=32",
-    "model.max_seq_len=64",
-    "data.paths=[builtin:demo]",
-    "data.seq_len=64",
+    *tiny_demo_model(),
     "train.global_batch_size=8",
     "train.micro_batch_size=2",
     "optim.warmup_steps=1",

@@ -7,20 +7,11 @@ must equal the single-process run within 1e-5 relative, like every layout in tes
 
 import pytest
 
-from mmfm.data.demo import DEMO_VOCAB_SIZE
-from mmfm.testing import run_distributed, train_metrics
+from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 
 REL = 1e-5
 BASE = [
-    f"model.vocab_size={DEMO_VOCAB_SIZE}",
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_multiple_of=32",
-    "model.max_seq_len=64",
-    "data.paths=[builtin:demo]",
-    "data.seq_len=64",
+    *tiny_demo_model(n_layers=2),
     "train.global_batch_size=4",
     "train.micro_batch_size=2",
     "train.steps=2",

@@ -13,23 +13,14 @@ import sys
 
 import pytest
 
-from mmfm.data.demo import DEMO_VOCAB_SIZE
-from mmfm.testing import run_distributed, train_metrics
+from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 
 pytestmark = pytest.mark.slow  # six runs of two ranks: about a minute on 2 cores
 
 REL = 1e-5
 
 BASE = [
-    f"model.vocab_size={DEMO_VOCAB_SIZE}",
-    "model.dim=64",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_multiple_of=32",
-    "model.max_seq_len=64",
-    "data.paths=[builtin:demo]",
-    "data.seq_len=64",
+    *tiny_demo_model(),
     "data.num_workers=0",
     "data.loss_weights.dna=0.5",
     "train.global_batch_size=4",
