@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmfm.generate.cache import KVCache
 from mmfm.generate.constraints import SpanConstraint
 from mmfm.generate.layout import Layout
 from mmfm.generate.sampling import Sampling, next_tokens
+from mmfm.model.cache import KVCache
 
 
 def unconditional_prompt(prompt: Sequence[int], layout: Layout) -> list[int]:

@@ -8,7 +8,7 @@ built on the `meta` device, parallelised from outside, then initialised by `init
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,7 @@ from torch import nn
 
 from mmfm.config.schema import ModelConfig
 from mmfm.model.attention import AttentionBackend, build_attention_backend
-
-if TYPE_CHECKING:
-    from mmfm.generate.cache import KVCache
+from mmfm.model.cache import KVCache
 
 
 def rotary_tables(
@@ -113,7 +111,7 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Logits `[batch, seq, vocab]`. With a `cache` (inference, `mmfm.generate.cache`)
+        """Logits `[batch, seq, vocab]`. With a `cache` (inference, `mmfm.model.cache`)
         the tokens continue the cached ones and attend to them; `doc_ids` then only marks
         padding: a token with a negative doc id is never attended to."""
         mask = self.backend.prepare(doc_ids) if cache is None else cache.extend(doc_ids >= 0)

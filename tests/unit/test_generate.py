@@ -12,13 +12,13 @@ from PIL import Image
 
 from mmfm.config.schema import ModelConfig
 from mmfm.data.batch import Modality
-from mmfm.generate.cache import KVCache
 from mmfm.generate.constraints import SpanConstraint
 from mmfm.generate.engine import generate, unconditional_prompt
 from mmfm.generate.layout import Layout, demo_layout
 from mmfm.generate.outputs import SpanWriter, split_spans
 from mmfm.generate.sampling import Sampling, filter_logits
 from mmfm.model import build_model, init_weights
+from mmfm.model.cache import KVCache
 from mmfm.model.generate import generate_greedy
 from mmfm.tokenization.vocab import DELIMITERS, Vocab
 
