@@ -13,10 +13,11 @@ from mmfm.config.schema import (
     ParallelConfig,
     TrainConfig,
 )
-from mmfm.data.batch import IGNORE_INDEX, Batch
+from mmfm.core.types import IGNORE_INDEX, Batch
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
 from mmfm.train.optim import build_optimizer, build_scheduler
+from mmfm.train.steps import build_steps
 from mmfm.train.trainer import Trainer
 
 
@@ -66,7 +67,7 @@ def fixed_batch_trainer(
         logging=LoggingConfig(tensorboard=False, progress=False),
     )
     env = ParallelEnv.from_config(cfg.parallel, device)
-    parallel_model = parallelize(cfg, env)
-    optimizer = build_optimizer(parallel_model.model, cfg.optim)
+    steps = build_steps(cfg, env, parallelize(cfg, env))
+    optimizer = build_optimizer(steps.model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    return Trainer(cfg, env, parallel_model, optimizer, scheduler, FixedRows(), None, [])
+    return Trainer(cfg, env, steps, optimizer, scheduler, FixedRows(), None, [])

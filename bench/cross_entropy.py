@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mmfm.data.batch import IGNORE_INDEX
+from mmfm.core.types import IGNORE_INDEX
 from mmfm.train.loss import ChunkedCrossEntropy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

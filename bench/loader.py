@@ -25,9 +25,10 @@ from pathlib import Path
 
 import webdataset as wds
 
+from mmfm.core.errors import DataError
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.prepare import load_prepare_recipe, prepare
-from mmfm.data.stream import DataError, SourceSpec, StreamSettings
+from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.prepare import load_prepare_recipe, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 

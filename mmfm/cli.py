@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "prepare":
             import logging
 
-            from mmfm.data.prepare import load_prepare_recipe, prepare
+            from mmfm.prepare import load_prepare_recipe, prepare
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             index, parts = (int(x) for x in args.part.split("/"))
@@ -440,10 +440,9 @@ def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from mmfm.convert.hf import ConversionError
-    from mmfm.data.real import FetchError
+    from mmfm.core.errors import ConversionError, DataError
+    from mmfm.core.examples import FetchError
     from mmfm.data.shards import ShardError
-    from mmfm.data.stream import DataError
     from mmfm.slurm import SlurmError
     from mmfm.tokenization.dna import DnaError
     from mmfm.tokenization.svg import SvgError

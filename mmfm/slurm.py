@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmfm.config import ConfigError, load_config
+from mmfm.core.errors import LaunchError
+from mmfm.prepare import load_prepare_recipe
 
 log = logging.getLogger("mmfm")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(LaunchError):
     """sbatch or scontrol failed; the message carries their output."""
 
 
@@ -136,7 +138,6 @@ def submit_prepare(
     template: str | None = None,
     dry_run: bool = False,
 ) -> str | None:
-    from mmfm.data.prepare import load_prepare_recipe
 
     prep = load_prepare_recipe(recipe, overrides)
     out = Path(prep.output).resolve()

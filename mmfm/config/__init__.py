@@ -4,7 +4,6 @@ from mmfm.config.loading import field_docs, load_config, load_structured, save_c
 from mmfm.config.schema import (
     CheckpointConfig,
     Config,
-    ConfigError,
     DataConfig,
     LoggingConfig,
     ModelConfig,
@@ -13,6 +12,7 @@ from mmfm.config.schema import (
     SourceConfig,
     TrainConfig,
 )
+from mmfm.core.errors import ConfigError
 
 __all__ = [
     "CheckpointConfig",

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mmfm.config.schema import Config, ConfigError
+from mmfm.config.schema import Config
+from mmfm.core.errors import ConfigError
 
 T = TypeVar("T")
 

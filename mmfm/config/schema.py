@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmfm.data.batch import MODALITY_NAMES
+from mmfm.core.errors import ConfigError
+from mmfm.core.types import MODALITY_NAMES
 
 ATTENTION_BACKENDS = ("auto", "sdpa_masked", "docs", "flex")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LR_DECAYS = ("cosine", "linear", "constant")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
-
-
-class ConfigError(ValueError):
-    """A configuration a user wrote is invalid; the message says what to change."""
 
 
 def _require(ok: bool, message: str) -> None:

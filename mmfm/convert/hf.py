@@ -30,8 +30,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
+from mmfm.convert.hf_tokenizer import save_hf_tokenizer
 from mmfm.convert.keymaps import from_hf, model_config_from_hf, to_hf
-from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
+from mmfm.core.errors import ConversionError
+from mmfm.model import build_model
+from mmfm.tokenization.dna import DnaTokenizer
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, VOCAB_FILE, Vocab, VocabError
 from mmfm.train.checkpoint import (
     CONFIG_FILE,
     SafeFileSystemReader,
@@ -42,10 +47,6 @@ from mmfm.train.checkpoint import (
 log = logging.getLogger("mmfm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MMFM_VOCAB = "mmfm_vocab.json"
-
-
-class ConversionError(RuntimeError):
-    """A checkpoint or folder that cannot be converted; the message says why."""
 
 
 def _parse_size(text: str) -> int:
@@ -141,8 +142,6 @@ def export_hf(
     hf_config(m, arch, dtype_name(torch_dtype), **special).save_pretrained(str(out))
     GenerationConfig(**special).save_pretrained(str(out))
     if vocab is not None:
-        from mmfm.convert.hf_tokenizer import save_hf_tokenizer
-
         save_hf_tokenizer(vocab, out)
         shutil.copyfile(ckpt / VOCAB_FILE, out / MMFM_VOCAB)
     else:
@@ -307,9 +306,6 @@ def import_hf(
 
 def _extended_vocab(base: ModelConfig, layout: str) -> Vocab:
     """The unified vocabulary with the imported model's tokenizer as its text part."""
-    from mmfm.tokenization.dna import DnaTokenizer
-    from mmfm.tokenization.recipe import load_recipe
-    from mmfm.tokenization.vocab import RESERVED_CODEBOOKS
 
     recipe = load_recipe(layout)
     if recipe.dna.scheme == "bpe":
@@ -324,7 +320,6 @@ def _extended_vocab(base: ModelConfig, layout: str) -> Vocab:
 
 
 def _check_state(state: dict, cfg: ModelConfig, source: Path) -> None:
-    from mmfm.model import build_model
 
     expected = {n: p.shape for n, p in build_model(cfg).named_parameters()}
     missing = sorted(set(expected) - set(state))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mmfm.config.schema import ConfigError, ModelConfig
+from mmfm.config.schema import ModelConfig
+from mmfm.core.errors import ConfigError
 
 # mmfm suffix inside layers.{i}. -> Hugging Face suffix inside model.layers.{i}.
 _LAYER = {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfm.data.batch import Modality
-from mmfm.data.shards import Document, write_shard
+from mmfm.core.types import Document, Modality
+from mmfm.data.shards import write_shard
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<img>", "</img>", "<dna>", "</dna>", "<sep>")
 TEXT_OFFSET = len(SPECIALS)

@@ -29,20 +29,21 @@ import numpy as np
 import torch
 
 from mmfm.config.schema import Config, SourceConfig
+from mmfm.core.errors import DataError
+from mmfm.core.types import Batch
+from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
-from mmfm.data.batch import Batch
+from mmfm.data.demo import ensure_demo_shards
 from mmfm.data.packing import RowBuilder, RowStats, modality_weight_table
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.stream import (
     SKIP_REASONS,
-    DataError,
     SourcesExhausted,
     SourceSpec,
     StreamSettings,
     VirtualStream,
 )
 from mmfm.data.tario import Interrupted, set_stop_check
-from mmfm.data.zigzag import zigzag_slice
 
 STATE_FORMAT = "mmfm-streams/1"
 
@@ -303,7 +304,6 @@ class StreamingLoader:
 
 def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
     """Shard URLs of a source's paths; `builtin:<name>` entries are generated on first use."""
-    from mmfm.data.demo import ensure_demo_shards
 
     builtin = {"builtin:demo": ensure_demo_shards}
     urls: list[str] = []

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmfm.data.batch import IGNORE_INDEX, MODALITY_NAMES, Modality
-from mmfm.data.shards import Document
+from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Document, Modality
 
 PAD_ID = 0
 

@@ -22,46 +22,20 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
-from mmfm.data.batch import MODALITY_NAMES, Modality
+from mmfm.core.errors import DataError
+from mmfm.core.types import MODALITY_NAMES, Document, Modality
 from mmfm.data.tario import Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
 
 
-class ShardError(RuntimeError):
+class ShardError(DataError):
     """A shard or one of its samples cannot be read; the message names the shard and key."""
-
-
-@dataclass(frozen=True)
-class Document:
-    tokens: np.ndarray
-    """Token ids, int32 `[n]`."""
-    modality: np.ndarray
-    """`Modality` of every token, uint8 `[n]`."""
-    key: str
-    """The document's original id."""
-    source: str = ""
-    """Where the document came from (corpus name or file)."""
-    no_loss: tuple[tuple[int, int], ...] = ()
-    """Token spans `[start, end)` that are never targets (e.g. a prompt)."""
-
-    def segments(self) -> list[list]:
-        """Runs of equal modality as `[name, start, end]`."""
-        if len(self.modality) == 0:
-            return []
-        change = np.flatnonzero(np.diff(self.modality)) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [len(self.modality)]])
-        return [
-            [MODALITY_NAMES[self.modality[s]], int(s), int(e)]
-            for s, e in zip(starts, ends, strict=True)
-        ]
 
 
 def encode_sample(doc: Document, sample_key: str | None = None) -> dict:

@@ -50,8 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfm.core.errors import DataError
+from mmfm.core.types import Document
 from mmfm.data.packing import Exhausted, Packer, Pending, RowStats
-from mmfm.data.shards import Document, ShardError, decode_sample, held_samples
+from mmfm.data.shards import ShardError, decode_sample, held_samples
 from mmfm.data.tario import Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
@@ -65,10 +67,6 @@ SKIP_REASONS = (
     "empty",
 )
 """Why documents were lost; each counts documents (a damaged shard: those it lost, at least one)."""
-
-
-class DataError(RuntimeError):
-    """The data cannot go on: too many bad samples, or every source reached its cap."""
 
 
 class SourcesExhausted(DataError, Exhausted):

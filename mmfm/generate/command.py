@@ -11,12 +11,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mmfm.config.schema import ConfigError
+from mmfm.core.errors import ConfigError
 from mmfm.generate.engine import generate
 from mmfm.generate.layout import MODALITY_OF, Layout
 from mmfm.generate.load import Loaded, load_model
 from mmfm.generate.outputs import Span, SpanWriter, split_spans, write_generations
 from mmfm.generate.sampling import Sampling
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.visual.records import VisualTokenizers
 
 log = logging.getLogger("mmfm")
 
@@ -41,8 +43,6 @@ def _visual(loaded: Loaded, recipe_path: str | None):
     tokenizers)."""
     if recipe_path is None or loaded.vocab is None:
         return None, {}, {}
-    from mmfm.tokenization.recipe import load_recipe
-    from mmfm.tokenization.visual.records import VisualTokenizers
 
     recipe = load_recipe(recipe_path)
     visual = VisualTokenizers(recipe, loaded.vocab)

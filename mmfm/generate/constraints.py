@@ -20,7 +20,7 @@ from enum import IntEnum
 
 import torch
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality
 from mmfm.generate.layout import Layout
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality
+from mmfm.data import demo
+from mmfm.tokenization.text import BOS, EOS, TextTokenizer
 from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
 
 # The modalities a prompt can ask for (`--modality`) and the codebook of each.
@@ -51,7 +53,6 @@ class Layout:
     ) -> Layout:
         """The layout of `vocab`; `tokens_per_item` and `num_codes` come from the trained
         visual tokenizers (a codebook range is cut to the codes its tokenizer has)."""
-        from mmfm.tokenization.text import BOS, EOS, TextTokenizer
 
         if vocab.text_model is None:
             raise VocabError(
@@ -102,7 +103,6 @@ def _dna_pieces(pieces: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def demo_layout() -> Layout:
-    from mmfm.data import demo
 
     return Layout(
         size=demo.DEMO_VOCAB_SIZE,

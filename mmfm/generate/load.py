@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from mmfm.config.schema import ModelConfig
-from mmfm.convert.hf import DTYPES, MMFM_VOCAB, ConversionError
+from mmfm.convert.hf import DTYPES, MMFM_VOCAB
 from mmfm.convert.keymaps import from_hf, model_config_from_hf
+from mmfm.core.errors import ConversionError
 from mmfm.generate.layout import Layout, demo_layout
 from mmfm.model import Transformer, build_model
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality
+from mmfm.data.demo import COLORS
 from mmfm.generate.layout import Layout
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
 
@@ -233,7 +234,6 @@ DEMO_COLORS = {
 def demo_picture(codes: np.ndarray, scale: int = 16) -> np.ndarray:
     """The demo corpus's 8x8 grid of (colour, shade) codes as an RGB picture (mmfm.data.demo:
     code = colour * 8 + shade; the shade is noise and drawn as a slight lightening)."""
-    from mmfm.data.demo import COLORS
 
     palette = np.array([DEMO_COLORS[c] for c in COLORS], dtype=np.float32)
     colour, shade = codes // 8, codes % 8

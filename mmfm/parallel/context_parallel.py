@@ -1,6 +1,6 @@
 """Context parallelism: exact ring attention over zigzag-split packed rows.
 
-Each context-parallel rank holds two chunks of every row (`mmfm.data.zigzag`). Queries stay
+Each context-parallel rank holds two chunks of every row (`mmfm.core.zigzag`). Queries stay
 put; key/value blocks travel around the ring (one stacked tensor per hop, sent while the
 previous block is being computed), and the partial outputs are merged exactly with a running
 log-sum-exp. The backward pass is a ring too: dK/dV accumulate while travelling with their
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
-from mmfm.data.zigzag import zigzag_indices
+from mmfm.core.zigzag import zigzag_indices
 
 SKIP, FULL, CAUSAL, MASKED = "skip", "full", "causal", "masked"
 

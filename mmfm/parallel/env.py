@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mmfm.config.schema import ConfigError, ParallelConfig
+from mmfm.config.schema import ParallelConfig
+from mmfm.core.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 

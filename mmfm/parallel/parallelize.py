@@ -9,10 +9,7 @@ this rank's shard, so every layout starts from the same weights.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,30 +17,24 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.parallel import loss_parallel
 
 from mmfm.config.schema import Config, ParallelConfig
 from mmfm.model import build_model, init_weights
 from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 from mmfm.parallel.data_parallel import apply_fsdp
 from mmfm.parallel.env import ParallelEnv
-from mmfm.parallel.pipeline import (
-    ModelParts,
-    PipelineSteps,
-    local_stage_ids,
-    stage_layer_counts,
-    stage_module,
-)
+from mmfm.parallel.pipeline import ModelParts, local_stage_ids, stage_layer_counts, stage_module
 from mmfm.parallel.tensor_parallel import apply_tensor_parallel
-from mmfm.train.steps import LocalSteps
 
 
 @dataclass
 class ParallelModel:
     model: nn.Module
     """Every parameter this rank holds, under its global name (optimizer, checkpoints)."""
-    steps: LocalSteps | PipelineSteps
-    """Runs forward + backward of a step's micro-batches."""
+    parts: list[nn.Module]
+    """The modules this rank runs: the whole model, or its pipeline stages."""
+    stage_ids: list[int]
+    """The pipeline stage of each part ([0] without pipeline parallelism)."""
 
 
 def materialize_shard(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -90,14 +81,7 @@ def parallelize(cfg: Config, env: ParallelEnv) -> ParallelModel:
         part.to_empty(device=env.device)
         init_weights(part, cfg.model, cfg.train.seed, materialize=materialize_shard)
 
-    loss_context = loss_parallel if p.tp > 1 else contextlib.nullcontext
-    autocast = _autocast_factory(cfg, env.device)
-    if p.pp > 1:
-        steps = PipelineSteps(
-            parts, stage_ids, p, env, cfg.grad_accum_steps, loss_context, autocast
-        )
-        return ParallelModel(ModelParts(parts), steps)
-    return ParallelModel(model, LocalSteps(model, env.device, loss_context, autocast))
+    return ParallelModel(ModelParts(parts) if p.pp > 1 else model, parts, stage_ids)
 
 
 def _compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:
@@ -132,9 +116,3 @@ def _data_parallel_mesh(env: ParallelEnv):
             warnings.simplefilter("ignore", UserWarning)
             return env.mesh["dp_replicate", "dp_shard_cp"]
     return env.sub_mesh("dp_shard_cp")
-
-
-def _autocast_factory(cfg: Config, device: torch.device) -> Callable:
-    if cfg.train.precision == "bf16":
-        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext

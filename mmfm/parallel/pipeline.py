@@ -5,12 +5,12 @@ first, the final norm and output projection with the last). Each stage is a copy
 meta-device model with the other layers removed, so parameter names stay global and a
 checkpoint reshards across layouts. The schedule runs the step's micro-batches through the
 stages; positions and document ids reach every stage as keyword inputs, and the loss sees
-which rows of the step's batch a micro-batch holds (the schedule's "target").
+which rows of the step's batch a micro-batch holds (the schedule's "target"). The step
+runner that drives the schedule, with the loss, lives in `mmfm.train.steps`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 
@@ -28,9 +28,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from mmfm.config.schema import ParallelConfig
-from mmfm.data.batch import Batch
 from mmfm.parallel.env import ParallelEnv
-from mmfm.train.loss import StepLoss
 
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
@@ -92,66 +90,26 @@ class ModelParts(nn.Module):
             setattr(self, name, found[0] if found else None)
 
 
-class PipelineSteps:
-    """Forward and backward of one step's micro-batches through the pipeline schedule."""
-
-    def __init__(
-        self,
-        parts: list[nn.Module],
-        stage_ids: list[int],
-        cfg: ParallelConfig,
-        env: ParallelEnv,
-        n_microbatches: int,
-        loss_context: Callable[[], contextlib.AbstractContextManager],
-        autocast: Callable[[], contextlib.AbstractContextManager],
-    ):
-        group = env.mesh["pp"].get_group()
-        self.stages = [
-            PipelineStage(part, stage, cfg.num_stages, env.device, group=group)
-            for part, stage in zip(parts, stage_ids, strict=True)
-        ]
-        schedule_cls = SCHEDULES[cfg.pp_schedule]
-        # The loss is already normalised by the step's target count: no extra scaling.
-        kwargs = dict(n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=False)
-        if issubclass(schedule_cls, PipelineScheduleSingle):
-            self.schedule = schedule_cls(self.stages[0], **kwargs)
-        else:
-            assert issubclass(schedule_cls, PipelineScheduleMulti)
-            self.schedule = schedule_cls(self.stages, **kwargs)
-        self.has_first = 0 in stage_ids
-        self.v_shaped = cfg.pp_schedule == "zbv"
-        self.device = env.device
-        self.loss_context, self.autocast = loss_context, autocast
-        self._batch: Batch | None = None
-        self._step_loss: StepLoss | None = None
-
-    def _loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._step_loss(logits, self._batch.select(rows), key=int(rows[0]))
-
-    def run(
-        self, micro_batches: list[Batch], step_loss: StepLoss, forward_only: bool = False
-    ) -> None:
-        """Forward (and, unless `forward_only`, backward) of the step's micro-batches."""
-        batch = Batch.cat(micro_batches).to(self.device)
-        self._batch, self._step_loss = batch, step_loss
-        rows = torch.arange(batch.tokens.shape[0])  # on the host: keys without a device sync
-        args = (batch.tokens,) if self.has_first else ()
-        # torch's V-shaped schedule (zbv) has no forward-only mode (its `eval` still hands
-        # gradients between the two stages of a rank): it runs whole, its gradients dropped.
-        no_backward = forward_only and not self.v_shaped
-        run = self.schedule.eval if no_backward else self.schedule.step
-        grad = torch.no_grad() if no_backward else contextlib.nullcontext()
-        try:
-            with self.loss_context(), self.autocast(), grad:
-                run(
-                    *args,
-                    positions=batch.positions,
-                    doc_ids=batch.doc_ids,
-                    target=rows,
-                    return_outputs=False,
-                )
-        finally:
-            self._batch, self._step_loss = None, None
-        if forward_only and self.v_shaped:
-            for stage in self.stages:
-                stage.submod.zero_grad(set_to_none=True)
+def build_schedule(
+    parts: list[nn.Module],
+    stage_ids: list[int],
+    cfg: ParallelConfig,
+    env: ParallelEnv,
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+):
+    """The pipeline schedule of this rank's stages. `loss_fn(logits, rows)` gets the last
+    stage's logits of one micro-batch and the row indices it holds of the step's batch (the
+    schedule's `target`); it returns that micro-batch's share of the step's loss, already
+    normalised, so the schedule adds no scaling of its own."""
+    group = env.mesh["pp"].get_group()
+    stages = [
+        PipelineStage(part, stage, cfg.num_stages, env.device, group=group)
+        for part, stage in zip(parts, stage_ids, strict=True)
+    ]
+    schedule_cls = SCHEDULES[cfg.pp_schedule]
+    kwargs = dict(n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if issubclass(schedule_cls, PipelineScheduleSingle):
+        return schedule_cls(stages[0], **kwargs)
+    assert issubclass(schedule_cls, PipelineScheduleMulti)
+    return schedule_cls(stages, **kwargs)

@@ -11,12 +11,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from mmfm.core.types import Record, SvgRecord, TextRecord
 from mmfm.tokenization.dna import dna_format, read_dna, read_function_pairs
 from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.svg import SvgRecord
-from mmfm.tokenization.tokenizers import Record, TextRecord, Tokenizers
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.data import IMAGE_SUFFIXES
 from mmfm.tokenization.visual.records import VIDEO_SUFFIXES, visual_records
+from mmfm.tokenization.visual.train import load_visual_recipe, train_visual
 
 
 def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> Iterator[Record]:
@@ -45,8 +46,6 @@ def train(recipe_path: str, overrides: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = OmegaConf.load(recipe_path)
     if isinstance(raw, DictConfig) and "kind" in raw:
-        from mmfm.tokenization.visual.train import load_visual_recipe, train_visual
-
         metrics = train_visual(load_visual_recipe(recipe_path, overrides))
         print(json.dumps(metrics, indent=1))
         return

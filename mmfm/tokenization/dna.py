@@ -26,12 +26,13 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
+from mmfm.core.errors import TokenizerError
+from mmfm.core.types import DnaRecord
 from mmfm.tokenization.recipe import DnaRecipe
 
 ALPHABET = "ACGTN"
@@ -41,17 +42,8 @@ _COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 _RUNS = re.compile(r"[a-z]+|[A-Z]+")
 
 
-class DnaError(ValueError):
+class DnaError(TokenizerError):
     """A sequence the DNA tokenizer cannot accept; the message names the record and place."""
-
-
-@dataclass(frozen=True)
-class DnaRecord:
-    key: str
-    sequence: str
-    output: str | None = None
-    """A task's output text (Omni-DNA framing), or None for plain DNA."""
-    source: str = ""
 
 
 def reverse_complement(seq: str) -> str:

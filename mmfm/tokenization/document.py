@@ -6,8 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mmfm.data.batch import Modality
-from mmfm.data.shards import Document
+from mmfm.core.types import Document, Modality
 
 
 class DocumentBuilder:

@@ -22,7 +22,7 @@ class TextRecipe:
     user symbols)."""
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-stdlib"])
     """Training text: files, directories, globs, `real:<name>` (fetched from a package
-    registry, see mmfm/data/real.py) or `builtin:python-stdlib` (the running Python's own
+    registry, see mmfm/core/examples.py) or `builtin:python-stdlib` (the running Python's own
     source code). *.jsonl files contribute their `jsonl_field`."""
     jsonl_field: str = "text"
     """Field of a jsonl record that holds the text."""

@@ -25,13 +25,13 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from xml.etree.ElementTree import Element, ParseError
 
 import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
+from mmfm.core.errors import TokenizerError
 from mmfm.tokenization.recipe import SvgRecipe
 
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -58,15 +58,8 @@ _URL = re.compile(r"url\(\s*(['\"]?)(.*?)\1\s*\)", re.IGNORECASE | re.DOTALL)
 _SCRIPT_URL = re.compile(r"(?:java|vb)script\s*:", re.IGNORECASE)
 
 
-class SvgError(ValueError):
+class SvgError(TokenizerError):
     """An SVG the tokenizer refuses (unsafe, too large, not SVG, not well-formed)."""
-
-
-@dataclass(frozen=True)
-class SvgRecord:
-    key: str
-    svg: str
-    source: str = ""
 
 
 def parse_svg(data: str | bytes, max_kb: int = 512, origin: str = "svg") -> Element:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from mmfm.data.files import iter_files
+from mmfm.core.files import iter_files
 from mmfm.tokenization.recipe import TextRecipe
 
 # Sentences longer than this are cut (sentencepiece's limit is per "sentence").

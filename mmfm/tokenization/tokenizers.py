@@ -19,17 +19,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mmfm.data.batch import Modality
-from mmfm.data.shards import Document
-from mmfm.tokenization.dna import DnaRecord, DnaTokenizer, read_dna
+from mmfm.core.examples import fetch
+from mmfm.core.types import (
+    DnaRecord,
+    Document,
+    ImageMaskRecord,
+    ImageRecord,
+    Modality,
+    Record,
+    SvgRecord,
+    TextRecord,
+    VideoRecord,
+)
+from mmfm.tokenization.dna import DnaTokenizer, read_dna
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import TokenizerRecipe
-from mmfm.tokenization.svg import SvgRecord, SvgTokenizer
+from mmfm.tokenization.svg import SvgTokenizer
 from mmfm.tokenization.text import BOS, EOS, TextTokenizer, iter_corpus
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import (
@@ -44,44 +53,7 @@ log = logging.getLogger("mmfm")
 TEXT_MODEL, DNA_MODEL = "text.model", "dna.model"
 
 
-@dataclass(frozen=True)
-class TextRecord:
-    key: str
-    text: str
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    key: str
-    image: np.ndarray
-    """`[H, W, 3]` uint8 RGB; centre-cropped and resized to the tokenizer's size."""
-    text: str | None = None
-    """A caption, before the image (image-text pairs)."""
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class ImageMaskRecord:
-    key: str
-    image: np.ndarray
-    mask: np.ndarray
-    """`[H, W]` {0, 1}, aligned with the image."""
-    text: str | None = None
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class VideoRecord:
-    key: str
-    frames: np.ndarray
-    """`[N, H, W, 3]` uint8."""
-    text: str | None = None
-    source: str = ""
-
-
 FRAMED = (Modality.DNA, Modality.SVG, Modality.IMAGE, Modality.MASK, Modality.VIDEO)
-Record = TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord
 
 
 class Tokenizers:
@@ -235,7 +207,6 @@ class Tokenizers:
 
 
 def _dna_records(sources: Iterable[str], recipe: TokenizerRecipe):
-    from mmfm.data.real import fetch
 
     for source in sources:
         paths = (

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from mmfm.data.batch import Modality
+from mmfm.core.errors import TokenizerError
+from mmfm.core.types import Modality
 
 VOCAB_FILE = "vocab.json"
 
@@ -49,7 +50,7 @@ RESERVED_CODEBOOKS = (("image", 8192), ("mask", 1024), ("video", 8192))
 CODEBOOK_PREFIX = {"image": "img", "mask": "mask", "video": "vid", "dna": "dna"}
 
 
-class VocabError(ValueError):
+class VocabError(TokenizerError):
     """A vocabulary file or id is invalid; the message says which."""
 
 

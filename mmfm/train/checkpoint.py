@@ -26,8 +26,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mmfm.config import load_config
+from mmfm.core.errors import CheckpointError
+from mmfm.model import build_model
 from mmfm.train.dcp_reader import (
-    CheckpointError,
     DamagedCheckpointError,
     SafeFileSystemReader,
     UnsafeCheckpointError,
@@ -219,8 +221,6 @@ class Checkpointer:
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, config) of a checkpoint in one process, whatever layout saved it."""
-    from mmfm.config import load_config
-    from mmfm.model import build_model
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():

@@ -30,9 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.futures import Future
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unsafe or does not match the run."""
+from mmfm.core.errors import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):

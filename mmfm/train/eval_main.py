@@ -23,13 +23,16 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from mmfm.config import Config, ConfigError, load_config, load_structured
 from mmfm.config.schema import ParallelConfig, SourceConfig
-from mmfm.data.batch import Modality
-from mmfm.data.shards import Document, write_shard
+from mmfm.core.types import Document, Modality
+from mmfm.data.demo import SPECIAL, TEXT_OFFSET
+from mmfm.data.shards import write_shard
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.tokenization.text import BOS, EOS, TextTokenizer
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, CheckpointError
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
+from mmfm.train.steps import build_steps
 
 log = logging.getLogger("mmfm")
 
@@ -57,15 +60,11 @@ def _checkpoint_vocab(checkpoint: Path) -> Vocab | None:
 def text_documents(path: Path, vocab: Vocab | None) -> list[Document]:
     """A raw text file as documents, one per paragraph: <bos> text <eos>."""
     if vocab is None:  # the demo's layout: one id per byte
-        from mmfm.data.demo import SPECIAL, TEXT_OFFSET
-
         bos, eos = SPECIAL["<bos>"], SPECIAL["<eos>"]
 
         def encode(s: str) -> list[int]:
             return [TEXT_OFFSET + b for b in s.encode()]
     else:
-        from mmfm.tokenization.text import BOS, EOS, TextTokenizer
-
         if vocab.text_model is None:
             raise CheckpointError(
                 f"the checkpoint's {VOCAB_FILE} holds no text model: prepare {path} into "
@@ -110,15 +109,15 @@ def evaluate_checkpoint(
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)
-        parallel_model = parallelize(cfg, env)
-        state = get_model_state_dict(parallel_model.model)
+        runner = build_steps(cfg, env, parallelize(cfg, env))
+        state = get_model_state_dict(runner.model)
         Checkpointer.load_model(checkpoint, state)
-        set_model_state_dict(parallel_model.model, state)
+        set_model_state_dict(runner.model, state)
         vocab = _checkpoint_vocab(checkpoint)
         table = text_byte_table(vocab, cfg.model.vocab_size)
         with tempfile.TemporaryDirectory(prefix="mmfm-eval-") as scratch:
             sources = _sources(data, vocab, Path(scratch))
-            evaluator = Evaluator(cfg, env, parallel_model, sources, steps, table)
+            evaluator = Evaluator(cfg, env, runner, sources, steps, table)
             result = evaluator.run(progress=progress)
         if env.is_main:
             _report(checkpoint, data, cfg, result, json_path)

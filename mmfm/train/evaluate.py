@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 
 from mmfm.config.schema import Config, SourceConfig
-from mmfm.data.batch import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
+from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
+from mmfm.core.zigzag import zigzag_slice
+from mmfm.data.demo import TEXT_OFFSET
 from mmfm.data.loader import build_loader, collate
 from mmfm.data.packing import Exhausted, RowBuilder
 from mmfm.data.stream import SKIP_REASONS, VirtualStream
-from mmfm.data.zigzag import zigzag_slice
 from mmfm.parallel.env import ParallelEnv
-from mmfm.parallel.parallelize import ParallelModel
+from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.loss import StepLoss, count_targets
+from mmfm.train.steps import StepRunner
 
 log = logging.getLogger("mmfm")
 
@@ -42,8 +44,6 @@ def text_byte_table(vocab: Vocab | None, vocab_size: int) -> torch.Tensor | None
     text tokenizer is unknown. No vocabulary means the demo's layout (one id per byte)."""
     table = torch.zeros(vocab_size, dtype=torch.float32)
     if vocab is None:
-        from mmfm.data.demo import TEXT_OFFSET
-
         table[TEXT_OFFSET : TEXT_OFFSET + 256] = 1
         return table
     if vocab.text_kind == "bytes":
@@ -51,7 +51,6 @@ def text_byte_table(vocab: Vocab | None, vocab_size: int) -> torch.Tensor | None
         return table
     if vocab.text_kind != "sentencepiece" or vocab.text_model is None:
         return None
-    from mmfm.tokenization.text import TextTokenizer
 
     sp = TextTokenizer(vocab.text_model).sp
     for i in range(vocab.text_size):
@@ -234,13 +233,13 @@ class Evaluator:
         self,
         cfg: Config,
         env: ParallelEnv,
-        parallel_model: ParallelModel,
+        steps: StepRunner,
         sources: list[SourceConfig],
         max_steps: int,
         byte_table: torch.Tensor | None,
     ):
         self.env, self.max_steps = env, max_steps
-        self.model, self.steps = parallel_model.model, parallel_model.steps
+        self.model, self.steps = steps.model, steps
         self.data = HeldOutRows(cfg, sources, env)
         self.byte_table = byte_table  # on the host, like the batches the reader makes
 
@@ -299,14 +298,14 @@ class Evaluator:
 
 
 def build_evaluator(
-    cfg: Config, env: ParallelEnv, parallel_model: ParallelModel, vocab: Vocab | None
+    cfg: Config, env: ParallelEnv, steps: StepRunner, vocab: Vocab | None
 ) -> Evaluator | None:
     """The validation of `cfg.eval` (None when it names no held-out data)."""
     if not cfg.eval.enabled:
         return None
     sources = list(cfg.eval.sources) or [SourceConfig(name="val", paths=list(cfg.eval.paths))]
     table = text_byte_table(vocab, cfg.model.vocab_size)
-    return Evaluator(cfg, env, parallel_model, sources, cfg.eval.steps, table)
+    return Evaluator(cfg, env, steps, sources, cfg.eval.steps, table)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

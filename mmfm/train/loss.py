@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from mmfm.data.batch import IGNORE_INDEX, MODALITY_NAMES, Batch
+from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch
 
 
 def count_targets(batches: list[Batch]) -> torch.Tensor:

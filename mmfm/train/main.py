@@ -11,14 +11,17 @@ import torch
 from mmfm.config import Config, ConfigError, save_config
 from mmfm.config.schema import SourceConfig
 from mmfm.data.loader import build_loader
+from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.prepare import dataset_vocab
 from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
 from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
 from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
 from mmfm.train.evaluate import build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
+from mmfm.train.steps import build_steps
 from mmfm.train.trainer import FitResult, Trainer
 
 log = logging.getLogger("mmfm")
@@ -103,8 +106,8 @@ def build_trainer(cfg: Config) -> Trainer:
         log.info("%s", note)
     torch.manual_seed(cfg.train.seed)
 
-    parallel_model = parallelize(cfg, env)
-    model = parallel_model.model
+    steps = build_steps(cfg, env, parallelize(cfg, env))
+    model = steps.model
     n_params = sum(p.numel() for p in model.parameters())
     if restart_count() is not None:
         log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
@@ -136,7 +139,7 @@ def build_trainer(cfg: Config) -> Trainer:
         checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
     )
     callbacks = _callbacks(cfg, run_dir) if env.is_main else []
-    evaluator = build_evaluator(cfg, env, parallel_model, vocab)
+    evaluator = build_evaluator(cfg, env, steps, vocab)
     if evaluator is not None:
         log.info(
             "validation: %s | every %d steps | %s",
@@ -145,7 +148,7 @@ def build_trainer(cfg: Config) -> Trainer:
             f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
         )
     return Trainer(
-        cfg, env, parallel_model, optimizer, scheduler, loader, checkpointer, callbacks, evaluator
+        cfg, env, steps, optimizer, scheduler, loader, checkpointer, callbacks, evaluator
     )
 
 
@@ -154,7 +157,6 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
     this run starts from and every prepared source (training and held-out) were made with
     the same vocabulary (same fingerprint); and notes for the log on sources whose
     vocabulary is unknown (no manifest.json or vocab.json beside them: accepted)."""
-    from mmfm.data.prepare import dataset_vocab
 
     vocab = None if cfg.data.vocab is None else Vocab.load(cfg.data.vocab)
     if vocab is not None and cfg.model.vocab_size < vocab.size:
@@ -210,7 +212,6 @@ def _start_checkpoint(cfg: Config) -> Path | None:
 def _source_dirs(cfg: Config) -> list[tuple[str, Path | None]]:
     """(source name, directory of its local shards; None for built-in and remote shards)
     for every training and held-out source."""
-    from mmfm.data.shards import expand_paths
 
     sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
     if cfg.eval.sources or cfg.eval.paths:

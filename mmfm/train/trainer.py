@@ -29,16 +29,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mmfm.config import Config, to_yaml
-from mmfm.data.batch import MODALITY_NAMES, Batch
+from mmfm.core.errors import TrainingError
+from mmfm.core.types import MODALITY_NAMES, Batch
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.tario import Interrupted
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
-from mmfm.parallel.parallelize import ParallelModel
 from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import STATE_FILE, Checkpointer, DamagedCheckpointError
 from mmfm.train.evaluate import BestCheckpoint, Evaluator
 from mmfm.train.loss import StepLoss, count_targets
+from mmfm.train.steps import StepRunner
 
 log = logging.getLogger("mmfm")
 
@@ -48,7 +49,7 @@ _STATE_KEYS = ("step", "scheduler", "loader", "nonfinite")
 """What `load` reads from train_state.json."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
@@ -85,7 +86,7 @@ class Trainer:
         self,
         cfg: Config,
         env: ParallelEnv,
-        parallel_model: ParallelModel,
+        steps: StepRunner,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loader: StreamingLoader,
@@ -94,7 +95,7 @@ class Trainer:
         evaluator: Evaluator | None = None,
     ):
         self.cfg, self.env = cfg, env
-        self.model, self.steps = parallel_model.model, parallel_model.steps
+        self.model, self.steps = steps.model, steps
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loader, self.checkpointer, self.callbacks = loader, checkpointer, callbacks
         self.evaluator = evaluator

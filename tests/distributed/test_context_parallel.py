@@ -23,7 +23,7 @@ def rows(cp: int, case: str) -> list[list[int]]:
 def ring_vs_reference(cp, lengths, heads, kv_heads, backend, kernel):
     import torch.distributed as dist
 
-    from mmfm.data.zigzag import zigzag_indices
+    from mmfm.core.zigzag import zigzag_indices
     from mmfm.model.attention import SdpaMasked
     from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 
@@ -84,7 +84,7 @@ def test_allgather_baseline_matches_full_attention():
 def ring_pairs(cp, lengths):
     import torch.distributed as dist
 
-    from mmfm.data.zigzag import zigzag_indices
+    from mmfm.core.zigzag import zigzag_indices
     from mmfm.parallel.context_parallel import plan_ring
 
     dist.init_process_group("gloo")

@@ -19,14 +19,15 @@ from transformers import (
 )
 
 from mmfm.config import ConfigError, load_config
-from mmfm.convert.hf import ConversionError, export_hf, import_hf
-from mmfm.data.batch import Modality
+from mmfm.convert.hf import export_hf, import_hf
+from mmfm.core.errors import ConversionError
+from mmfm.core.types import Modality, TextRecord
 from mmfm.data.shards import write_shard
 from mmfm.model.generate import generate_greedy
 from mmfm.testing import run_distributed, train_metrics
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.tokenizers import TextRecord, Tokenizers
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.train.checkpoint import load_checkpoint_model
 from mmfm.train.main import build_trainer
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmfm.core.errors import DataError
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.prepare import load_prepare_recipe, prepare
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import DataError, SourceSpec, StreamSettings
+from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.prepare import load_prepare_recipe, prepare
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tokenizers/base.yaml")

@@ -11,7 +11,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmfm.data.shards import Document, write_shard
+from mmfm.core.types import Document
+from mmfm.data.shards import write_shard
 from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
 
 N = 12

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from mmfm.data.prepare import PrepareSource, Rejects, _visual_records
+from mmfm.prepare import PrepareSource, Rejects
+from mmfm.prepare.readers import _visual_records
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.records import PictureError
 

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from mmfm.data.shards import Document, write_shard
+from mmfm.core.types import Document
+from mmfm.data.shards import write_shard
 
 DOCS, TOKENS = 3, 2_000_000  # 18 MB each once decoded (int64 ids, uint8 modality)
 SEQ = 1 << 16

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfm.data import prepare as prep
-from mmfm.data.prepare import load_prepare_recipe, prepare
+from mmfm.core.types import DnaRecord, TextRecord
 from mmfm.data.shards import read_shard
-from mmfm.tokenization.dna import DnaRecord
+from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.prepare import run as prep
 from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.tokenizers import TextRecord, Tokenizers
+from mmfm.tokenization.tokenizers import Tokenizers
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tokenizers/base.yaml")
@@ -124,7 +124,7 @@ def test_damaged_text_and_dna_are_counted_and_the_rest_is_kept(tmp_path, real_da
 
 
 def _dna_tokens(doc) -> int:
-    from mmfm.data.batch import Modality
+    from mmfm.core.types import Modality
 
     return int((doc.modality == Modality.DNA).sum())
 

@@ -23,8 +23,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from mmfm.core.types import Document
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.shards import Document, write_shard
+from mmfm.data.shards import write_shard
 from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit
 from mmfm.data.tario import Interrupted
 from mmfm.train.trainer import StopSignal

@@ -104,8 +104,8 @@ def test_keep_unsafe_keeps_them_verbatim():
 
 
 def test_prepare_counts_svg_rejects_and_removals(tmp_path, monkeypatch):
-    from mmfm.data.prepare import load_prepare_recipe, prepare
     from mmfm.data.shards import read_shard
+    from mmfm.prepare import load_prepare_recipe, prepare
 
     monkeypatch.chdir(REPO)
     raw = tmp_path / "raw"

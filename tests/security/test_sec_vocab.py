@@ -12,7 +12,7 @@ import pytest
 from mmfm.cli import main
 from mmfm.config import ModelConfig
 from mmfm.convert.hf import _extended_vocab
-from mmfm.data.prepare import load_prepare_recipe, prepare
+from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, Vocab, VocabError
 
 REPO = Path(__file__).resolve().parents[2]

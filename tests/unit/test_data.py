@@ -6,10 +6,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import Document, Modality
 from mmfm.data.demo import ensure_demo_shards
 from mmfm.data.loader import StreamingLoader, resolve_paths
-from mmfm.data.shards import Document, ShardError, expand_paths, read_shard, write_shard
+from mmfm.data.shards import ShardError, expand_paths, read_shard, write_shard
 from mmfm.data.stream import SourceSpec, StreamSettings
 
 

@@ -9,16 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mmfm.core.errors import DataError
+from mmfm.core.types import Document
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.shards import Document, write_shard
-from mmfm.data.stream import (
-    EXTRA_UNITS,
-    DataError,
-    SourceSpec,
-    StreamSettings,
-    deal,
-    shard_sizes,
-)
+from mmfm.data.shards import write_shard
+from mmfm.data.stream import EXTRA_UNITS, SourceSpec, StreamSettings, deal, shard_sizes
 
 SEQ = 64
 STREAMS = 8

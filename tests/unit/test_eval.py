@@ -10,7 +10,7 @@ from conftest import TINY
 from mmfm.cli import main
 from mmfm.config import ConfigError, load_config
 from mmfm.config.schema import SourceConfig
-from mmfm.data.batch import MODALITY_NAMES, Modality
+from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import TEXT_OFFSET, demo_documents
 from mmfm.data.shards import write_shard
 from mmfm.parallel.env import ParallelEnv
@@ -21,6 +21,7 @@ from mmfm.train.callbacks import MetricsFile, Progress, format_metrics
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.evaluate import Evaluator, text_byte_table
 from mmfm.train.main import build_trainer, train
+from mmfm.train.steps import build_steps
 
 REL = 1e-5
 
@@ -71,7 +72,7 @@ def test_a_whole_pass_sees_every_held_out_target_once_and_the_same_each_time(tin
     path, targets, text_bytes = held_out
     cfg = tiny_config("data.seq_len=64")  # documents longer than a row are split
     env = ParallelEnv.from_config(cfg.parallel, "cpu")
-    model = parallelize(cfg, env)
+    model = build_steps(cfg, env, parallelize(cfg, env))
     table = text_byte_table(None, cfg.model.vocab_size)
     evaluator = Evaluator(cfg, env, model, [SourceConfig("v", [str(path)])], 0, table)
     first, second = evaluator.run(), evaluator.run()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmfm.config.schema import ModelConfig
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality
 from mmfm.generate.constraints import SpanConstraint
 from mmfm.generate.engine import generate, unconditional_prompt
 from mmfm.generate.layout import Layout, demo_layout

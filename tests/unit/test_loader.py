@@ -15,9 +15,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mmfm.core.errors import DataError
+from mmfm.core.types import Document
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.shards import Document, write_shard
-from mmfm.data.stream import DataError, SourceSpec, StreamSettings, VirtualStream
+from mmfm.data.shards import write_shard
+from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
 
 SEQ = 64
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.config import OptimConfig
-from mmfm.data.batch import IGNORE_INDEX, Batch, Modality
+from mmfm.core.types import IGNORE_INDEX, Batch, Modality
 from mmfm.train import loss as loss_module
 from mmfm.train.loss import StepLoss, count_targets, modality_sums, token_cross_entropy
 from mmfm.train.optim import lr_multiplier

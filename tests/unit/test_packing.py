@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from mmfm.data.batch import IGNORE_INDEX
+from mmfm.core.types import IGNORE_INDEX, Document
 from mmfm.data.packing import Packer, Pending, RowBuilder, modality_weight_table
-from mmfm.data.shards import Document
 
 IGNORE = IGNORE_INDEX
 

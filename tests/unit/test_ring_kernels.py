@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfm.data.batch import Batch
-from mmfm.data.zigzag import zigzag_indices, zigzag_slice
+from mmfm.core.types import Batch
+from mmfm.core.zigzag import zigzag_indices, zigzag_slice
 from mmfm.parallel.context_parallel import KERNELS, merge_into
 
 

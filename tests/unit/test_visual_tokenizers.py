@@ -14,9 +14,9 @@ from PIL import Image
 
 from mmfm.cli import main
 from mmfm.config import ConfigError
-from mmfm.data.batch import Modality
+from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, VideoRecord
 from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord, Tokenizers, VideoRecord
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.quantizer import VectorQuantizer, perplexity
 from mmfm.tokenization.visual.train import (
@@ -303,8 +303,8 @@ def test_decode_command_writes_pictures(tokenizers, trained, real_data, tmp_path
 
 
 def test_prepare_pictures_masks_and_videos_with_bad_files(trained, real_data, tmp_path):
-    from mmfm.data.prepare import load_prepare_recipe, prepare
     from mmfm.data.shards import read_shard
+    from mmfm.prepare import load_prepare_recipe, prepare
 
     tok = tmp_path / "multi.yaml"
     tok.write_text(

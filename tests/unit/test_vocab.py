@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import Modality
 from mmfm.tokenization.vocab import DELIMITERS, RESERVED_CODEBOOKS, Vocab, VocabError
 
 

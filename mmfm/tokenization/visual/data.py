@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
+from mmfm.core.errors import TokenizerError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PILLOW_VIDEO = {".gif", ".apng", ".png", ".webp"}
 MAX_PIXELS = 1 << 26
 """Default limit on the pixels of one picture or video frame (64M)."""
 
 
-class PictureError(ValueError):
+class PictureError(TokenizerError):
     """A file that is no picture of the wanted kind, or too large; `reason` names it for the
     reject counts (not_image, not_video, bad_mask, too_large)."""
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfm.data.batch import Modality
+from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, VideoRecord
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import PictureError
+from mmfm.tokenization.visual.train import load_visual
 from mmfm.tokenization.vocab import VocabError
 
 KIND_OF = {"image": "seed_image", "mask": "himtok_mask", "video": "video"}
@@ -37,8 +38,6 @@ class VisualTokenizers:
     def model(self, name: str) -> torch.nn.Module:
         """The trained `name` (image, mask, video) tokenizer."""
         if name not in self._models:
-            from mmfm.tokenization.visual.train import load_visual
-
             if not self._paths[name]:
                 raise VocabError(f"a {name} record needs {name}_tokenizer in the tokenizer recipe")
             model = load_visual(self._paths[name])
@@ -126,7 +125,6 @@ class VisualTokenizers:
         return vdata.to_uint8(model.decode(torch.stack(frames)))
 
     def add(self, doc, record) -> None:
-        from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord
 
         if isinstance(record, ImageRecord | ImageMaskRecord):
             doc.add(self.image_ids(record.image), Modality.IMAGE)
@@ -164,7 +162,6 @@ def visual_records(
     size, and whatever Pillow / PyAV raise for a file that does not decode
     (OSError, ValueError, RuntimeError).
     """
-    from mmfm.tokenization.tokenizers import ImageMaskRecord, ImageRecord, VideoRecord
 
     suffix = path.suffix.lower()
     caption = caption_of(path, caption_from_name)

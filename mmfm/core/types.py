@@ -1,5 +1,7 @@
-"""The batch contract between the data pipeline and the trainer.
+"""The types every layer shares: modalities, documents, the records tokenizers take, the batch.
 
+A `Document` is one tokenized document with the modality of every token. A record
+(`TextRecord`, `ImageRecord`, ...) is one document before tokenization, as a reader made it.
 A `Batch` is a block of packed rows: every tensor is `[rows, seq_len]`. Documents are laid
 end to end in a row; `doc_ids` numbers them (padding is a document of its own), `positions`
 restart at 0 in each, and `labels` hold the next token of the same document or
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -72,3 +75,84 @@ class Batch:
                 for f in fields(self)
             }
         )
+
+
+@dataclass(frozen=True)
+class Document:
+    tokens: np.ndarray
+    """Token ids, int32 `[n]`."""
+    modality: np.ndarray
+    """`Modality` of every token, uint8 `[n]`."""
+    key: str
+    """The document's original id."""
+    source: str = ""
+    """Where the document came from (corpus name or file)."""
+    no_loss: tuple[tuple[int, int], ...] = ()
+    """Token spans `[start, end)` that are never targets (e.g. a prompt)."""
+
+    def segments(self) -> list[list]:
+        """Runs of equal modality as `[name, start, end]`."""
+        if len(self.modality) == 0:
+            return []
+        change = np.flatnonzero(np.diff(self.modality)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(self.modality)]])
+        return [
+            [MODALITY_NAMES[self.modality[s]], int(s), int(e)]
+            for s, e in zip(starts, ends, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    key: str
+    text: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    key: str
+    image: np.ndarray
+    """`[H, W, 3]` uint8 RGB; centre-cropped and resized to the tokenizer's size."""
+    text: str | None = None
+    """A caption, before the image (image-text pairs)."""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ImageMaskRecord:
+    key: str
+    image: np.ndarray
+    mask: np.ndarray
+    """`[H, W]` {0, 1}, aligned with the image."""
+    text: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    key: str
+    frames: np.ndarray
+    """`[N, H, W, 3]` uint8."""
+    text: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DnaRecord:
+    key: str
+    sequence: str
+    output: str | None = None
+    """A task's output text (Omni-DNA framing), or None for plain DNA."""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SvgRecord:
+    key: str
+    svg: str
+    source: str = ""
+
+
+Record = TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord

