@@ -119,12 +119,23 @@ class SourceConfig:
     """Relative share of tokens drawn from this source (normalised over the sources)."""
     max_epochs: int = 0
     """Repetition cap: passes over this source before it stops contributing; 0: no cap."""
+    tokenize: str = ""
+    """Tokenizer recipe (tokenizers/multimodal.yaml) of raw WebDataset shards (000123.txt,
+    .svg, .jpg + .json, ...), which the loader workers then decode and tokenize as they read
+    them, by `fields`; its trained vocabulary is the source's. Empty: shards of mmfm prepare."""
+    fields: RawFields = field(default_factory=lambda: RawFields())
+    """With `tokenize`: which members make which record, as for mmfm prepare's webdataset
+    sources, e.g. {record: text, text: txt}."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "data.sources: every source needs a name")
         _require(bool(self.paths), f"data.sources: source {self.name!r} has no paths")
         _require(self.weight > 0, f"data.sources: {self.name!r} weight must be > 0")
         _require(self.max_epochs >= 0, f"data.sources: {self.name!r} max_epochs must be >= 0")
+        _require(
+            not self.tokenize or not any(p.startswith("builtin:") for p in self.paths),
+            f"data.sources: {self.name!r}: builtin: shards are prepared already; drop tokenize",
+        )
 
 
 @dataclass
@@ -514,3 +525,74 @@ class Config:
     @property
     def grad_accum_steps(self) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp_size)
+
+
+RAW_RECORDS = ("image-text", "image-mask", "text", "svg", "dna", "video")
+"""What one raw WebDataset sample becomes (`RawFields.record`)."""
+RAW_FIELDS = ("image", "text", "mask", "video", "svg", "dna")
+
+
+@dataclass
+class RawFields:
+    """Which members of a raw WebDataset sample (`000123.jpg`, `000123.txt`, `000123.json`
+    as img2dataset writes them) make which part of a record. Each field lists alternatives,
+    tried in order: a member's extension (`jpg`, `mask.png`) or `EXT:KEY`, a string under KEY
+    of the JSON object in member EXT (`json:caption`). The first one present is used."""
+
+    record: str = "image-text"
+    """What a sample becomes: image-text (a picture and its caption), image-mask (a picture,
+    its mask and, if any, a caption), text, svg, dna (one record per sequence of a FASTA /
+    FASTQ / GenBank member) or video (a clip's frames and its caption)."""
+    image: str | list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """image-text, image-mask: the picture."""
+    text: str | list[str] = field(default_factory=lambda: ["txt", "json:caption"])
+    """The caption (image-text, image-mask, video; stripped of surrounding white space) or
+    the document (text, kept as it is)."""
+    mask: str | list[str] = field(default_factory=lambda: ["mask.png"])
+    """image-mask: the mask picture, nonzero = 1, of the image's size."""
+    video: str | list[str] = field(
+        default_factory=lambda: ["mp4", "webm", "mkv", "mov", "avi", "gif"]
+    )
+    """video: the clip."""
+    svg: str | list[str] = field(default_factory=lambda: ["svg"])
+    """svg: the SVG code."""
+    dna: str | list[str] = field(
+        default_factory=lambda: ["fasta", "fa", "fna", "fastq", "fq", "gb", "gbk", "fna.gz"]
+    )
+    """dna: the sequence file; its format follows the extension (a .gz suffix is read
+    through: fasta.gz)."""
+    require_text: bool = True
+    """image-text, image-mask, video: a sample without any `text` member is rejected
+    (missing_text); false: it becomes a record without a caption."""
+
+    def __post_init__(self) -> None:
+        _require_choice("fields.record", self.record, RAW_RECORDS)
+        for name in RAW_FIELDS:
+            value = getattr(self, name)
+            alternatives = [value] if isinstance(value, str) else list(value)
+            for alt in alternatives:
+                ext, _, key = alt.partition(":")
+                _require(
+                    bool(ext) and "/" not in alt and (":" not in alt or bool(key)),
+                    f"fields.{name}: {alt!r} must be a member extension (jpg, mask.png) or "
+                    "EXT:KEY for a key of a JSON member (json:caption)",
+                )
+            setattr(self, name, alternatives)  # one string or a list in YAML; a list here
+
+    def used(self) -> tuple[str, ...]:
+        """The fields a sample of this `record` reads."""
+        return {
+            "image-text": ("image", "text"),
+            "image-mask": ("image", "mask", "text"),
+            "text": ("text",),
+            "svg": ("svg",),
+            "dna": ("dna",),
+            "video": ("video", "text"),
+        }[self.record]
+
+    def members(self) -> tuple[str, ...]:
+        """The member extensions a sample of this `record` is read with (others are skipped
+        in the tar, undecoded)."""
+        return tuple(
+            dict.fromkeys(alt.partition(":")[0] for f in self.used() for alt in getattr(self, f))
+        )

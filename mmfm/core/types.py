@@ -128,6 +128,8 @@ class ImageMaskRecord:
     """`[H, W]` {0, 1}, aligned with the image."""
     text: str | None = None
     source: str = ""
+    void: int = 0
+    """Pixels a segmentation set marks void / ignore (VOC's 255): in no class, 0 in the mask."""
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ An epoch is global: in epoch e the streams together read every document of a sou
 Streams live on different ranks and workers and never talk, so the deal is a pure function
 of (seed, source, epoch, number of streams) and the shard sizes, known before reading (the
 `manifest.json` of `mmfm prepare`, else one pass over a local tar's headers; shards whose
-size cannot be known, `http://` or `pipe:`, count as equal): the epoch's shards are shuffled
-and dealt largest first to the stream with the fewest tokens so far, and while the shares
-differ by more than 2% the largest units are halved into every-k-th-sample slices (each
-unit is one read of its shard; at most 8 units per stream more than there are shards) and
-dealt again. Every stream gets about the same number of tokens, so all run dry at about the
+size cannot be known, `http://` or `pipe:`, count as equal; raw shards tokenized in the stream,
+raw_stream.py, by the bytes of the members read, from local tars' headers): the epoch's shards
+are shuffled and dealt largest first to the stream with the fewest tokens so far, and while
+the shares differ by more than 2% the largest units are halved into every-k-th-sample slices
+(each unit is one read of its shard; at most 8 units per stream more than there are shards)
+and dealt again. Every stream gets about the same number of tokens, so all run dry at about the
 same time (packing pads each differently): a stream done with its share starts its share of
 the next epoch (with unlimited epochs, a few rows before the others finish theirs), or, once
 every source reached `max_epochs`, gives empty rows until every stream on every rank is dry
@@ -50,9 +51,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
 from mmfm.core.types import Document
 from mmfm.data.packing import Exhausted, Packer, Pending, RowStats
+from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples
 from mmfm.data.tario import Damage, read_tar
 
@@ -88,6 +91,16 @@ class SourceSpec:
     weight: float
     max_epochs: int = 0
     """Repetition cap: passes over this source (each stream reads its share of each); 0: none."""
+    tokenize: str = ""
+    """Tokenizer recipe of raw shards, tokenized as they are read (raw_stream.py); empty:
+    shards of `mmfm prepare`."""
+    fields: RawFields | None = None
+    """Raw shards: which members make which record."""
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The member extensions a raw source reads; () for prepared shards."""
+        return (self.fields or RawFields()).members() if self.tokenize else ()
 
 
 @dataclass(frozen=True)
@@ -176,12 +189,15 @@ def _manifest_sizes(path: str, mtime_ns: int) -> dict[str, ShardSize]:
         return {}
 
 
-def shard_sizes(urls: Sequence[str]) -> list[ShardSize]:
+def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[ShardSize]:
     """The size of every shard of a source, in one unit for the whole source: tokens from the
     manifests beside the shards if they list them all, else bytes of token arrays from the
-    headers of local tars, else unknown (every shard counts as one)."""
+    headers of local tars, else unknown (every shard counts as one). Raw shards (`members`:
+    the extensions read): bytes of those members, from the headers of local tars."""
     if not all(os.path.isfile(u) for u in urls):
         return [ShardSize(-1, 1.0)] * len(urls)
+    if members:
+        return [ShardSize(len(s), float(s.sum()), s) for s in raw_sizes(urls, members)]
     listed = []
     for url in urls:
         manifest = os.path.join(os.path.dirname(url), "manifest.json")
@@ -239,7 +255,7 @@ def _lpt(pieces: Sequence[_Piece], n_streams: int) -> tuple[list[list[_Piece]], 
 
 @functools.lru_cache(maxsize=16)
 def deal(
-    urls: tuple[str, ...], n_streams: int, epoch: int, seed: int
+    urls: tuple[str, ...], n_streams: int, epoch: int, seed: int, members: tuple[str, ...] = ()
 ) -> tuple[tuple[Unit, ...], ...]:
     """Every stream's units of one epoch of the source `urls`; together they hold every sample
     once, and every stream about the same number of tokens.
@@ -249,9 +265,10 @@ def deal(
     `EXTRA_UNITS` allows), the largest eighth of the units are halved (samples j mod k become
     j mod 2k and j + k mod 2k; shards stay whole where they balance already) and dealt again.
     Each stream reads its units in shuffled order. A function of its arguments and the
-    shards' sizes only, so every rank and worker computes the same deal.
+    shards' sizes only, so every rank and worker computes the same deal (`members`: of raw
+    shards, see `shard_sizes`).
     """
-    sizes = shard_sizes(urls)
+    sizes = shard_sizes(urls, members)
     order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(urls)).tolist()
     pieces = [
         _Piece(sizes[i].tokens, p, Unit(urls[i], 1, 0), sizes[i]) for p, i in enumerate(order)
@@ -334,6 +351,47 @@ def read_unit(
     _count_lost(unit, seen, damage, skips)
 
 
+def read_raw_unit(
+    unit: Unit, skip: int, skips: Skips, spec: SourceSpec, settings: StreamSettings
+) -> Iterator[tuple[int, Document]]:
+    """(position, document) of a unit of raw shards from position `skip` on (see
+    raw_stream.py: a sample's documents are decoded and tokenized here); counted as
+    `read_unit` counts them."""
+    tokenizer = RawTokenizer(
+        spec.tokenize, spec.fields or RawFields(), spec.name, settings.seed, settings.vocab_size
+    )
+    first, first_document = divmod(skip, POSITIONS)
+    seen, damage = 0, []
+    for item in read_tar(unit.url, settings.read_timeout_s, spec.members):
+        if isinstance(item, Damage):
+            damage.append(item)
+            continue
+        index, seen = seen, seen + 1
+        sample = index // unit.k
+        if index % unit.k != unit.j or sample < first:
+            continue
+        again = sample == first and first_document > 0  # partly read before: counted then
+
+        def count(reason: str, key: str, detail: str, again: bool = again) -> None:
+            if not again:
+                skips.skip(reason, unit.url, key, detail)
+
+        for i, doc in enumerate(tokenizer.documents(unit.url, item, count)):
+            if not again or i >= first_document:
+                skips.good += 1
+                yield sample * POSITIONS + i, doc
+    _count_lost(unit, seen, damage, skips)
+
+
+def read_source_unit(
+    spec: SourceSpec, unit: Unit, skip: int, skips: Skips, settings: StreamSettings
+) -> Iterator[tuple[int, Document]]:
+    """`read_raw_unit` for a source of raw shards, else `read_unit`."""
+    if spec.tokenize:
+        return read_raw_unit(unit, skip, skips, spec, settings)
+    return read_unit(unit, skip, skips, settings)
+
+
 def _count_lost(unit: Unit, seen: int, damage: Sequence[Damage], skips: Skips) -> None:
     """Count the documents of `unit` that never arrived (after `seen` samples of its shard)."""
     held = held_samples(unit.url)
@@ -370,7 +428,9 @@ class SourceReader:
         """This stream's share of `epoch` (see `deal`)."""
         if self._units[0] != epoch:
             s = self.settings
-            shares = deal(self.spec.urls, s.n_streams, epoch, s.seed + self.index)
+            shares = deal(
+                self.spec.urls, s.n_streams, epoch, s.seed + self.index, self.spec.members
+            )
             self._units = (epoch, shares[self.stream])
         return self._units[1]
 
@@ -383,7 +443,8 @@ class SourceReader:
                 if self.unit >= len(units):
                     self._end_epoch()
                     return None
-                self._docs = read_unit(units[self.unit], self.sample, skips, self.settings)
+                unit = units[self.unit]
+                self._docs = read_source_unit(self.spec, unit, self.sample, skips, self.settings)
             item = next(self._docs, None)
             if item is None:
                 self._docs = None
@@ -531,8 +592,10 @@ class VirtualStream:
             wanted[(source, epoch, unit)].add(kept)
         docs: dict[tuple, Document] = {}
         for (source, epoch, unit_index), kept_set in wanted.items():
-            unit = self.readers[source].units(epoch)[unit_index]
-            for kept, doc in read_unit(unit, min(kept_set), Skips(1.0), self.settings):
+            reader = self.readers[source]
+            unit = reader.units(epoch)[unit_index]
+            read = read_source_unit(reader.spec, unit, min(kept_set), Skips(1.0), self.settings)
+            for kept, doc in read:
                 if kept in kept_set:
                     docs[(source, epoch, unit_index, kept)] = doc
                 if kept >= max(kept_set):

@@ -1,8 +1,9 @@
 """`mmfm prepare RECIPE`: raw corpora -> tokenized WebDataset shards + manifest.json.
 
 `recipe.py` holds the recipe (sources and their options), `readers.py` turns input files into
-records (one reader per source kind, every reject counted), `run.py` tokenizes chunks of
-records into shards in a pool of workers and writes the manifest.
+records (one reader per source kind, every reject counted; raw WebDataset samples are decoded
+later, in the workers), `run.py` tokenizes chunks of records into shards in a pool of workers
+and writes the manifest, `fingerprint.py` says what an output was made from.
 """
 
 from mmfm.prepare.readers import Rejects, iter_records

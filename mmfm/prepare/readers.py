@@ -1,4 +1,5 @@
-"""Records from input files, one reader per source kind; every reject counted by reason."""
+"""Records from input files, one reader per source kind (raw WebDataset shards: samples,
+decoded later); every reject counted by reason and source."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from mmfm.core.errors import InputNotFound
 from mmfm.core.files import iter_files
-from mmfm.core.types import DnaRecord, SvgRecord, TextRecord
+from mmfm.core.types import DnaRecord, Record, SvgRecord, TextRecord
+from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples
+from mmfm.data.shards import ShardError, expand_paths
 from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
+from mmfm.prepare.segmentation import coco_records, voc_records
 from mmfm.tokenization.dna import read_dna, read_function_pairs
 from mmfm.tokenization.visual.records import PictureError, visual_records
 
@@ -22,10 +28,16 @@ log = logging.getLogger("mmfm")
 class Rejects:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self.by_source: dict[str, Counter] = {}
+        """The same counts per source name (`source`: the source being read)."""
+        self.source = ""
+        self.total = 0
         self._logged: set[tuple[str, str]] = set()
 
     def add(self, reason: str, where: str, detail: str) -> None:
+        self.total += 1  # read by the progress bar
         self.counts[reason] += 1
+        self.by_source.setdefault(self.source, Counter())[reason] += 1
         self.log(reason, where, detail)
 
     def log(self, reason: str, where: str, detail: str) -> None:
@@ -71,14 +83,17 @@ def _text_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterat
 
 def _dna_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
 
-    name = source.name or source.kind
     reader = read_function_pairs if source.kind == "dna-pairs" else read_dna
     for record in reader(path, rejects.add):
-        window = source.max_length or len(record.sequence) or 1
-        for start in range(0, max(len(record.sequence), 1), window):
-            key = record.key if window >= len(record.sequence) else f"{record.key}:{start}"
-            seq = record.sequence[start : start + window]
-            yield DnaRecord(key, seq, record.output, name)
+        yield from windows(record, source.max_length, source.name or source.kind)
+
+
+def windows(record: DnaRecord, max_length: int, name: str) -> Iterator[DnaRecord]:
+    """`record` cut into windows of at most `max_length` bases (0: whole), source `name`."""
+    window = max_length or len(record.sequence) or 1
+    for start in range(0, max(len(record.sequence), 1), window):
+        key = record.key if window >= len(record.sequence) else f"{record.key}:{start}"
+        yield DnaRecord(key, record.sequence[start : start + window], record.output, name)
 
 
 def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
@@ -91,10 +106,7 @@ def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterato
 
 def _visual_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
 
-    siblings = path.parent.glob(glob.escape(path.stem) + ".*")
-    if path.name.endswith(".mask.png") or (
-        path.suffix == ".txt" and any(p != path for p in siblings)
-    ):
+    if is_sidecar(path):
         return  # a sidecar (mask or caption) of a picture, read with it
     try:
         yield from visual_records(
@@ -105,6 +117,8 @@ def _visual_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iter
             source.max_frames,
             source.caption_from_name,
             source.max_pixels,
+            source.mask,
+            source.fit,
         )
     except PictureError as e:
         rejects.add(e.reason, str(path), str(e))
@@ -112,20 +126,71 @@ def _visual_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iter
         rejects.add("undecodable", str(path), f"{type(e).__name__}: {e}")
 
 
+def is_sidecar(path: Path) -> bool:
+    """A picture's mask (<stem>.mask.png) or caption (<stem>.txt beside another file)."""
+    siblings = path.parent.glob(glob.escape(path.stem) + ".*")
+    return path.name.endswith(".mask.png") or (
+        path.suffix == ".txt" and any(p != path for p in siblings)
+    )
+
+
 _READERS = {"text": _text_records, "dna": _dna_records, "dna-pairs": _dna_records}
 _READERS["svg"] = _svg_records
 _READERS.update(dict.fromkeys(("image-text", "image-mask", "video"), _visual_records))
+_READERS.update(voc=voc_records, coco=coco_records)
 
 
 def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str, object]]:
-    """(where, record) of every source, where names the file and the record."""
+    """(where, record) of every source, where names the file and the record; a webdataset
+    source gives (where, RawSample), decoded later by whoever calls `RawSample.records`."""
     for source in recipe.sources:
-        records = (
-            (f"{path}:{record.key}", record)
-            for path in iter_files(source.paths, recipe.cache_dir)
-            for record in _guarded(_READERS[source.kind], path, source, rejects)
-        )
+        rejects.source = source.name or source.kind
+        if source.kind == "webdataset":
+            records = _raw_samples(source, rejects)
+        else:
+            records = (
+                (f"{path}:{record.key}", record)
+                for path in iter_files(source.paths, recipe.cache_dir)
+                for record in _guarded(_READERS[source.kind], path, source, rejects)
+            )
         yield from islice(records, source.limit or None)
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """A sample of a raw WebDataset shard, still undecoded: the worker that tokenizes it
+    decodes it (a JPEG's decode is the cost; its bytes are also smaller than its pixels)."""
+
+    url: str
+    sample: dict
+    decoder: RawDecoder
+    max_length: int = 0
+    """dna: windows of at most this many bases (0: whole sequences)."""
+
+    def records(self, reject: Reject) -> Iterator[Record]:
+        for record in self.decoder(self.url, self.sample, reject):
+            if isinstance(record, DnaRecord):
+                yield from windows(record, self.max_length, record.source)
+            else:
+                yield record
+
+
+def shard_urls(source: PrepareSource) -> list[str]:
+    """The shards of a webdataset source (every form the training loader takes)."""
+    try:
+        return expand_paths(source.paths)
+    except ShardError as e:
+        message = str(e).removeprefix("data.paths: ")
+        raise InputNotFound(f"sources: {source.name or source.kind}: {message}") from None
+
+
+def _raw_samples(source: PrepareSource, rejects: Rejects) -> Iterator[tuple[str, RawSample]]:
+    name = source.name or source.kind
+    decoder = RawDecoder(
+        source.fields, name, source.fps, source.max_frames, source.max_pixels, source.fit
+    )
+    for url, sample in raw_samples(shard_urls(source), source.fields, rejects.add):
+        yield f"{url}:{sample['__key__']}", RawSample(url, sample, decoder, source.max_length)
 
 
 def _guarded(reader, path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
@@ -139,3 +204,36 @@ def _guarded(reader, path: Path, source: PrepareSource, rejects: Rejects) -> Ite
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         rejects.add("unreadable", str(path), f"after {n} records: {type(e).__name__}: {first_line}")
+
+
+def list_inputs(recipe: PrepareRecipe) -> list[list[str]]:
+    """Each source's input files (webdataset: shard URLs), in reading order."""
+    files = (iter_files(s.paths, recipe.cache_dir) for s in recipe.sources)
+    return [
+        shard_urls(s) if s.kind == "webdataset" else [str(p) for p in paths]
+        for s, paths in zip(recipe.sources, files, strict=True)
+    ]
+
+
+def count_inputs(recipe: PrepareRecipe, inputs: list[list[str]]) -> int | None:
+    """How many records (webdataset: samples) `iter_records` reads, rejects included, where
+    that is known without reading them: files of one record each, local raw shards (from
+    their headers). None where any source cannot say (jsonl, DNA, remote shards)."""
+    total = 0
+    for source, urls in zip(recipe.sources, inputs, strict=True):
+        n = _count(source.kind, urls)
+        if n is None:
+            return None
+        total += min(n, source.limit) if source.limit else n
+    return total
+
+
+def _count(kind: str, urls: list[str]) -> int | None:
+    if kind == "webdataset":
+        counts = [count_samples(url) for url in urls]
+        return None if None in counts else sum(counts)
+    if kind in ("svg", "image-text", "image-mask", "video"):
+        return sum(not is_sidecar(Path(u)) for u in urls)
+    if kind == "text" and not any(u.endswith(".jsonl") for u in urls):
+        return len(urls)
+    return None

@@ -2,14 +2,19 @@
 
 The records of every source are read in recipe order (files sorted) and cut into chunks of
 `shard_size`; chunk i becomes `<output>/<name>-%06i.tar`, tokenized by a pool of worker
-processes with the recipe's tokenizers. A shard is written under a temporary name and
-renamed when complete, with its statistics beside it, so a rerun skips finished shards and
-an interrupted run resumes where it stopped; the output is byte-identical either way.
-Rejected records (invalid UTF-8 or JSON, tokenizer rejects such as an unsafe SVG or an
-invalid DNA character, empty documents) are counted per reason and logged once per file.
-`manifest.json` sums the shards: samples, tokens per modality, rejects, and the fingerprint
-of the vocabulary, whose `vocab.json` is copied next to the shards (training refuses
-shards of another vocabulary: `dataset_vocab`).
+processes with the recipe's tokenizers. Raw WebDataset samples travel to the workers as
+bytes and are decoded there: a JPEG's decode costs more than reading it, and its pixels are
+about 12 times its bytes to send. A shard is written under a temporary name and renamed when
+complete, with its statistics beside it (its marker, `.stats/<shard>.json`, which holds the
+fingerprint of recipe, tokenizers and inputs), so a rerun skips finished shards and an
+interrupted run resumes where it stopped; the output is byte-identical either way and with
+any number of workers. A rerun with another fingerprint is refused, or rebuilds with
+`overwrite`. Rejected records (invalid UTF-8 or JSON, a missing member, tokenizer rejects
+such as an unsafe SVG or an invalid DNA character, empty documents) are counted per reason
+and source and logged once per file. `manifest.json` sums the shards: samples, tokens per
+modality, rejects, counts per source, the fingerprint, and the fingerprint of the
+vocabulary, whose `vocab.json` is copied next to the shards (training refuses shards of
+another vocabulary: `dataset_vocab`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -26,9 +32,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mmfm.core.types import MODALITY_NAMES
+from mmfm.core.errors import ConfigError
+from mmfm.core.types import MODALITY_NAMES, Document
 from mmfm.data.shards import ShardError, write_shard
-from mmfm.prepare.readers import Rejects, iter_records
+from mmfm.prepare.fingerprint import changed
+from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
+from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.tokenization.dna import DnaError
 from mmfm.tokenization.recipe import load_recipe
@@ -39,33 +48,37 @@ from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 log = logging.getLogger("mmfm")
 
 _TOKENIZERS = None
+_FINGERPRINT = None  # of the run, written into every shard's marker
 
 
-def _init_worker(tokenizer_recipe: str) -> None:
-    global _TOKENIZERS
+def _init_worker(tokenizer_recipe: str, fingerprint: dict) -> None:
+    global _TOKENIZERS, _FINGERPRINT
 
     _TOKENIZERS = Tokenizers.load(load_recipe(tokenizer_recipe))
+    _FINGERPRINT = fingerprint
 
 
 def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Tokenize one chunk of (where, record) and write it as a shard; return its statistics
-    and (reason, where, detail) of its rejects. A record the tokenizers raise on, whatever
-    the exception, is a counted reject: one record never stops the pool."""
-    path, records, seed = job
+    """Tokenize one chunk of (where, record or RawSample) and write it as a shard; return its
+    statistics and (reason, where, detail) of its rejects. Raw samples are decoded here. A
+    record the tokenizers raise on, whatever the exception, is a counted reject: one record
+    never stops the pool."""
+    path, items, seed = job
     rng = np.random.default_rng([seed, int(Path(path).stem.rsplit("-", 1)[1])])
-    docs, rejected, notes = [], Counter(), []
-    for where, record in records:
-        try:
-            doc = _TOKENIZERS.encode(record, rng)
-        except Exception as e:  # see the docstring
-            reason, detail = _reason(e), f"{type(e).__name__}: {e}"
-        else:
-            if not _is_empty(doc):
+    docs, notes, sources = [], [], {}
+    for where, item in items:
+        name = item.decoder.source if isinstance(item, RawSample) else item.source
+        counts = sources.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
+
+        def reject(reason: str, at: str, detail: str, counts=counts) -> None:
+            counts["rejected"][reason] += 1
+            notes.append((reason, at, detail))
+
+        for record in item.records(reject) if isinstance(item, RawSample) else [item]:
+            if (doc := _encode(record, rng, where, reject)) is not None:
                 docs.append(doc)
-                continue
-            reason, detail = "empty", "no content between the frames"
-        rejected[reason] += 1
-        notes.append((reason, where, detail))
+                counts["documents"] += 1
+                counts["tokens"] += len(doc.tokens)
     modality = np.concatenate([d.modality for d in docs]) if docs else np.zeros(0, np.uint8)
     by_modality = np.bincount(modality, minlength=len(MODALITY_NAMES))
     stats = {
@@ -73,12 +86,27 @@ def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
         "samples": len(docs),
         "tokens": int(by_modality.sum()),
         "tokens_by_modality": dict(zip(MODALITY_NAMES, map(int, by_modality), strict=True)),
-        "rejected": dict(rejected),
+        "rejected": dict(sum((c["rejected"] for c in sources.values()), Counter())),
         "removed": _TOKENIZERS.svg.take_removed(),  # what sanitising dropped from kept SVGs
+        "sources": {n: {**c, "rejected": dict(c["rejected"])} for n, c in sources.items()},
+        "fingerprint": _FINGERPRINT,
     }
     _write_stats(Path(path), stats)
     write_shard(path, docs)
     return stats, notes
+
+
+def _encode(record, rng, where: str, reject) -> Document | None:
+    """The document of `record`, or None when it is rejected (see _tokenize_shard)."""
+    try:
+        doc = _TOKENIZERS.encode(record, rng)
+    except Exception as e:  # see _tokenize_shard
+        reject(_reason(e), where, f"{type(e).__name__}: {e}")
+        return None
+    if _is_empty(doc):
+        reject("empty", where, "no content between the frames")
+        return None
+    return doc
 
 
 def _reason(e: Exception) -> str:
@@ -111,42 +139,55 @@ def _write_stats(shard: Path, stats: dict) -> None:
     os.replace(tmp, target)
 
 
-def _chunks(records: Iterator, size: int) -> Iterator[list]:
+def _chunks(records: Iterator, size: int, sizes: deque) -> Iterator[list]:
+    """Lists of `size` records; the length of each is also appended to `sizes`."""
     while chunk := list(islice(records, size)):
+        sizes.append(len(chunk))
         yield chunk
 
 
 def prepare(
-    recipe: PrepareRecipe, workers: int = 1, progress: bool = True, part: tuple[int, int] = (0, 1)
+    recipe: PrepareRecipe,
+    workers: int = 1,
+    progress: bool = True,
+    part: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
 ) -> dict | None:
     """Write the shards and manifest of `recipe`; return the manifest.
 
     `part=(i, n)` tokenizes only the shards whose index is i modulo n (one task of an array
-    job); the manifest is written once every shard exists (None until then).
+    job); the manifest is written once every shard exists (None until then). Shards of
+    another recipe, tokenizer or inputs in the output are refused, or removed with
+    `overwrite`.
     """
 
     out = Path(recipe.output)
+    tokenizer_recipe = load_recipe(recipe.tokenizer)
+    tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained
+    inputs = list_inputs(recipe)
+    fingerprint = fingerprint_of(recipe, tokenizer_recipe, inputs)
+    _check_output(out, fingerprint, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizers = Tokenizers.load(load_recipe(recipe.tokenizer))  # fails early if untrained
     tokenizers.vocab.save(out / VOCAB_FILE)
     rejects = Rejects()
     index, parts = part
+    sizes: deque[int] = deque()  # records of each chunk, for the progress bar
     jobs = (
         (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed, i % parts == index)
-        for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size))
+        for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size, sizes))
     )
     todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
-    bar = tqdm(unit="doc", desc=f"prepare {recipe.name}", disable=not progress)
-    shards, skipped, paths = [], 0, []
-    with mp.get_context("spawn").Pool(workers, _init_worker, (recipe.tokenizer,)) as pool:
-        for path, (stats, was_done, notes) in pool.imap(_run_or_skip, todo_or_done):
-            skipped += was_done
-            for note in notes:
-                rejects.log(*note)
-            shards.append(stats)
-            paths.append(path)
-            if stats:
-                bar.update(stats["samples"] + sum(stats["rejected"].values()))
+    bar = _progress_bar(recipe, inputs, progress)
+    shards, skipped, paths, read = [], 0, [], 0
+    work = _results(todo_or_done, workers, (recipe.tokenizer, fingerprint))
+    for path, (stats, was_done, notes) in work:
+        skipped += was_done
+        for note in notes:
+            rejects.log(*note)
+        shards.append(stats)
+        paths.append(path)
+        read += sizes.popleft()
+        bar.update(read + rejects.total - bar.n)
     bar.close()
     # Other array tasks' shards, looked at again now that this task's own are all written:
     # whichever task looks last sees every shard and writes the manifest.
@@ -154,7 +195,7 @@ def prepare(
     if not all(shards):
         log.info("%s: %d of %d shards written", out, sum(map(bool, shards)), len(shards))
         return None
-    manifest = _manifest(recipe, shards, rejects, tokenizers.vocab.fingerprint)
+    manifest = _manifest(recipe, shards, rejects, tokenizers.vocab.fingerprint, fingerprint)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for leftover in out.glob(".*.tmp"):  # temporary files of an interrupted run
         leftover.unlink()
@@ -165,8 +206,102 @@ def prepare(
     return manifest
 
 
+def _progress_bar(recipe: PrepareRecipe, inputs: list[list[str]], progress: bool) -> tqdm:
+    """A bar of input records (webdataset: samples) per second. Its total, and so an ETA,
+    comes from a thread that counts the inputs where that is possible without reading them
+    (`count_inputs`: e.g. a raw shard's headers), so counting never delays the first shard."""
+    bar = tqdm(unit="sample", desc=f"prepare {recipe.name}", disable=not progress)
+
+    def count() -> None:
+        try:
+            total = count_inputs(recipe, inputs)
+        except Exception as e:  # the bar does without a total
+            log.debug("no total for the progress bar: %s", e)
+            return
+        if total is not None:
+            bar.total = total
+            bar.refresh()
+
+    if progress:
+        threading.Thread(target=count, daemon=True).start()
+    return bar
+
+
+def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse an output that holds shards (or a manifest) of another fingerprint, naming what
+    changed and `--overwrite`; with `overwrite`, remove them (finished shards of this
+    fingerprint stay: the run resumes)."""
+    stale = []
+    for path in [*sorted(out.glob("*.tar")), out / MANIFEST]:
+        made = _read_json(_stats_path(path) if path.suffix == ".tar" else path)
+        if path.suffix == ".tar" or made is not None:  # a shard without a marker is foreign
+            old = (made or {}).get("fingerprint")
+            if not isinstance(old, dict) or old.get("all") != fingerprint["all"]:
+                stale.append((path, old))
+    if not stale:
+        return
+    if not overwrite:
+        shards = sum(path.suffix == ".tar" for path, _ in stale)
+        raise ConfigError(
+            f"{out} holds {f'{shards} shard(s)' if shards else 'a manifest.json'} of another "
+            f"recipe ({changed(stale[0][1], fingerprint)}): rerun mmfm prepare with --overwrite "
+            "to rebuild them, or set output to another directory"
+        )
+    log.warning("%s: removing %d shard(s) of another recipe (--overwrite)", out, len(stale))
+    for path, _ in stale:
+        path.unlink(missing_ok=True)
+        if path.suffix == ".tar":
+            _stats_path(path).unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None (missing, unreadable: an interrupted write)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _finished_stats(shard: Path) -> dict | None:
     return json.loads(_stats_path(shard).read_text()) if shard.exists() else None
+
+
+def _results(jobs: Iterator, workers: int, init: tuple) -> Iterator[tuple]:
+    """`_run_or_skip` of every job, in order. Finished shards are looked up here; the pool
+    of tokenizing workers starts at the first shard to write (a rerun with every shard done
+    starts none), and at most 2 x workers chunks wait, so reading stays just ahead of the
+    workers (the chunks of raw samples hold their pictures' bytes)."""
+    pending: deque = deque()
+    pool = None
+    try:
+        for job in jobs:
+            if isinstance(job, str):
+                pending.append(_Done(_run_or_skip(job)))
+            else:
+                if pool is None:
+                    pool = mp.get_context("spawn").Pool(workers, _init_worker, init)
+                pending.append(pool.apply_async(_run_or_skip, (job,)))
+            while pending and (len(pending) > 2 * workers or pending[0].ready()):
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+class _Done:
+    """A result known at once, queued like a pool's AsyncResult to keep the order."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
 
 
 def _run_or_skip(job) -> tuple[str, tuple[dict | None, bool, list]]:
@@ -179,7 +314,9 @@ def _run_or_skip(job) -> tuple[str, tuple[dict | None, bool, list]]:
     return job[0], (stats, False, notes)
 
 
-def _manifest(recipe: PrepareRecipe, shards: list[dict], rejects: Rejects, vocab: str) -> dict:
+def _manifest(
+    recipe: PrepareRecipe, shards: list[dict], rejects: Rejects, vocab: str, fingerprint: dict
+) -> dict:
     by_modality: Counter = Counter()
     rejected: Counter = Counter(rejects.counts)
     removed: Counter = Counter()
@@ -193,13 +330,31 @@ def _manifest(recipe: PrepareRecipe, shards: list[dict], rejects: Rejects, vocab
         "tokenizer": recipe.tokenizer,
         "vocab": VOCAB_FILE,
         "vocab_fingerprint": vocab,
-        "shards": shards,
+        "fingerprint": fingerprint,
+        "sources": _per_source(recipe, shards, rejects),
+        "shards": [{k: v for k, v in s.items() if k != "fingerprint"} for s in shards],
         "samples": sum(s["samples"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
         "tokens_by_modality": {m: by_modality[m] for m in MODALITY_NAMES},
         "rejected": dict(rejected),
         "removed": dict(removed),
     }
+
+
+def _per_source(recipe: PrepareRecipe, shards: list[dict], rejects: Rejects) -> dict:
+    """{source name: {documents, tokens, rejected}}, in recipe order; rejected sums what the
+    readers rejected and what the workers did."""
+    names = dict.fromkeys(s.name or s.kind for s in recipe.sources)
+    totals = {n: {"documents": 0, "tokens": 0, "rejected": Counter()} for n in names}
+    for name, counts in rejects.by_source.items():
+        totals[name]["rejected"].update(counts)
+    for shard in shards:
+        for name, counts in shard.get("sources", {}).items():
+            total = totals.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
+            total["documents"] += counts["documents"]
+            total["tokens"] += counts["tokens"]
+            total["rejected"].update(counts["rejected"])
+    return {n: {**t, "rejected": dict(t["rejected"])} for n, t in totals.items()}
 
 
 def dataset_vocab(directory: str | Path) -> tuple[str, Path] | None:

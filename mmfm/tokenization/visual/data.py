@@ -7,7 +7,9 @@ it is decoded, and so is a decompression bomb (Pillow's own limit, about 179M pi
 clip is decoded frame by frame and only up to its last kept frame, holding only the frames
 kept. Masks come from real pictures: silhouettes (black on white, e.g. skimage's horse) and
 Otsu thresholds of photos. Training draws random crops (random scale, random position)
-resized to the tokenizer's size; evaluation uses fixed crops of held-out pictures.
+resized to the tokenizer's size; evaluation uses fixed crops of held-out pictures. Pictures
+of documents are made square first by `fit_square` (a source's `fit`: centre crop, or
+letterbox bars that lose no pixel), then resized by the tokenizers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ MAX_PIXELS = 1 << 26
 
 class PictureError(TokenizerError):
     """A file that is no picture of the wanted kind, or too large; `reason` names it for the
-    reject counts (not_image, not_video, bad_mask, too_large)."""
+    reject counts (not_image, not_video, no_image, no_mask, bad_mask, too_large,
+    segmentation_label)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -151,6 +154,33 @@ def square(image: np.ndarray, size: int, box: tuple[int, int, int] | None = None
     return np.array(crop.resize((size, size), resample))  # writable, unlike np.asarray
 
 
+FITS = ("crop", "letterbox")
+LETTERBOX_FILL = 128
+"""Grey of the bars that letterbox a picture (0 in [-1, 1], the tokenizers' input range)."""
+
+
+def fit_square(picture: np.ndarray, fit: str, fill: int | None = None) -> np.ndarray:
+    """The picture made square at its own resolution, so that every tokenizer (image, mask,
+    video) sees the same square: `crop` keeps the centre square (what falls outside is lost),
+    `letterbox` pads the short side on both ends with `fill` (default LETTERBOX_FILL for
+    colour pictures, 0 for masks and label maps: the bars are no object), losing nothing."""
+    h, w = picture.shape[:2]
+    if h == w:
+        return picture
+    if fit == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return picture[top : top + side, left : left + side]
+    if fit != "letterbox":
+        raise ValueError(f"fit={fit!r} is not one of {', '.join(FITS)}")
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    value = fill if fill is not None else (LETTERBOX_FILL if picture.ndim == 3 else 0)
+    out = np.full((side, side, *picture.shape[2:]), value, picture.dtype)
+    out[top : top + h, left : left + w] = picture
+    return out
+
+
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 `[H, W, 3]` pictures -> `[N, 3, H, W]` in [-1, 1]."""
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
@@ -162,7 +192,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def otsu_mask(image: np.ndarray) -> np.ndarray:
-    """Foreground of a picture by Otsu's threshold on its grey levels (the smaller class)."""
+    """Foreground of a picture by Otsu's threshold on its grey levels (the smaller class): a
+    guess, used for tokenizer training pictures and for `mask: otsu` sources only, never in
+    place of a missing mask."""
     grey = image.mean(-1) if image.ndim == 3 else image.astype(np.float64)
     hist = np.bincount(grey.astype(np.uint8).ravel(), minlength=256).astype(np.float64)
     p = hist / hist.sum()

@@ -145,6 +145,11 @@ def caption_of(path: Path, from_name: bool = True) -> str | None:
     return path.stem.replace("_", " ").replace("-", " ") if from_name else None
 
 
+MASKS = ("sidecar", "otsu")
+LABEL_FOLDERS = ("SegmentationClass", "SegmentationObject")
+"""Folders of VOC / labelme label maps (SegmentationClass, SegmentationClassPNG, ...)."""
+
+
 def visual_records(
     path: Path,
     kind: str,
@@ -153,14 +158,19 @@ def visual_records(
     max_frames: int = 8,
     caption_from_name: bool = True,
     max_pixels: int = vdata.MAX_PIXELS,
+    mask: str = "sidecar",
+    fit: str = "crop",
 ) -> Iterator:
-    """The record of one picture or clip file (`kind`: image-text, image-mask or video).
+    """The record of one picture or clip file (`kind`: image-text, image-mask or video), its
+    pictures made square by `fit` (crop or letterbox, `vdata.fit_square`).
 
-    image-mask: the mask is the sidecar `<stem>.mask.png` (nonzero = 1) when there is one,
-    else the Otsu threshold of the image. Raises PictureError for a file of the wrong type, a
-    picture (or frame, or mask) over `max_pixels` or a decompression bomb, a mask of the wrong
-    size, and whatever Pillow / PyAV raise for a file that does not decode
-    (OSError, ValueError, RuntimeError).
+    image-mask: the mask is the sidecar `<stem>.mask.png` (nonzero = 1); without one the
+    picture is rejected (no_mask), unless `mask` is `otsu`: then the mask is Otsu's threshold
+    of the image, and a sidecar is not looked for. Raises PictureError for a file of the wrong
+    type, a VOC / labelme label map (a PNG in a SegmentationClass* folder: read its dataset
+    with kind voc), a picture (or frame, or mask) over `max_pixels` or a decompression bomb, a
+    missing or wrong-sized mask, and whatever Pillow / PyAV raise for a file that does not
+    decode (OSError, ValueError, RuntimeError).
     """
 
     suffix = path.suffix.lower()
@@ -168,24 +178,39 @@ def visual_records(
     if kind == "video":
         if suffix not in VIDEO_SUFFIXES:
             raise PictureError("not_video", f"not a video ({sorted(VIDEO_SUFFIXES)})")
-        yield VideoRecord(
-            path.stem, vdata.read_video(path, fps, max_frames, max_pixels), caption, source
-        )
+        frames = vdata.read_video(path, fps, max_frames, max_pixels)
+        frames = np.stack([vdata.fit_square(f, fit) for f in frames])
+        yield VideoRecord(path.stem, frames, caption, source)
         return
     if suffix not in vdata.IMAGE_SUFFIXES:
         raise PictureError("not_image", f"not an image ({sorted(vdata.IMAGE_SUFFIXES)})")
+    if path.parent.name.startswith(LABEL_FOLDERS):
+        raise PictureError(
+            "segmentation_label",
+            f"a label map in {path.parent.name}/, not a photo: read the dataset's root "
+            "(JPEGImages/ + SegmentationClass*/) with kind: voc",
+        )
     image = vdata.read_image(path, max_pixels)
     if kind == "image-text":
-        yield ImageRecord(path.stem, image, caption, source)
+        yield ImageRecord(path.stem, vdata.fit_square(image, fit), caption, source)
         return
+    picture_mask = _mask_of(path, image, mask, max_pixels)
+    image, picture_mask = vdata.fit_square(image, fit), vdata.fit_square(picture_mask, fit)
+    yield ImageMaskRecord(path.stem, image, picture_mask, caption, source)
+
+
+def _mask_of(path: Path, image: np.ndarray, how: str, max_pixels: int) -> np.ndarray:
+    if how == "otsu":
+        return vdata.otsu_mask(image)
     sidecar = path.with_name(f"{path.stem}.mask.png")
-    if sidecar.is_file():
-        with vdata.open_picture(sidecar, max_pixels) as im:
-            mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
-        if mask.shape != image.shape[:2]:
-            raise PictureError(
-                "bad_mask", f"{sidecar.name} is {mask.shape}, the image {image.shape[:2]}"
-            )
-    else:
-        mask = vdata.otsu_mask(image)
-    yield ImageMaskRecord(path.stem, image, mask, caption, source)
+    if not sidecar.is_file():
+        raise PictureError(
+            "no_mask", f"no sidecar {sidecar.name} (set mask: otsu to threshold the picture)"
+        )
+    with vdata.open_picture(sidecar, max_pixels) as im:
+        mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+    if mask.shape != image.shape[:2]:
+        raise PictureError(
+            "bad_mask", f"{sidecar.name} is {mask.shape}, the image {image.shape[:2]}"
+        )
+    return mask
