@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from mmfm.config import Config
 from mmfm.config.schema import (
     DataConfig,
@@ -13,9 +11,10 @@ from mmfm.config.schema import (
     ParallelConfig,
     TrainConfig,
 )
-from mmfm.core.types import IGNORE_INDEX, Batch
+from mmfm.core.types import Batch
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.testing import packed_batch
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.steps import build_steps
 from mmfm.train.trainer import Trainer
@@ -23,25 +22,37 @@ from mmfm.train.trainer import Trainer
 
 def packed_row(seq: int, n_docs: int, vocab: int, seed: int = 0) -> Batch:
     """One row of `n_docs` equal documents of random tokens, as the loader packs them."""
-    g = torch.Generator().manual_seed(seed)
-    length = seq // n_docs
-    tokens = torch.randint(0, vocab, (1, seq), generator=g)
-    doc_ids = (torch.arange(seq) // length)[None]
-    positions = (torch.arange(seq) % length)[None]
-    labels = torch.roll(tokens, -1, dims=1)
-    labels[positions == length - 1] = IGNORE_INDEX  # the last token of a document
-    weights = (labels != IGNORE_INDEX).float()
-    return Batch(tokens, labels, positions, doc_ids, weights, torch.zeros_like(tokens))
+    assert seq % n_docs == 0, f"seq {seq} is not a multiple of n_docs {n_docs}"
+    return packed_batch([[seq // n_docs] * n_docs], vocab, seed)
 
 
 class FixedRows:
-    """The loader interface `Trainer.train_step` needs, without data counters."""
+    """A `mmfm.data.loader.Loader` without data: the same micro-batches every step (if given;
+    the benchmarks call `Trainer.train_step` with theirs), no counters, no state."""
+
+    def __init__(self, batches: list[Batch] | None = None):
+        self.batches = batches or []
+
+    def next_step(self, stop=None) -> list[Batch]:
+        return self.batches
 
     def step_counts(self) -> list[float]:
         return []
 
     def describe(self, counts) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def merge_states(self, states) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def fixed_batch_trainer(

@@ -56,6 +56,17 @@ def constraint_step_seconds(layout, batch: int, prompt: list[int], clock, steps=
     return (masked - (clock() - start)) / steps
 
 
+@torch.no_grad()
+def generate_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The no-cache path the KV cache is timed against: every step runs the whole prefix."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        ids = torch.tensor([tokens])
+        logits = model(ids, torch.arange(len(tokens))[None], torch.zeros_like(ids))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
 def build_folder(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -89,7 +100,6 @@ def main() -> None:
     from mmfm.generate.layout import demo_layout
     from mmfm.generate.load import load_model
     from mmfm.generate.sampling import Sampling
-    from mmfm.model.generate import generate_greedy
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(Path(tmp))

@@ -9,9 +9,11 @@ run, one process, the same shards are read three ways over one full pass:
 - loader: `StreamingLoader.next_step()` with one stream and no worker process, i.e. what one
   loader worker does: decode, shuffle (64 documents), best-fit pack into 4096-token rows,
   collate to torch, record the stream state per row. Tokens are counted without padding.
-A second loader run mixes two sources by weight (the text and the SVG shards).
+A second loader run mixes two sources by weight (the text and the SVG shards), a third runs
+the one stream in a DataLoader worker process (the rows cross a process boundary; the clock
+starts at the first step, after the worker's start-up).
 
-    python bench/loader.py [--repeats 3]
+    python bench/loader.py [--repeats 3] [--json bench/results/loader.json]
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def tar_read(urls: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def loader_pass(sources: list[SourceSpec]) -> tuple[float, int]:
+def loader_pass(sources: list[SourceSpec], workers: int = 0) -> tuple[float, int]:
     settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
-    loader = StreamingLoader(sources, settings, micro_batch_size=1)
+    loader = StreamingLoader(sources, settings, micro_batch_size=1, num_workers=workers)
+    if workers:
+        loader.next_step()  # the worker's start-up (spawn, imports) and its first row: untimed
     tokens, start = 0, time.perf_counter()
     try:
         while True:
@@ -60,12 +64,15 @@ def loader_pass(sources: list[SourceSpec]) -> tuple[float, int]:
             tokens += int((batch.tokens != 0).sum())
     except DataError:  # one pass over every source (max_epochs=1)
         pass
-    return time.perf_counter() - start, tokens
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return elapsed, tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp()) / "mixed"
     recipe = load_prepare_recipe(
@@ -101,6 +108,11 @@ def main() -> None:
         t for _, t in runs
     ) / statistics.median(s for s, _ in runs)
 
+    runs = [loader_pass(whole, workers=1) for _ in range(args.repeats)]
+    rows["loader, 1 source, in 1 worker process"] = statistics.median(
+        t for _, t in runs
+    ) / statistics.median(s for s, _ in runs)
+
     raw = rows["raw tar read (webdataset)"]
     print(
         f"{manifest['samples']} documents, {n_tokens:,} tokens, {len(urls)} shards, "
@@ -110,6 +122,10 @@ def main() -> None:
     print("|---|---|---|")
     for name, rate in rows.items():
         print(f"| {name} | {rate / 1e6:.2f} | {rate / raw:.2f} |")
+    if args.json:
+        result = {"tokens": n_tokens, "repeats": args.repeats, "tokens_per_s": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

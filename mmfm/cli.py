@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 EXAMPLES = """examples:
   mmfm train launch/demo.yaml
@@ -45,11 +46,29 @@ EXAMPLES = """examples:
 """
 
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  a data, checkpoint, conversion, tokenizer or training error (the input must change)
+  2  a configuration or command-line mistake (the recipe, an override or an option)
+  3  the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes reported like every other: one `mmfm:` line, exit 2 (the
+    usage block is one `--help` away, named in the line)."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"mmfm: config error: {self.prog}: {message} (see {self.prog} --help)"
+        print(line, file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmfm",
         description="Train multimodal foundation models.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
     prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild shards of the output made with another recipe, tokenizer or inputs",
+    )
     prepare.add_argument(
         "--part", default="0/1", help="i/n: only shards i, i+n, ... (one task of an array job)"
     )
@@ -245,62 +269,90 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from mmfm.config import ConfigError, load_config, to_yaml
+    from mmfm.core.errors import MmfmError
 
     try:
-        if args.command == "config":
-            if args.doc:
-                _print_field_docs()
-            else:
-                print(to_yaml(load_config(args.recipe, args.overrides)), end="")
-        elif args.command == "prepare":
-            import logging
+        _run(args)
+    except MmfmError as e:
+        print(f"mmfm: {e.area} error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
-            from mmfm.prepare import load_prepare_recipe, prepare
 
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-            index, parts = (int(x) for x in args.part.split("/"))
-            recipe = load_prepare_recipe(args.recipe, args.overrides)
-            prepare(recipe, args.workers, part=(index, parts))
-        elif args.command == "convert":
-            import logging
+def _one_line(error: Exception) -> str:
+    """The message on one line: a YAML parser's or sbatch's own output may span several."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
-            from mmfm.convert.hf import export_hf, import_hf
 
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-            if args.action == "hf":
-                export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.arch)
-            else:
-                import_hf(args.hf_dir, args.out, args.extend_vocab, args.seed)
-        elif args.command == "slurm":
-            _slurm_command(args)
-        elif args.command == "tokenizer":
-            _tokenizer_command(args)
-        elif args.command == "generate":
-            _generate_command(args)
-        elif args.command == "eval":
-            _eval_command(args)
-        elif args.command == "train":
-            cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
-            if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-                _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
-                return
-            from mmfm.train.main import train
+def _run(args: argparse.Namespace) -> None:
+    commands = {
+        "config": _config_command,
+        "prepare": _prepare_command,
+        "convert": _convert_command,
+        "slurm": _slurm_command,
+        "tokenizer": _tokenizer_command,
+        "generate": _generate_command,
+        "eval": _eval_command,
+        "train": _train_command,
+    }
+    commands[args.command](args)
 
-            result = train(cfg)
-            if result.stopped_by:
-                print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
-            _mark_clean_exit()
-    except ConfigError as e:
-        print(f"mmfm: config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except _user_errors() as e:
-        print(f"mmfm: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+
+def _config_command(args: argparse.Namespace) -> None:
+    from mmfm.config import load_config, to_yaml
+
+    if args.doc:
+        _print_field_docs()
+    else:
+        print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+
+
+def _prepare_command(args: argparse.Namespace) -> None:
+    import logging
+
+    from mmfm.config import ConfigError
+    from mmfm.prepare import load_prepare_recipe, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    index, slash, parts = args.part.partition("/")
+    if not (slash and index.isdigit() and parts.isdigit() and int(index) < int(parts)):
+        raise ConfigError(f"--part {args.part!r} must be i/n with 0 <= i < n, e.g. --part 0/4")
+    recipe = load_prepare_recipe(args.recipe, args.overrides)
+    prepare(recipe, args.workers, part=(int(index), int(parts)), overwrite=args.overwrite)
+
+
+def _convert_command(args: argparse.Namespace) -> None:
+    import logging
+
+    from mmfm.convert.hf import export_hf, import_hf
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "hf":
+        export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.arch)
+    else:
+        import_hf(args.hf_dir, args.out, args.extend_vocab, args.seed)
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    from mmfm.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
+        return
+    from mmfm.train.main import train
+
+    result = train(cfg)
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
+    _mark_clean_exit()
 
 
 def _slurm_command(args: argparse.Namespace) -> None:
     from mmfm import slurm
+    from mmfm.config import ConfigError
+
+    if args.action == "prepare" and args.parts < 1:
+        raise ConfigError(f"--parts must be >= 1 (array tasks), got {args.parts}")
 
     job = {
         "time": args.time,
@@ -338,14 +390,13 @@ def _tokenizer_command(args: argparse.Namespace) -> None:
 
 
 def _generate_command(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from mmfm.config import ConfigError
     from mmfm.generate.command import GenerateArgs, run, sampling_from
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        lines = _read_text(args.prompts_file, "--prompts-file").splitlines()
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ConfigError("mmfm generate needs --prompt TEXT (or --prompts-file FILE)")
@@ -373,6 +424,23 @@ def _generate_command(args: argparse.Namespace) -> None:
     )
 
 
+def _read_text(name: str, option: str) -> str:
+    """The UTF-8 text of a file named on the command line; what the OS or the decoder refuses
+    is one line naming the option and the file."""
+    from pathlib import Path
+
+    from mmfm.core.errors import DataError, InputNotFound
+
+    path = Path(name)
+
+    if not path.exists():
+        raise InputNotFound(f"{option} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{option} {path}: cannot read it ({e})") from None
+
+
 def _eval_command(args: argparse.Namespace) -> None:
     import re
 
@@ -381,6 +449,8 @@ def _eval_command(args: argparse.Namespace) -> None:
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0 (0: a whole pass), got {args.steps}")
+    if args.json_path and os.path.isdir(args.json_path):
+        raise ConfigError(f"--json {args.json_path} is a directory: name a file to write")
     dotted = [d for d in args.data if re.match(r"^[a-z_]+(\.[a-z_0-9]+)+=", d)]
     data = [d for d in args.data if d not in dotted]
     overrides = [*dotted, *args.overrides]
@@ -437,29 +507,3 @@ def _launch_local(nproc: int, mmfm_args: list[str]) -> None:
             sys.exit(1)
         finally:
             del os.environ[_CLEAN_EXITS]
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from mmfm.core.errors import ConversionError, DataError
-    from mmfm.core.examples import FetchError
-    from mmfm.data.shards import ShardError
-    from mmfm.slurm import SlurmError
-    from mmfm.tokenization.dna import DnaError
-    from mmfm.tokenization.svg import SvgError
-    from mmfm.tokenization.vocab import VocabError
-    from mmfm.train.checkpoint import CheckpointError
-    from mmfm.train.trainer import NonFiniteLossError
-
-    return (
-        ShardError,
-        CheckpointError,
-        NonFiniteLossError,
-        VocabError,
-        DnaError,
-        SvgError,
-        FetchError,
-        FileNotFoundError,
-        DataError,
-        ConversionError,
-        SlurmError,
-    )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmfm.config import ConfigError, load_config
-from mmfm.core.errors import LaunchError
+from mmfm.core.errors import InputNotFound, LaunchError
 from mmfm.prepare import load_prepare_recipe
 
 log = logging.getLogger("mmfm")
@@ -31,10 +31,12 @@ class SlurmError(LaunchError):
 
 def template_path(name: str, template: str | None = None) -> Path:
     """`--template`, else `slurm/<name>` here, else the one next to this installation."""
+    if template and not Path(template).is_file():
+        raise InputNotFound(f"--template {template}: no such file")
     for candidate in (template, f"slurm/{name}", Path(__file__).parents[1] / "slurm" / name):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    raise FileNotFoundError(
+    raise InputNotFound(
         f"no SLURM template {name!r}: run from the mmfm repository or pass --template"
     )
 

@@ -5,18 +5,27 @@
 Each process gets RANK, WORLD_SIZE, LOCAL_RANK and a free MASTER_PORT in its environment (so
 `ParallelEnv.from_config` starts gloo on CPU), one thread, and its return value or traceback
 travels back. Used by the tests and benchmarks to compare layouts against one process.
+
+The other helpers are the tests' one copy of what many files need: the tiny model's overrides
+(`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`) and the rows of a
+run's metrics.jsonl (`read_metrics`, `train_metrics`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
+
+from mmfm.core.types import IGNORE_INDEX, Batch
 
 
 class DistributedError(RuntimeError):
@@ -39,7 +48,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence,
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -86,36 +94,61 @@ def run_distributed(
     return [results[r] for r in range(world_size)]
 
 
-def tiny_demo_model(n_layers: int = 4, seq_len: int = 64) -> list[str]:
-    """Dotted overrides for the tiny Llama (dim 64, 4 heads, 2 KV heads) on the built-in demo
-    corpus that the parity tests train at every layout."""
-    from mmfm.data.demo import DEMO_VOCAB_SIZE
-
+def tiny_shape(n_layers: int = 2, seq_len: int = 128, max_seq_len: int | None = None) -> list[str]:
+    """Dotted overrides for the tests' tiny Llama: dim 64, 4 heads, 2 KV heads (grouped-query,
+    and divisible by tp=2), `n_layers` blocks, rows of `seq_len` tokens: 0.14M parameters at
+    2 layers on the demo vocabulary, so that a test trains it in seconds on CPU."""
     return [
-        f"model.vocab_size={DEMO_VOCAB_SIZE}",
         "model.dim=64",
         f"model.n_layers={n_layers}",
         "model.n_heads=4",
         "model.n_kv_heads=2",
         "model.ffn_multiple_of=32",
-        f"model.max_seq_len={seq_len}",
-        "data.paths=[builtin:demo]",
+        f"model.max_seq_len={max_seq_len or seq_len}",
         f"data.seq_len={seq_len}",
     ]
 
 
-def train_metrics(overrides: Sequence[str]) -> list[dict] | None:
-    """Train with `overrides` (on this process's share) and return the rows of
-    metrics.jsonl on the main rank, None on the others."""
-    import json
-    from pathlib import Path
+def tiny_demo_model(n_layers: int = 4, seq_len: int = 64) -> list[str]:
+    """`tiny_shape` on the built-in demo corpus, with the demo's vocabulary size: the model
+    the parity tests train at every layout."""
+    from mmfm.data.demo import DEMO_VOCAB_SIZE
 
+    shape = tiny_shape(n_layers, seq_len)
+    return [f"model.vocab_size={DEMO_VOCAB_SIZE}", *shape, "data.paths=[builtin:demo]"]
+
+
+def packed_batch(lengths: Sequence[Sequence[int]], vocab_size: int = 2, seed: int = 0) -> Batch:
+    """Rows of documents of `lengths` (one list per row, every row the same total) with random
+    tokens, laid out as the loader packs them: positions restart at 0 and the labels are the
+    next token of the same document (none after a document's last token)."""
+    doc_ids = torch.stack(
+        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]
+    )
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, doc_ids.shape, generator=gen)
+    labels = torch.roll(tokens, -1, dims=1)
+    last = torch.roll(positions, -1, dims=1) == 0  # the next slot starts a new document
+    labels[last] = IGNORE_INDEX
+    weights = (labels != IGNORE_INDEX).float()
+    return Batch(tokens, labels, positions, doc_ids, weights, torch.zeros_like(tokens))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of `run_dir`/metrics.jsonl, one dict per logged step."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_metrics(overrides: Sequence[str], recipe: str | Path | None = None) -> list[dict] | None:
+    """Train `recipe` (None: the defaults) with `overrides` (on this process's share) and
+    return the rows of metrics.jsonl on the main rank, None on the others."""
     from mmfm.config import load_config
     from mmfm.train.main import train
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(recipe, overrides)
     train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_metrics(cfg.train.run_dir)

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny model config on the built-in demo corpus."""
+"""Shared fixtures: a tiny model config on the built-in demo corpus, pinned real files.
+
+The helpers that spawned ranks and benchmarks need too (the tiny model's overrides, packed
+rows, metrics.jsonl) live in mmfm.testing, which the tests import directly."""
 
 from __future__ import annotations
 
@@ -8,18 +11,10 @@ import pytest
 import torch
 
 from mmfm.config import Config, load_config
-from mmfm.data.demo import DEMO_VOCAB_SIZE
+from mmfm.testing import tiny_demo_model
 
 TINY = [
-    f"model.vocab_size={DEMO_VOCAB_SIZE}",
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_multiple_of=32",
-    "model.max_seq_len=128",
-    "data.paths=[builtin:demo]",
-    "data.seq_len=128",
+    *tiny_demo_model(n_layers=2, seq_len=128),
     "train.global_batch_size=4",
     "train.micro_batch_size=2",
     "optim.warmup_steps=2",

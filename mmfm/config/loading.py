@@ -120,6 +120,8 @@ def load_structured(
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{origin}: {_first_line(e)} (key {e.full_key})") from None
+        except TypeError as e:  # OmegaConf's own, for a dotted index into a list
+            raise ConfigError(f"{origin}: {e}: give a list whole, e.g. key=[a,b]") from None
     try:
         OmegaConf.resolve(merged)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]

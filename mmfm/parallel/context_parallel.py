@@ -26,8 +26,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single_autograd
 
+from mmfm.core.torch_compat import (
+    all_gather_single_autograd,
+    cpu_flash_attention,
+    cpu_flash_attention_backward,
+)
 from mmfm.core.zigzag import zigzag_indices
 
 SKIP, FULL, CAUSAL, MASKED = "skip", "full", "causal", "masked"
@@ -79,22 +83,19 @@ class CpuFlashKernel:
         )
 
     def forward(self, q, k, v, mask, causal):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=self._bias(mask, q.dtype)
-        )
+        out, lse = cpu_flash_attention(q, k, v, causal, attn_mask=self._bias(mask, q.dtype))
         if mask is not None:  # the op reports lse 0, not -inf, for rows that see nothing
             lse = lse.masked_fill(~mask.any(-1), float("-inf"))
         return out.float(), lse
 
     def backward(self, dout, q, k, v, out, lse, mask, causal):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dq, dk, dv = cpu_flash_attention_backward(
             dout.to(q.dtype),
             q,
             k,
             v,
             out.to(q.dtype),
             lse,
-            0.0,
             causal,
             attn_mask=self._bias(mask, q.dtype),
         )

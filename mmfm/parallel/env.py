@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mmfm.config.schema import ParallelConfig
-from mmfm.core.errors import ConfigError
+from mmfm.core.errors import LaunchError
+from mmfm.core.torch_compat import flatten_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -37,7 +38,7 @@ class ParallelDims:
     def __post_init__(self) -> None:
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
         if product != self.world_size:
-            raise ConfigError(
+            raise LaunchError(
                 f"parallel.dp_replicate x dp_shard x cp x tp x pp = {self.dp_replicate} x "
                 f"{self.dp_shard} x {self.cp} x {self.tp} x {self.pp} = {product}, but "
                 f"{self.world_size} processes were started: make the product equal the number "
@@ -59,9 +60,9 @@ class ParallelDims:
         shape = tuple(getattr(self, name) for name in MESH_DIMS)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         flat = {
-            "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
-            "dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
-            "dp_cp": mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+            "dp": flatten_mesh(mesh["dp_replicate", "dp_shard"], "dp"),
+            "dp_shard_cp": flatten_mesh(mesh["dp_shard", "cp"], "dp_shard_cp"),
+            "dp_cp": flatten_mesh(mesh["dp_replicate", "dp_shard", "cp"], "dp_cp"),
         }
         return mesh, flat
 
@@ -125,6 +126,13 @@ class ParallelEnv:
                 dist.all_reduce(tensor, group=mesh.get_group())
         return tensor
 
+    def all_reduce_world(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` in place over every process, in one collective (all_reduce over all
+        mesh dims would take one per dim)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
     def all_gather_object(self, obj: object, dim: str) -> list:
         """`obj` from every rank along mesh dimension `dim`, in rank order."""
         mesh = self.sub_mesh(dim)
@@ -150,7 +158,7 @@ def process_ranks(environ: MutableMapping[str, str]) -> tuple[int, int, int]:
     if "RANK" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
         if missing:
-            raise ConfigError(
+            raise LaunchError(
                 f"srun started {environ['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set: export "
                 "MASTER_ADDR=<first host of the job> and MASTER_PORT=<free port> in the job "
@@ -171,7 +179,7 @@ def _device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(
+            raise LaunchError(
                 "train.device=cuda but no CUDA device is visible; use train.device=cpu"
             )
         torch.cuda.set_device(local_rank)

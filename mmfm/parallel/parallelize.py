@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from mmfm.config.schema import Config, ParallelConfig
+from mmfm.core.torch_compat import checkpoint_wrapper, compute_local_shape_and_global_offset
 from mmfm.model import build_model, init_weights
 from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 from mmfm.parallel.data_parallel import apply_fsdp

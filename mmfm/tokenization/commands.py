@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from mmfm.core.errors import ConfigError, DataError, InputNotFound
 from mmfm.core.types import Record, SvgRecord, TextRecord
 from mmfm.tokenization.dna import dna_format, read_dna, read_function_pairs
 from mmfm.tokenization.recipe import load_recipe
@@ -22,7 +23,20 @@ from mmfm.tokenization.visual.train import load_visual_recipe, train_visual
 
 def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> Iterator[Record]:
     """The records of a file, by its name: SVG, FASTA/FASTQ/GenBank, jsonl, an image (with its
-    caption, see visual_records), a video, or plain text."""
+    caption, see visual_records), a video, or plain text. A path that is no file, and a file
+    the OS or its decoder refuses (not UTF-8, a broken JSON line, an unreadable picture), is a
+    one-line error naming the path rather than a traceback."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: name the files in it ({path}/*)")
+    if not path.exists():
+        raise InputNotFound(f"{path}: no such file")
+    try:
+        yield from _records(path, pairs, jsonl_field)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+
+
+def _records(path: Path, pairs: bool, jsonl_field: str) -> Iterator[Record]:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         yield from visual_records(path, "image-text", str(path))
     elif path.suffix.lower() in VIDEO_SUFFIXES:
@@ -35,17 +49,36 @@ def records_of(path: Path, pairs: bool = False, jsonl_field: str = "text") -> It
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    yield TextRecord(f"{path.stem}:{i}", json.loads(line)[jsonl_field], str(path))
+                    text = _field(path, i, line, jsonl_field)
+                    yield TextRecord(f"{path.stem}:{i}", text, str(path))
     else:
         yield TextRecord(path.stem, path.read_text(encoding="utf-8"), str(path))
+
+
+def _field(path: Path, index: int, line: str, field: str) -> str:
+    row = json.loads(line)
+    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        raise DataError(
+            f"{path} line {index + 1}: no string field {field!r} (the recipe's text.jsonl_field)"
+        )
+    return row[field]
+
+
+def _is_visual_recipe(recipe_path: str) -> bool:
+    """Whether the recipe has a top-level `kind`; a missing or unparsable file is left to
+    `load_recipe`, which names it."""
+    try:
+        raw = OmegaConf.load(recipe_path) if Path(recipe_path).is_file() else None
+    except Exception:  # yaml errors come in several types
+        return False
+    return isinstance(raw, DictConfig) and "kind" in raw
 
 
 def train(recipe_path: str, overrides: Sequence[str]) -> None:
     """Train a tokenizer set (text/DNA/SVG + vocabulary), or one visual tokenizer: recipes
     with a top-level `kind` (tokenizers/seed_image.yaml, himtok_mask.yaml, video.yaml)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raw = OmegaConf.load(recipe_path)
-    if isinstance(raw, DictConfig) and "kind" in raw:
+    if _is_visual_recipe(recipe_path):
         metrics = train_visual(load_visual_recipe(recipe_path, overrides))
         print(json.dumps(metrics, indent=1))
         return
@@ -80,6 +113,9 @@ def decode(recipe_path: str, ids: Sequence[str], out: str = "decoded") -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokenizers = Tokenizers.load(load_recipe(recipe_path))
     values = ids or sys.stdin.read().split()
+    bad = [v for v in values if not v.isdigit()]
+    if bad:
+        raise ConfigError(f"mmfm tokenizer decode takes token ids (integers >= 0), not {bad[0]!r}")
     for n, (modality, content) in enumerate(tokenizers.decode(int(v) for v in values)):
         if modality == "svg":
             Path(out).mkdir(parents=True, exist_ok=True)

@@ -216,6 +216,12 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
+def _lazy_parse(seqio, handle, fmt: str) -> Iterator:
+    """`SeqIO.parse`, started at the first next(): Biopython reads a FASTA file's head in the
+    call itself, and text before the first `>` must be rejected like any other damage."""
+    yield from seqio.parse(handle, fmt)
+
+
 def _parse(path: Path, fmt: str, reject: Reject) -> Iterator:
     """Biopython's whole records of `path`. A record cut short (GenBank without its full
     ORIGIN) is rejected as truncated; a file Biopython cannot read on (text before the first
@@ -224,7 +230,7 @@ def _parse(path: Path, fmt: str, reject: Reject) -> Iterator:
     from Bio import BiopythonParserWarning, SeqIO
 
     with _open(path) as handle:
-        records, n = (r for r in SeqIO.parse(handle, fmt)), 0  # parse errors at next()
+        records, n = _lazy_parse(SeqIO, handle, fmt), 0  # parse errors at next()
         while True:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", BiopythonParserWarning)

@@ -2,7 +2,10 @@
 
 The trainer owns the loop and calls `on_fit_start`, `on_step_end` (with the step's scalars)
 and `on_fit_end`; everything that reports lives here. A step that ran validation carries
-its val/* scalars too: they are written even when the step is not a logging step.
+its val/* scalars too: they are written even when the step is not a logging step. The
+trainer reduces the metrics only on the steps these callbacks report (`logging.every`,
+`logging.print_every`, the first and last step, validation steps); on the others the
+scalars are empty.
 """
 
 from __future__ import annotations
@@ -115,9 +118,12 @@ class Progress(Callback):
         if _has_validation(metrics):
             self.last_val = metrics["val/loss"]
         if self.use_bar:
-            # The bar keeps showing the latest val/loss between evaluations.
-            shown = {**metrics, "val/loss": self.last_val} if self.last_val is not None else metrics
-            self.bar.set_postfix_str(format_metrics(shown), refresh=False)
+            # The bar keeps showing the latest metrics (and val/loss) between reporting steps.
+            if "loss" in metrics:
+                shown = dict(metrics)
+                if self.last_val is not None:
+                    shown["val/loss"] = self.last_val
+                self.bar.set_postfix_str(format_metrics(shown), refresh=False)
             self.bar.update(1)
         elif (
             step % self.print_every == 0

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.futures import Future
 
 from mmfm.core.errors import CheckpointError
+from mmfm.core.torch_compat import DcpMemoryFormat, DcpStorageInfo, dcp_private_pickle_globals
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -55,12 +55,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         m.TensorProperties,
         m.StorageMeta,
         m.MetadataIndex,
-        m._MEM_FORMAT_ENCODING,
     )
     allowed: dict[tuple[str, str], Any] = {(m.__name__, c.__name__): c for c in classes}
-    allowed[(dcp_filesystem.__name__, "_StorageInfo")] = dcp_filesystem._StorageInfo
+    allowed.update(dcp_private_pickle_globals())
     allowed[("torch", "Size")] = torch.Size
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed.update(
         {("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
     )
@@ -79,7 +77,7 @@ _ALLOWED = _allowed_globals()
 # A pickle can set attributes on what it names or builds (BUILD): on an allowed class, or on
 # an enum member (a singleton). Those are watched, restored, and the checkpoint refused.
 _WATCHED = [v for v in _ALLOWED.values() if isinstance(v, type)]
-_WATCHED += list(dcp_metadata._MEM_FORMAT_ENCODING)
+_WATCHED += list(DcpMemoryFormat)
 _MISSING = object()
 
 
@@ -145,7 +143,7 @@ def _check_storage(path: Path, metadata: Metadata) -> None:
             )
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
-        if not isinstance(info, dcp_filesystem._StorageInfo):
+        if not isinstance(info, DcpStorageInfo):
             raise DamagedCheckpointError(
                 f"{path / '.metadata'} is not DCP metadata (storage entry {info!r}): the "
                 "checkpoint is damaged; use another checkpoint"

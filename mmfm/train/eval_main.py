@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from mmfm.config import Config, ConfigError, load_config, load_structured
 from mmfm.config.schema import ParallelConfig, SourceConfig
+from mmfm.core.errors import DataError, InputNotFound
 from mmfm.core.types import Document, Modality
 from mmfm.data.demo import SPECIAL, TEXT_OFFSET
 from mmfm.data.shards import write_shard
@@ -71,14 +72,17 @@ def text_documents(path: Path, vocab: Vocab | None) -> list[Document]:
                 "shards with mmfm prepare instead"
             )
         bos, eos, encode = BOS, EOS, TextTokenizer(vocab.text_model).encode
-    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    try:
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
     docs = []
     for i, text in enumerate(p for p in paragraphs if p):
         tokens = np.array([bos, *encode(text), eos], dtype=np.int32)
         modality = np.full(len(tokens), Modality.TEXT, dtype=np.uint8)
         docs.append(Document(tokens, modality, f"{path.stem}-{i:06d}", str(path)))
     if not docs:
-        raise CheckpointError(f"{path} holds no text to evaluate on")
+        raise DataError(f"{path} holds no text to evaluate on")
     return docs
 
 
@@ -106,6 +110,9 @@ def evaluate_checkpoint(
     rank prints the table and writes `json_path`."""
     checkpoint = Path(checkpoint)
     cfg = eval_config(checkpoint, overrides)
+    for item in data:  # before the model is built
+        if item.endswith(".txt") and not Path(item).is_file():
+            raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)

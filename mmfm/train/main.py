@@ -10,12 +10,14 @@ import torch
 
 from mmfm.config import Config, ConfigError, save_config
 from mmfm.config.schema import SourceConfig
+from mmfm.core.files import make_folder
 from mmfm.data.loader import build_loader
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
 from mmfm.prepare import dataset_vocab
 from mmfm.slurm import requeue_after_stop, restart_count
+from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
 from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
 from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
@@ -96,7 +98,7 @@ def build_trainer(cfg: Config) -> Trainer:
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir, f"train.run_dir={run_dir}")
         save_config(cfg, run_dir / "config.yaml")
         if vocab is not None:
             vocab.save(run_dir / VOCAB_FILE)
@@ -218,6 +220,9 @@ def _source_dirs(cfg: Config) -> list[tuple[str, Path | None]]:
         sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
     found: dict[tuple[str, Path | None], None] = {}
     for source in sources:
+        if source.tokenize:  # raw shards: the vocabulary of the tokenizers that read them
+            found[source.name, Path(load_recipe(source.tokenize).output_dir)] = None
+            continue
         for path in source.paths:
             if path.startswith("builtin:"):
                 found[source.name, None] = None

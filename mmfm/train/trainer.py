@@ -7,6 +7,13 @@ micro-batches, the loss is normalised by the global target count, the step runne
 shards and AdamW steps. Every `eval.every` steps an `Evaluator` adds the held-out loss
 (val/*) to the step's metrics, optionally keeping the best checkpoint. Reporting is done by
 callbacks on the main rank; state goes to and comes from `Checkpointer`.
+
+Communication per step, kept as low as torchtitan and OLMo-core keep it: the target count
+is reduced before the loss and the gradient norm before clipping; everything else the ranks
+must agree on travels in one all_reduce that is read to the host once (`StepFlags`): whether
+any rank got a stop signal, whether the loss or gradient norm is non-finite, the data
+counters (exhaustion depends on them) and, on a step that reports (logged, printed or
+validated), the metrics. Other steps reduce no metrics and return none.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mmfm.config import Config, to_yaml
 from mmfm.core.errors import TrainingError
 from mmfm.core.types import MODALITY_NAMES, Batch
-from mmfm.data.loader import StreamingLoader
+from mmfm.data.loader import Loader
 from mmfm.data.tario import Interrupted
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
@@ -74,6 +81,20 @@ class StopSignal:
 
 
 @dataclass
+class StepFlags:
+    """What every rank must agree on before the optimizer step, from one all_reduce."""
+
+    stop: bool
+    """Some rank got a stop signal: every rank stops after this step."""
+    finite: bool
+    """The loss and the gradient norm are finite on every rank: the optimizer steps."""
+    data_counts: list[float]
+    """The loader's step counters summed over data-parallel ranks (see `step_counts`)."""
+    reported: list[float] | None
+    """On a reporting step: the gradient norm, then `StepLoss.totals()` summed over ranks."""
+
+
+@dataclass
 class FitResult:
     step: int
     """Optimizer steps done when fit returned."""
@@ -89,7 +110,7 @@ class Trainer:
         steps: StepRunner,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        loader: StreamingLoader,
+        loader: Loader,
         checkpointer: Checkpointer,
         callbacks: list[Callback],
         evaluator: Evaluator | None = None,
@@ -103,12 +124,18 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self.stop_agreed = False
+        """Whether some rank had a stop signal at the last step's `StepFlags`."""
         self._saved_step: int | None = None
+        # One rank per distinct copy adds a value to `StepFlags` (see `_agree`).
+        replicas = ("cp", "tp", "pp")
+        self._adds_data_counts = all(env.coordinate(d) == 0 for d in replicas)
+        self._adds_loss_stats = env.coordinate("tp") == 0
 
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> FitResult:
-        total = self.cfg.train.steps
+        total, first = self.cfg.train.steps, self.step + 1
         for cb in self.callbacks:
             cb.on_fit_start(self.step, total)
         stopped_by = None
@@ -124,7 +151,8 @@ class Trainer:
                     except Interrupted:  # the loader state is still that of this step
                         stopped_by = signal.Signals(stop.received or signal.SIGTERM).name
                         break
-                    metrics = self.train_step(batches)
+                    report = self._reports(self.step + 1, first, total)
+                    metrics = self.train_step(batches, report, stop)
                     if self.evaluator is not None and self._eval_due(total):
                         metrics.update(self.validate(best))
                     for cb in self.callbacks:
@@ -149,8 +177,22 @@ class Trainer:
     def _keep_best(self) -> bool:
         return self.evaluator is not None and self.cfg.eval.keep_best
 
-    def _eval_due(self, total: int) -> bool:
-        return self.step % self.cfg.eval.every == 0 or self.step == total
+    def _eval_due(self, total: int, step: int | None = None) -> bool:
+        step = self.step if step is None else step
+        return step % self.cfg.eval.every == 0 or step == total
+
+    def _reports(self, step: int, first: int, total: int) -> bool:
+        """Whether `step` reduces and returns its metrics: metrics.jsonl and TensorBoard log it
+        (`logging.every`), the progress line prints it (`print_every`, the first and the last
+        step) or it validates. Decided from the config, so that every rank agrees (the
+        callbacks live on the main rank only)."""
+        log_cfg = self.cfg.logging
+        return (
+            step % log_cfg.every == 0
+            or step % log_cfg.print_every == 0
+            or step in (first, total)
+            or (self.evaluator is not None and self._eval_due(total, step))
+        )
 
     def validate(self, best: BestCheckpoint | None = None) -> dict[str, float]:
         """val/* metrics of the held-out data now; with `best`, keep the best checkpoint."""
@@ -171,26 +213,30 @@ class Trainer:
         return self._saved_path
 
     def _stop_requested(self, stop: StopSignal) -> bool:
-        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
-        flag = torch.tensor([float(stop.received is not None)], device=self.device)
-        return bool(self.env.all_reduce(flag, "dp_cp", "pp", "tp").item())
+        """Whether to stop after this step. All ranks agree through the step's `StepFlags`,
+        so a signal that arrives after them (optimizer step, callbacks, validation) stops the
+        run after the next step. One process needs no agreement: it stops after this one."""
+        return self.stop_agreed or (self.env.world_size == 1 and stop.received is not None)
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+    def train_step(
+        self, micro_batches: list[Batch], report: bool = True, stop: StopSignal | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches; the step's metrics if `report`
+        (else {}: nothing is reduced for them). Whether any rank's `stop` has received a
+        signal by the end of the backward pass is `stop_agreed` afterwards."""
         start = time.perf_counter()
         self.model.train()
-        num_targets = self.env.all_reduce(count_targets(micro_batches).to(self.device), "dp_cp")
-        step_loss = StepLoss(num_targets)
+        num_targets = self._on_device(count_targets(micro_batches))
+        step_loss = StepLoss(self.env.all_reduce(num_targets, "dp_cp"))
         self.steps.run(micro_batches, step_loss)
         finalize_gradients(self.model.parameters())
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)
-        stats = self.env.all_reduce(step_loss.totals(), "dp_cp", "pp")
-        data_counts = torch.tensor(self.loader.step_counts(), device=self.device)
-        data_counts = self.env.all_reduce(data_counts, "dp").tolist()
+        stopping = stop is not None and stop.received is not None
+        flags = self._agree(step_loss.totals(), grad_norm, report, stopping)
+        self.stop_agreed = flags.stop
         lr = self.scheduler.get_last_lr()[0]
-        stats = stats.tolist()
-        loss_value, norm_value = stats[0], grad_norm.item()
-        stepped = self._step_if_finite(loss_value, norm_value)
+        stepped = self._step_if_finite(flags.finite)
         with warnings.catch_warnings():
             if not stepped:  # a skipped update still advances the schedule, on purpose
                 warnings.filterwarnings(
@@ -198,25 +244,70 @@ class Trainer:
                 )
             self.scheduler.step()
         self.step += 1
+        data_metrics = self.loader.describe(flags.data_counts)  # also notes exhaustion
+        if flags.reported is None:
+            return {}
+        return {**self._metrics(flags.reported, lr, start), **data_metrics}
+
+    def _agree(
+        self, stats: torch.Tensor, grad_norm: torch.Tensor, report: bool, stop: bool
+    ) -> StepFlags:
+        """The step's `StepFlags`: one all_reduce over every rank, one host read.
+
+        Every rank adds its stop flag and whether its loss or the gradient norm is non-finite
+        (the summed loss is finite exactly when every rank's share is). The other values are
+        added by one rank per distinct copy, the others adding zeros, so that the sum equals
+        the reductions over groups it replaces: data counters by one rank per data-parallel
+        rank, the loss statistics (summed over dp_cp and pp before) by tensor-parallel rank
+        0, the gradient norm (already global) by rank 0.
+        """
+        counts = self.loader.step_counts()
+        head = self._on_device(
+            torch.tensor(
+                [float(stop), 0.0, *(counts if self._adds_data_counts else [0.0] * len(counts))]
+            )
+        )
+        head[1] = ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+        parts = [head]
+        if report:
+            norm = grad_norm.reshape(1).to(head.dtype)
+            parts += [norm if self.env.is_main else torch.zeros_like(norm)]
+            parts += [stats if self._adds_loss_stats else torch.zeros_like(stats)]
+        values = self.env.all_reduce_world(torch.cat(parts)).tolist()
+        n = 2 + len(counts)
+        return StepFlags(
+            stop=values[0] > 0,
+            finite=values[1] == 0,
+            data_counts=values[2:n],
+            reported=values[n:] if report else None,
+        )
+
+    def _on_device(self, values: torch.Tensor) -> torch.Tensor:
+        """CPU `values` on the device. A plain copy to CUDA waits for the work queued before
+        it (a host sync); one from pinned memory is queued like a kernel."""
+        if self.device.type != "cuda":
+            return values.to(self.device)
+        return values.pin_memory().to(self.device, non_blocking=True)
+
+    def _metrics(self, reported: list[float], lr: float, start: float) -> dict[str, float]:
+        """The step's scalars from `StepFlags.reported` (gradient norm, then loss stats)."""
+        grad_norm, loss, per_modality = reported[0], reported[1], reported[2:]
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         metrics = {
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
-            "grad_norm": norm_value,
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens / (time.perf_counter() - start),
             "nonfinite_steps": float(self.nonfinite_total),
         }
-        per_modality = stats[1:]
         for i, name in enumerate(MODALITY_NAMES):
             ce_sum, count = per_modality[2 * i], per_modality[2 * i + 1]
             if count > 0:
                 metrics[f"loss/{name}"] = ce_sum / count
-        metrics.update(self.loader.describe(data_counts))
         return metrics
 
-    def _step_if_finite(self, loss: float, grad_norm: float) -> bool:
-        """Step the optimizer unless the loss or gradient norm is non-finite."""
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    def _step_if_finite(self, finite: bool) -> bool:
+        """Step the optimizer unless the loss or gradient norm was non-finite on some rank."""
         if finite:
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
@@ -224,10 +315,9 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
             log.warning(
-                "step %d: loss %s, grad norm %s: update skipped (%d in a row, %d in total)",
+                "step %d: non-finite loss or gradient norm: update skipped (%d in a row, %d "
+                "in total)",
                 self.step + 1,
-                loss,
-                grad_norm,
                 self.nonfinite_in_a_row,
                 self.nonfinite_total,
             )

@@ -7,7 +7,7 @@ the full-row reference within 1e-5.
 import pytest
 import torch
 
-from mmfm.testing import run_distributed
+from mmfm.testing import packed_batch, run_distributed
 
 TOL = 1e-5
 
@@ -34,9 +34,7 @@ def ring_vs_reference(cp, lengths, heads, kv_heads, backend, kernel):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
 
-    doc_ids = torch.stack(
-        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]
-    )
+    doc_ids = packed_batch(lengths).doc_ids
     q, k, v = (
         randn(batch, seq, heads, dim),
         randn(batch, seq, kv_heads, dim),
@@ -89,13 +87,15 @@ def ring_pairs(cp, lengths):
 
     dist.init_process_group("gloo")
     seq = sum(lengths[0])
-    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths[0])])[None]
+    doc_ids = packed_batch(lengths).doc_ids
     return plan_ring(doc_ids[:, zigzag_indices(seq, cp, dist.get_rank())], dist.group.WORLD).stats
 
 
 def test_fully_masked_block_pairs_are_skipped():
-    # One causal document at cp=2: of the 4 x 4 chunk pairs, the 6 above the diagonal are
-    # skipped, 2 diagonal squares run causal, the other 8 run unmasked.
+    # One causal document at cp=2 is 4 chunks (rank 0 holds chunks 0 and 3, rank 1 chunks 1
+    # and 2). Of the 4 x 4 (query chunk, key chunk) pairs, the 6 above the diagonal (keys
+    # after the queries) are skipped, the 4 on the diagonal run causal, and the 6 below it
+    # run unmasked.
     one = run_distributed(ring_pairs, 2, args=(2, [[256]]))
     total = {k: sum(s[k] for s in one) for k in one[0]}
     assert total == {"skip": 6, "full": 6, "causal": 4, "masked": 0}

@@ -5,13 +5,12 @@ single-process run within 1e-5 relative. Ranks are spawned with `run_distributed
 (OLMo-core style) and run the real `mmfm train` path.
 """
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
+from mmfm.testing import read_metrics, run_distributed, tiny_demo_model, train_metrics
 
 REL = 1e-5
 
@@ -62,6 +61,10 @@ def world_size(layout: list[str]) -> int:
     return size
 
 
+# Four ranks on 2 cores: 18-34 s each in CI, so `-m "not slow"` leaves them out.
+FOUR_RANKS = {name for name, layout in LAYOUTS.items() if world_size(layout) == 4}
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("cache")
@@ -80,7 +83,9 @@ def assert_same_run(got: list[dict], want: list[dict], keys=("loss", "grad_norm"
             assert g[key] == pytest.approx(w[key], rel=REL), (g["step"], key, g[key], w[key])
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in FOUR_RANKS else []) for n in LAYOUTS]
+)
 def test_layout_matches_one_process(name, base, reference, tmp_path):
     layout = LAYOUTS[name]
     results = run_distributed(
@@ -91,8 +96,11 @@ def test_layout_matches_one_process(name, base, reference, tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [["parallel.activation_checkpoint=2"], ["parallel.compile=true"]],
-    ids=["every_2nd_block_checkpointed", "compiled_blocks"],
+    [
+        pytest.param(["parallel.activation_checkpoint=2"], id="every_2nd_block_checkpointed"),
+        # inductor compiles every block: 19-22 s on 2 cores
+        pytest.param(["parallel.compile=true"], id="compiled_blocks", marks=pytest.mark.slow),
+    ],
 )
 def test_single_process_options_match(options, base, reference, tmp_path):
     assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
@@ -106,6 +114,7 @@ def test_single_process_options_match(options, base, reference, tmp_path):
     ],
     ids=["tp2_pp2_fsdp2", "cp2_tp2_fsdp2"],
 )
+@pytest.mark.slow  # eight ranks on 2 cores: 29-41 s each
 def test_eight_ranks(layout, base, reference, tmp_path):
     results = run_distributed(
         train_metrics, 8, args=([*base, *layout, f"train.run_dir={tmp_path}"],)
@@ -121,10 +130,10 @@ def test_cli_nproc_launches_local_processes(base, reference, tmp_path):
     cmd = [sys.executable, "-m", "mmfm", "train", str(recipe), *base, f"train.run_dir={run_dir}"]
     out = subprocess.run([*cmd, "--nproc", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert_same_run(rows, reference)
+    assert_same_run(read_metrics(run_dir), reference)
 
 
+@pytest.mark.slow  # four runs at three layouts: 35-45 s
 def test_checkpoint_reshards_across_layouts(base, tmp_path):
     six = [o for o in base if not o.startswith(("train.steps", "checkpoint.at_end"))]
     six += ["train.steps=6"]

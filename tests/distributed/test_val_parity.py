@@ -15,8 +15,6 @@ import pytest
 
 from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 
-pytestmark = pytest.mark.slow  # six runs of two ranks: about a minute on 2 cores
-
 REL = 1e-5
 
 BASE = [

@@ -21,6 +21,7 @@ from mmfm.generate.engine import generate
 from mmfm.generate.load import load_model
 from mmfm.generate.sampling import Sampling
 from mmfm.model import build_model, init_weights
+from mmfm.testing import tiny_shape
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import _single_process_quiet
@@ -35,8 +36,7 @@ TINY_VISUAL = {
                     "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]},
     "video": {"frame_size": 32, "hidden": 16, "dim": 16, "codebook_size": 64},
 }  # fmt: skip
-SHAPE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
-SHAPE += ["model.ffn_multiple_of=32", "model.max_seq_len=1024", "data.seq_len=128"]
+SHAPE = tiny_shape(n_layers=2, seq_len=128, max_seq_len=1024)
 
 
 def random_checkpoint(path: Path, overrides: list[str], vocab: Path | None = None) -> Path:

@@ -18,13 +18,14 @@ from transformers import (
     Qwen2Config,
 )
 
-from mmfm.config import ConfigError, load_config
+from mmfm.config import load_config
 from mmfm.convert.hf import export_hf, import_hf
 from mmfm.core.errors import ConversionError
 from mmfm.core.types import Modality, TextRecord
 from mmfm.data.shards import write_shard
-from mmfm.model.generate import generate_greedy
-from mmfm.testing import run_distributed, train_metrics
+from mmfm.generate.engine import generate
+from mmfm.generate.sampling import Sampling
+from mmfm.testing import run_distributed, tiny_shape, train_metrics
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -63,13 +64,7 @@ def overrides(tmp_path, vocab_size):
         f"data.paths=[{tmp_path / 'shards'}]",
         f"data.vocab={REPO}/tokenizers/base/vocab.json",
         f"model.vocab_size={vocab_size}",
-        "model.dim=64",
-        "model.n_layers=4",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.ffn_multiple_of=32",
-        "model.max_seq_len=128",
-        "data.seq_len=128",
+        *tiny_shape(n_layers=4, seq_len=128),
         "data.num_workers=0",
         "train.global_batch_size=4",
         "train.micro_batch_size=2",
@@ -122,7 +117,8 @@ def assert_hf_matches(ckpt: Path, out: Path, tok: Tokenizers):
             theirs = hf(x).logits
         assert (mine - theirs).abs().max() <= 1e-4, name
         generated = hf.generate(x, max_new_tokens=20, do_sample=False, eos_token_id=None)
-        assert generate_greedy(model, ids, 20) == generated[0, len(ids) :].tolist(), name
+        mine = generate(model, [ids], Sampling(max_new_tokens=20), stop_at_eos=False)[0]
+        assert mine == generated[0, len(ids) :].tolist(), name
 
 
 def test_export_loads_in_transformers_with_identical_logits(trained, base):
@@ -247,7 +243,7 @@ def test_conversion_errors_say_what_is_wrong(tmp_path, trained):
         tmp_path / "gpt2"
     )
     with pytest.raises(
-        ConfigError, match=r"unsupported architecture 'gpt2'.*llama, mistral, qwen2"
+        ConversionError, match=r"unsupported architecture 'gpt2'.*llama, mistral, qwen2"
     ):
         import_hf(tmp_path / "gpt2", tmp_path / "x")
     with pytest.raises(ConversionError, match=r"no config\.json"):
@@ -264,7 +260,7 @@ def test_conversion_errors_say_what_is_wrong(tmp_path, trained):
     cfg = json.loads((tmp_path / "swa" / "config.json").read_text())
     cfg["sliding_window"] = 64
     (tmp_path / "swa" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="sliding_window=64"):
+    with pytest.raises(ConversionError, match="sliding_window=64"):
         import_hf(tmp_path / "swa", tmp_path / "x")
     with pytest.raises(ConversionError, match="not an mmfm checkpoint"):
         export_hf(tmp_path, tmp_path / "y")

@@ -10,7 +10,6 @@ unsafe one.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pathlib
 import pickle
@@ -27,6 +26,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from mmfm.cli import main as cli
 from mmfm.config import load_config
+from mmfm.testing import read_metrics
 from mmfm.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -316,7 +316,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(damaged, demo_cache):
     assert f"cannot resume from {run / 'checkpoints' / 'step_2'}, trying " in log
     assert re.search(ONE_LINE[kind], log)
     assert f"resumed from {run / 'checkpoints' / 'step_1'} at step 1" in log
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]  # rows after step 1 rewritten
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]  # rows after step 1 rewritten
 
 
 @pytest.mark.parametrize(
@@ -363,10 +363,6 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(
     cli(_train_args(run, demo_cache, "train.steps=3", "train.resume=auto"))
     assert f"resumed from {ckpts / 'step_2'} at step 2" in (run / "train.log").read_text()
     assert Checkpointer(ckpts, 3).latest().name == "step_3"
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("kind", ["garbage_distcp", "missing_distcp", "garbage_metadata"])

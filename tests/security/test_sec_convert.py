@@ -2,7 +2,8 @@
 
 Every case goes through `mmfm.cli.main` the way `mmfm convert from-hf` runs it and must end
 with one `mmfm:` line on stderr naming the file and what is wrong, a documented exit code
-(2: config error, 1: conversion error) and no checkpoint written. The folders are real
+(1: conversion error, for anything wrong with the folder; 2: config error, for a malformed
+override) and no checkpoint written. The folders are real
 `transformers` Llama models saved with `save_pretrained`, then edited.
 """
 
@@ -108,7 +109,7 @@ def test_scaled_rope_is_refused_in_every_spelling(case, hf, tmp_path, capsys):
     # transformers itself reads this config as scaled RoPE: importing it as plain is wrong.
     assert AutoConfig.from_pretrained(hf).rope_parameters["rope_type"] == rope_type
     code, line = convert(capsys, hf, tmp_path / "out")
-    assert code == 2
+    assert code == 1 and line.startswith("mmfm: conversion error: "), line
     assert str(hf / "config.json") in line and repr(rope_type) in line, line
 
 
@@ -189,7 +190,7 @@ def test_truncated_config_json_is_named(hf, tmp_path, capsys):
 def test_config_json_list_is_named(hf, tmp_path, capsys):
     (hf / "config.json").write_text(json.dumps([SMALL]))
     code, line = convert(capsys, hf, tmp_path / "out")
-    assert code == 2
+    assert code == 1 and line.startswith("mmfm: conversion error: "), line
     assert str(hf / "config.json") in line and "JSON list" in line, line
 
 
@@ -197,7 +198,7 @@ def test_config_json_list_is_named(hf, tmp_path, capsys):
 def test_config_json_without_heads_is_named(damage, hf, tmp_path, capsys):
     edit_config(hf, num_attention_heads=damage)
     code, line = convert(capsys, hf, tmp_path / "out")
-    assert code == 2
+    assert code == 1 and line.startswith("mmfm: conversion error: "), line
     assert str(hf / "config.json") in line and "num_attention_heads" in line, line
 
 
@@ -209,5 +210,5 @@ def test_config_json_without_heads_is_named(damage, hf, tmp_path, capsys):
 )
 def test_malformed_override_is_one_config_error(override, capsys):
     code, line = cli(capsys, "config", str(REPO / "launch/demo.yaml"), override)
-    assert code == 2
+    assert code == 2 and line.startswith("mmfm: config error: "), line
     assert f"override {override!r}" in line and "close every bracket" in line, line

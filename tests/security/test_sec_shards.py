@@ -293,7 +293,7 @@ from mmfm.data.stream import SourceSpec, StreamSettings
 ld = StreamingLoader([SourceSpec("a", tuple(sys.argv[1:]), 1.0)],
                      StreamSettings(4, 64, 0, (1.0,) * 6), 1, num_workers=2)
 ld._start()
-print(" ".join(str(p.pid) for p in ld._procs), flush=True)
+print(" ".join(str(p.pid) for p in ld.workers), flush=True)
 time.sleep(600)
 """
 
@@ -374,7 +374,6 @@ def _descendants(pid: int, pids: bool = False) -> list:
     return [p if pids else names[p] for p in below if p != pid]
 
 
-@pytest.mark.slow
 def test_sigterm_with_nproc_checkpoints_and_exits_0(tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmfm", "train", str(REPO / "launch/demo.yaml"), *tiny_overrides]
@@ -396,7 +395,6 @@ def test_sigterm_with_nproc_checkpoints_and_exits_0(tmp_path, tiny_overrides):
     assert list((run_dir / "checkpoints").glob("step_*"))
 
 
-@pytest.mark.slow
 def test_sigterm_while_the_data_stalls_checkpoints_and_exits(tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
     paths = "data.paths=['pipe:sleep 600']"  # every stream waits on it

@@ -13,6 +13,7 @@ from mmfm.cli import main
 from mmfm.config import ModelConfig
 from mmfm.convert.hf import _extended_vocab
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, Vocab, VocabError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,12 +78,7 @@ def train_args(tmp_path, *overrides) -> list[str]:
         "train",
         "launch/demo.yaml",
         "model.vocab_size=45056",
-        "model.dim=64",
-        "model.n_layers=1",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.max_seq_len=64",
-        "data.seq_len=64",
+        *tiny_shape(n_layers=1, seq_len=64),
         "data.num_workers=0",
         "train.global_batch_size=2",
         "train.micro_batch_size=2",
@@ -99,7 +95,7 @@ def refused(capsys, args) -> str:
         main(args)
     assert stop.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("mmfm: VocabError: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("mmfm: tokenizer error: "), err
     return err
 
 

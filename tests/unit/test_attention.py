@@ -12,14 +12,9 @@ from mmfm.model.attention import (
     document_causal_mask,
     document_layout,
 )
+from mmfm.testing import packed_batch
 
 TOL = 1e-5
-
-
-def doc_ids_from_lengths(rows: list[list[int]]) -> torch.Tensor:
-    return torch.stack(
-        [torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]) for lengths in rows]
-    )
 
 
 # Unequal lengths, a one-token document, and rows with different layouts in one batch.
@@ -46,7 +41,7 @@ def run(backend, doc_ids, tensors):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_docs_matches_masked_reference_with_gradients(layout, kv_heads):
-    doc_ids = doc_ids_from_lengths(LAYOUTS[layout])
+    doc_ids = packed_batch(LAYOUTS[layout]).doc_ids
     ref_in = qkv(2, doc_ids.shape[1], 4, kv_heads)
     docs_in = [t.detach().clone().requires_grad_() for t in ref_in]
     ref = run(SdpaMasked(), doc_ids, ref_in)
@@ -61,7 +56,7 @@ def test_docs_matches_masked_reference_with_gradients(layout, kv_heads):
 
 def test_flex_forward_matches_masked_reference():
     # One compiled call covers GQA and unequal documents; CPU FlexAttention has no backward.
-    doc_ids = doc_ids_from_lengths(LAYOUTS["unequal_with_one_token"])
+    doc_ids = packed_batch(LAYOUTS["unequal_with_one_token"]).doc_ids
     tensors = qkv(2, doc_ids.shape[1], 4, 2, requires_grad=False)
     ref = run(SdpaMasked(), doc_ids, tensors)
     out = run(FlexDocument(), doc_ids, tensors)
@@ -71,7 +66,7 @@ def test_flex_forward_matches_masked_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
 def test_flex_gradients_match_masked_reference_on_gpu():
-    doc_ids = doc_ids_from_lengths(LAYOUTS["unequal_with_one_token"]).cuda()
+    doc_ids = packed_batch(LAYOUTS["unequal_with_one_token"]).doc_ids.cuda()
     ref_in = [t.detach().cuda().requires_grad_() for t in qkv(2, doc_ids.shape[1], 4, 2)]
     flex_in = [t.detach().clone().requires_grad_() for t in ref_in]
     ref = run(SdpaMasked(), doc_ids, ref_in)
@@ -84,7 +79,7 @@ def test_flex_gradients_match_masked_reference_on_gpu():
 
 
 def test_mask_is_causal_within_documents_only():
-    mask = document_causal_mask(doc_ids_from_lengths([[2, 3]]))[0, 0]
+    mask = document_causal_mask(packed_batch([[2, 3]]).doc_ids)[0, 0]
     expected = torch.tensor(
         [
             [1, 0, 0, 0, 0],
@@ -99,7 +94,7 @@ def test_mask_is_causal_within_documents_only():
 
 
 def test_document_layout_groups_equal_lengths():
-    layout = document_layout(doc_ids_from_lengths([[3, 2, 3], [2, 3, 3]]))
+    layout = document_layout(packed_batch([[3, 2, 3], [2, 3, 3]]).doc_ids)
     assert layout.groups == ((2, 2), (4, 3))
     assert torch.equal(torch.sort(layout.perm).values, torch.arange(16))
     assert torch.equal(layout.perm[layout.inverse], torch.arange(16))

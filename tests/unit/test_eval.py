@@ -15,6 +15,7 @@ from mmfm.data.demo import TEXT_OFFSET, demo_documents
 from mmfm.data.shards import write_shard
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
+from mmfm.testing import read_metrics
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.callbacks import MetricsFile, Progress, format_metrics
@@ -26,10 +27,6 @@ from mmfm.train.steps import build_steps
 REL = 1e-5
 
 
-def rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_eval_of_one_batch_equals_the_training_loss_of_that_batch(tiny_config, tmp_path):
     cfg = tiny_config("train.steps=1", "checkpoint.at_end=false", "data.loss_weights.dna=0.5")
     trainer = build_trainer(cfg)
@@ -39,7 +36,7 @@ def test_eval_of_one_batch_equals_the_training_loss_of_that_batch(tiny_config, t
     finally:
         trainer.loader.close()
         trainer.env.close()
-    trained = rows(tmp_path / "run")[0]
+    trained = read_metrics(tmp_path / "run")[0]
     out = tmp_path / "eval.json"
     main(["eval", str(initial), "builtin:demo", "--steps", "1", "--json", str(out)])
     got = json.loads(out.read_text())
@@ -129,7 +126,7 @@ def test_validation_is_exact_on_resume_and_leaves_training_alone(tiny_config, tm
     step2 = straight / "checkpoints/step_2"
     train(tiny_config(*common, *val, f"train.resume={step2}", f"train.run_dir={resumed}"))
 
-    want, plain, got = rows(straight), rows(without), rows(resumed)
+    want, plain, got = read_metrics(straight), read_metrics(without), read_metrics(resumed)
     assert [r["loss"] for r in want] == [r["loss"] for r in plain]  # same training stream
     assert [r["step"] for r in want if "val/loss" in r] == [2, 4]
     assert "val/loss" not in plain[1]
@@ -154,7 +151,7 @@ def test_val_metrics_are_written_on_steps_that_are_not_logged(tmp_path):
     metrics.on_step_end(3, {"loss": 1.0, "lr": 1e-3, "val/loss": 2.0})
     metrics.on_step_end(4, {"loss": 1.0, "lr": 1e-3})
     metrics.on_fit_end()
-    assert [r["step"] for r in rows(tmp_path)] == [3]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [3]
     line = format_metrics({"loss": 1.0, "lr": 1e-3, "tokens_per_s": 5.0, "val/loss": 2.0})
     assert "val 2.0000" in line
     progress = Progress(enabled=False, print_every=100)

@@ -19,7 +19,6 @@ from mmfm.generate.outputs import SpanWriter, split_spans
 from mmfm.generate.sampling import Sampling, filter_logits
 from mmfm.model import build_model, init_weights
 from mmfm.model.cache import KVCache
-from mmfm.model.generate import generate_greedy
 from mmfm.tokenization.vocab import DELIMITERS, Vocab
 
 
@@ -60,11 +59,14 @@ def test_cached_greedy_equals_the_no_cache_path_with_logits_to_1e5():
     prompt = [1, 40, 41, 42, 43, 44, 45]
     new = generate(model, [prompt], Sampling(max_new_tokens=64))[0]
     assert len(new) == 64
-    assert new == generate_greedy(model, prompt, 64)
     # Logits of every step, cached one token at a time, against one forward of everything.
     ids = torch.tensor([prompt + new])
     with torch.no_grad():
         full = model(ids, torch.arange(ids.shape[1])[None], torch.zeros_like(ids))
+    # The no-cache greedy path: the model is causal, so one forward of prompt + new gives
+    # every step's logits; each new token must be the argmax of the step before it.
+    assert full[0, len(prompt) - 1 : -1].argmax(-1).tolist() == new
+    with torch.no_grad():
         cache = KVCache(model.cfg, 1, ids.shape[1])
         n = len(prompt)
         steps = [
@@ -167,7 +169,7 @@ def obeys(modality: str, body: list[int], closed: bool, layout: Layout) -> bool:
     [
         ("image", 34),
         ("mask", 34),
-        pytest.param("video", 260, marks=pytest.mark.slow),  # 200 x 260 steps: ~20 s
+        ("video", 260),  # 200 x 260 steps: 2.6 s in CI
         ("dna", 40),
         ("svg", 24),
     ],

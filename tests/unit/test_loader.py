@@ -8,6 +8,8 @@ import http.server
 import io
 import json
 import logging
+import os
+import signal
 import tarfile
 import threading
 from collections import Counter
@@ -15,9 +17,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mmfm.core.errors import DataError
+from mmfm.core.errors import CheckpointError, DataError
 from mmfm.core.types import Document
-from mmfm.data.loader import StreamingLoader
+from mmfm.data.loader import Loader, StreamingLoader
 from mmfm.data.shards import write_shard
 from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
 
@@ -56,6 +58,7 @@ def rows_of(batches):
     return np.concatenate([b.tokens.numpy() for b in batches])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker:UserWarning")
 def test_exact_resume_with_any_number_of_workers(tmp_path):
     urls = corpus(tmp_path / "c")
     straight = loader(urls)
@@ -63,12 +66,37 @@ def test_exact_resume_with_any_number_of_workers(tmp_path):
         straight.next_step()
     state = straight.state_dict()
     want = [rows_of(straight.next_step()) for _ in range(4)]
-    for workers in (0, 2):
+    for workers in (0, 3):  # 3 DataLoader workers for 8 streams: shares of 3, 3 and 2
         resumed = loader(urls, workers=workers)
         resumed.load_state_dict(state)
         got = [rows_of(resumed.next_step()) for _ in range(4)]
         resumed.close()
         assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), workers
+
+
+def test_a_checkpoint_of_another_run_is_a_checkpoint_error(tmp_path):
+    urls = corpus(tmp_path / "c")
+    ld = loader(urls)
+    assert isinstance(ld, Loader)
+    state = ld.state_dict()
+    with pytest.raises(CheckpointError, match="not a streaming-loader state"):
+        ld.load_state_dict({**state, "format": "other"})
+    with pytest.raises(CheckpointError, match=r"global_batch_size=4 .* resume with the same"):
+        ld.load_state_dict({**state, "n_streams": 4})
+    with pytest.raises(CheckpointError, match=r"differ from data\.sources"):
+        loader(urls[:3]).load_state_dict(state)
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path):
+    ld = loader(corpus(tmp_path / "c"), workers=2)
+    ld.next_step()
+    os.kill(ld.workers[1].pid, signal.SIGKILL)
+    # Found at the next wait for it (a DataError), or by torch's SIGCHLD handler, which
+    # raises its RuntimeError in whatever the main thread is doing.
+    with pytest.raises((DataError, RuntimeError), match=r"worker \(pid"):
+        for _ in range(20):
+            ld.next_step()
+    ld.close()
 
 
 def doc_lengths(n_docs=600, seed=0) -> dict[int, int]:
@@ -241,14 +269,14 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
             totals.update(dict(zip(ld.count_keys(), ld.step_counts(), strict=True)))
     skipped = {k.split("/")[1]: v for k, v in totals.items() if k.startswith("skipped/") and v}
     # Per reason, over the whole pass (the last, failed step's counts are in the stream).
-    assert dict(ld._streams[0].skips.counts) == {
+    assert dict(ld._rows.streams[0].skips.counts) == {
         "bad_sample": 2,  # an undecodable .npy, invalid UTF-8 in the json
         "missing_field": 2,  # a sample without tokens.npy, the cut sample of the truncated tar
         "empty": 1,
         "truncated_shard": 1,
         "corrupt_shard": 1,
     }
-    assert skipped and set(skipped) <= set(ld._streams[0].skips.counts)  # reported per step
+    assert skipped and set(skipped) <= set(ld._rows.streams[0].skips.counts)  # reported per step
     logging.getLogger("mmfm.data").removeHandler(records)
     text = "\n".join(records.messages)
     assert "bad-000000.tar, sample" in text and "truncated at byte" in text

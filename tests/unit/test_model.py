@@ -5,6 +5,7 @@ import torch
 
 from mmfm.config import ModelConfig
 from mmfm.model import build_model, init_weights
+from mmfm.testing import packed_batch
 
 CFG = ModelConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=128)
 
@@ -18,11 +19,9 @@ def make_model(cfg=CFG, seed=0, attention="docs"):
 
 
 def packed_row(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, CFG.vocab_size, (sum(lengths),), generator=gen)
-    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    return tokens[None], positions[None], doc_ids[None]
+    """Tokens, positions and doc ids of one row packed from documents of `lengths`."""
+    row = packed_batch([lengths], CFG.vocab_size, seed)
+    return row.tokens, row.positions, row.doc_ids
 
 
 def test_built_on_meta_device():
@@ -66,11 +65,21 @@ def test_tied_embeddings_share_the_matrix():
     cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": True})
     model = make_model(cfg)
     assert model.output is None
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in make_model().parameters()
+    )  # one vocab x dim matrix fewer than the untied model
     tokens, positions, doc_ids = packed_row([10])
+    final = []  # the hidden states the output projection sees: the final norm's output
+    model.norm.register_forward_hook(lambda module, args, out: final.append(out))
     logits = model(tokens, positions, doc_ids)
-    logits.sum().backward()
-    assert model.tok_embeddings.weight.grad is not None
+    embedding = model.tok_embeddings.weight
     assert logits.shape == (1, 10, CFG.vocab_size)
+    assert torch.allclose(logits, final[0] @ embedding.T, rtol=0, atol=1e-6)
+    logits.sum().backward()
+    # Ids that are not in the input reach the matrix only through the output projection.
+    unused = torch.ones(CFG.vocab_size, dtype=torch.bool)
+    unused[tokens.unique()] = False
+    assert embedding.grad[unused].abs().sum(-1).min() > 0
 
 
 @pytest.mark.parametrize("attention", ["docs", "sdpa_masked"])
@@ -94,10 +103,8 @@ def test_positions_restart_per_document():
     doc, _, _ = packed_row([16], seed=3)
     other, _, _ = packed_row([23], seed=4)
     alone = model(doc, torch.arange(16)[None], torch.zeros(1, 16, dtype=torch.long))
-    tokens = torch.cat([other, doc], dim=1)
-    positions = torch.cat([torch.arange(23), torch.arange(16)])[None]
-    doc_ids = torch.cat([torch.zeros(23), torch.ones(16)]).long()[None]
-    packed = model(tokens, positions, doc_ids)
+    _, positions, doc_ids = packed_row([23, 16])
+    packed = model(torch.cat([other, doc], dim=1), positions, doc_ids)
     assert (packed[:, 23:] - alone).abs().max() <= 1e-5
 
 

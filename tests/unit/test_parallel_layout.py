@@ -3,13 +3,14 @@
 import pytest
 
 from mmfm.config import ConfigError, ParallelConfig, load_config
+from mmfm.core.errors import LaunchError
 from mmfm.model import build_model
 from mmfm.parallel.env import ParallelDims, process_ranks
 from mmfm.parallel.pipeline import ModelParts, local_stage_ids, stage_layer_counts, stage_module
+from mmfm.testing import tiny_shape
 
-MODEL = ["model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=4"]
-MODEL += ["model.vocab_size=512", "model.ffn_multiple_of=32", "data.seq_len=64"]
-MODEL += ["model.max_seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2"]
+MODEL = [*tiny_shape(n_layers=4, seq_len=64), "model.vocab_size=512"]
+MODEL += ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_invalid_layouts_say_what_to_change(overrides, message):
 
 def test_layout_must_match_the_number_of_processes():
     ParallelDims(2, 2, 1, 2, 1, world_size=8)
-    with pytest.raises(ConfigError, match=r"2 x 1 x 1 x 2 x 2 = 8, but 4 processes"):
+    with pytest.raises(LaunchError, match=r"2 x 1 x 1 x 2 x 2 = 8, but 4 processes"):
         ParallelDims(2, 1, 1, 2, 2, world_size=4)
 
 
@@ -99,7 +100,7 @@ def test_ranks_from_torchrun_or_srun():
     assert process_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
     assert process_ranks({}) == (0, 1, 0)
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}
-    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT are not set"):
+    with pytest.raises(LaunchError, match="MASTER_ADDR and MASTER_PORT are not set"):
         process_ranks(dict(slurm))
     environ = {**slurm, "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
     assert process_ranks(environ) == (5, 16, 5)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmfm.cli import main
 from mmfm.config import ConfigError
+from mmfm.core.errors import TokenizerError
 from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, VideoRecord
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -181,7 +182,7 @@ def test_recipe_typos_and_bad_folders_are_named(tmp_path):
         VisualRecipe(kind="video", model={"codebok_size": 8})
     with pytest.raises(ConfigError, match="kind"):
         VisualRecipe(kind="audio")
-    with pytest.raises(ConfigError, match="not a trained visual tokenizer"):
+    with pytest.raises(TokenizerError, match="not a trained visual tokenizer"):
         load_visual(tmp_path)
     recipe = load_visual_recipe("tokenizers/seed_image.yaml", ["steps=5"])
     assert recipe.steps == 5 and recipe.model["tokens"] == 32

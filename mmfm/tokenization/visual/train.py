@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mmfm.config.loading import load_structured
 from mmfm.config.schema import _require, _require_choice, _require_positive
-from mmfm.core.errors import ConfigError
+from mmfm.core.errors import ConfigError, TokenizerError
 from mmfm.core.files import iter_files
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.models import MODELS, config_dict
@@ -275,7 +275,7 @@ def load_visual(path: str | Path) -> nn.Module:
     """A trained visual tokenizer (eval mode) from its folder."""
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ConfigError(
+        raise TokenizerError(
             f"{path} is not a trained visual tokenizer (config.json + model.safetensors): "
             "run mmfm tokenizer train with its recipe"
         )
