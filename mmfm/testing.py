@@ -111,11 +111,14 @@ def tiny_shape(n_layers: int = 2, seq_len: int = 128, max_seq_len: int | None = 
 
 def tiny_demo_model(n_layers: int = 4, seq_len: int = 64) -> list[str]:
     """`tiny_shape` on the built-in demo corpus, with the demo's vocabulary size: the model
-    the parity tests train at every layout."""
+    the parity tests train at every layout. The loader runs in each rank's own process (no
+    worker): a spawned worker costs each of up to 8 ranks a torch import on 2 cores, and the
+    workers' own exactness is tested in tests/unit/test_loader.py."""
     from mmfm.data.demo import DEMO_VOCAB_SIZE
 
     shape = tiny_shape(n_layers, seq_len)
-    return [f"model.vocab_size={DEMO_VOCAB_SIZE}", *shape, "data.paths=[builtin:demo]"]
+    demo = ["data.paths=[builtin:demo]", "data.num_workers=0"]
+    return [f"model.vocab_size={DEMO_VOCAB_SIZE}", *shape, *demo]
 
 
 def packed_batch(lengths: Sequence[Sequence[int]], vocab_size: int = 2, seed: int = 0) -> Batch:

@@ -15,6 +15,7 @@ from mmfm.testing import tiny_demo_model
 
 TINY = [
     *tiny_demo_model(n_layers=2, seq_len=128),
+    "data.num_workers=1",  # the end-to-end runs keep a loader worker, as users run
     "train.global_batch_size=4",
     "train.micro_batch_size=2",
     "optim.warmup_steps=2",
