@@ -1,17 +1,28 @@
-"""Loader throughput: pre-tokenized shards -> streaming -> mixing -> packing -> Batch, per worker.
+"""Loader throughput per worker: prepared shards, and raw shards tokenized in the stream.
 
-The shards are real data prepared with `mmfm prepare` (data_pipelines/mixed.yaml: KJV verses,
-Python standard library files, GenBank DNA windows and task pairs, Bootstrap icons). In one
-run, one process, the same shards are read three ways over one full pass:
+Every rate is one stream read in this process with no worker process and one torch thread
+(what one loader worker does), over one full pass (`max_epochs: 1`), tokens counted without
+padding; median of `--repeats`. Two sections, both in one run:
 
+prepared (the shards of data_pipelines/mixed.yaml, real data prepared with `mmfm prepare`):
 - file read: the tar files' bytes (`read()`), converted to tokens with the shards' bytes/token;
 - raw tar read: webdataset's tar iteration (samples, no decoding): the reference rate;
-- loader: `StreamingLoader.next_step()` with one stream and no worker process, i.e. what one
-  loader worker does: decode, shuffle (64 documents), best-fit pack into 4096-token rows,
-  collate to torch, record the stream state per row. Tokens are counted without padding.
-A second loader run mixes two sources by weight (the text and the SVG shards), a third runs
-the one stream in a DataLoader worker process (the rows cross a process boundary; the clock
-starts at the first step, after the worker's start-up).
+- loader: `StreamingLoader.next_step()`: decode, shuffle (64 documents), best-fit pack into
+  4096-token rows, collate to torch, record the stream state per row; then two sources mixed
+  by weight (text and SVG shards); then the one stream in a DataLoader worker process (the
+  rows cross a process boundary; the clock starts after the worker's start-up).
+
+raw (issue 17: data as users have it):
+- prepared text: KJV verses written as raw `.txt` shards with webdataset's `ShardWriter`,
+  prepared by `mmfm prepare` (kind: webdataset, tokenizers/base.yaml), then streamed;
+- raw text: the same raw shards streamed with `tokenize:` (BPE in the stream);
+- raw image-text: the scikit-image photos as JPEG + caption samples (img2dataset's layout),
+  decoded and encoded by a SEED-style image tokenizer of tokenizers/seed_image.yaml's size
+  (untrained weights: the cost is the same) on CPU, one picture at a time
+  (`tokenize_batch: 1`) and 16 per batched call (the default).
+
+Loader workers a training step needs: the step's tokens/s (bench/results/train_step.json,
+4096 tokens x 8 documents, or `--step-tokens-per-s`, e.g. a GPU's) over one worker's rate.
 
     python bench/loader.py [--repeats 3] [--json bench/results/loader.json]
 """
@@ -19,20 +30,29 @@ starts at the first step, after the worker's start-up).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 import webdataset as wds
+from PIL import Image
 
+from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
+from mmfm.core.examples import fetch
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.raw_stream import load_tokenizers
 from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
 ROOT = Path(__file__).resolve().parents[1]
+SEED_IMAGE = {"image_size": 64, "patch": 8, "dim": 128, "tokens": 32, "codebook_size": 8192}
+STEP = ROOT / "bench/results/train_step.json"
 
 
 def file_read(urls: list[str]) -> float:
@@ -53,6 +73,7 @@ def tar_read(urls: list[str]) -> float:
 
 
 def loader_pass(sources: list[SourceSpec], workers: int = 0) -> tuple[float, int]:
+    """(seconds, tokens) of one pass of one stream over `sources`."""
     settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
     loader = StreamingLoader(sources, settings, micro_batch_size=1, num_workers=workers)
     if workers:
@@ -69,11 +90,13 @@ def loader_pass(sources: list[SourceSpec], workers: int = 0) -> tuple[float, int
     return elapsed, tokens
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+def rate(repeats: int, sources: list[SourceSpec], workers: int = 0) -> dict:
+    runs = [loader_pass(sources, workers) for _ in range(repeats)]
+    seconds = statistics.median(s for s, _ in runs)
+    return {"tokens": runs[0][1], "tokens_per_s": runs[0][1] / seconds}
+
+
+def prepared_section(repeats: int) -> dict:
     out = Path(tempfile.mkdtemp()) / "mixed"
     recipe = load_prepare_recipe(
         ROOT / "data_pipelines/mixed.yaml",
@@ -83,47 +106,130 @@ def main() -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     urls = [str(out / s["file"]) for s in manifest["shards"]]
     n_tokens = manifest["tokens"]
-    n_bytes = sum(Path(u).stat().st_size for u in urls)
-
-    def median(fn):
-        return statistics.median(fn() for _ in range(args.repeats))
-
-    rows = {}
-    rows["file read"] = n_tokens / median(lambda: file_read(urls))
-    rows["raw tar read (webdataset)"] = n_tokens / median(lambda: tar_read(urls))
+    rows = {
+        "file read": n_tokens / statistics.median(file_read(urls) for _ in range(repeats)),
+        "raw tar read (webdataset)": n_tokens
+        / statistics.median(tar_read(urls) for _ in range(repeats)),
+    }
     whole = [SourceSpec("mixed", tuple(urls), 1.0, max_epochs=1)]
-    runs = [loader_pass(whole) for _ in range(args.repeats)]
-    rows["loader, 1 source"] = statistics.median(t for _, t in runs) / statistics.median(
-        s for s, _ in runs
-    )
+    rows["loader, 1 source"] = rate(repeats, whole)["tokens_per_s"]
+    by_modality = zip(urls, manifest["shards"], strict=True)
     text = tuple(
         u
-        for u, s in zip(urls, manifest["shards"], strict=True)
+        for u, s in by_modality
         if s["tokens_by_modality"]["text"] > s["tokens_by_modality"]["svg"]
     )
     svg = tuple(u for u in urls if u not in text)
     mixed = [SourceSpec("text", text, 0.7, max_epochs=1), SourceSpec("svg", svg, 0.3, max_epochs=1)]
-    runs = [loader_pass(mixed) for _ in range(args.repeats)]
-    rows["loader, 2 sources mixed 0.7 / 0.3"] = statistics.median(
-        t for _, t in runs
-    ) / statistics.median(s for s, _ in runs)
-
-    runs = [loader_pass(whole, workers=1) for _ in range(args.repeats)]
-    rows["loader, 1 source, in 1 worker process"] = statistics.median(
-        t for _, t in runs
-    ) / statistics.median(s for s, _ in runs)
-
-    raw = rows["raw tar read (webdataset)"]
+    rows["loader, 2 sources mixed 0.7 / 0.3"] = rate(repeats, mixed)["tokens_per_s"]
+    rows["loader, 1 source, in 1 worker process"] = rate(repeats, whole, 1)["tokens_per_s"]
+    n_bytes = sum(Path(u).stat().st_size for u in urls)
     print(
         f"{manifest['samples']} documents, {n_tokens:,} tokens, {len(urls)} shards, "
-        f"{n_bytes / n_tokens:.2f} bytes/token on disk; median of {args.repeats}"
+        f"{n_bytes / n_tokens:.2f} bytes/token on disk; median of {repeats}"
     )
-    print("| path | M tokens/s | x raw tar read |")
-    print("|---|---|---|")
-    for name, rate in rows.items():
-        print(f"| {name} | {rate / 1e6:.2f} | {rate / raw:.2f} |")
+    print("| path | M tokens/s | x raw tar read |\n|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r / 1e6:.2f} | {r / rows['raw tar read (webdataset)']:.2f} |")
+    return {"tokens": n_tokens, "tokens_per_s": rows}
+
+
+def text_shards(root: Path, verses: int) -> list[str]:
+    with open(fetch("kjv") / "kjv.jsonl") as f:
+        lines = [json.loads(next(f))["text"] for _ in range(verses)]
+    with wds.ShardWriter(str(root / "raw/text-%06d.tar"), maxcount=1000, verbose=0) as sink:
+        for i, verse in enumerate(lines):
+            sink.write({"__key__": f"v{i:06d}", "txt": verse.encode()})
+    return sorted(str(p) for p in (root / "raw").glob("text-*.tar"))
+
+
+def photo_shards(root: Path, n: int) -> list[str]:
+    """`n` samples: the photos as JPEG + caption, over again as needed."""
+    photos = sorted(p for p in fetch("photos").iterdir() if p.suffix in (".png", ".jpg"))
+    with wds.ShardWriter(str(root / "raw/photos-%06d.tar"), maxcount=40, verbose=0) as sink:
+        for i in range(n):
+            path = photos[i % len(photos)]
+            jpg = io.BytesIO()
+            Image.open(path).convert("RGB").save(jpg, "JPEG", quality=90)
+            caption = path.stem.replace("_", " ")
+            sink.write({"__key__": f"{i:05d}", "jpg": jpg.getvalue(), "txt": caption})
+    return sorted(str(p) for p in (root / "raw").glob("photos-*.tar"))
+
+
+def raw_section(repeats: int, verses: int, photos: int) -> dict:
+    root = Path(tempfile.mkdtemp())
+    (root / "raw").mkdir()
+    text = text_shards(root, verses)
+    tok = root / "tok.yaml"
+    tok.write_text(f"output_dir: {ROOT / 'tokenizers/base'}\nimage_tokenizer: {root / 'seed'}\n")
+    save_visual(build(VisualRecipe(kind="seed_image", model=SEED_IMAGE)), root / "seed")
+    recipe = root / "prepare.yaml"
+    recipe.write_text(
+        f"name: text\noutput: {root / 'prepared'}\ntokenizer: {tok}\nshard_size: 1000\n"
+        f"sources:\n  - {{kind: webdataset, name: text, paths: {json.dumps(text)}, "
+        "fields: {record: text, text: txt}}\n"
+    )
+    prepare(load_prepare_recipe(recipe), workers=1, progress=False)
+    prepared = tuple(sorted(str(p) for p in (root / "prepared").glob("text-*.tar")))
+    pictures = tuple(photo_shards(root, photos))
+    verse = RawFields("text", text="txt")
+    sources = {
+        "prepared text": SourceSpec("text", prepared, 1.0, 1),
+        "raw text (BPE in the stream)": SourceSpec("text", tuple(text), 1.0, 1, str(tok), verse),
+        "raw image-text, 1 picture per call": SourceSpec(
+            "photos", pictures, 1.0, 1, str(tok), RawFields(), tokenize_batch=1
+        ),
+        "raw image-text, 16 pictures per call": SourceSpec(
+            "photos", pictures, 1.0, 1, str(tok), RawFields(), tokenize_batch=16
+        ),
+    }
+    load_tokenizers(str(tok)).visual.model("image")  # loaded once per worker: untimed
+    rows = {name: rate(repeats, [source]) for name, source in sources.items()}
+    reference = rows["prepared text"]["tokens_per_s"]
+    for row in rows.values():
+        row["x_prepared"] = row["tokens_per_s"] / reference
+    return rows
+
+
+def step_rate(given: float | None) -> tuple[float, str]:
+    """(tokens/s of a training step, where the figure comes from)."""
+    if given:
+        return given, "--step-tokens-per-s"
+    rows = json.loads(STEP.read_text())
+    row = next(r for r in rows if (r["seq"], r["docs"]) == (4096, 8))
+    return row["tokens_per_s_mmfm"], f"{STEP.relative_to(ROOT)} (4096 x 8, CPU)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--verses", type=int, default=4000)
+    parser.add_argument("--photos", type=int, default=104, help="raw image-text samples")
+    parser.add_argument("--raw-only", action="store_true", help="skip the prepared section")
+    parser.add_argument("--step-tokens-per-s", type=float, help="default: train_step.json")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as torch's DataLoader sets it in each worker
+    result = {"repeats": args.repeats}
+    if not args.raw_only:
+        result["prepared"] = prepared_section(args.repeats)
+    raw = raw_section(args.repeats, args.verses, args.photos)
+    step, figure = step_rate(args.step_tokens_per_s)
+    print(f"\nraw shards; a step of {step:,.0f} tokens/s ({figure})")
+    print("| path | tokens | tokens/s | x prepared | workers per step |\n|---|---:|---:|---:|---:|")
+    for name, row in raw.items():
+        row["workers_per_step"] = step / row["tokens_per_s"]
+        print(
+            f"| {name} | {row['tokens']:,} | {row['tokens_per_s']:,.0f} | "
+            f"{row['x_prepared']:.3f} | {row['workers_per_step']:.2f} |"
+        )
+    batched, alone = (raw[f"raw image-text, {n} per call"] for n in ("16 pictures", "1 picture"))
+    speedup = batched["tokens_per_s"] / alone["tokens_per_s"]
+    print(f"pictures batched 16 per call: {speedup:.2f}x one at a time")
+    result["raw"] = raw
+    result["step"] = {"tokens_per_s": step, "from": figure}
+    result["batched_pictures_speedup"] = speedup
     if args.json:
-        result = {"tokens": n_tokens, "repeats": args.repeats, "tokens_per_s": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -190,6 +190,11 @@ def _add_slurm_parser(sub) -> None:
     prepare.add_argument("recipe")
     prepare.add_argument("overrides", nargs="*")
     prepare.add_argument("--parts", type=int, default=4, help="array tasks")
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove shards of a changed recipe from the output now, then rebuild them",
+    )
     common(prepare)
     convert = ssub.add_parser("convert", help="a Hugging Face export job (convert.sbatch)")
     convert.add_argument("checkpoint")
@@ -373,7 +378,9 @@ def _slurm_command(args: argparse.Namespace) -> None:
             **job,
         )
     elif args.action == "prepare":
-        slurm.submit_prepare(args.recipe, args.overrides, args.parts, **job)
+        slurm.submit_prepare(
+            args.recipe, args.overrides, args.parts, **job, overwrite=args.overwrite
+        )
     else:
         slurm.submit_convert(args.checkpoint, args.out, args.dtype, **job)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import InputNotFound, LaunchError
-from mmfm.prepare import load_prepare_recipe
+from mmfm.prepare import check_output, load_prepare_recipe
 
 log = logging.getLogger("mmfm")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -139,10 +139,15 @@ def submit_prepare(
     account: str | None = None,
     template: str | None = None,
     dry_run: bool = False,
+    overwrite: bool = False,
 ) -> str | None:
-
+    """An array job of `parts` tasks of `mmfm prepare`. The output is checked here, once: a
+    changed recipe is refused before any task starts, and with `overwrite` the shards of the
+    old one are removed here (not in a dry run), not by tasks racing each other."""
     prep = load_prepare_recipe(recipe, overrides)
     out = Path(prep.output).resolve()
+    if not (dry_run and overwrite):  # a dry run removes nothing
+        check_output(prep, overwrite)
     script = render(
         template_path("prepare.sbatch", template),
         {

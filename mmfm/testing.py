@@ -7,8 +7,9 @@ Each process gets RANK, WORLD_SIZE, LOCAL_RANK and a free MASTER_PORT in its env
 travels back. Used by the tests and benchmarks to compare layouts against one process.
 
 The other helpers are the tests' one copy of what many files need: the tiny model's overrides
-(`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`) and the rows of a
-run's metrics.jsonl (`read_metrics`, `train_metrics`).
+(`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`), the rows of a
+run's metrics.jsonl (`read_metrics`, `train_metrics`), tiny untrained visual tokenizers
+(`tiny_visual_recipe`) and a small VOC-style segmentation export (`voc_export`).
 """
 
 from __future__ import annotations
@@ -155,3 +156,70 @@ def train_metrics(overrides: Sequence[str], recipe: str | Path | None = None) ->
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     return read_metrics(cfg.train.run_dir)
+
+
+TINY_VISUAL = {
+    "seed_image": {"image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
+                   "qformer_layers": 1, "decoder_layers": 1, "tokens": 8, "codebook_size": 64},
+    "himtok_mask": {"mask_size": 32, "stem": 4, "dim": 32, "heads": 2, "encoder_layers": 1,
+                    "latent_layers": 1, "decoder_layers": 1, "tokens": 32, "codebook_size": 64,
+                    "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]},
+    "video": {"frame_size": 32, "hidden": 16, "dim": 16, "codebook_size": 64},
+}  # fmt: skip
+"""Model options of tiny visual tokenizers: built untrained in well under a second each."""
+
+
+def tiny_visual_recipe(root: str | Path) -> Path:
+    """A tokenizer recipe under `root`: the base text model and vocabulary
+    (tokenizers/base) with tiny untrained image, mask and video tokenizers. Their codes mean
+    nothing; the layout of documents and everything downstream of tokenizing are real."""
+    from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
+
+    root = Path(root)
+    base = Path(__file__).resolve().parents[1] / "tokenizers" / "base"
+    lines = [f"output_dir: {base}\n"]
+    for slot, kind in (("image", "seed_image"), ("mask", "himtok_mask"), ("video", "video")):
+        save_visual(build(VisualRecipe(kind=kind, model=TINY_VISUAL[kind])), root / kind)
+        lines.append(f"{slot}_tokenizer: {root / kind}\n")
+    (root / "tok.yaml").write_text("".join(lines))
+    return root / "tok.yaml"
+
+
+def voc_palette() -> list[int]:
+    """VOC's colour map (bit-interleaved index -> RGB), as its label PNGs carry it."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def voc_export(root: str | Path, photos: str | Path) -> Path:
+    """A labelme2voc-style export at `root` (JPEGImages/, SegmentationClassPNG/ palette PNGs,
+    class_names.txt) of five real photos from `photos` (the `real:photos` folder), each a
+    labelled rectangle of its class ringed by a void (255) border."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClassPNG").mkdir(exist_ok=True)
+    stems = ("chelsea", "coffee", "astronaut", "motorcycle_left", "camera")
+    for label_id, stem in enumerate(stems, start=1):
+        photo = Image.open(Path(photos) / f"{stem}.png").convert("RGB")
+        photo.save(root / "JPEGImages" / f"{stem}.jpg")
+        h, w = photo.size[::-1]
+        label = np.zeros((h, w), np.uint8)
+        label[h // 4 - 2 : 3 * h // 4 + 2, w // 4 - 2 : 3 * w // 4 + 2] = 255
+        label[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = label_id
+        png = Image.fromarray(label, mode="P")
+        png.putpalette(voc_palette())
+        png.save(root / "SegmentationClassPNG" / f"{stem}.png")
+    (root / "class_names.txt").write_text("_background_\ncat\ncup\nperson\nmotorbike\ncamera\n")
+    return root

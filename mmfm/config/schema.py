@@ -70,6 +70,10 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the truncated-normal init; output projections of each block are
     further scaled by 1/sqrt(2 * n_layers)."""
+    neftune_alpha: float = 0.0
+    """NEFTune (Jain et al. 2023) for fine-tuning: in training only, uniform noise in
+    [-1, 1] x alpha / sqrt(L x dim) is added to the input embeddings, L being the row length
+    (data.seq_len); off in eval and generation. The paper uses 5-15; 0: off."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "model", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
@@ -91,6 +95,7 @@ class ModelConfig:
         )
         _require(self.ffn_dim is None or self.ffn_dim > 0, "model.ffn_dim must be positive")
         _require_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        _require(self.neftune_alpha >= 0, "model.neftune_alpha must be >= 0 (0: off)")
 
     @property
     def head_dim(self) -> int:
@@ -126,6 +131,20 @@ class SourceConfig:
     fields: RawFields = field(default_factory=lambda: RawFields())
     """With `tokenize`: which members make which record, as for mmfm prepare's webdataset
     sources, e.g. {record: text, text: txt}."""
+    ordered: bool = False
+    """Keep this source's documents in shard order inside each stream (shards of
+    `mmfm prepare` with `order: related`): the shuffle buffer still mixes the sources and the
+    deal still shuffles the shards between streams, but gives this source's documents out
+    oldest first."""
+    tokenize_batch: int = 16
+    """With `tokenize`: samples read ahead and tokenized together, their pictures (images,
+    masks, video frames) encoded in one batched call of the visual tokenizers (1: alone)."""
+    tokenize_device: str = "cpu"
+    """With `tokenize`: where the visual tokenizers run: cpu, or cuda (the training device)
+    with data.num_workers=0 only."""
+    max_length: int = 0
+    """With `tokenize` and fields.record dna: windows of at most this many bases, cut as
+    mmfm prepare's max_length cuts them (0: whole sequences)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "data.sources: every source needs a name")
@@ -135,6 +154,15 @@ class SourceConfig:
         _require(
             not self.tokenize or not any(p.startswith("builtin:") for p in self.paths),
             f"data.sources: {self.name!r}: builtin: shards are prepared already; drop tokenize",
+        )
+        _require(
+            self.tokenize_batch >= 1 and self.max_length >= 0,
+            f"data.sources: {self.name!r}: tokenize_batch must be >= 1, max_length >= 0",
+        )
+        _require(
+            self.tokenize_device == "cpu" or self.tokenize_device.startswith("cuda"),
+            f"data.sources: {self.name!r}: tokenize_device must be cpu or cuda[:N], "
+            f"not {self.tokenize_device!r}",
         )
 
 
@@ -169,6 +197,10 @@ class DataConfig:
     """Pending documents best_fit chooses from, per stream."""
     long_docs: str = "split"
     """Documents longer than data.seq_len: split (row-sized pieces) or drop (counted)."""
+    attention: str = "document"
+    """document (a token attends to its own document) or row (to the earlier documents of its
+    row too, positions counting on across the row: In-Context Pretraining). Targets stay per
+    document either way."""
     num_workers: int = 1
     """Loader processes per rank (0: in the training process)."""
     prefetch: int = 2
@@ -185,6 +217,7 @@ class DataConfig:
         _require_positive(self, "data", "shuffle_buffer_tokens")
         _require_choice("data.packing", self.packing, ("best_fit", "greedy"))
         _require_choice("data.long_docs", self.long_docs, ("split", "drop"))
+        _require_choice("data.attention", self.attention, ("document", "row"))
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
         _require(0 <= self.max_error_rate <= 1, "data.max_error_rate must be within [0, 1]")
         _require(self.read_timeout_s > 0, "data.read_timeout_s must be > 0 (seconds)")
@@ -194,6 +227,13 @@ class DataConfig:
         )
         names = [s.name for s in self.sources]
         _require(len(set(names)) == len(names), f"data.sources names must be unique: {names}")
+        for s in self.sources:
+            _require(
+                s.tokenize_device == "cpu" or self.num_workers == 0,
+                f"data.sources: {s.name!r}: tokenize_device={s.tokenize_device} needs "
+                f"data.num_workers=0 (not {self.num_workers}): each loader worker would hold "
+                "its own CUDA context and tokenizers on the training GPU; or use cpu",
+            )
         for name, weight in self.loss_weights.items():
             _require(
                 name in MODALITY_NAMES,
@@ -201,6 +241,43 @@ class DataConfig:
                 f"known: {', '.join(MODALITY_NAMES)}",
             )
             _require(weight >= 0, f"data.loss_weights.{name} must be >= 0, got {weight}")
+
+
+LOSS_NORMALIZATIONS = ("tokens", "modality_mean")
+
+
+@dataclass
+class LossConfig:
+    normalize: str = "tokens"
+    """How a step's per-target losses become one number. tokens: sum of weighted losses over
+    the step's targets with weight > 0 (every target counts the same). modality_mean: the
+    mean over the modalities present in the step of each modality's mean weighted loss (LWM:
+    0.5 x (image CE + text CE)), weighted by `modality_weights`: a modality's share no longer
+    depends on how many tokens it has."""
+    modality_weights: dict[str, float] = field(default_factory=dict)
+    """modality_mean only: weight of each modality's mean (text, image, mask, dna, svg,
+    video; unlisted: 1.0), normalised over the modalities present in the step. Unlike
+    data.loss_weights, which scale each target's loss before any normalisation (and 0 drops
+    it from the counts), these weigh the per-modality means against each other."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss, z x logsumexp(logits)^2 per target (Chameleon, Lumina-mGPT:
+    1e-5), weighted and normalised like the cross-entropy; logged apart as loss/z. 0: off."""
+
+    def __post_init__(self) -> None:
+        _require_choice("loss.normalize", self.normalize, LOSS_NORMALIZATIONS)
+        _require(self.z_loss >= 0, f"loss.z_loss must be >= 0 (0: off), got {self.z_loss}")
+        _require(
+            not self.modality_weights or self.normalize == "modality_mean",
+            "loss.modality_weights apply with loss.normalize=modality_mean only: set it, or "
+            "use data.loss_weights to weigh the targets of a modality",
+        )
+        for name, weight in self.modality_weights.items():
+            _require(
+                name in MODALITY_NAMES,
+                f"loss.modality_weights has unknown modality {name!r}; "
+                f"known: {', '.join(MODALITY_NAMES)}",
+            )
+            _require(weight >= 0, f"loss.modality_weights.{name} must be >= 0, got {weight}")
 
 
 @dataclass
@@ -428,6 +505,8 @@ class Config:
     """The transformer."""
     data: DataConfig = field(default_factory=DataConfig)
     """What is read and how it is packed."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """How the per-target losses are normalised, and the z-loss."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the model and data are split over processes."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -456,6 +535,12 @@ class Config:
         )
         self._check_tensor_parallel()
         self._check_pipeline_parallel()
+        split = self.parallel.cp > 1 or (self.parallel.tp > 1 and self.parallel.sequence_parallel)
+        _require(
+            not (self.model.neftune_alpha and split),
+            "model.neftune_alpha draws the noise for the whole row each rank holds: it needs "
+            "parallel.cp=1 and, with parallel.tp > 1, parallel.sequence_parallel=false",
+        )
         cp = self.parallel.cp
         _require(
             self.data.seq_len % (2 * cp) == 0,

@@ -37,6 +37,8 @@ from mmfm.core.files import make_folder
 from mmfm.model import build_model
 from mmfm.tokenization.dna import DnaTokenizer
 from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.text import load_pretrained, text_of_vocab
+from mmfm.tokenization.tokenizers import build_vocab
 from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, VOCAB_FILE, Vocab, VocabError
 from mmfm.train.checkpoint import (
     CONFIG_FILE,
@@ -145,9 +147,7 @@ def export_hf(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
-    special = {}
-    if vocab is not None:
-        special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    special = _special_ids(vocab) if vocab is not None else {}
     hf_config(m, arch, dtype_name(torch_dtype), **special).save_pretrained(str(out))
     GenerationConfig(**special).save_pretrained(str(out))
     if vocab is not None:
@@ -157,6 +157,17 @@ def export_hf(
         log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
     log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
     return out
+
+
+def _special_ids(vocab: Vocab) -> dict[str, int]:
+    """bos / eos (/ pad) ids of the export: the text tokenizer's own (mmfm's: 1, 2, 3)."""
+    if vocab.text_model is None:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    text = text_of_vocab(vocab)
+    special = {"bos_token_id": text.bos_id, "eos_token_id": text.eos_id}
+    if text.kind == "sentencepiece" and text.sp.pad_id() >= 0:
+        special["pad_token_id"] = text.sp.pad_id()
+    return special
 
 
 def hf_config(m: ModelConfig, arch: str = "llama", dtype: str = "float32", **extra):
@@ -287,8 +298,11 @@ def import_hf(
     hf_dir, out = Path(hf_dir), Path(out)
     hf_cfg = _read_hf_config(hf_dir)
     base = model_config_from_hf(hf_cfg, source=str(hf_dir / "config.json"))
-    vocab = _extended_vocab(base, extend_vocab) if extend_vocab else None
-    model_cfg = base if vocab is None else replace(base, vocab_size=vocab.size)
+    vocab = _extended_vocab(base, extend_vocab, hf_dir) if extend_vocab else None
+    # A pretrained text part smaller than the embedding (rows padded to a multiple) puts the
+    # modality tokens on the unused rows first.
+    rows = base.vocab_size if vocab is None else max(vocab.size, base.vocab_size)
+    model_cfg = replace(base, vocab_size=rows)
 
     state = _import_state(hf_dir)
     if model_cfg.tie_embeddings:
@@ -313,13 +327,24 @@ def import_hf(
     return out
 
 
-def _extended_vocab(base: ModelConfig, layout: str) -> Vocab:
-    """The unified vocabulary with the imported model's tokenizer as its text part."""
+def _extended_vocab(base: ModelConfig, layout: str, hf_dir: Path | None = None) -> Vocab:
+    """The unified vocabulary with the imported model's tokenizer as its text part: the
+    recipe's `text.pretrained` (the same vocabulary `mmfm tokenizer train` writes for it), or
+    the model's embedding rows as anonymous text ids."""
 
     recipe = load_recipe(layout)
     if recipe.dna.scheme == "bpe":
         raise VocabError("--extend-vocab takes the char or kmer DNA scheme (no model to train)")
     dna = DnaTokenizer(recipe.dna)
+    if recipe.text.pretrained:
+        text = load_pretrained(recipe.text.pretrained, recipe.text.bos_token, recipe.text.eos_token)
+        if text.size > base.vocab_size:
+            raise ConversionError(
+                f"{layout}: text.pretrained {recipe.text.pretrained} has {text.size} ids, the "
+                f"model in {hf_dir or 'the folder'} only {base.vocab_size} embedding rows: it is "
+                "another model's tokenizer"
+            )
+        return build_vocab(recipe, text, dna)
     return Vocab.build(
         base.vocab_size,
         recipe.task_tokens,

@@ -116,8 +116,11 @@ class ImageRecord:
     image: np.ndarray
     """`[H, W, 3]` uint8 RGB; centre-cropped and resized to the tokenizer's size."""
     text: str | None = None
-    """A caption, before the image (image-text pairs)."""
+    """A caption, before the image (image-text pairs); see `order`."""
     source: str = ""
+    order: str = "text_first"
+    """text_first: the caption, then the picture; image_first: the picture, then the caption
+    (SEED-LLaMA's reversed pairs). A mask always comes last."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class ImageMaskRecord:
     source: str = ""
     void: int = 0
     """Pixels a segmentation set marks void / ignore (VOC's 255): in no class, 0 in the mask."""
+    order: str = "text_first"
+    """As ImageRecord.order: image_first reads `<img> ... </img> text <mask> ... </mask>`."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ class VideoRecord:
     """`[N, H, W, 3]` uint8."""
     text: str | None = None
     source: str = ""
+    order: str = "text_first"
+    """As ImageRecord.order."""
 
 
 @dataclass(frozen=True)
@@ -157,4 +164,29 @@ class SvgRecord:
     source: str = ""
 
 
-Record = TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord
+TASK_PARTS = ("text", "dna", "svg", "image", "mask", "video")
+
+
+@dataclass(frozen=True)
+class TaskPart:
+    kind: str
+    """One of TASK_PARTS."""
+    value: str | np.ndarray
+    """text, dna, svg: the string; image `[H, W, 3]`, mask `[H, W]` {0, 1}, video
+    `[N, H, W, 3]`: the pixels, already square."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A prompt and its response (completion-only fine-tuning, Omni-DNA's multi-task SFT):
+    the prompt's tokens are never targets, so only the response is learned."""
+
+    key: str
+    prompt: tuple[TaskPart, ...]
+    response: tuple[TaskPart, ...]
+    source: str = ""
+
+
+Record = (
+    TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord | TaskRecord
+)

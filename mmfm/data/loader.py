@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.config.schema import Config, SourceConfig
-from mmfm.core.errors import CheckpointError, DataError
+from mmfm.core.errors import CheckpointError, ConfigError, DataError
 from mmfm.core.torch_compat import (
     dataloader_failure,
     dataloader_workers,
@@ -151,6 +151,20 @@ def _init_worker(stop, worker_id: int) -> None:
     set_stop_check(stop.is_set)
 
 
+def _check_tokenize_device(sources: Sequence[SourceSpec], num_workers: int) -> None:
+    on_device = [s.name for s in sources if s.tokenize and s.tokenize_device != "cpu"]
+    if on_device and num_workers:
+        raise ConfigError(
+            f"data.sources {on_device}: tokenize_device other than cpu needs "
+            "data.num_workers=0 (each worker would hold its own CUDA context and tokenizers)"
+        )
+    if on_device and not torch.cuda.is_available():
+        raise ConfigError(
+            f"data.sources {on_device}: tokenize_device is cuda but torch sees no CUDA "
+            "device here; set tokenize_device: cpu"
+        )
+
+
 class StreamingLoader:
     def __init__(
         self,
@@ -173,6 +187,7 @@ class StreamingLoader:
         per_rank = n // dp_size
         self.stream_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.num_workers = min(num_workers, per_rank)
+        _check_tokenize_device(sources, self.num_workers)
         self.prefetch = prefetch
         self.pin_memory = pin_memory
         """Pin the micro-batches (CUDA only), so that their copy to the device is async."""
@@ -391,8 +406,15 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
         urls = resolve_paths(source.paths, cfg.data.cache_dir)
         if not urls:
             raise ShardError(f"data source {source.name!r}: its paths match no shards")
-        raw = {"tokenize": source.tokenize, "fields": source.fields}  # raw shards
-        specs.append(SourceSpec(source.name, tuple(urls), source.weight, source.max_epochs, **raw))
+        raw = {  # raw shards
+            "tokenize": source.tokenize,
+            "fields": source.fields,
+            "tokenize_batch": source.tokenize_batch,
+            "tokenize_device": source.tokenize_device,
+            "max_length": source.max_length,
+        }
+        spec = (source.name, tuple(urls), source.weight, source.max_epochs)
+        specs.append(SourceSpec(*spec, **raw, ordered=source.ordered))
     return specs
 
 
@@ -413,6 +435,7 @@ def build_loader(
         max_error_rate=d.max_error_rate,
         vocab_size=cfg.model.vocab_size,
         read_timeout_s=d.read_timeout_s,
+        attention=d.attention,
     )
     return StreamingLoader(
         source_specs(cfg),

@@ -12,6 +12,13 @@ targets). `Packer` decides what goes in a row from a bounded buffer of pending d
 Documents longer than a row are split into row-sized pieces (`long_docs: split`; each piece
 still predicts the next token of the document) or dropped and counted (`drop`). The buffer is
 bounded in documents and in tokens (`max_tokens`): a few huge documents do not fill it.
+
+`attention: row` (In-Context Pretraining) makes the documents of a row one context: one doc id
+for them all (the padding keeps its own) and positions counting on across the row, so every
+attention backend and context parallelism attend causally over the whole row without knowing
+of the mode. Targets stay per document: a document's last token predicts nothing, as in
+`document` mode (under plain LM over the concatenation it would predict the next document's
+`<s>`, which teaches nothing), so the loss counts the same targets in both modes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Document, Modality
 
 PAD_ID = 0
+ATTENTION = ("document", "row")
 
 
 def modality_weight_table(loss_weights: Mapping[str, float]) -> np.ndarray:
@@ -38,8 +46,9 @@ class RowBuilder:
     vectorised numpy calls, so the per-document cost stays small.
     """
 
-    def __init__(self, seq_len: int, weights: np.ndarray):
-        self.seq_len, self.weights = seq_len, weights
+    def __init__(self, seq_len: int, weights: np.ndarray, attention: str = "document"):
+        assert attention in ATTENTION, attention
+        self.seq_len, self.weights, self.attention = seq_len, weights, attention
         self.pieces: list[tuple[Document, int, int]] = []
         self.used = 0
 
@@ -75,6 +84,8 @@ class RowBuilder:
         labels.append(np.full(pad, IGNORE_INDEX))
         modality.append(np.full(pad, Modality.TEXT, np.uint8))
         weights.append(np.zeros(pad, np.float32))
+        if self.attention == "row" and self.used:  # the documents, then the padding
+            lengths = np.array([self.used, pad], dtype=np.int64)
         starts = np.cumsum(lengths) - lengths
         return {
             "tokens": np.concatenate(tokens).astype(np.int64),
@@ -120,9 +131,9 @@ class RowStats:
 class Packer:
     def __init__(
         self, seq_len: int, weights: np.ndarray, mode: str = "best_fit", buffer: int = 32,
-        long_docs: str = "split", max_tokens: int = 1 << 62,
+        long_docs: str = "split", max_tokens: int = 1 << 62, attention: str = "document",
     ):  # fmt: skip
-        self.seq_len, self.weights = seq_len, weights
+        self.seq_len, self.weights, self.attention = seq_len, weights, attention
         self.mode, self.long_docs = mode, long_docs
         self.capacity = buffer if mode == "best_fit" else 1
         self.max_tokens = max_tokens
@@ -131,7 +142,7 @@ class Packer:
 
     def row(self, pull: Callable[[], Pending]) -> tuple[dict[str, np.ndarray], RowStats]:
         """Fill one row, pulling documents with `pull` as the buffer empties."""
-        row, stats = RowBuilder(self.seq_len, self.weights), RowStats()
+        row, stats = RowBuilder(self.seq_len, self.weights, self.attention), RowStats()
         while row.free > 0:
             try:
                 self._fill(pull, stats)

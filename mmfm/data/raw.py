@@ -89,6 +89,8 @@ class RawDecoder:
     """Pictures, masks and frames of more pixels are refused (too_large) before decoding."""
     fit: str = "crop"
     """How pictures are made square (`vdata.fit_square`): crop or letterbox."""
+    max_length: int = 0
+    """dna: windows of at most this many bases (`windows`; 0: whole sequences)."""
 
     def __call__(self, url: str, sample: dict, reject: Reject) -> list[Record]:
         """The sample's records ([] when it is rejected; a DNA member may hold several)."""
@@ -148,7 +150,8 @@ class RawDecoder:
                 reject(reason, at.replace(str(path), name), detail.replace(str(path), name))
 
             for record in read_dna(path, renamed):
-                yield DnaRecord(record.key, record.sequence, None, self.source)
+                whole = DnaRecord(record.key, record.sequence, None, self.source)
+                yield from windows(whole, self.max_length, self.source)
 
     def _text(self, sample: dict, field: str) -> str:
         found = self._find(sample, field)
@@ -183,6 +186,16 @@ class RawDecoder:
             f"no {field} member ({', '.join(getattr(self.fields, field))}); it has {has} "
             f"(set the source's fields.{field})",
         )
+
+
+def windows(record: DnaRecord, max_length: int, name: str) -> Iterator[DnaRecord]:
+    """`record` cut into windows of at most `max_length` bases (0: whole), source `name`: one
+    function for mmfm prepare's DNA sources and raw shards tokenized in the stream, so both
+    give the same documents."""
+    window = max_length or len(record.sequence) or 1
+    for start in range(0, max(len(record.sequence), 1), window):
+        key = record.key if window >= len(record.sequence) else f"{record.key}:{start}"
+        yield DnaRecord(key, record.sequence[start : start + window], record.output, name)
 
 
 def _utf8(value: bytes | str) -> str:

@@ -96,6 +96,16 @@ class SourceSpec:
     shards of `mmfm prepare`."""
     fields: RawFields | None = None
     """Raw shards: which members make which record."""
+    tokenize_batch: int = 16
+    """Raw shards: samples tokenized together (their pictures in one batched call); the
+    windows are fixed in the unit (samples 0-15, 16-31, ...), so a resumed read encodes the
+    same batches and gives the same codes."""
+    tokenize_device: str = "cpu"
+    """Raw shards: where the visual tokenizers run."""
+    max_length: int = 0
+    """Raw DNA: windows of at most this many bases (as mmfm prepare's max_length)."""
+    ordered: bool = False
+    """Give this source's documents out of the shuffle buffer oldest first (`_pull`)."""
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -121,6 +131,8 @@ class StreamSettings:
     """Token ids must lie in [0, vocab_size) (0: not checked); others are bad samples."""
     read_timeout_s: float = 300.0
     """A streamed shard that sends no byte for this long is counted (timeout_shard) and left."""
+    attention: str = "document"
+    """Rows as documents or as one context (`data.attention`, packing.py)."""
 
 
 @dataclass(frozen=True)
@@ -355,32 +367,60 @@ def read_raw_unit(
     unit: Unit, skip: int, skips: Skips, spec: SourceSpec, settings: StreamSettings
 ) -> Iterator[tuple[int, Document]]:
     """(position, document) of a unit of raw shards from position `skip` on (see
-    raw_stream.py: a sample's documents are decoded and tokenized here); counted as
-    `read_unit` counts them."""
+    raw_stream.py: samples are decoded and tokenized here, `spec.tokenize_batch` at a time);
+    counted as `read_unit` counts them, each sample's skips when its turn comes."""
     tokenizer = RawTokenizer(
-        spec.tokenize, spec.fields or RawFields(), spec.name, settings.seed, settings.vocab_size
+        spec.tokenize,
+        spec.fields or RawFields(),
+        spec.name,
+        settings.seed,
+        settings.vocab_size,
+        spec.tokenize_device,
+        spec.max_length,
     )
     first, first_document = divmod(skip, POSITIONS)
-    seen, damage = 0, []
+    batch = max(1, spec.tokenize_batch)
+    start = first - first % batch  # the window `first` lies in, read whole (same codes)
+    seen, damage, window = 0, [], []
     for item in read_tar(unit.url, settings.read_timeout_s, spec.members):
         if isinstance(item, Damage):
             damage.append(item)
             continue
         index, seen = seen, seen + 1
         sample = index // unit.k
-        if index % unit.k != unit.j or sample < first:
+        if index % unit.k != unit.j or sample < start:
+            continue
+        window.append((sample, item))
+        if sample % batch == batch - 1:
+            yield from _window(tokenizer, unit.url, window, first, first_document, skips)
+            window = []
+    yield from _window(tokenizer, unit.url, window, first, first_document, skips)
+    _count_lost(unit, seen, damage, skips)
+
+
+def _window(
+    tokenizer: RawTokenizer,
+    url: str,
+    window: Sequence[tuple[int, dict]],
+    first: int,
+    first_document: int,
+    skips: Skips,
+) -> Iterator[tuple[int, Document]]:
+    """The documents of a window of samples from sample `first`'s document `first_document`
+    on; the skips of a sample before them were counted when it was read before."""
+    if not window:
+        return
+    results = tokenizer.window(url, [item for _, item in window])
+    for (sample, _), (docs, skipped) in zip(window, results, strict=True):
+        if sample < first:
             continue
         again = sample == first and first_document > 0  # partly read before: counted then
-
-        def count(reason: str, key: str, detail: str, again: bool = again) -> None:
-            if not again:
-                skips.skip(reason, unit.url, key, detail)
-
-        for i, doc in enumerate(tokenizer.documents(unit.url, item, count)):
+        for reason, key, detail in [] if again else skipped:
+            skips.skip(reason, url, key, detail)
+        for i, doc in enumerate(docs):
             if not again or i >= first_document:
                 skips.good += 1
                 yield sample * POSITIONS + i, doc
-    _count_lost(unit, seen, damage, skips)
 
 
 def read_source_unit(
@@ -490,6 +530,7 @@ class VirtualStream:
             settings.pack_buffer,
             settings.long_docs,
             settings.shuffle_buffer_tokens,
+            settings.attention,
         )
 
     def _holds_earlier_epoch(self, reader: SourceReader) -> bool:
@@ -536,6 +577,10 @@ class VirtualStream:
         if size <= 1:
             return self.shuffle.pop()
         i = int(self.rng.random() * len(self.shuffle))
+        source = self.shuffle[i].source
+        if self.sources[source].ordered:  # its oldest document instead (refs sort as read)
+            mine = [j for j, p in enumerate(self.shuffle) if p.source == source]
+            i = min(mine, key=lambda j: self.shuffle[j].ref)
         self.shuffle[i], self.shuffle[-1] = self.shuffle[-1], self.shuffle[i]
         return self.shuffle.pop()
 

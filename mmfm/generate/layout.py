@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mmfm.core.types import Modality
 from mmfm.data import demo
-from mmfm.tokenization.text import BOS, EOS, TextTokenizer
+from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
 
 # The modalities a prompt can ask for (`--modality`) and the codebook of each.
@@ -59,13 +59,13 @@ class Layout:
                 "the vocabulary carries no sentencepiece model, so prompts cannot be encoded; "
                 "give the vocab.json written by mmfm tokenizer train"
             )
-        text = TextTokenizer(vocab.text_model)
+        text = text_of_vocab(vocab)
         names = {b.name for b in vocab.codebooks}
         dna = vocab.codebook("dna") if "dna" in names else None
         return cls(
             size=vocab.size,
-            bos=BOS,
-            eos=EOS,
+            bos=text.bos_id,
+            eos=text.eos_id,
             text=range(vocab.text_size),
             delimiters={m: vocab.delimiters(m) for m in DELIMITERS},
             codes={

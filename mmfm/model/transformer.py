@@ -4,10 +4,12 @@ RMSNorm, rotary embeddings (HF `rotate_half` layout, so the export is a plain ke
 SwiGLU and grouped-query attention. Positions restart at every document and attention stays
 inside documents; the attention kernel is a pluggable backend. The model is plain PyTorch:
 built on the `meta` device, parallelised from outside, then initialised by `init_weights`.
+With `neftune_alpha` it adds NEFTune noise to the input embeddings in training mode only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -86,6 +88,23 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def neftune_noise(h: torch.Tensor, alpha: float, seq_len: int) -> torch.Tensor:
+    """NEFTune (Jain et al. 2023): uniform noise in [-1, 1] x alpha / sqrt(L x dim) of the
+    embeddings' shape, L = `seq_len` tokens per row (the packed row: its noise has a norm of
+    about alpha / sqrt(3) whatever the row length and width).
+
+    Drawn from torch's generator of h's device (seeded by train.seed on every rank; the CPU
+    one is saved in checkpoints), for the tensor this rank holds: deterministic for a given
+    layout and seed. Ranks that hold the same replicated embeddings (tensor parallelism
+    without sequence parallelism) draw the same noise, which keeps them replicated; data-
+    parallel ranks draw the same pattern for their different rows. A layout that splits a
+    row over ranks (context or sequence parallelism) would repeat the pattern per piece and
+    see a shorter L: the config refuses it.
+    """
+    scale = alpha / math.sqrt(seq_len * h.shape[-1])
+    return torch.empty_like(h).uniform_(-scale, scale)
+
+
 class Transformer(nn.Module):
     """Token ids, per-document positions and document ids in; logits out.
 
@@ -116,7 +135,14 @@ class Transformer(nn.Module):
         padding: a token with a negative doc id is never attended to."""
         mask = self.backend.prepare(doc_ids) if cache is None else cache.extend(doc_ids >= 0)
         rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        if self.tok_embeddings is None:
+            h = tokens
+        else:
+            h = self.tok_embeddings(tokens)
+            # The embedding's mode, not this module's: a pipeline stage is switched to eval
+            # through the shared modules only.
+            if self.cfg.neftune_alpha and self.tok_embeddings.training:
+                h = h + neftune_noise(h, self.cfg.neftune_alpha, tokens.shape[1])
         for name, layer in self.layers.items():
             backend = self.backend if cache is None else cache.layer(int(name))
             h = layer(h, rope, backend, mask)

@@ -3,12 +3,14 @@
 `recipe.py` holds the recipe (sources and their options), `readers.py` turns input files into
 records (one reader per source kind, every reject counted; raw WebDataset samples are decoded
 later, in the workers), `run.py` tokenizes chunks of records into shards in a pool of workers
-and writes the manifest, `fingerprint.py` says what an output was made from.
+and writes the manifest, `fingerprint.py` says what an output was made from, `shaping.py`
+drops captions and orders them (condition dropout, caption order), `tasks.py` reads prompt /
+response tasks.
 """
 
 from mmfm.prepare.readers import Rejects, iter_records
 from mmfm.prepare.recipe import KINDS, MANIFEST, PrepareRecipe, PrepareSource, load_prepare_recipe
-from mmfm.prepare.run import dataset_vocab, prepare
+from mmfm.prepare.run import check_output, dataset_vocab, prepare
 
 __all__ = [
     "KINDS",
@@ -16,6 +18,7 @@ __all__ = [
     "PrepareRecipe",
     "PrepareSource",
     "Rejects",
+    "check_output",
     "dataset_vocab",
     "iter_records",
     "load_prepare_recipe",

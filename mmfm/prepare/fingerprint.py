@@ -4,7 +4,9 @@ Stored in manifest.json and in each finished shard's marker (`.stats/<shard>.jso
 a rerun with a changed recipe into the same output is refused (or, with `--overwrite`, rebuilds
 the shards) instead of keeping old shards as "already done" under a manifest of two recipes.
 Inputs are fingerprinted by name, size and modification time (remote shards by URL): hashing
-their contents would read the whole corpus before the first shard.
+their contents would read the whole corpus before the first shard. Options left at their
+defaults are left out, so that an option a later mmfm adds (with a default that keeps the old
+behaviour) does not make every earlier output look changed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _NOT_THE_OUTPUT = ("output", "cache_dir", "tokenizer")  # where, not what (token
 def fingerprint(recipe: PrepareRecipe, tokenizer: TokenizerRecipe, inputs: list[list[str]]) -> dict:
     """{"recipe", "tokenizer", "inputs", "all"}: 16 hex digits each; `inputs` lists each
     source's files or shard URLs."""
-    what = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in _NOT_THE_OUTPUT}
+    what = {k: v for k, v in non_default_options(recipe).items() if k not in _NOT_THE_OUTPUT}
     parts = {
         "recipe": _digest(what),
         "tokenizer": _digest(_tokenizer_contents(tokenizer)),
@@ -47,11 +49,34 @@ def _tokenizer_contents(recipe: TokenizerRecipe) -> dict:
         if slot:
             files += [Path(slot) / "config.json", Path(slot) / "model.safetensors"]
     return {
-        "dna": dataclasses.asdict(recipe.dna),
-        "svg": dataclasses.asdict(recipe.svg),
+        "dna": non_default_options(recipe.dna),
+        "svg": non_default_options(recipe.svg),
         "task_tokens": recipe.task_tokens,
         "files": [[p.name, _file_digest(p)] for p in files],
     }
+
+
+def non_default_options(value):
+    """A dataclass as a dict of the fields that differ from their defaults, recursively (lists
+    and dicts of dataclasses too); other values as they are."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if v != default:
+                out[f.name] = non_default_options(v)
+        return out
+    if isinstance(value, list | tuple):
+        return [non_default_options(v) for v in value]
+    if isinstance(value, dict):
+        return {k: non_default_options(v) for k, v in value.items()}
+    return value
 
 
 def _describe(url: str) -> list:

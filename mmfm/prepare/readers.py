@@ -15,10 +15,11 @@ from pathlib import Path
 from mmfm.core.errors import InputNotFound
 from mmfm.core.files import iter_files
 from mmfm.core.types import DnaRecord, Record, SvgRecord, TextRecord
-from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples
+from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples, windows
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
 from mmfm.prepare.segmentation import coco_records, voc_records
+from mmfm.prepare.tasks import task_records
 from mmfm.tokenization.dna import read_dna, read_function_pairs
 from mmfm.tokenization.visual.records import PictureError, visual_records
 
@@ -88,14 +89,6 @@ def _dna_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterato
         yield from windows(record, source.max_length, source.name or source.kind)
 
 
-def windows(record: DnaRecord, max_length: int, name: str) -> Iterator[DnaRecord]:
-    """`record` cut into windows of at most `max_length` bases (0: whole), source `name`."""
-    window = max_length or len(record.sequence) or 1
-    for start in range(0, max(len(record.sequence), 1), window):
-        key = record.key if window >= len(record.sequence) else f"{record.key}:{start}"
-        yield DnaRecord(key, record.sequence[start : start + window], record.output, name)
-
-
 def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
 
     try:
@@ -138,6 +131,7 @@ _READERS = {"text": _text_records, "dna": _dna_records, "dna-pairs": _dna_record
 _READERS["svg"] = _svg_records
 _READERS.update(dict.fromkeys(("image-text", "image-mask", "video"), _visual_records))
 _READERS.update(voc=voc_records, coco=coco_records)
+_READERS["prompt-response"] = task_records
 
 
 def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str, object]]:

@@ -15,8 +15,12 @@ log = logging.getLogger("mmfm")
 MANIFEST = "manifest.json"
 KINDS = (
     "text", "dna", "dna-pairs", "svg", "image-text", "image-mask", "video", "webdataset", "voc",
-    "coco",
+    "coco", "prompt-response",
 )  # fmt: skip
+CAPTIONED = ("image-text", "image-mask", "video", "voc", "coco", "webdataset")
+"""Kinds whose records are a picture (or clip) and its caption: condition dropout and order."""
+ORDERS = ("text_first", "image_first", "both")
+COMPLETION_KINDS = ("dna-pairs", "svg", *CAPTIONED)
 
 
 @dataclass
@@ -28,8 +32,10 @@ class PrepareSource:
     image-mask (an image and its mask: the sidecar <stem>.mask.png, or see `mask`), voc and
     coco (segmentation sets: one referring-segmentation record per image and class present,
     mmfm/prepare/segmentation.py),
-    video (a clip's frames, and its caption as for image-text) or webdataset (raw WebDataset
-    shards, e.g. img2dataset's 000123.jpg + .txt + .json; see `fields`)."""
+    video (a clip's frames, and its caption as for image-text), webdataset (raw WebDataset
+    shards, e.g. img2dataset's 000123.jpg + .txt + .json; see `fields`) or prompt-response
+    (jsonl of {"prompt": ..., "response": ...} tasks, the prompt never a target:
+    mmfm/prepare/tasks.py)."""
     paths: list[str] = field(default_factory=list)
     """Files, directories, globs, or real:<name> (fetched from a registry); webdataset:
     shards as the training loader takes them (files, directories of *.tar, brace patterns
@@ -73,7 +79,32 @@ class PrepareSource:
     split: str = ""
     """voc: read only the images of ImageSets/Segmentation/<split>.txt (e.g. train, val)."""
     image_dir: str = ""
-    """coco: the folder of the json's file_name pictures (default: the json's folder)."""
+    """coco: the folder of the json's file_name pictures (default: the json's folder);
+    prompt-response: the folder its image / mask / video paths are relative to, and must stay
+    inside (default: the jsonl's folder)."""
+    uncond_ratio: float = 0.0
+    """Captioned pictures (image-text, image-mask, video, voc, coco, webdataset of those):
+    the share of records whose caption is dropped (condition dropout, LWM / Emu3), so that
+    `mmfm generate --cfg-scale` has a trained unconditional branch: `<s> <img> ...`, the very
+    prompt generate feeds it. Drawn per record from (recipe seed, source name, record key)."""
+    order: str = "text_first"
+    """Captioned pictures: text_first (`<s> caption <img> ... </img> </s>`), image_first
+    (`<s> <img> ... </img> caption </s>`: captioning) or both, each record drawn
+    image_first with probability `reverse_ratio` (SEED-LLaMA). A mask always comes last."""
+    reverse_ratio: float = 0.5
+    """order: both: the share of records put image_first."""
+    label_repeat: int = 1
+    """prompt-response (and dna-pairs with completion_only): a text-only response (a class
+    label) written this many times, separated by spaces (Omni-DNA repeats class labels 10
+    times in its SFT); responses with another modality stay as they are."""
+    completion_only: bool = False
+    """Make each record a prompt / response task whose prompt is never a target (as
+    prompt-response sources are): dna-pairs (DNA -> its text), image-mask, voc and coco
+    (image and phrase -> mask: HiMTok's referring segmentation), image-text and video
+    (caption -> picture, or with order image_first picture -> caption), svg (the file name's
+    words -> code: text2svg, the words added before <svg>). Records without a condition
+    (uncaptioned, plain DNA) keep every target. The tokens are those of the plain document,
+    but for a <sep> before a text answer and svg's added words."""
 
     def __post_init__(self) -> None:
         _require_choice("sources[].kind", self.kind, KINDS)
@@ -84,7 +115,36 @@ class PrepareSource:
         self.fit = self.fit or ("letterbox" if self.kind in ("voc", "coco") else "crop")
         _require_choice("sources[].fit", self.fit, FITS)
         _require_choice("sources[].mask", self.mask, MASKS)
+        self._check_shaping()
         check_source(self)
+
+    def _check_shaping(self) -> None:
+        _require_choice("sources[].order", self.order, ORDERS)
+        for name in ("uncond_ratio", "reverse_ratio"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"sources[].{name} must be in [0, 1], got {value}")
+        shaped = self.uncond_ratio > 0 or self.order != "text_first"
+        captioned = self.kind in CAPTIONED and (
+            self.kind != "webdataset" or self.fields.record in CAPTIONED
+        )
+        _require(
+            captioned or not shaped,
+            f"sources[].uncond_ratio and order apply to captioned pictures ({', '.join(CAPTIONED)}"
+            f" of image-text, image-mask or video), not to a {self.kind} source: remove them",
+        )
+        _require(self.label_repeat >= 1, "sources[].label_repeat must be >= 1")
+        _require(
+            self.label_repeat == 1
+            or self.kind == "prompt-response"
+            or (self.kind == "dna-pairs" and self.completion_only),
+            f"sources[].label_repeat applies to prompt-response sources (and dna-pairs with "
+            f"completion_only), not {self.kind}",
+        )
+        _require(
+            not self.completion_only or self.kind in COMPLETION_KINDS,
+            f"sources[].completion_only applies to {', '.join(COMPLETION_KINDS)} sources, not "
+            f"{self.kind} (prompt-response sources are completion-only already)",
+        )
 
 
 @dataclass
@@ -98,15 +158,29 @@ class PrepareRecipe:
     shard_size: int = 1000
     """Records per shard (rejected records leave a shard a little smaller)."""
     seed: int = 0
-    """Seed of tokenizer augmentations (DNA reverse complement)."""
+    """Seed of tokenizer augmentations (DNA reverse complement) and of the sources'
+    condition dropout and caption order (`uncond_ratio`, `order: both`)."""
     cache_dir: str = "~/.cache/mmfm"
     """Where real:<name> inputs are fetched to."""
     sources: list[PrepareSource] = field(default_factory=list)
     """What to read, in order."""
+    order: str = "as_read"
+    """Order of the documents in the shards: as_read (the sources' order) or related
+    (In-Context Pretraining: each document next to its most similar, near-duplicates dropped;
+    the corpus must fit in memory, mmfm/prepare/order.py). Not the sources' caption `order`."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "prepare", "shard_size")
+        _require_choice("order", self.order, ("as_read", "related"))
         _require(bool(self.sources), "a prepare recipe needs at least one entry in sources")
+        shaping: dict[str, tuple] = {}
+        for s in self.sources:  # records know their source by name only
+            rule = (s.uncond_ratio, s.order, s.reverse_ratio)
+            _require(
+                shaping.setdefault(s.name or s.kind, rule) == rule,
+                f"sources named {s.name or s.kind!r} differ in uncond_ratio / order / "
+                "reverse_ratio: give them different names",
+            )
 
 
 def load_prepare_recipe(path, overrides=()) -> PrepareRecipe:

@@ -2,7 +2,8 @@
 
 One dataclass tree, loaded like training configs (unknown keys rejected with the closest
 valid one, dotted overrides accepted). The trained files go to `output_dir`: `text.model`,
-`dna.model` (BPE scheme only) and `vocab.json`, the unified vocabulary.
+`dna.model` (BPE scheme only) and `vocab.json`, the unified vocabulary; with
+`text.pretrained`, the LLM's tokenizer is imported (`tokenizer.json` or `text.model`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ class TextRecipe:
     user_symbols: list[str] = field(default_factory=lambda: ["\n", "\t"])
     """Extra pieces that are never split (newline and tab help code and SVG; runs of spaces
     become pieces on their own)."""
+    pretrained: str | None = None
+    """A pretrained LLM's tokenizer as the text part: its tokenizer.json, its sentencepiece
+    .model, or the model folder holding one. Its ids are the text ids unchanged and nothing
+    is trained (model_type, vocab_size, corpus and user_symbols are then unused)."""
+    bos_token: str | None = None
+    """With `pretrained`: the token that starts every document; None: the bos_token of the
+    tokenizer_config.json beside it, else the model's own, else <s>-like names, else the
+    eos token (GPT-2 style tokenizers have <|endoftext|> only)."""
+    eos_token: str | None = None
+    """With `pretrained`: the token that ends every document; None: found like bos_token."""
 
     def __post_init__(self) -> None:
         _require_choice("text.model_type", self.model_type, ("bpe", "unigram"))
@@ -95,7 +106,8 @@ class TokenizerRecipe:
     output_dir: str = "tokenizers/base"
     """Where `mmfm tokenizer train` writes text.model, dna.model and vocab.json."""
     text: TextRecipe = field(default_factory=TextRecipe)
-    """The sentencepiece text model (also used for SVG code)."""
+    """The text tokenizer (also used for SVG code and task text): a sentencepiece model
+    trained here, or a pretrained LLM's tokenizer (`text.pretrained`)."""
     dna: DnaRecipe = field(default_factory=DnaRecipe)
     """The DNA tokenizer."""
     svg: SvgRecipe = field(default_factory=SvgRecipe)

@@ -1,7 +1,8 @@
 """The tokenizer set of a recipe: one call from a raw record to a framed token document.
 
-`Tokenizers.train(recipe)` trains the text model (and the DNA BPE model), lays out the
-unified vocabulary and writes everything to `recipe.output_dir`; `Tokenizers.load(recipe)`
+`Tokenizers.train(recipe)` trains the text model (or imports a pretrained LLM's tokenizer,
+`text.pretrained`) and the DNA BPE model, lays out the unified vocabulary and writes
+everything to `recipe.output_dir`; `Tokenizers.load(recipe)`
 reads it back. `encode(record)` is the interface `mmfm prepare` calls for every modality:
 
     TextRecord       ->  <s> text </s>
@@ -10,7 +11,12 @@ reads it back. `encode(record)` is the interface `mmfm prepare` calls for every 
     ImageRecord      ->  <s> [text] <img> 32 image codes </img> </s>
     ImageMaskRecord  ->  <s> [text] <img> image codes </img> <mask> mask codes </mask> </s>
     VideoRecord      ->  <s> [text] <vision> f1 <eof> f2 ... <eof> fn <eov> </vision> </s>
+    TaskRecord       ->  <s> prompt [<sep>] response </s>, <s> and the prompt never targets
 
+A picture record with `order: image_first` puts its caption after the image (or clip):
+`<s> <img> ... </img> caption </s>`; a mask always comes last.
+
+`<s>` and `</s>` are the text tokenizer's bos / eos ids (a pretrained tokenizer's own).
 Each span carries its modality (delimiters belong to their span), which sets the loss
 weights and per-modality metrics downstream.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,8 @@ from mmfm.core.types import (
     Modality,
     Record,
     SvgRecord,
+    TaskPart,
+    TaskRecord,
     TextRecord,
     VideoRecord,
 )
@@ -39,8 +48,14 @@ from mmfm.tokenization.dna import DnaTokenizer, read_dna
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import TokenizerRecipe
 from mmfm.tokenization.svg import SvgTokenizer
-from mmfm.tokenization.text import BOS, EOS, TextTokenizer, iter_corpus
-from mmfm.tokenization.visual.records import VisualTokenizers
+from mmfm.tokenization.text import (
+    AnyTextTokenizer,
+    TextTokenizer,
+    iter_corpus,
+    load_pretrained,
+    load_text_tokenizer,
+)
+from mmfm.tokenization.visual.records import Spans, VisualTokenizers
 from mmfm.tokenization.vocab import (
     RESERVED_CODEBOOKS,
     VOCAB_FILE,
@@ -51,6 +66,8 @@ from mmfm.tokenization.vocab import (
 log = logging.getLogger("mmfm")
 
 TEXT_MODEL, DNA_MODEL = "text.model", "dna.model"
+TEXT_FILES = {"sentencepiece": TEXT_MODEL, "hf": "tokenizer.json"}
+"""Where each kind of text model is written in `output_dir`."""
 
 
 FRAMED = (Modality.DNA, Modality.SVG, Modality.IMAGE, Modality.MASK, Modality.VIDEO)
@@ -58,7 +75,7 @@ FRAMED = (Modality.DNA, Modality.SVG, Modality.IMAGE, Modality.MASK, Modality.VI
 
 class Tokenizers:
     def __init__(
-        self, recipe: TokenizerRecipe, vocab: Vocab, text: TextTokenizer, dna: DnaTokenizer
+        self, recipe: TokenizerRecipe, vocab: Vocab, text: AnyTextTokenizer, dna: DnaTokenizer
     ):
         self.recipe, self.vocab, self.text, self.dna = recipe, vocab, text, dna
         self.svg = SvgTokenizer(recipe.svg, text)
@@ -70,17 +87,8 @@ class Tokenizers:
     def train(cls, recipe: TokenizerRecipe) -> Tokenizers:
         out = Path(recipe.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        texts = iter_corpus(
-            recipe.text.corpus,
-            recipe.text.jsonl_field,
-            int(recipe.text.max_corpus_mb * 2**20),
-            recipe.cache_dir,
-        )
-        log.info(
-            "training the %s text model (%d pieces)", recipe.text.model_type, recipe.text.vocab_size
-        )
-        text = TextTokenizer.train(texts, recipe.text)
-        text.save(out / TEXT_MODEL)
+        text = text_model(recipe)
+        text.save(out / TEXT_FILES[text.kind])
         bpe = None
         if recipe.dna.scheme == "bpe":
             log.info("training the DNA BPE model (%d pieces)", recipe.dna.bpe_vocab_size)
@@ -88,13 +96,7 @@ class Tokenizers:
             bpe = DnaTokenizer.train_bpe(sequences, recipe.dna.bpe_vocab_size)
             (out / DNA_MODEL).write_bytes(bpe)
         dna = DnaTokenizer(recipe.dna, bpe)
-        vocab = Vocab.build(
-            text.size,
-            recipe.task_tokens,
-            [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
-            text_pieces=text.pieces(),
-            text_model=text.proto,
-        )
+        vocab = build_vocab(recipe, text, dna)
         vocab.save(out / VOCAB_FILE)
         log.info("wrote %s: %d ids (%d text)", out / VOCAB_FILE, vocab.size, text.size)
         return cls(recipe, vocab, text, dna)
@@ -102,13 +104,21 @@ class Tokenizers:
     @classmethod
     def load(cls, recipe: TokenizerRecipe) -> Tokenizers:
         out = Path(recipe.output_dir)
-        if not (out / VOCAB_FILE).is_file() or not (out / TEXT_MODEL).is_file():
+        if not (out / VOCAB_FILE).is_file():
             raise VocabError(
-                f"{out} holds no trained tokenizers ({VOCAB_FILE}, {TEXT_MODEL}): run "
-                f"mmfm tokenizer train with this recipe first"
+                f"{out} holds no trained tokenizers ({VOCAB_FILE}): run mmfm tokenizer train "
+                f"with this recipe first"
             )
         vocab = Vocab.load(out / VOCAB_FILE)
-        text = TextTokenizer(out / TEXT_MODEL)
+        text_file = out / TEXT_FILES.get(vocab.text_kind, TEXT_MODEL)
+        if not text_file.is_file():
+            raise VocabError(
+                f"{out} holds no trained tokenizers ({VOCAB_FILE}, {text_file.name}): run "
+                f"mmfm tokenizer train with this recipe first"
+            )
+        text = load_text_tokenizer(
+            vocab.text_kind, text_file.read_bytes(), vocab.text_bos, vocab.text_eos
+        )
         bpe = (out / DNA_MODEL).read_bytes() if recipe.dna.scheme == "bpe" else None
         dna = DnaTokenizer(recipe.dna, bpe)
         book = vocab.codebook("dna")
@@ -121,8 +131,12 @@ class Tokenizers:
 
     # -- records <-> documents --------------------------------------------------------------------
 
-    def encode(self, record: Record, rng: np.random.Generator | None = None) -> Document:
-        doc = DocumentBuilder().add([BOS], Modality.TEXT)
+    def encode(
+        self, record: Record, rng: np.random.Generator | None = None, spans: Spans | None = None
+    ) -> Document:
+        """`record` as a framed document; a picture record's `spans` may come encoded already
+        (`VisualTokenizers.encode_many`, which batches the pictures of many records)."""
+        doc = DocumentBuilder().add([self.text.bos_id], Modality.TEXT)
         if isinstance(record, TextRecord):
             doc.add(self.text.encode(record.text), Modality.TEXT)
         elif isinstance(record, DnaRecord):
@@ -135,12 +149,46 @@ class Tokenizers:
         elif isinstance(record, SvgRecord):
             self._framed(doc, Modality.SVG, self.svg.encode(record.svg, record.key))
         elif isinstance(record, ImageRecord | ImageMaskRecord | VideoRecord):
-            if record.text:
-                doc.add(self.text.encode(record.text), Modality.TEXT)
-            self.visual.add(doc, record)
+            self._captioned(doc, record, spans)
+        elif isinstance(record, TaskRecord):
+            return self._task(doc, record, rng)
         else:
             raise TypeError(f"no tokenizer for {type(record).__name__}")
-        return doc.add([EOS], Modality.TEXT).build(record.key, record.source)
+        return doc.add([self.text.eos_id], Modality.TEXT).build(record.key, record.source)
+
+    def _captioned(self, doc: DocumentBuilder, record, spans: Spans | None) -> None:
+        """The caption (if any) and the picture spans in the record's `order`: image_first puts
+        the first picture (image or clip) before the caption; a mask stays last, after both."""
+        spans = self.visual.encode_many([record])[0] if spans is None else spans
+        first = 1 if record.order == "image_first" else 0
+        self.visual.add(doc, record, spans[:first])
+        doc.add(self.text.encode(record.text) if record.text else [], Modality.TEXT)
+        self.visual.add(doc, record, spans[first:])
+
+    def _task(self, doc: DocumentBuilder, record: TaskRecord, rng) -> Document:
+        """`<s> prompt [<sep>] response </s>`, `<s>` and the prompt a no_loss span: only the
+        response (and `</s>`) are learned. `<sep>` comes before a response that starts with
+        text (as in dna-pairs); a framed response opens with its own delimiter, which is also
+        what `mmfm generate --modality` ends a prompt with."""
+        for part in record.prompt:
+            self._part(doc, part, record.key, rng)
+        if record.response[0].kind == "text":
+            doc.add([self.vocab.special("<sep>")], Modality.TEXT)
+        prompt_end = len(doc.tokens)
+        for part in record.response:
+            self._part(doc, part, record.key, rng)
+        built = doc.add([self.text.eos_id], Modality.TEXT).build(record.key, record.source)
+        return replace(built, no_loss=((0, prompt_end),))
+
+    def _part(self, doc: DocumentBuilder, part: TaskPart, key: str, rng) -> None:
+        if part.kind == "text":
+            doc.add(self.text.encode(part.value), Modality.TEXT)
+        elif part.kind == "dna":
+            self._framed(doc, Modality.DNA, self.dna.encode(part.value, self.vocab, key, rng))
+        elif part.kind == "svg":
+            self._framed(doc, Modality.SVG, self.svg.encode(part.value, key))
+        else:
+            doc.add(*self.visual.span(part.kind, part.value))
 
     def _framed(self, doc: DocumentBuilder, modality: Modality, ids: Sequence[int]) -> None:
         start, end = self.vocab.delimiters(modality)
@@ -180,7 +228,7 @@ class Tokenizers:
                 i = end + 1
             else:
                 if self.vocab.lookup(ids[i])[0] == "text":
-                    if ids[i] not in (BOS, EOS):
+                    if ids[i] not in (self.text.bos_id, self.text.eos_id):
                         text.append(ids[i])
                 elif text:  # a special (e.g. <sep>) ends a text span
                     spans.append(("text", self.text.decode(text)))
@@ -204,6 +252,41 @@ class Tokenizers:
         if modality == Modality.SVG:
             return self.svg.decode(body)
         return self.visual.decode(modality, body)
+
+
+def text_model(recipe: TokenizerRecipe) -> AnyTextTokenizer:
+    """The recipe's text tokenizer: the pretrained one it names, or one trained on its corpus."""
+    if recipe.text.pretrained:
+        text = load_pretrained(recipe.text.pretrained, recipe.text.bos_token, recipe.text.eos_token)
+        log.info("imported %s: %d text ids", recipe.text.pretrained, text.size)
+        return text
+    texts = iter_corpus(
+        recipe.text.corpus,
+        recipe.text.jsonl_field,
+        int(recipe.text.max_corpus_mb * 2**20),
+        recipe.cache_dir,
+    )
+    log.info(
+        "training the %s text model (%d pieces)", recipe.text.model_type, recipe.text.vocab_size
+    )
+    return TextTokenizer.train(texts, recipe.text)
+
+
+def build_vocab(recipe: TokenizerRecipe, text: AnyTextTokenizer, dna: DnaTokenizer) -> Vocab:
+    """The unified vocabulary: `text`'s ids, then the specials and codebooks. The same for
+    `mmfm tokenizer train` and `mmfm convert from-hf --extend-vocab`, so shards and the
+    imported checkpoint share one fingerprint. A pretrained text part records its bos / eos."""
+    own = text.kind == "sentencepiece" and not recipe.text.pretrained
+    return Vocab.build(
+        text.size,
+        recipe.task_tokens,
+        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
+        text_kind=text.kind,
+        text_pieces=text.pieces(),
+        text_model=text.proto,
+        text_bos=None if own else text.bos_id,
+        text_eos=None if own else text.eos_id,
+    )
 
 
 def _dna_records(sources: Iterable[str], recipe: TokenizerRecipe):

@@ -2,7 +2,8 @@
 
 Layout, in this order:
 
-1. the text tokenizer's ids `[0, text_size)` (sentencepiece pieces; bytes for the demo);
+1. the text tokenizer's ids `[0, text_size)` (sentencepiece pieces, or a pretrained LLM's
+   Hugging Face tokenizer.json unchanged; bytes for the demo);
 2. the special and delimiter tokens (`<img>`, `</img>`, `<mask>`, ..., `<sep>`, task tokens);
 3. one contiguous range per discrete codebook: image (8192, SEED), mask (1024, HiMTok),
    video (8192, LWM), then DNA (its size depends on the scheme). Image, mask and video are
@@ -75,12 +76,18 @@ class Vocab:
     specials: tuple[str, ...]
     codebooks: tuple[Codebook, ...]
     text_kind: str = "sentencepiece"
-    """sentencepiece, or bytes (the demo: one id per byte)."""
+    """sentencepiece, hf (a Hugging Face tokenizer.json), imported (an LLM's embedding rows
+    with no tokenizer) or bytes (the demo: one id per byte)."""
     text_pieces: tuple[str, ...] = field(default=(), repr=False)
     """Readable text pieces, for display and export."""
     text_model: bytes | None = field(default=None, repr=False)
-    """The sentencepiece model itself, so that a checkpoint alone can be exported with its
-    tokenizer (mmfm convert hf)."""
+    """The sentencepiece model (or tokenizer.json) itself, so that a checkpoint alone can be
+    exported with its tokenizer (mmfm convert hf)."""
+    text_bos: int | None = None
+    """Id that starts a document when it is not the text model's own (a pretrained
+    tokenizer.json has none); None: the model's."""
+    text_eos: int | None = None
+    """Id that ends a document, like text_bos."""
 
     @classmethod
     def build(
@@ -91,6 +98,8 @@ class Vocab:
         text_kind: str = "sentencepiece",
         text_pieces: Sequence[str] = (),
         text_model: bytes | None = None,
+        text_bos: int | None = None,
+        text_eos: int | None = None,
     ) -> Vocab:
         specials = (*FIXED_SPECIALS, *extra_specials)
         if len(set(specials)) != len(specials):
@@ -103,7 +112,16 @@ class Vocab:
                 raise VocabError(f"codebook {name}: {len(pieces)} pieces for {size} codes")
             books.append(Codebook(name, offset, size, pieces))
             offset += size
-        return cls(text_size, specials, tuple(books), text_kind, tuple(text_pieces), text_model)
+        return cls(
+            text_size,
+            specials,
+            tuple(books),
+            text_kind,
+            tuple(text_pieces),
+            text_model,
+            text_bos,
+            text_eos,
+        )
 
     @property
     def size(self) -> int:
@@ -165,6 +183,8 @@ class Vocab:
             "specials": self.specials,
             "codebooks": [[b.name, b.offset, b.size, b.pieces] for b in self.codebooks],
         }
+        if (self.text_bos, self.text_eos) != (None, None):  # absent: same hash as before
+            layout["frame"] = [self.text_bos, self.text_eos]
         blob = json.dumps(layout, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -182,6 +202,8 @@ class Vocab:
                 "model_base64": base64.b64encode(self.text_model).decode()
                 if self.text_model
                 else None,
+                **({"bos": self.text_bos} if self.text_bos is not None else {}),
+                **({"eos": self.text_eos} if self.text_eos is not None else {}),
             },
             "specials": list(self.specials),
             "codebooks": [
@@ -205,6 +227,8 @@ class Vocab:
             text["kind"],
             tuple(text["pieces"]),
             base64.b64decode(text["model_base64"]) if text.get("model_base64") else None,
+            text.get("bos"),
+            text.get("eos"),
         )
         if vocab.size != data["size"]:
             raise VocabError(f"vocabulary declares size {data['size']}, its layout {vocab.size}")

@@ -1,9 +1,11 @@
 """Trainer callbacks: metrics.jsonl, TensorBoard, and the progress bar.
 
 The trainer owns the loop and calls `on_fit_start`, `on_step_end` (with the step's scalars)
-and `on_fit_end`; everything that reports lives here. A step that ran validation carries
-its val/* scalars too: they are written even when the step is not a logging step. The
-trainer reduces the metrics only on the steps these callbacks report (`logging.every`,
+and `on_fit_end`; everything that reports lives here. The scalars are `loss` (the
+normalised cross-entropy), `loss/z` (the z-loss, when loss.z_loss is on), loss/<modality>,
+lr, grad_norm, tokens_per_s and data/*. A step that ran validation carries its val/*
+scalars too: they are written even when the step is not a logging step. The trainer
+reduces the metrics only on the steps these callbacks report (`logging.every`,
 `logging.print_every`, the first and last step, validation steps); on the others the
 scalars are empty.
 """
@@ -91,8 +93,15 @@ class TensorBoard(Callback):
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
+    """One progress line: the loss, loss/<modality>, the z-loss (tiny: in e-notation), ..."""
     parts = [f"loss {metrics['loss']:.4f}"]
-    parts += [f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")]
+    parts += [
+        f"{k.split('/')[1]} {v:.3f}"
+        for k, v in metrics.items()
+        if k.startswith("loss/") and k != "loss/z"
+    ]
+    if "loss/z" in metrics:
+        parts.append(f"z {metrics['loss/z']:.2e}")
     if _has_validation(metrics):
         parts.append(f"val {metrics['val/loss']:.4f}")
     parts += [f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_s']:,.0f} tok/s"]

@@ -29,7 +29,7 @@ from mmfm.data.demo import SPECIAL, TEXT_OFFSET
 from mmfm.data.shards import write_shard
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
-from mmfm.tokenization.text import BOS, EOS, TextTokenizer
+from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, CheckpointError
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
@@ -71,7 +71,8 @@ def text_documents(path: Path, vocab: Vocab | None) -> list[Document]:
                 f"the checkpoint's {VOCAB_FILE} holds no text model: prepare {path} into "
                 "shards with mmfm prepare instead"
             )
-        bos, eos, encode = BOS, EOS, TextTokenizer(vocab.text_model).encode
+        text = text_of_vocab(vocab)
+        bos, eos, encode = text.bos_id, text.eos_id, text.encode
     try:
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
     except (OSError, UnicodeDecodeError) as e:

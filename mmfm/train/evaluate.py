@@ -4,9 +4,16 @@ An `Evaluator` runs the training step's forward and loss (`StepLoss` through the
 runner, whole model or pipeline, with no backward) over held-out shards packed exactly like
 the training data, at whatever parallel layout the model is in. Every evaluation reads a
 fresh set of streams from the start, each source at most once, so it sees the same rows
-every time and never touches the training stream's state. Sums (weighted loss, per-modality
-cross-entropy and targets, text bytes) are reduced over ranks like a training step's and
-divided at the end, so the result is normalised by the global target count at any layout.
+every time and never touches the training stream's state. Sums (weighted and unweighted
+cross-entropy and targets per modality, text bytes) are reduced over ranks like a training
+step's and divided at the end, so the result is normalised by the global target counts at
+any layout.
+
+What it reports: `loss` (val/loss) is the held-out cross-entropy normalised as the training
+loss is (`loss.normalize`, `loss.modality_weights`, data.loss_weights), over the whole
+evaluation instead of one step; the z-loss is a regulariser of training and is left out, as
+it is from the training metric `loss` (which reports it apart as loss/z). Per-modality losses
+and bits per byte are unweighted.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mmfm.config.schema import Config, SourceConfig
+from mmfm.config.schema import Config, LossConfig, SourceConfig
 from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
 from mmfm.core.zigzag import zigzag_slice
 from mmfm.data.demo import TEXT_OFFSET
@@ -33,7 +40,7 @@ from mmfm.data.stream import SKIP_REASONS, VirtualStream
 from mmfm.parallel.env import ParallelEnv
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
-from mmfm.train.loss import StepLoss, count_targets
+from mmfm.train.loss import StepLoss, count_modality_targets, modality_scales, split_totals
 from mmfm.train.steps import StepRunner
 
 log = logging.getLogger("mmfm")
@@ -73,6 +80,16 @@ class EvalResult:
     """Sum of loss weight x cross-entropy (nats), as in the training loss."""
     weighted_targets: float = 0.0
     """Targets with a loss weight > 0 (the training loss's denominator)."""
+    modality_weighted_ce: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0)
+    )
+    """`weighted_ce` per target modality."""
+    modality_weighted_targets: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0)
+    )
+    """`weighted_targets` per target modality."""
+    loss_config: LossConfig = field(default_factory=LossConfig)
+    """How `loss` is normalised: the training run's `loss` section."""
     ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0))
     """Unweighted cross-entropy sum per target modality."""
     targets: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0))
@@ -83,8 +100,16 @@ class EvalResult:
 
     @property
     def loss(self) -> float:
-        """Weighted like the training loss: sum(weight x ce) / targets with weight > 0."""
-        return self.weighted_ce / max(self.weighted_targets, 1.0)
+        """Weighted and normalised like the training loss: with loss.normalize=tokens,
+        sum(weight x ce) / targets with weight > 0; with modality_mean, the weighted mean of
+        each modality's sum(weight x ce) / its targets with weight > 0."""
+        if self.loss_config.normalize == "tokens":
+            return self.weighted_ce / max(self.weighted_targets, 1.0)
+        counts, sums = (
+            torch.tensor([d[n] for n in MODALITY_NAMES], dtype=torch.float64)
+            for d in (self.modality_weighted_targets, self.modality_weighted_ce)
+        )
+        return float((modality_scales(counts, self.loss_config) * sums).sum())
 
     @property
     def loss_unweighted(self) -> float:
@@ -127,6 +152,7 @@ class EvalResult:
             modalities[name] = row
         return {
             "loss": self.loss,
+            "loss_normalize": self.loss_config.normalize,
             "perplexity": _ppl(self.loss),
             "loss_unweighted": self.loss_unweighted,
             "perplexity_unweighted": _ppl(self.loss_unweighted),
@@ -238,7 +264,7 @@ class Evaluator:
         max_steps: int,
         byte_table: torch.Tensor | None,
     ):
-        self.env, self.max_steps = env, max_steps
+        self.env, self.max_steps, self.loss_config = env, max_steps, cfg.loss
         self.model, self.steps = steps.model, steps
         self.data = HeldOutRows(cfg, sources, env)
         self.byte_table = byte_table  # on the host, like the batches the reader makes
@@ -246,7 +272,9 @@ class Evaluator:
     def run(self, progress: bool = False) -> EvalResult:
         from tqdm import tqdm
 
-        result = EvalResult(text_bytes=None if self.byte_table is None else 0.0)
+        result = EvalResult(
+            text_bytes=None if self.byte_table is None else 0.0, loss_config=self.loss_config
+        )
         was_training = self.model.training
         self.model.eval()
         bar = tqdm(
@@ -276,16 +304,23 @@ class Evaluator:
         # A loss normalised by 1: the raw weighted sum, divided by the global count at the end.
         step_loss = StepLoss(torch.tensor(1.0, device=device))
         self.steps.run(micro_batches, step_loss, forward_only=True)
-        sums = self.env.all_reduce(step_loss.totals(), "dp_cp", "pp").tolist()
-        counts = torch.stack([count_targets(micro_batches), self._text_bytes(micro_batches)])
+        weighted_ce, _, sums = split_totals(
+            self.env.all_reduce(step_loss.totals(), "dp_cp", "pp").tolist()
+        )
+        counts = torch.cat(
+            [count_modality_targets(micro_batches), self._text_bytes(micro_batches)[None]]
+        )
         counts = self.env.all_reduce(counts.to(device), "dp_cp").tolist()
-        result.weighted_ce += sums[0]
-        for i, name in enumerate(MODALITY_NAMES):
-            result.ce[name] += sums[1 + 2 * i]
-            result.targets[name] += sums[2 + 2 * i]
-        result.weighted_targets += counts[0]
+        result.weighted_ce += weighted_ce
+        for name, (ce, targets, weighted) in sums.items():
+            result.ce[name] += ce
+            result.targets[name] += targets
+            result.modality_weighted_ce[name] += weighted
+        for name, weighted_targets in zip(MODALITY_NAMES, counts[:-1], strict=True):
+            result.modality_weighted_targets[name] += weighted_targets
+        result.weighted_targets += sum(counts[:-1])
         if result.text_bytes is not None:
-            result.text_bytes += counts[1]
+            result.text_bytes += counts[-1]
 
     def _text_bytes(self, micro_batches: list[Batch]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32)

@@ -2,18 +2,20 @@
 
 `Trainer.fit()` runs optimizer steps until `train.steps`, a stop signal, or too many
 non-finite steps in a row. One step consumes one global batch: this rank's share arrives as
-micro-batches, the loss is normalised by the global target count, the step runner
-(whole model or pipeline) accumulates gradients, then gradients are clipped across all
-shards and AdamW steps. Every `eval.every` steps an `Evaluator` adds the held-out loss
-(val/*) to the step's metrics, optionally keeping the best checkpoint. Reporting is done by
-callbacks on the main rank; state goes to and comes from `Checkpointer`.
+micro-batches, the loss is normalised by the global target counts (per modality, for
+`loss.normalize`), the step runner (whole model or pipeline) accumulates gradients, then
+gradients are clipped across all shards and AdamW steps. Every `eval.every` steps an
+`Evaluator` adds the held-out loss (val/*) to the step's metrics, optionally keeping the best
+checkpoint. Reporting is done by callbacks on the main rank; state goes to and comes from
+`Checkpointer`.
 
-Communication per step, kept as low as torchtitan and OLMo-core keep it: the target count
-is reduced before the loss and the gradient norm before clipping; everything else the ranks
-must agree on travels in one all_reduce that is read to the host once (`StepFlags`): whether
-any rank got a stop signal, whether the loss or gradient norm is non-finite, the data
-counters (exhaustion depends on them) and, on a step that reports (logged, printed or
-validated), the metrics. Other steps reduce no metrics and return none.
+Communication per step, kept as low as torchtitan and OLMo-core keep it: the target counts
+(one vector, a count per modality) are reduced before the loss and the gradient norm before
+clipping; everything else the ranks must agree on travels in one all_reduce that is read to
+the host once (`StepFlags`): whether any rank got a stop signal, whether the loss or gradient
+norm is non-finite, the data counters (exhaustion depends on them) and, on a step that
+reports (logged, printed or validated), the metrics. Other steps reduce no metrics and
+return none.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mmfm.config import Config, to_yaml
 from mmfm.core.errors import TrainingError
-from mmfm.core.types import MODALITY_NAMES, Batch
+from mmfm.core.types import Batch
 from mmfm.data.loader import Loader
 from mmfm.data.tario import Interrupted
 from mmfm.parallel.env import ParallelEnv
@@ -45,7 +47,7 @@ from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import STATE_FILE, Checkpointer, DamagedCheckpointError
 from mmfm.train.evaluate import BestCheckpoint, Evaluator
-from mmfm.train.loss import StepLoss, count_targets
+from mmfm.train.loss import StepLoss, count_modality_targets, split_totals
 from mmfm.train.steps import StepRunner
 
 log = logging.getLogger("mmfm")
@@ -226,8 +228,9 @@ class Trainer:
         signal by the end of the backward pass is `stop_agreed` afterwards."""
         start = time.perf_counter()
         self.model.train()
-        num_targets = self._on_device(count_targets(micro_batches))
-        step_loss = StepLoss(self.env.all_reduce(num_targets, "dp_cp"))
+        # Per modality in the same one all_reduce: loss.normalize=modality_mean needs them.
+        targets = self._on_device(count_modality_targets(micro_batches))
+        step_loss = StepLoss(self.env.all_reduce(targets, "dp_cp"), self.cfg.loss)
         self.steps.run(micro_batches, step_loss)
         finalize_gradients(self.model.parameters())
         max_norm = self.cfg.optim.grad_clip or math.inf
@@ -267,7 +270,7 @@ class Trainer:
                 [float(stop), 0.0, *(counts if self._adds_data_counts else [0.0] * len(counts))]
             )
         )
-        head[1] = ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+        head[1] = ~(torch.isfinite(stats[:2]).all() & torch.isfinite(grad_norm))
         parts = [head]
         if report:
             norm = grad_norm.reshape(1).to(head.dtype)
@@ -290,8 +293,11 @@ class Trainer:
         return values.pin_memory().to(self.device, non_blocking=True)
 
     def _metrics(self, reported: list[float], lr: float, start: float) -> dict[str, float]:
-        """The step's scalars from `StepFlags.reported` (gradient norm, then loss stats)."""
-        grad_norm, loss, per_modality = reported[0], reported[1], reported[2:]
+        """The step's scalars from `StepFlags.reported` (gradient norm, then loss stats).
+        `loss` is the normalised cross-entropy; the z-loss, when on, is added to it in the
+        objective and reported apart (`loss/z`); loss/<modality> are unweighted means."""
+        grad_norm = reported[0]
+        loss, z_loss, per_modality = split_totals(reported[1:])
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         metrics = {
             "loss": loss,
@@ -300,8 +306,9 @@ class Trainer:
             "tokens_per_s": tokens / (time.perf_counter() - start),
             "nonfinite_steps": float(self.nonfinite_total),
         }
-        for i, name in enumerate(MODALITY_NAMES):
-            ce_sum, count = per_modality[2 * i], per_modality[2 * i + 1]
+        if self.cfg.loss.z_loss:
+            metrics["loss/z"] = z_loss
+        for name, (ce_sum, count, _) in per_modality.items():
             if count > 0:
                 metrics[f"loss/{name}"] = ce_sum / count
         return metrics

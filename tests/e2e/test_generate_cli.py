@@ -21,21 +21,12 @@ from mmfm.generate.engine import generate
 from mmfm.generate.load import load_model
 from mmfm.generate.sampling import Sampling
 from mmfm.model import build_model, init_weights
-from mmfm.testing import tiny_shape
-from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
+from mmfm.testing import tiny_shape, tiny_visual_recipe
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import _single_process_quiet
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
-TINY_VISUAL = {
-    "seed_image": {"image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
-                   "qformer_layers": 1, "decoder_layers": 1, "tokens": 8, "codebook_size": 64},
-    "himtok_mask": {"mask_size": 32, "stem": 4, "dim": 32, "heads": 2, "encoder_layers": 1,
-                    "latent_layers": 1, "decoder_layers": 1, "tokens": 32, "codebook_size": 64,
-                    "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]},
-    "video": {"frame_size": 32, "hidden": 16, "dim": 16, "codebook_size": 64},
-}  # fmt: skip
 SHAPE = tiny_shape(n_layers=2, seq_len=128, max_seq_len=1024)
 
 
@@ -81,16 +72,11 @@ def unified(tmp_path_factory):
     """An untrained model on the base vocabulary, and a tokenizer recipe with untrained
     visual tokenizers (their codes decode to pictures of the right size)."""
     root = tmp_path_factory.mktemp("unified")
-    slots = {"image": "seed_image", "mask": "himtok_mask", "video": "video"}
-    lines = [f"output_dir: {REPO / 'tokenizers/base'}"]
-    for slot, kind in slots.items():
-        save_visual(build(VisualRecipe(kind=kind, model=TINY_VISUAL[kind])), root / kind)
-        lines.append(f"{slot}_tokenizer: {root / kind}")
-    (root / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    recipe = tiny_visual_recipe(root)
     size = -(-Vocab.load(BASE_VOCAB).size // 64) * 64
     overrides = [f"model.vocab_size={size}", f"data.vocab={BASE_VOCAB}"]
     ckpt = random_checkpoint(root / "ckpt", overrides, BASE_VOCAB)
-    return ckpt, root / "recipe.yaml"
+    return ckpt, recipe
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
 from mmfm.data.raw import RawDecoder, count_samples
 from mmfm.data.shards import read_shard
+from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
@@ -189,6 +190,23 @@ def test_raw_shards_give_the_documents_of_the_same_files(corpus, from_raw):
     before = {p: p.stat().st_mtime_ns for p in (root / "from-raw").glob("t-*.tar")}
     assert prepare(load_prepare_recipe(raw_recipe), progress=False) == manifest
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_raw_shards_streamed_give_the_documents_prepare_made(corpus, from_raw):
+    """Tokenized in the training stream: the http-served photos (img2dataset's jpg + txt or
+    json caption, the tiny SEED-style image tokenizer, pictures encoded in one batch) and the
+    DNA windowed by max_length give the documents mmfm prepare made of the same shards."""
+    root, tok = corpus["root"], str(corpus["root"] / "tok.yaml")
+    prepared = documents(root / "from-raw")
+    photos = SourceSpec("photos", (f"{corpus['url']}/photos.tar",), 1.0, 0, tok, RawFields())
+    dna = RawFields(record="dna")
+    genome = SourceSpec("genome", (str(root / "raw/dna.tar"),), 1.0, 0, tok, dna, max_length=2000)
+    settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
+    for spec in (photos, genome):
+        read = read_raw_unit(Unit(spec.urls[0], 1, 0), 0, Skips(1.0), spec, settings)
+        streamed = [(d.source, d.tokens.tolist(), d.modality.tolist()) for _, d in read]
+        assert streamed == [d for d in prepared if d[0] == spec.name]
+    assert len([d for d in prepared if d[0] == "genome"]) > len(DNA)  # cut into windows
 
 
 def test_changed_recipe_or_inputs_is_refused_and_overwrite_rebuilds(corpus, from_raw, capsys):

@@ -12,29 +12,14 @@ from PIL import Image
 from mmfm.core.errors import ConfigError, InputNotFound
 from mmfm.data.shards import read_shard
 from mmfm.prepare import PrepareRecipe, PrepareSource, Rejects, iter_records, prepare
+from mmfm.testing import tiny_visual_recipe, voc_palette
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual import data as vdata
-from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
 REPO = Path(__file__).resolve().parents[2]
 VOID = 255
-
-
-def voc_palette() -> list[int]:
-    """VOC's colour map (bit-interleaved index -> RGB), as its label PNGs carry it."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def labelled(shape: tuple[int, int]) -> np.ndarray:
@@ -220,35 +205,9 @@ def test_coco_one_record_per_category_polygons_and_rle(tmp_path, real_data):
     assert abs(int(polygon.sum()) - 100 * 50) < 2 * (100 + 50)  # edges, as rasterised
 
 
-def tiny_tokenizers(tmp_path: Path) -> Path:
-    """A tokenizer recipe with the base text model and tiny untrained image / mask tokenizers
-    (the layout of documents is under test, not the codes)."""
-    image = {
-        "image_size": 32,
-        "patch": 8,
-        "dim": 32,
-        "heads": 2,
-        "encoder_layers": 1,
-        "qformer_layers": 1,
-        "decoder_layers": 1,
-        "tokens": 8,
-        "codebook_size": 64,
-    }
-    mask = {"mask_size": 32, "stem": 4, "dim": 32, "heads": 2, "encoder_layers": 1,
-            "latent_layers": 1, "decoder_layers": 1, "tokens": 32, "codebook_size": 64,
-            "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]}  # fmt: skip
-    lines = [f"output_dir: {REPO / 'tokenizers/base'}\n"]
-    for slot, kind, model in (("image", "seed_image", image), ("mask", "himtok_mask", mask)):
-        save_visual(build(VisualRecipe(kind=kind, model=model)), tmp_path / kind)
-        lines.append(f"{slot}_tokenizer: {tmp_path / kind}\n")
-    path = tmp_path / "tok.yaml"
-    path.write_text("".join(lines))
-    return path
-
-
 def test_prepare_voc_documents_read_segment_the_class(voc, tmp_path, real_data):
     root, _ = voc
-    tok = tiny_tokenizers(tmp_path)
+    tok = tiny_visual_recipe(tmp_path)
     recipe = PrepareRecipe(
         name="t", output=str(tmp_path / "out"), tokenizer=str(tok), shard_size=10,
         sources=[PrepareSource(kind="voc", name="voc", paths=[str(root)])],

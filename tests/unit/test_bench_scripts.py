@@ -42,3 +42,14 @@ def test_gpu_script_dry_run(tmp_path):
 def test_cross_entropy_bench_runs():
     out = run("bench/cross_entropy.py", "--tokens", "64", "--vocab", "128", "--repeats", "1")
     assert out.count("| chunked |") == 2 and out.count("| torch |") == 2
+
+
+def test_loader_bench_raw_paths_read_the_same_tokens(tmp_path):
+    out = tmp_path / "loader.json"
+    run("bench/loader.py", "--raw-only", "--repeats", "1", "--verses", "20", "--photos", "2",
+        "--json", str(out))  # fmt: skip
+    raw = json.loads(out.read_text())["raw"]
+    assert raw["raw text (BPE in the stream)"]["tokens"] == raw["prepared text"]["tokens"] > 0
+    pictures = [raw[f"raw image-text, {n} per call"] for n in ("1 picture", "16 pictures")]
+    assert pictures[0]["tokens"] == pictures[1]["tokens"] > 0  # the same documents
+    assert all(row["workers_per_step"] > 0 for row in raw.values())

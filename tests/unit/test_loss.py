@@ -1,4 +1,4 @@
-"""Loss normalisation and the learning-rate schedule."""
+"""Loss normalisation (tokens, modality_mean), the z-loss and the learning-rate schedule."""
 
 import itertools
 import math
@@ -7,10 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfm.config import OptimConfig
-from mmfm.core.types import IGNORE_INDEX, Batch, Modality
+from mmfm.config import ConfigError, OptimConfig, load_config
+from mmfm.config.schema import LossConfig
+from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
 from mmfm.train import loss as loss_module
-from mmfm.train.loss import StepLoss, count_targets, modality_sums, token_cross_entropy
+from mmfm.train.callbacks import format_metrics
+from mmfm.train.evaluate import EvalResult
+from mmfm.train.loss import (
+    StepLoss,
+    count_modality_targets,
+    count_targets,
+    modality_sums,
+    split_totals,
+    token_cross_entropy,
+)
 from mmfm.train.optim import lr_multiplier
 
 
@@ -48,7 +58,7 @@ def test_split_steps_give_the_same_loss_as_one_batch():
     assert full.item() == pytest.approx((ce * whole.loss_weights.flatten()).sum().item() / 20)
 
 
-def test_modality_sums_are_unweighted_means_per_target_modality():
+def test_modality_sums_are_unweighted_and_weighted_sums_per_target_modality():
     b = batch()
     ce = torch.rand(2, 6)
     sums = modality_sums(ce, b)
@@ -57,6 +67,7 @@ def test_modality_sums_are_unweighted_means_per_target_modality():
         sel = has & (b.modality == m)
         assert sums[m, 0].item() == pytest.approx(ce[sel].sum().item())
         assert sums[m, 1].item() == sel.sum().item()
+        assert sums[m, 2].item() == pytest.approx((ce * b.loss_weights)[sel].sum().item())
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -99,3 +110,102 @@ def _reference_cross_entropy(logits, labels):
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return ce.view(labels.shape)
+
+
+def three_modality_batch(rows=4, seq=9, vocab=13, seed=1):
+    """Targets of text, image and DNA in uneven numbers, some weighted 0 (no loss) or 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (rows, seq), generator=gen)
+    labels[:, -1] = IGNORE_INDEX
+    modality = torch.tensor([Modality.TEXT, Modality.IMAGE, Modality.DNA])[
+        torch.randint(0, 3, (rows, seq), generator=gen)
+    ]
+    modality[:, :4] = Modality.TEXT  # text the most frequent: the means differ from tokens
+    weights = torch.ones(rows, seq)
+    weights[0, :3] = 0.0  # e.g. a prompt span
+    weights[modality == Modality.DNA] = 0.5
+    weights[labels == IGNORE_INDEX] = 0.0
+    zeros = torch.zeros(rows, seq, dtype=torch.long)
+    return Batch(zeros, labels, zeros, zeros, weights, modality)
+
+
+def test_modality_mean_is_the_weighted_mean_of_the_modality_means_however_split():
+    b, vocab = three_modality_batch(), 13
+    logits = torch.randn(4, 9, vocab, generator=torch.Generator().manual_seed(2))
+    cfg = LossConfig(normalize="modality_mean", modality_weights={"text": 2.0, "svg": 5.0})
+    counts = count_modality_targets([b])
+    whole = StepLoss(counts, cfg)(logits, b, key=0)
+    split = StepLoss(count_modality_targets([b.select(slice(0, 2)), b.select(slice(2, 4))]), cfg)
+    for i in (0, 2):
+        split(logits[i : i + 2], b.select(slice(i, i + 2)), key=i)
+    # By hand: per present modality, sum(weight x ce) / targets with weight > 0, then the
+    # mean weighted by modality_weights over the modalities present (svg is absent).
+    ce = _reference_cross_entropy(logits, b.labels)
+    means, shares = {}, {"text": 2.0, "image": 1.0, "dna": 1.0}
+    for name, m in (("text", Modality.TEXT), ("image", Modality.IMAGE), ("dna", Modality.DNA)):
+        sel = b.modality == m
+        means[name] = (b.loss_weights * ce)[sel].sum() / ((b.loss_weights > 0) & sel).sum()
+    want = sum(shares[n] * means[n] for n in means) / sum(shares.values())
+    assert whole.item() == pytest.approx(want.item(), rel=1e-6)
+    assert split.totals()[0].item() == pytest.approx(want.item(), rel=1e-6)
+    tokens = StepLoss(counts)(logits, b, key=0)  # normalize=tokens: a different number
+    assert tokens.item() == pytest.approx(((b.loss_weights * ce).sum() / counts.sum()).item())
+    assert abs(tokens.item() - whole.item()) > 1e-3
+
+
+def test_eval_result_normalises_like_the_training_loss():
+    b, logits = three_modality_batch(), torch.randn(4, 9, 13)
+    cfg = LossConfig(normalize="modality_mean", modality_weights={"image": 3.0})
+    counts = count_modality_targets([b])
+    step = StepLoss(counts, cfg)
+    want = step(logits, b, key=0).item()
+    raw = StepLoss(torch.tensor(1.0))  # as the evaluator runs it: unnormalised sums
+    raw(logits, b, key=0)
+    _, _, sums = split_totals(raw.totals().tolist())
+    result = EvalResult(loss_config=cfg)
+    for i, name in enumerate(MODALITY_NAMES):
+        result.modality_weighted_ce[name] = sums[name][2]
+        result.modality_weighted_targets[name] = counts[i].item()
+    assert result.loss == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_is_logsumexp_squared_in_value_and_gradient(dtype, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 5 * 13)  # 5 rows per chunk, ragged end
+    b, z = three_modality_batch(), 1e-2
+    logits = (4 * torch.randn(4, 9, 13, generator=torch.Generator().manual_seed(3))).to(dtype)
+    counts = count_modality_targets([b])
+    x = logits.clone().requires_grad_()
+    step = StepLoss(counts, LossConfig(z_loss=z))
+    step(x, b, key=0).backward()
+    ref = logits.clone().requires_grad_()
+    dense = ref.float()
+    scale = b.loss_weights / counts.sum()
+    ce_ref = (_reference_cross_entropy(dense, b.labels) * scale).sum()
+    z_ref = z * (torch.logsumexp(dense, dim=-1).square() * scale).sum()
+    (ce_ref + z_ref).backward()
+    loss, z_loss = step.totals()[:2].tolist()
+    assert loss == pytest.approx(ce_ref.item(), rel=1e-5)
+    assert z_loss == pytest.approx(z_ref.item(), rel=1e-5) and z_loss > 0.01 * loss
+    torch.testing.assert_close(x.grad.float(), ref.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_progress_line_shows_the_z_loss_apart_from_the_modality_losses():
+    line = format_metrics(
+        {"loss": 2.0, "loss/z": 3e-4, "loss/text": 1.5, "lr": 1e-3, "tokens_per_s": 5.0}
+    )
+    assert line.startswith("loss 2.0000 | text 1.500 | z 3.00e-04 | lr")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["loss.normalize=per_token"], "loss.normalize"),
+        (["loss.modality_weights={text: 2}"], "normalize=modality_mean only"),
+        (["loss.normalize=modality_mean", "loss.modality_weights={pixels: 2}"], "pixels"),
+        (["loss.z_loss=-1"], "loss.z_loss"),
+    ],
+)
+def test_loss_config_refuses_what_it_cannot_mean(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
