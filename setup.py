@@ -42,6 +42,9 @@ setup(
         "hf": ["transformers>=4.45", "protobuf"],
         "video": ["av>=12"],
         "coco": ["pycocotools"],
+        # Megatron-LM indexed datasets in and out (mmfm/data/megatron.py); 0.16 is the last
+        # megatron-core for Python 3.11, later ones need 3.12
+        "megatron": ["megatron-core>=0.16"],
         "test": [
             "pytest>=7",
             "transformers>=4.45",
@@ -50,6 +53,9 @@ setup(
             "cairosvg",
             "av>=12",
             "pycocotools",
+            "megatron-core>=0.16",
+            # megatron-core's torch_dist writer needs it, undeclared (without it a save hangs)
+            "psutil",
         ],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},

@@ -10,7 +10,12 @@ prepared (the shards of data_pipelines/mixed.yaml, real data prepared with `mmfm
 - loader: `StreamingLoader.next_step()`: decode, shuffle (64 documents), best-fit pack into
   4096-token rows, collate to torch, record the stream state per row; then two sources mixed
   by weight (text and SVG shards); then the one stream in a DataLoader worker process (the
-  rows cross a process boundary; the clock starts after the worker's start-up).
+  rows cross a process boundary; the clock starts after the worker's start-up);
+- Megatron (with `pip install 'mmfm[megatron]'`): the same documents written as a Megatron
+  indexed dataset by `format: megatron`'s writer, read document by document by megatron-core's
+  `IndexedDataset`, then streamed by the loader (`kind: megatron`); and the loader's CPU time
+  per pass on the shards over that on the indexed dataset, passes taken in turn (the ratio
+  holds when the wall-clock rates move with the load of a shared machine).
 
 raw (issue 17: data as users have it):
 - prepared text: KJV verses written as raw `.txt` shards with webdataset's `ShardWriter`,
@@ -42,13 +47,16 @@ import webdataset as wds
 from PIL import Image
 
 from mmfm.config.schema import RawFields
-from mmfm.core.errors import DataError
+from mmfm.core.errors import DataError, LaunchError
 from mmfm.core.examples import fetch
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.megatron import megatron_indexed, unit_urls
 from mmfm.data.raw_stream import load_tokenizers
 from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.prepare.megatron_out import write_megatron
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_IMAGE = {"image_size": 64, "patch": 8, "dim": 128, "tokens": 32, "codebook_size": 8192}
@@ -72,20 +80,22 @@ def tar_read(urls: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def loader_pass(sources: list[SourceSpec], workers: int = 0) -> tuple[float, int]:
-    """(seconds, tokens) of one pass of one stream over `sources`."""
+def loader_pass(
+    sources: list[SourceSpec], workers: int = 0, clock=time.perf_counter
+) -> tuple[float, int]:
+    """(seconds of `clock`, tokens) of one pass of one stream over `sources`."""
     settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
     loader = StreamingLoader(sources, settings, micro_batch_size=1, num_workers=workers)
     if workers:
         loader.next_step()  # the worker's start-up (spawn, imports) and its first row: untimed
-    tokens, start = 0, time.perf_counter()
+    tokens, start = 0, clock()
     try:
         while True:
             batch = loader.next_step()[0]
             tokens += int((batch.tokens != 0).sum())
     except DataError:  # one pass over every source (max_epochs=1)
         pass
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     loader.close()
     return elapsed, tokens
 
@@ -123,6 +133,7 @@ def prepared_section(repeats: int) -> dict:
     mixed = [SourceSpec("text", text, 0.7, max_epochs=1), SourceSpec("svg", svg, 0.3, max_epochs=1)]
     rows["loader, 2 sources mixed 0.7 / 0.3"] = rate(repeats, mixed)["tokens_per_s"]
     rows["loader, 1 source, in 1 worker process"] = rate(repeats, whole, 1)["tokens_per_s"]
+    rows.update(megatron_rows(repeats, out, urls, n_tokens))
     n_bytes = sum(Path(u).stat().st_size for u in urls)
     print(
         f"{manifest['samples']} documents, {n_tokens:,} tokens, {len(urls)} shards, "
@@ -132,6 +143,43 @@ def prepared_section(repeats: int) -> dict:
     for name, r in rows.items():
         print(f"| {name} | {r / 1e6:.2f} | {r / rows['raw tar read (webdataset)']:.2f} |")
     return {"tokens": n_tokens, "tokens_per_s": rows}
+
+
+def megatron_rows(repeats: int, out: Path, urls: list[str], n_tokens: int) -> dict:
+    """The same documents as a Megatron indexed dataset (`format: megatron`'s writer): read
+    by megatron-core's `IndexedDataset` document by document, and by the loader; and the
+    loader's CPU time on the shards over that on the indexed dataset, passes taken in turn."""
+    try:
+        write_megatron(out, "indexed", urls, Vocab.load(out / VOCAB_FILE).size)
+        dataset = megatron_indexed().IndexedDataset(str(out / "indexed"))
+    except LaunchError as e:
+        print(f"(no Megatron rows: {e})")
+        return {}
+
+    def indexed_read() -> float:
+        start = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        return time.perf_counter() - start
+
+    units = tuple(unit_urls([str(out / "indexed")]))
+    indexed = [SourceSpec("indexed", units, 1.0, max_epochs=1)]
+    shards = [SourceSpec("mixed", tuple(urls), 1.0, max_epochs=1)]
+    # Wall time moves with the load of a shared machine: the CPU time of passes taken in turn
+    cpu = [
+        loader_pass(shards, clock=time.process_time)[0]
+        / loader_pass(indexed, clock=time.process_time)[0]
+        for _ in range(repeats)
+    ]
+    print(
+        f"loader CPU time, WebDataset / Megatron .bin/.idx, passes in turn: median "
+        f"{statistics.median(cpu):.2f} ({', '.join(f'{r:.2f}' for r in cpu)})"
+    )
+    return {
+        "megatron-core IndexedDataset read": n_tokens
+        / statistics.median(indexed_read() for _ in range(repeats)),
+        "loader, 1 source, Megatron .bin/.idx": rate(repeats, indexed)["tokens_per_s"],
+    }
 
 
 def text_shards(root: Path, verses: int) -> list[str]:

@@ -7,6 +7,8 @@ mmfm config --doc                                  every field with its type, de
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
+mmfm convert megatron CKPT OUT [--dtype fp32]      checkpoint -> megatron-core torch_dist
+mmfm convert from-megatron CKPT OUT [--args F]     megatron-core GPTModel -> checkpoint
 mmfm slurm submit RECIPE.yaml --nodes N --gpus-per-node G --time T [...]   a SLURM job
 mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set or a visual tokenizer
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
@@ -204,7 +206,7 @@ def _add_slurm_parser(sub) -> None:
 
 
 def _add_convert_parser(sub) -> None:
-    convert = sub.add_parser("convert", help="export to / import from Hugging Face")
+    convert = sub.add_parser("convert", help="export to / import from Hugging Face, Megatron")
     csub = convert.add_subparsers(dest="action", required=True)
     hf = csub.add_parser("hf", help="checkpoint -> Hugging Face Llama folder (safetensors)")
     hf.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100")
@@ -226,6 +228,21 @@ def _add_convert_parser(sub) -> None:
         help="append the modality tokens of a tokenizer recipe (tokenizers/*.yaml)",
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
+    meg = csub.add_parser("megatron", help="checkpoint -> megatron-core torch_dist checkpoint")
+    meg.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100")
+    meg.add_argument("out", help="output folder (torch_dist files + megatron_args.json)")
+    meg.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    from_meg = csub.add_parser(
+        "from-megatron", help="megatron-core GPTModel torch_dist checkpoint -> mmfm checkpoint"
+    )
+    from_meg.add_argument("checkpoint", help="an iter_* folder or a Megatron-LM save folder")
+    from_meg.add_argument("out", help="output checkpoint directory (for train.init_from)")
+    from_meg.add_argument(
+        "--args",
+        dest="megatron_args",
+        metavar="FILE",
+        help="JSON/YAML of the model's Megatron-LM arguments (default: CKPT/megatron_args.json)",
+    )
 
 
 def _add_tokenizer_parser(sub) -> None:
@@ -331,7 +348,14 @@ def _convert_command(args: argparse.Namespace) -> None:
     from mmfm.convert.hf import export_hf, import_hf
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.action == "hf":
+    if args.action in ("megatron", "from-megatron"):
+        from mmfm.convert.megatron import export_megatron, import_megatron
+
+        if args.action == "megatron":
+            export_megatron(args.checkpoint, args.out, args.dtype)
+        else:
+            import_megatron(args.checkpoint, args.out, args.megatron_args)
+    elif args.action == "hf":
         export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.arch)
     else:
         import_hf(args.hf_dir, args.out, args.extend_vocab, args.seed)

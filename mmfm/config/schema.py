@@ -119,7 +119,11 @@ class SourceConfig:
     """Name of the source in the metrics (data/mix/<name>)."""
     paths: list[str] = field(default_factory=list)
     """Its shards: directories, files, brace patterns (`web-{000000..000099}.tar`),
-    `http(s)://` URLs, `pipe:` commands, or `builtin:demo`."""
+    `http(s)://` URLs, `pipe:` commands, or `builtin:demo`; with kind megatron: prefixes of
+    .bin/.idx pairs (`/data/corpus_text_document`), directories of them or globs."""
+    kind: str = "webdataset"
+    """webdataset (tar shards) or megatron (Megatron-LM indexed datasets, read by megatron-core:
+    pip install 'mmfm[megatron]'; text unless written by mmfm prepare with format: megatron)."""
     weight: float = 1.0
     """Relative share of tokens drawn from this source (normalised over the sources)."""
     max_epochs: int = 0
@@ -154,6 +158,11 @@ class SourceConfig:
         _require(
             not self.tokenize or not any(p.startswith("builtin:") for p in self.paths),
             f"data.sources: {self.name!r}: builtin: shards are prepared already; drop tokenize",
+        )
+        _require_choice(f"data.sources.{self.name}.kind", self.kind, ("webdataset", "megatron"))
+        _require(
+            self.kind == "webdataset" or not self.tokenize,
+            f"data.sources: {self.name!r}: a megatron source holds token ids; drop tokenize",
         )
         _require(
             self.tokenize_batch >= 1 and self.max_length >= 0,
@@ -192,7 +201,9 @@ class DataConfig:
     """Tokens a stream's shuffle buffer may hold, and its pack buffer too (each takes at least
     one document): a source of a few huge documents fills neither with gigabytes."""
     packing: str = "best_fit"
-    """best_fit (largest pending document that fits; fills rows) or greedy (arrival order)."""
+    """best_fit (largest pending document that fits; fills rows), greedy (arrival order) or
+    decompose (Dataset Decomposition: one document per row, rows of one bucket length per
+    step, see data.buckets)."""
     pack_buffer: int = 32
     """Pending documents best_fit chooses from, per stream."""
     long_docs: str = "split"
@@ -201,6 +212,19 @@ class DataConfig:
     """document (a token attends to its own document) or row (to the earlier documents of its
     row too, positions counting on across the row: In-Context Pretraining). Targets stay per
     document either way."""
+    buckets: list[int] = field(default_factory=list)
+    """packing=decompose: the row lengths, consecutive powers of two, shortest first (e.g.
+    [256, 512, ..., 8192]); the largest must divide data.seq_len. Every step holds
+    train.global_batch_size x data.seq_len tokens, in rows of one bucket length."""
+    remainder: str = "drop"
+    """packing=decompose: a document's tail shorter than the smallest bucket: drop (counted,
+    data/dropped_tokens) or pad (a row of the smallest bucket, padded)."""
+    curriculum: str = "natural"
+    """packing=decompose: the row length of each step. natural (drawn with each bucket's
+    share of the tokens), grow_p2 (cycles from the shortest bucket to the longest) or fixed
+    (the largest bucket)."""
+    num_cycles: int = 8
+    """packing=decompose, curriculum=grow_p2: short-to-long cycles over train.steps."""
     num_workers: int = 1
     """Loader processes per rank (0: in the training process)."""
     prefetch: int = 2
@@ -215,7 +239,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_positive(self, "data", "seq_len", "shuffle_buffer", "pack_buffer", "prefetch")
         _require_positive(self, "data", "shuffle_buffer_tokens")
-        _require_choice("data.packing", self.packing, ("best_fit", "greedy"))
+        _require_choice("data.packing", self.packing, ("best_fit", "greedy", "decompose"))
+        _require_choice("data.remainder", self.remainder, ("drop", "pad"))
+        _require_choice("data.curriculum", self.curriculum, ("natural", "grow_p2", "fixed"))
+        _require(self.num_cycles > 0, "data.num_cycles must be positive")
+        if self.packing == "decompose":
+            self._check_buckets()
         _require_choice("data.long_docs", self.long_docs, ("split", "drop"))
         _require_choice("data.attention", self.attention, ("document", "row"))
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -234,13 +263,40 @@ class DataConfig:
                 f"data.num_workers=0 (not {self.num_workers}): each loader worker would hold "
                 "its own CUDA context and tokenizers on the training GPU; or use cpu",
             )
-        for name, weight in self.loss_weights.items():
-            _require(
-                name in MODALITY_NAMES,
-                f"data.loss_weights has unknown modality {name!r}; "
-                f"known: {', '.join(MODALITY_NAMES)}",
-            )
-            _require(weight >= 0, f"data.loss_weights.{name} must be >= 0, got {weight}")
+        _check_modality_weights("data.loss_weights", self.loss_weights)
+
+    def _check_buckets(self) -> None:
+        b = self.buckets
+        _require(
+            bool(b),
+            "data.packing=decompose needs data.buckets: the row lengths, consecutive powers of "
+            "two up to data.seq_len (e.g. [256, 512, 1024, 2048])",
+        )
+        powers = all(x > 0 and x & (x - 1) == 0 for x in b)
+        _require(
+            powers and all(b[i + 1] == 2 * b[i] for i in range(len(b) - 1)),
+            f"data.buckets {b} must be consecutive powers of two, shortest first (e.g. "
+            "[256, 512, 1024])",
+        )
+        _require(
+            self.seq_len % b[-1] == 0,
+            f"data.buckets: the largest ({b[-1]}) must divide data.seq_len ({self.seq_len}), "
+            "the tokens of every stream in every step",
+        )
+        _require(
+            self.attention == "document",
+            "data.attention=row joins the documents of a row, and data.packing=decompose "
+            "puts one document in each: use data.attention=document",
+        )
+
+
+def _check_modality_weights(name: str, weights: dict[str, float]) -> None:
+    for modality, weight in weights.items():
+        _require(
+            modality in MODALITY_NAMES,
+            f"{name} has unknown modality {modality!r}; known: {', '.join(MODALITY_NAMES)}",
+        )
+        _require(weight >= 0, f"{name}.{modality} must be >= 0, got {weight}")
 
 
 LOSS_NORMALIZATIONS = ("tokens", "modality_mean")
@@ -271,13 +327,7 @@ class LossConfig:
             "loss.modality_weights apply with loss.normalize=modality_mean only: set it, or "
             "use data.loss_weights to weigh the targets of a modality",
         )
-        for name, weight in self.modality_weights.items():
-            _require(
-                name in MODALITY_NAMES,
-                f"loss.modality_weights has unknown modality {name!r}; "
-                f"known: {', '.join(MODALITY_NAMES)}",
-            )
-            _require(weight >= 0, f"loss.modality_weights.{name} must be >= 0, got {weight}")
+        _check_modality_weights("loss.modality_weights", self.modality_weights)
 
 
 @dataclass
@@ -417,6 +467,10 @@ class TrainConfig:
     init_from: str | None = None
     """Start from the model weights of this checkpoint (e.g. one written by `mmfm convert
     from-hf`), with a fresh optimizer at step 0; ignored when resuming."""
+    init_data: bool = False
+    """With init_from: continue that checkpoint's data streams too, so that the next context
+    stage (a new data.seq_len, model.rope_theta, parallel.cp) reads on where the last one
+    stopped: no document lost or repeated. Needs the same global_batch_size and sources."""
     max_requeues: int = 20
     """Under SLURM, after a signal-triggered checkpoint the job requeues itself, at most this
     many times (errors never requeue)."""
@@ -534,6 +588,7 @@ class Config:
             f"{self.parallel.dp_size} = {rows_per_pass})",
         )
         self._check_tensor_parallel()
+        self._check_decompose()
         self._check_pipeline_parallel()
         split = self.parallel.cp > 1 or (self.parallel.tp > 1 and self.parallel.sequence_parallel)
         _require(
@@ -574,6 +629,29 @@ class Config:
             not m.tie_embeddings,
             "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
         )
+
+    def _check_decompose(self) -> None:
+        """Every bucket length must split as data.seq_len must (CP chunks, SP shards)."""
+        p = self.parallel
+        if self.data.packing != "decompose":
+            return
+        _require(
+            p.pp == 1,
+            "data.packing=decompose changes the micro-batch shape every step, and a pipeline "
+            "schedule is built for one shape: set parallel.pp=1 (or use packing best_fit)",
+        )
+        for b in self.data.buckets:
+            _require(
+                b % (2 * p.cp) == 0,
+                f"data.buckets: bucket {b} must be divisible by 2 x parallel.cp ({2 * p.cp}): "
+                "context parallelism splits every row into 2 x cp chunks; drop the bucket",
+            )
+            _require(
+                p.tp == 1 or not p.sequence_parallel or (b // p.cp) % p.tp == 0,
+                f"data.buckets: bucket {b} / parallel.cp ({p.cp}) must be divisible by "
+                f"parallel.tp ({p.tp}) with sequence parallelism: drop the bucket or set "
+                "parallel.sequence_parallel=false",
+            )
 
     def _check_pipeline_parallel(self) -> None:
         p, m = self.parallel, self.model

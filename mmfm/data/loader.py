@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -43,7 +43,8 @@ from mmfm.core.types import Batch
 from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
 from mmfm.data.demo import ensure_demo_shards
-from mmfm.data.packing import RowBuilder, RowStats, modality_weight_table
+from mmfm.data.megatron import unit_urls
+from mmfm.data.packing import RowStats, modality_weight_table
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.stream import (
     SKIP_REASONS,
@@ -51,6 +52,7 @@ from mmfm.data.stream import (
     SourceSpec,
     StreamSettings,
     VirtualStream,
+    natural_odds,
 )
 from mmfm.data.tario import Interrupted, set_stop_check
 
@@ -73,7 +75,9 @@ class Loader(Protocol):
 
 
 def collate(rows: list[dict[str, np.ndarray]]) -> Batch:
-    return Batch(**{name: torch.from_numpy(np.stack([r[name] for r in rows])) for name in rows[0]})
+    """One micro-batch of rows (or of a stream's stacked rows of a step: decompose)."""
+    join = np.concatenate if rows[0]["tokens"].ndim == 2 else np.stack
+    return Batch(**{name: torch.from_numpy(join([r[name] for r in rows])) for name in rows[0]})
 
 
 def _pinned(batch: Batch) -> Batch:
@@ -101,11 +105,12 @@ def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
     try:
         arrays, stats, skipped = stream.next_row()
     except SourcesExhausted:
-        settings = stream.settings
-        arrays = RowBuilder(settings.seq_len, np.asarray(settings.weights, np.float32)).finish()
-        stats, skipped = RowStats(pad=settings.seq_len, dry=True), {}
+        arrays = stream.empty_rows()
+        stats, skipped = RowStats(pad=stream.settings.seq_len, dry=True), {}
     counts = {"pad_tokens": float(stats.pad), "split_docs": float(stats.split)}
     counts["dropped_docs"] = float(stats.dropped)
+    counts["dropped_tokens"] = float(stats.dropped_tokens)
+    counts["seq_len"] = float(stream.length)
     counts["dry_streams"] = float(stats.dry)
     for source, tokens in stats.tokens_by_source.items():
         counts[f"tokens/{names[source]}"] = float(tokens)
@@ -181,6 +186,9 @@ class StreamingLoader:
     ):
         n = settings.n_streams
         assert n % dp_size == 0
+        natural = settings.packing == "decompose" and settings.curriculum == "natural"
+        if natural and not settings.bucket_odds:
+            settings = replace(settings, bucket_odds=natural_odds(sources, settings))
         self.sources, self.settings = list(sources), settings
         self.micro_batch_size = micro_batch_size
         self.cp_rank, self.cp_size = cp_rank, cp_size
@@ -319,6 +327,7 @@ class StreamingLoader:
     def count_keys(self) -> list[str]:
         """The additive counters of a step, in a fixed order (summed over ranks by the trainer)."""
         keys = ["pad_tokens", "split_docs", "dropped_docs", "dry_streams"]
+        keys += ["dropped_tokens", "seq_len"]
         keys += [f"tokens/{n}" for n in self.names] + [f"skipped/{r}" for r in SKIP_REASONS]
         return keys
 
@@ -333,6 +342,9 @@ class StreamingLoader:
         total = self.settings.n_streams * self.settings.seq_len
         metrics = {"data/padding": c["pad_tokens"] / total, "data/split_docs": c["split_docs"]}
         metrics["data/dropped_docs"] = c["dropped_docs"]
+        if self.settings.packing == "decompose":  # the step's row length, tokens dropped
+            metrics["data/seq_len"] = c["seq_len"] / self.settings.n_streams
+            metrics["data/dropped_tokens"] = c["dropped_tokens"]
         used = sum(c[f"tokens/{n}"] for n in self.names) or 1.0
         for n in self.names:
             metrics[f"data/mix/{n}"] = c[f"tokens/{n}"] / used
@@ -403,7 +415,10 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
     configs = list(cfg.data.sources) or [SourceConfig(name="data", paths=list(cfg.data.paths))]
     specs = []
     for source in configs:
-        urls = resolve_paths(source.paths, cfg.data.cache_dir)
+        if source.kind == "megatron":  # .bin/.idx prefixes: units of their index
+            urls = unit_urls(source.paths)
+        else:
+            urls = resolve_paths(source.paths, cfg.data.cache_dir)
         if not urls:
             raise ShardError(f"data source {source.name!r}: its paths match no shards")
         raw = {  # raw shards
@@ -436,6 +451,11 @@ def build_loader(
         vocab_size=cfg.model.vocab_size,
         read_timeout_s=d.read_timeout_s,
         attention=d.attention,
+        buckets=tuple(d.buckets),
+        remainder=d.remainder,
+        curriculum=d.curriculum,
+        num_cycles=d.num_cycles,
+        curriculum_steps=cfg.train.steps,
     )
     return StreamingLoader(
         source_specs(cfg),

@@ -123,6 +123,8 @@ class RowStats:
     pad: int = 0
     split: int = 0
     dropped: int = 0
+    dropped_tokens: int = 0
+    """Remainders of documents shorter than the smallest bucket, dropped (decompose)."""
     tokens_by_source: dict[int, int] = field(default_factory=dict)
     dry: bool = False
     """The stream has no document left after this row."""

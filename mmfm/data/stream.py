@@ -54,7 +54,10 @@ import numpy as np
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
 from mmfm.core.types import Document
-from mmfm.data.packing import Exhausted, Packer, Pending, RowStats
+from mmfm.data.decompose import Decomposer, bucket_pieces, step_length
+from mmfm.data.megatron import is_unit, unit_sizes
+from mmfm.data.megatron import read_unit as read_megatron_unit
+from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples
 from mmfm.data.tario import Damage, read_tar
@@ -133,6 +136,24 @@ class StreamSettings:
     """A streamed shard that sends no byte for this long is counted (timeout_shard) and left."""
     attention: str = "document"
     """Rows as documents or as one context (`data.attention`, packing.py)."""
+    buckets: tuple[int, ...] = ()
+    """packing=decompose: the row lengths (decompose.py)."""
+    remainder: str = "drop"
+    curriculum: str = "grow_p2"
+    num_cycles: int = 8
+    curriculum_steps: int = 1
+    """The run's length in steps (`train.steps`), which grow_p2 cuts into its cycles."""
+    bucket_odds: tuple[float, ...] = ()
+    """The natural curriculum's odds per bucket (`natural_odds`)."""
+
+    def row_length(self, step: int) -> int:
+        """The row length of `step` (seq_len but under decompose)."""
+        if self.packing != "decompose":
+            return self.seq_len
+        return step_length(
+            step, self.buckets, self.curriculum, self.num_cycles, self.curriculum_steps,
+            self.bucket_odds, self.seed,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -206,6 +227,8 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
     manifests beside the shards if they list them all, else bytes of token arrays from the
     headers of local tars, else unknown (every shard counts as one). Raw shards (`members`:
     the extensions read): bytes of those members, from the headers of local tars."""
+    if urls and is_unit(urls[0]):  # a Megatron indexed dataset: sizes from its index
+        return [ShardSize(len(s), float(s.sum()), s) for s in unit_sizes(urls)]
     if not all(os.path.isfile(u) for u in urls):
         return [ShardSize(-1, 1.0)] * len(urls)
     if members:
@@ -426,7 +449,10 @@ def _window(
 def read_source_unit(
     spec: SourceSpec, unit: Unit, skip: int, skips: Skips, settings: StreamSettings
 ) -> Iterator[tuple[int, Document]]:
-    """`read_raw_unit` for a source of raw shards, else `read_unit`."""
+    """`read_raw_unit` for a source of raw shards, megatron.py's for a Megatron indexed
+    dataset, else `read_unit`."""
+    if is_unit(unit.url):
+        return read_megatron_unit(unit.url, unit.k, unit.j, skip, skips, settings.vocab_size)
     if spec.tokenize:
         return read_raw_unit(unit, skip, skips, spec, settings)
     return read_unit(unit, skip, skips, settings)
@@ -514,6 +540,41 @@ class SourceReader:
         return [self.epoch, self.unit, self.sample]
 
 
+def _pending(docs: dict[tuple, Document], ref: Sequence) -> Pending:
+    """A pack-buffer entry from its reference: [*ref, offset] (decompose: [..., size])."""
+    pending = Pending(docs[tuple(ref[:4])], tuple(ref[:4]), ref[0], ref[4])
+    if len(ref) > 5:
+        pending.remaining = ref[5]
+    return pending
+
+
+def natural_odds(
+    sources: Sequence[SourceSpec], settings: StreamSettings, max_docs: int = 4096
+) -> tuple[float, ...]:
+    """Each bucket's share of the tokens, from the documents of every source's first shard
+    (weighted by the source's weight): the natural curriculum's odds. Every rank reads the
+    same documents, so every stream draws the same lengths."""
+    buckets = settings.buckets
+    mass = np.zeros(len(buckets))
+    for spec in sources:
+        share = np.zeros(len(buckets))
+        docs = read_source_unit(spec, Unit(spec.urls[0], 1, 0), 0, Skips(1.0), settings)
+        for i, (_, doc) in enumerate(docs):
+            pieces, _ = bucket_pieces(len(doc.tokens), buckets, settings.remainder)
+            for _, size in pieces:
+                share[buckets.index(max(size, buckets[0]))] += size
+            if i + 1 >= max_docs:
+                break
+        if share.sum():
+            mass += spec.weight * share / share.sum()
+    if not mass.sum():
+        raise DataError(
+            f"data.curriculum=natural: the first shards of {[s.name for s in sources]} hold no "
+            "document of a bucket length: lower data.buckets or use curriculum: grow_p2"
+        )
+    return tuple((mass / mass.sum()).tolist())
+
+
 class VirtualStream:
     def __init__(self, stream: int, sources: Sequence[SourceSpec], settings: StreamSettings):
         self.id, self.sources, self.settings = stream, list(sources), settings
@@ -523,15 +584,27 @@ class VirtualStream:
         self.drawn = [0] * len(self.readers)
         """Tokens drawn from each source so far (the mixing state)."""
         self.shuffle: list[Pending] = []
-        self.packer = Packer(
-            settings.seq_len,
-            np.asarray(settings.weights, dtype=np.float32),
-            settings.packing,
-            settings.pack_buffer,
-            settings.long_docs,
-            settings.shuffle_buffer_tokens,
-            settings.attention,
-        )
+        self.steps = 0
+        """Steps this stream gave rows for: the curriculum's clock."""
+        self.length = settings.seq_len
+        """The row length of the latest step."""
+        weights = np.asarray(settings.weights, dtype=np.float32)
+        if settings.packing == "decompose":
+            pieces = settings.pack_buffer * len(settings.buckets)
+            self.packer: Packer | Decomposer = Decomposer(
+                settings.seq_len, weights, settings.buckets, settings.remainder, pieces,
+                settings.shuffle_buffer_tokens,
+            )  # fmt: skip
+        else:
+            self.packer = Packer(
+                settings.seq_len,
+                weights,
+                settings.packing,
+                settings.pack_buffer,
+                settings.long_docs,
+                settings.shuffle_buffer_tokens,
+                settings.attention,
+            )
 
     def _holds_earlier_epoch(self, reader: SourceReader) -> bool:
         """Whether a document of an earlier epoch of `reader`'s source is still buffered (its
@@ -585,12 +658,26 @@ class VirtualStream:
         return self.shuffle.pop()
 
     def next_row(self) -> tuple[dict[str, np.ndarray], RowStats, dict[str, int]]:
-        """The next packed row, its statistics, and the skips counted while making it."""
+        """The next packed row (decompose: the step's rows, stacked), its statistics, and the
+        skips counted while making it."""
         before = dict(self.skips.counts)
-        row, stats = self.packer.row(self._pull)  # SourcesExhausted: nothing was left
+        self.length = self.settings.row_length(self.steps)
+        self.steps += 1
+        if isinstance(self.packer, Decomposer):  # SourcesExhausted: nothing was left
+            row, stats = self.packer.rows(self.length, self._pull)
+        else:
+            row, stats = self.packer.row(self._pull)
         stats.dry = self._ran_dry()
         skipped = {k: v - before.get(k, 0) for k, v in self.skips.counts.items()}
         return row, stats, {k: v for k, v in skipped.items() if v}
+
+    def empty_rows(self) -> dict[str, np.ndarray]:
+        """This step's rows without targets (a stream that ran dry)."""
+        s = self.settings
+        row = RowBuilder(self.length, np.asarray(s.weights, np.float32)).finish()
+        if not isinstance(self.packer, Decomposer):
+            return row
+        return {k: np.stack([v] * (s.seq_len // self.length)) for k, v in row.items()}
 
     def _ran_dry(self) -> bool:
         """Whether no later row can hold a document (looks one document ahead if need be)."""
@@ -611,6 +698,7 @@ class VirtualStream:
             "shuffle": [list(p.ref) for p in self.shuffle],
             "pack": self.packer.refs(),
             "drawn": list(self.drawn),
+            "steps": self.steps,
             "good": self.skips.good,
             "skipped": dict(self.skips.counts),
         }
@@ -621,14 +709,13 @@ class VirtualStream:
             reader._docs = None
         self.rng.bit_generator.state = snap["rng"]
         self.drawn = list(snap["drawn"])
+        self.steps = snap.get("steps", 0)
         self.skips.good = snap["good"]
         self.skips.counts.update(snap["skipped"])
         refs = [tuple(r) for r in snap["shuffle"]] + [tuple(r[:4]) for r in snap["pack"]]
         docs = self._reread(refs)
         self.shuffle = [Pending(docs[r], r, r[0]) for r in map(tuple, snap["shuffle"])]
-        self.packer.buffer = [
-            Pending(docs[tuple(r[:4])], tuple(r[:4]), r[0], r[4]) for r in snap["pack"]
-        ]
+        self.packer.buffer = [_pending(docs, r) for r in snap["pack"]]
 
     def _reread(self, refs: Sequence[tuple]) -> dict[tuple, Document]:
         """The documents behind buffer references, reading each unit once."""

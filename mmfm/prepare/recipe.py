@@ -168,10 +168,19 @@ class PrepareRecipe:
     """Order of the documents in the shards: as_read (the sources' order) or related
     (In-Context Pretraining: each document next to its most similar, near-duplicates dropped;
     the corpus must fit in memory, mmfm/prepare/order.py). Not the sources' caption `order`."""
+    format: str = "webdataset"
+    """webdataset (the shards), or megatron: the shards and, from them, a Megatron-LM indexed
+    dataset <output>/<name>.bin/.idx with the sidecar <name>.spans.bin/.idx of each document's
+    modality spans (mmfm/prepare/megatron_out.py; needs pip install 'mmfm[megatron]')."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "prepare", "shard_size")
         _require_choice("order", self.order, ("as_read", "related"))
+        _require_choice("format", self.format, ("webdataset", "megatron"))
+        _require(
+            self.format == "webdataset" or self.order == "as_read",
+            "format: megatron with order: related is not built yet; use order: as_read",
+        )
         _require(bool(self.sources), "a prepare recipe needs at least one entry in sources")
         shaping: dict[str, tuple] = {}
         for s in self.sources:  # records know their source by name only

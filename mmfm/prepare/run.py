@@ -38,6 +38,7 @@ from mmfm.core.types import MODALITY_NAMES, Document
 from mmfm.data.shards import ShardError, write_shard
 from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
+from mmfm.prepare.megatron_out import write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
 from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
@@ -215,6 +216,8 @@ def prepare(
         log.info("%s: %d of %d shards written", out, sum(map(bool, shards)), len(shards))
         return None
     manifest = _manifest(recipe, shards, rejects, tokenizers.vocab.fingerprint, fingerprint)
+    if recipe.format == "megatron":  # the same documents as an indexed dataset, from the shards
+        manifest["megatron"] = write_megatron(out, recipe.name, paths, tokenizers.vocab.size)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for leftover in out.glob(".*.tmp"):  # temporary files of an interrupted run
         leftover.unlink()

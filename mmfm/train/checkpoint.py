@@ -194,6 +194,11 @@ class Checkpointer:
         load_tensors({"model": model_state}, reader, partial=True)
 
     @staticmethod
+    def load_state(path: str | Path) -> dict:
+        """The JSON state of checkpoint `path` alone (step, scheduler, data streams)."""
+        return _read_state(Path(path))
+
+    @staticmethod
     def load(path: str | Path, tensors: dict, whole_model: bool = False) -> dict:
         """Fill `tensors` (a state dict of the right structure) in place; return the JSON state.
 

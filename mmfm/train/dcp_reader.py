@@ -95,8 +95,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 @contextmanager
-def _watched_untouched():
-    before = [(obj, dict(vars(obj))) for obj in _WATCHED]
+def _watched_untouched(extra: list | tuple = ()):
+    before = [(obj, dict(vars(obj))) for obj in [*_WATCHED, *extra]]
     try:
         yield
     finally:
@@ -116,10 +116,14 @@ def _same_attrs(now, before: dict) -> bool:
     return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
 
 
-def _unpickle_metadata(path: Path) -> Metadata:
+def _unpickle_metadata(
+    path: Path, unpickler: type[_MetadataUnpickler] = _MetadataUnpickler
+) -> Metadata:
+    """`unpickler`: this one or a subclass resolving more pairs (its `watched`: their
+    classes and enum members, watched as `_WATCHED` is)."""
     try:
-        with open(path, "rb") as f, _watched_untouched():
-            metadata = _MetadataUnpickler(f).load()
+        with open(path, "rb") as f, _watched_untouched(getattr(unpickler, "watched", ())):
+            metadata = unpickler(f).load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{path}: {e}; refusing to load") from None
     except FileNotFoundError:

@@ -197,7 +197,11 @@ class HeldOutRows:
 
     def __init__(self, cfg: Config, sources: list[SourceConfig], env: ParallelEnv):
         held_out = [dataclasses.replace(s, max_epochs=1) for s in sources]
-        data = dataclasses.replace(cfg.data, paths=[], sources=held_out, num_workers=0)
+        # Decomposed training rows vary in length; held-out loss is read on full packed rows.
+        packing = "best_fit" if cfg.data.packing == "decompose" else cfg.data.packing
+        data = dataclasses.replace(
+            cfg.data, paths=[], sources=held_out, num_workers=0, packing=packing
+        )
         # The training loader's factory resolves the paths and the packing settings; only
         # its sources, settings and stream ids are used (it never starts).
         loader = build_loader(

@@ -12,6 +12,7 @@ from mmfm.config import Config, ConfigError, save_config
 from mmfm.config.schema import SourceConfig
 from mmfm.core.files import make_folder
 from mmfm.data.loader import build_loader
+from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
@@ -223,6 +224,10 @@ def _source_dirs(cfg: Config) -> list[tuple[str, Path | None]]:
         if source.tokenize:  # raw shards: the vocabulary of the tokenizers that read them
             found[source.name, Path(load_recipe(source.tokenize).output_dir)] = None
             continue
+        if source.kind == "megatron":  # the folders of its .bin/.idx prefixes
+            for prefix in expand_prefixes(source.paths):
+                found[source.name, Path(prefix).parent] = None
+            continue
         for path in source.paths:
             if path.startswith("builtin:"):
                 found[source.name, None] = None
@@ -250,7 +255,7 @@ def train(cfg: Config) -> FitResult:
         if resume_from:
             _resume(trainer, resume_from)
         elif cfg.train.init_from is not None:
-            trainer.load_model(cfg.train.init_from)
+            trainer.load_model(cfg.train.init_from, data=cfg.train.init_data)
         result = trainer.fit()
         log.info("done: step %d, run dir %s", result.step, cfg.train.run_dir)
         if result.stopped_by and trainer.env.is_main:

@@ -373,12 +373,15 @@ class Trainer:
         tensors, state = self.state()
         return self.checkpointer.save(self.step, tensors, state, to_yaml(self.cfg))
 
-    def load_model(self, path: str | Path) -> None:
-        """Model weights only (train.init_from): optimizer, schedule and data start fresh."""
+    def load_model(self, path: str | Path, data: bool = False) -> None:
+        """Model weights only (train.init_from): optimizer, schedule and data start fresh,
+        but with `data` (train.init_data) the data streams continue from the checkpoint's."""
         state = get_model_state_dict(self.model)
         self.checkpointer.load_model(path, state, whole_model=self.env.dims.pp == 1)
         set_model_state_dict(self.model, state)
-        log.info("initialised the model from %s", path)
+        if data:
+            self.loader.load_state_dict(self.checkpointer.load_state(path)["loader"])
+        log.info("initialised the model%s from %s", " and the data" if data else "", path)
 
     def load(self, path: str | Path) -> None:
         optim = self._optimizer_state()

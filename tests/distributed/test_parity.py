@@ -37,6 +37,7 @@ LAYOUTS = {
     "hsdp2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2_fsdp2": ["parallel.tp=2", "parallel.dp_shard=2"],
+    "pp2_fsdp2": ["parallel.pp=2", "parallel.dp_shard=2"],
     "fsdp2_activation_checkpoint": ["parallel.dp_shard=2", "parallel.activation_checkpoint=1"],
     "cp2": ["parallel.cp=2"],
     "cp2_allgather": ["parallel.cp=2", "parallel.cp_attention=allgather"],
@@ -106,16 +107,12 @@ def test_single_process_options_match(options, base, reference, tmp_path):
     assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"],
-        ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=2"],
-    ],
-    ids=["tp2_pp2_fsdp2", "cp2_tp2_fsdp2"],
-)
-@pytest.mark.slow  # eight ranks on 2 cores: 29-41 s each
-def test_eight_ranks(layout, base, reference, tmp_path):
+@pytest.mark.slow  # eight ranks on 2 cores: 29-48 s
+def test_eight_ranks_context_tensor_and_data_parallel(base, reference, tmp_path):
+    """The one eight-rank composition (each pair of the three, and pp with each, run at four
+    ranks above): context-parallel ranks reduce gradients with the FSDP shards of the same
+    tensor-parallel slice."""
+    layout = ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=2"]
     results = run_distributed(
         train_metrics, 8, args=([*base, *layout, f"train.run_dir={tmp_path}"],)
     )

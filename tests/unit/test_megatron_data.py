@@ -1,0 +1,218 @@
+"""Megatron indexed datasets as a training source (mmfm/data/megatron.py), written here by
+megatron-core's own `IndexedDatasetBuilder`.
+
+Documents carry their id in every token (id + 10), so rows tell which documents were read and
+how much of each. Skipped only where megatron-core cannot be installed (outside CI).
+"""
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmfm.config import ConfigError, load_config
+from mmfm.core.errors import DataError, LaunchError
+from mmfm.core.types import Document, Modality
+from mmfm.data import megatron as mdata
+from mmfm.data.loader import StreamingLoader, build_loader
+from mmfm.data.shards import write_shard
+from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
+from mmfm.prepare.megatron_out import write_megatron
+
+try:  # megatron-core's own indexed_dataset module (its import warnings silenced)
+    mcore = mdata.megatron_indexed()
+except LaunchError:
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        raise  # CI installs the extra (setup.py's test extra): never skip there
+    pytest.skip(
+        "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
+    )
+
+# megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+SEQ = 64
+
+
+def lengths(n_docs, seed=0, start=0) -> dict[int, int]:
+    rng = np.random.default_rng(seed)
+    return {start + i: int(rng.integers(3, 90)) for i in range(n_docs)}
+
+
+def build(prefix, docs: dict[int, int], dtype=np.uint16) -> str:
+    """A dataset of megatron-core's builder: every third document in two sequences (as
+    preprocess_data.py --split-sentences writes them), the others in one."""
+    builder = mcore.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for i, n in docs.items():
+        tokens = np.full(n, i + 10, np.int64)
+        if i % 3 == 0:
+            builder.add_item(_torch(tokens[: n // 2]))
+            builder.add_item(_torch(tokens[n // 2 :]))
+            builder.end_document()
+        else:
+            builder.add_document(_torch(tokens), [n])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def _torch(array):
+    import torch
+
+    return torch.from_numpy(array)
+
+
+def settings(n_streams=8, **kw):
+    kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
+    return StreamSettings(n_streams, SEQ, 0, tuple([1.0] * 6), **kw)
+
+
+def spec(prefix, name="m", weight=1.0, max_epochs=0):
+    return SourceSpec(name, tuple(mdata.unit_urls([prefix])), weight, max_epochs)
+
+
+def rows_of(batches):
+    return np.concatenate([b.tokens.numpy() for b in batches])
+
+
+def tokens_per_doc(rows) -> Counter:
+    return Counter(int(t) - 10 for t in np.concatenate(rows).ravel() if t > 0)
+
+
+def test_every_document_streams_with_its_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(mdata, "BLOCK_DOCS", 50)  # several units per prefix
+    docs = lengths(300)
+    prefix = build(tmp_path / "corpus_text_document", docs)
+    source = spec(prefix, max_epochs=1)
+    assert len(source.urls) == 6
+    read = {}
+    for stream in range(8):  # the deal gives each document to one stream
+        reader = SourceReader(0, source, settings(), stream)
+        while (pending := reader.next(Skips(0.5))) is not None:
+            doc = pending.doc
+            assert doc.key not in read
+            read[doc.key] = doc
+    assert len(read) == 300
+    for key, doc in read.items():
+        i = int(key.split(":")[1])
+        assert np.array_equal(doc.tokens, np.full(docs[i], i + 10))
+        assert (doc.modality == Modality.TEXT).all()
+    # ... and through the loader, packed into rows: every token of every document once
+    ld = StreamingLoader([spec(prefix, max_epochs=1)], settings(), 2)
+    rows = []
+    with pytest.raises(DataError, match="every source reached its max_epochs"):
+        while True:
+            rows.append(rows_of(ld.next_step()))
+    assert tokens_per_doc(rows) == Counter(docs)
+
+
+def test_mixing_with_webdataset_holds_the_shares(tmp_path):
+    prefix = build(tmp_path / "m", lengths(300))
+    wds_docs = lengths(300, seed=1, start=1000)
+    docs = [
+        Document(np.full(n, i + 10), np.zeros(n, np.uint8), f"d{i}") for i, n in wds_docs.items()
+    ]
+    write_shard(tmp_path / "w-000000.tar", docs)
+    sources = [spec(prefix), SourceSpec("w", (str(tmp_path / "w-000000.tar"),), 1.0)]
+    ld = StreamingLoader(sources, settings(), 2)
+    mix = []
+    for _ in range(20):
+        ld.next_step()
+        mix.append(ld.describe(ld.step_counts())["data/mix/m"])
+    assert np.mean(mix) == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 1), (4, 2)])
+def test_resume_is_exact_and_elastic(tmp_path, before, after):
+    prefix = build(tmp_path / "m", lengths(600))
+    ref = StreamingLoader([spec(prefix, max_epochs=1)], settings(), 2)
+    ref_rows = [rows_of(ref.next_step()) for _ in range(10)]
+
+    def ranks(n):
+        return [
+            StreamingLoader([spec(prefix, max_epochs=1)], settings(), 2, r, n) for r in range(n)
+        ]
+
+    first = ranks(before)
+    rows = [np.concatenate([rows_of(ld.next_step()) for ld in first]) for _ in range(5)]
+    state = StreamingLoader.merge_states([ld.state_dict() for ld in first])
+    second = ranks(after)
+    for ld in second:
+        ld.load_state_dict(state)
+    rows += [np.concatenate([rows_of(ld.next_step()) for ld in second]) for _ in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(ref_rows, rows, strict=True))
+    seen, want = tokens_per_doc(rows), lengths(600)
+    assert len(seen) > 100 and all(seen[d] <= want[d] for d in seen)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no 2nd traceback
+def test_a_damaged_index_is_one_clear_error(tmp_path):
+    prefix = build(tmp_path / "m", lengths(20))
+    index = Path(f"{prefix}.idx")
+    raw = index.read_bytes()
+    index.write_bytes(b"NOTANIDX!" + raw[9:])
+    with pytest.raises(DataError, match=r"m\.idx cannot be read .* rebuild it"):
+        mdata.unit_urls([prefix])
+    index.write_bytes(raw[:40])  # cut inside the sequence lengths
+    with pytest.raises(DataError, match=r"m\.idx cannot be read"):
+        mdata.unit_urls([prefix])
+    with pytest.raises(DataError, match=r"no \.bin/\.idx pair matches"):
+        mdata.unit_urls([str(tmp_path / "nothing*")])
+
+
+def test_a_cut_bin_and_foreign_ids_are_counted_skips(tmp_path):
+    docs = lengths(40)
+    prefix = build(tmp_path / "m", docs, dtype=np.int32)
+    cut = sum(docs[i] for i in range(30)) * 4 + 8  # 2 tokens into document 30
+    os.truncate(f"{prefix}.bin", cut)
+    skips = Skips(0.5)
+    (url,) = mdata.unit_urls([prefix])
+    got = [d.key for _, d in mdata.read_unit(url, 1, 0, 0, skips, vocab_size=35)]
+    # ids 10..34 fit a vocabulary of 35: documents 0-24; 25-29 hold ids past it; 30-39 are cut
+    assert got == [f"m:{i}" for i in range(25)]
+    assert dict(skips.counts) == {"bad_sample": 5, "truncated_shard": 10}
+
+
+def test_the_config_names_a_megatron_source(tmp_path):
+    prefix = build(tmp_path / "corpus_text_document", lengths(20))
+    source = f"{{name: m, kind: megatron, paths: [{tmp_path}/*.idx]}}"
+    loader = build_loader(load_config(None, [f"data.sources=[{source}]"]))
+    assert loader.sources[0].urls == (f"megatron:{prefix}#0:20",)
+    with pytest.raises(ConfigError, match=r"kind='megatronlm' is not one of webdataset, megatron"):
+        load_config(None, ["data.sources=[{name: m, kind: megatronlm, paths: [x]}]"])
+    with pytest.raises(ConfigError, match="a megatron source holds token ids; drop tokenize"):
+        load_config(None, ["data.sources=[{name: m, kind: megatron, paths: [x], tokenize: t}]"])
+
+
+def test_a_bin_longer_than_its_index_is_warned_about(tmp_path, caplog):
+    prefix = build(tmp_path / "m", lengths(20))
+    with open(f"{prefix}.bin", "ab") as f:
+        f.write(b"\0" * 64)
+    with caplog.at_level("WARNING", logger="mmfm.data"):
+        (url,) = mdata.unit_urls([prefix])
+    assert "m.bin holds 64 bytes past the last document" in caplog.text
+    assert len(list(mdata.read_unit(url, 1, 0, 0, Skips(0.0)))) == 20
+
+
+def test_without_megatron_core_the_error_names_the_extra(tmp_path, monkeypatch):
+    prefix = build(tmp_path / "other", lengths(5))
+    monkeypatch.setitem(sys.modules, "megatron.core.datasets", None)  # as if not installed
+    with pytest.raises(LaunchError, match=r"pip install 'mmfm\[megatron\]'"):
+        mdata.unit_urls([prefix])
+
+
+def test_modality_sidecar_round_trip_and_damage(tmp_path):
+    mixed = np.array([Modality.TEXT] * 3 + [Modality.DNA] * 4 + [Modality.TEXT] * 2, np.uint8)
+    docs = [Document(np.arange(9) + i, mixed, f"d{i}", "s", ((0, 3),)) for i in range(12)]
+    write_shard(tmp_path / "s-000000.tar", docs)
+    write_megatron(tmp_path, "m", [str(tmp_path / "s-000000.tar")], 300)
+    (url,) = mdata.unit_urls([str(tmp_path)])  # the folder: m, not its m.spans sidecar
+    back = [d for _, d in mdata.read_unit(url, 1, 0, 0, Skips(0.0))]
+    assert [d.tokens.tolist() for d in back] == [d.tokens.tolist() for d in docs]
+    assert all(np.array_equal(d.modality, mixed) and d.no_loss == ((0, 3),) for d in back)
+    spans = tmp_path / "m.spans.bin"
+    spans.write_bytes(np.full(spans.stat().st_size // 4, 7, np.int32).tobytes())
+    skips = Skips(1.0)
+    assert list(mdata.read_unit(url, 1, 0, 0, skips)) == []
+    assert dict(skips.counts) == {"bad_sample": 12}
