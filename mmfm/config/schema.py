@@ -575,6 +575,17 @@ class Config:
     """Validation on held-out data during training (and the defaults of `mmfm eval`)."""
 
     def __post_init__(self) -> None:
+        """A context stage is a run with train.init_from: its errors name the stage it
+        continues, so a stage whose seq_len/cp/buckets break a rule says which one."""
+        try:
+            self._check_shapes()
+        except ConfigError as e:
+            if self.train.init_from is None:
+                raise
+            stage = f"the context stage from train.init_from={self.train.init_from}"
+            raise ConfigError(f"{stage}: {e}") from None
+
+    def _check_shapes(self) -> None:
         _require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "

@@ -1,8 +1,9 @@
 """Every parallel layout against one process: same seed, same data, fp32, gloo on CPU.
 
-The losses of the first 3 optimizer steps and the gradient norms must equal the
-single-process run within 1e-5 relative. Ranks are spawned with `run_distributed`
-(OLMo-core style) and run the real `mmfm train` path.
+The losses and gradient norms of the first 2 optimizer steps must equal the single-process
+run within 1e-5 relative (step 2 starts from the updated weights and the optimizer's state,
+so the gradients themselves must agree, not only their norm). Ranks are spawned with
+`run_distributed` (OLMo-core style) and run the real `mmfm train` path.
 """
 
 import subprocess
@@ -69,7 +70,7 @@ FOUR_RANKS = {name for name, layout in LAYOUTS.items() if world_size(layout) == 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("cache")
-    return [*MODEL, f"data.cache_dir={cache}", "train.steps=3", "checkpoint.at_end=false"]
+    return [*MODEL, f"data.cache_dir={cache}", "train.steps=2", "checkpoint.at_end=false"]
 
 
 @pytest.fixture(scope="module")
@@ -132,36 +133,38 @@ def test_cli_nproc_launches_local_processes(base, reference, tmp_path):
 
 @pytest.mark.slow  # four runs at three layouts: 35-45 s
 def test_checkpoint_reshards_across_layouts(base, tmp_path):
-    six = [o for o in base if not o.startswith(("train.steps", "checkpoint.at_end"))]
-    six += ["train.steps=6"]
-    straight = train_metrics([*six, f"train.run_dir={tmp_path / 'straight'}"])
+    # 4 steps: TP2 x PP2 saves at step 2; FSDP2 and one process resume there for steps 3-4.
+    four = [o for o in base if not o.startswith(("train.steps", "checkpoint.at_end"))]
+    four += ["train.steps=4"]
+    straight = train_metrics([*four, f"train.run_dir={tmp_path / 'straight'}"])
     saved = tmp_path / "tp2pp2"
-    run_distributed(
+    at_tp2pp2 = run_distributed(
         train_metrics,
         4,
         args=(
             [
-                *six,
+                *four,
                 "parallel.tp=2",
                 "parallel.pp=2",
-                "checkpoint.every=4",
+                "checkpoint.every=2",
                 f"train.run_dir={saved}",
             ],
         ),
-    )
-    step4 = saved / "checkpoints" / "step_4"
+    )[0]
+    step2 = saved / "checkpoints" / "step_2"
     fsdp = run_distributed(
         train_metrics,
         2,
         args=(
             [
-                *six,
+                *four,
                 "parallel.dp_shard=2",
-                f"train.resume={step4}",
+                f"train.resume={step2}",
                 f"train.run_dir={tmp_path / 'fsdp'}",
             ],
         ),
     )[0]
-    single = train_metrics([*six, f"train.resume={step4}", f"train.run_dir={tmp_path / 'one'}"])
-    assert_same_run(fsdp, straight[4:], keys=("loss",))
-    assert_same_run(single, straight[4:], keys=("loss",))
+    single = train_metrics([*four, f"train.resume={step2}", f"train.run_dir={tmp_path / 'one'}"])
+    assert_same_run(at_tp2pp2, straight)
+    assert_same_run(fsdp, straight[2:], keys=("loss",))
+    assert_same_run(single, straight[2:], keys=("loss",))
