@@ -9,7 +9,9 @@ travels back. Used by the tests and benchmarks to compare layouts against one pr
 The other helpers are the tests' one copy of what many files need: the tiny model's overrides
 (`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`), the rows of a
 run's metrics.jsonl (`read_metrics`, `train_metrics`), tiny untrained visual tokenizers
-(`tiny_visual_recipe`) and a small VOC-style segmentation export (`voc_export`).
+(`tiny_visual_recipe`), a small VOC-style segmentation export (`voc_export`), a callback
+that signals the trainer at a step (`SignalAt`) and megatron-core or a module skip
+(`megatron_indexed_or_skip`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
 import traceback
 from collections.abc import Callable, Sequence
@@ -26,7 +29,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mmfm.core.errors import LaunchError
 from mmfm.core.types import IGNORE_INDEX, Batch
+from mmfm.train.callbacks import Callback
 
 
 class DistributedError(RuntimeError):
@@ -223,3 +228,31 @@ def voc_export(root: str | Path, photos: str | Path) -> Path:
         png.save(root / "SegmentationClassPNG" / f"{stem}.png")
     (root / "class_names.txt").write_text("_background_\ncat\ncup\nperson\nmotorbike\ncamera\n")
     return root
+
+
+class SignalAt(Callback):
+    """Sends this process `signum` (default SIGUSR1: checkpoint and stop) after `step`."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def megatron_indexed_or_skip():
+    """megatron-core's indexed_dataset module, or skip the calling test module when the
+    extra is not installed; under CI (setup.py's test extra installs it) never skip."""
+    import pytest
+
+    from mmfm.data import megatron as mdata
+
+    try:
+        return mdata.megatron_indexed()
+    except LaunchError:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            raise
+        pytest.skip(
+            "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
+        )

@@ -2,8 +2,6 @@
 one's weights and data streams, with a longer context and a larger RoPE theta."""
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,7 @@ import torch
 from mmfm.config import load_config
 from mmfm.core.errors import ConfigError
 from mmfm.data.loader import build_loader
-from mmfm.testing import read_metrics
-from mmfm.train.callbacks import Callback
+from mmfm.testing import SignalAt, read_metrics
 from mmfm.train.main import build_trainer, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,15 +65,6 @@ def test_three_stages_hand_over_the_weights_and_the_data_stream(tmp_path, demo_c
     assert torch.isfinite(torch.tensor(read_metrics(before)[-1]["loss"]))
 
 
-class _StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def _stage(run_dir: Path, seq_len: int, theta: float, cache, *extra: str) -> list[str]:
     return [
         *TINY,
@@ -103,7 +91,7 @@ def test_a_stage_interrupted_after_the_stage_change_resumes_exactly(tmp_path, de
     cfg = load_config(RECIPE, _stage(resumed_dir, 1024, 1e6, demo_cache, *handover))
     trainer = build_trainer(cfg)
     trainer.load_model(cfg.train.init_from, data=True)  # as `train` starts a stage
-    trainer.callbacks.append(_StopAt(1))  # one step into stage 2
+    trainer.callbacks.append(SignalAt(1))  # one step into stage 2
     assert trainer.fit().step == 1
     trainer.loader.close()
     again = _stage(resumed_dir, 1024, 1e6, demo_cache, *handover, "train.resume=auto")

@@ -1,13 +1,9 @@
 """The trainer on decomposed rows: the row length follows the curriculum step by step (rows x
 length = the token budget), and a run interrupted mid-curriculum resumes exactly."""
 
-import os
-import signal
-
 import torch
 
-from mmfm.testing import read_metrics
-from mmfm.train.callbacks import Callback
+from mmfm.testing import SignalAt, read_metrics
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.main import build_trainer, train
 
@@ -19,15 +15,6 @@ DECOMPOSE = [
     "train.steps=4",
     "data.num_workers=0",
 ]
-
-
-class _StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _weights(run_dir, cfg) -> dict:
@@ -46,7 +33,7 @@ def test_decomposed_run_follows_the_curriculum_and_resumes_exactly(tiny_config, 
 
     interrupted = tiny_config(*DECOMPOSE, f"train.run_dir={resumed_dir}")
     trainer = build_trainer(interrupted)
-    trainer.callbacks.append(_StopAt(2))  # mid-curriculum: the next length is 64
+    trainer.callbacks.append(SignalAt(2))  # mid-curriculum: the next length is 64
     assert trainer.fit().step == 2
     resumed = tiny_config(*DECOMPOSE, f"train.run_dir={resumed_dir}", "train.resume=auto")
     assert train(resumed).step == 4

@@ -3,31 +3,22 @@ the same documents, and by mmfm (`kind: megatron`) with their modalities and no-
 Skipped only where megatron-core cannot be installed (outside CI)."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmfm.config import load_config
-from mmfm.core.errors import LaunchError
 from mmfm.core.types import Modality
 from mmfm.data import megatron as mdata
 from mmfm.data.shards import read_shard
 from mmfm.data.stream import Skips
 from mmfm.prepare import load_prepare_recipe, prepare
-from mmfm.testing import tiny_shape, train_metrics
+from mmfm.testing import megatron_indexed_or_skip, tiny_shape, train_metrics
 from mmfm.tokenization.vocab import Vocab, VocabError
 from mmfm.train.main import build_trainer
 
-try:  # megatron-core's own indexed_dataset module (its import warnings silenced)
-    mcore = mdata.megatron_indexed()
-except LaunchError:
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        raise  # CI installs the extra (setup.py's test extra): never skip there
-    pytest.skip(
-        "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
-    )
+mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 
 # megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

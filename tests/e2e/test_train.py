@@ -1,6 +1,5 @@
 """The trainer end to end on the demo corpus: logging, overfitting, exact resume, signals."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,9 +10,8 @@ import pytest
 import torch
 
 from mmfm.config import ConfigError, load_config
-from mmfm.testing import read_metrics
+from mmfm.testing import SignalAt, read_metrics
 from mmfm.train import checkpoint as checkpoint_module
-from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.main import build_trainer, train
 from mmfm.train.trainer import NonFiniteLossError
@@ -68,15 +66,6 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-class _SignalAt(Callback):
-    def __init__(self, step, signum):
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
 def test_resume_is_exact(tiny_config, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = tiny_config("train.steps=20", f"train.run_dir={straight_dir}")
@@ -85,7 +74,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
     # 10 steps, interrupted by SIGUSR1, then resumed for the other 10.
     interrupted = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}")
     trainer = build_trainer(interrupted)
-    trainer.callbacks.append(_SignalAt(10, signal.SIGUSR1))
+    trainer.callbacks.append(SignalAt(10, signal.SIGUSR1))
     result = trainer.fit()
     assert (result.step, result.stopped_by) == (10, "SIGUSR1")
     resumed = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}", "train.resume=auto")

@@ -21,15 +21,9 @@ from mmfm.data.loader import StreamingLoader, build_loader
 from mmfm.data.shards import write_shard
 from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
 from mmfm.prepare.megatron_out import write_megatron
+from mmfm.testing import megatron_indexed_or_skip
 
-try:  # megatron-core's own indexed_dataset module (its import warnings silenced)
-    mcore = mdata.megatron_indexed()
-except LaunchError:
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        raise  # CI installs the extra (setup.py's test extra): never skip there
-    pytest.skip(
-        "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
-    )
+mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 
 # megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
