@@ -45,6 +45,35 @@ def bucket_pieces(
     return pieces, rest
 
 
+LENGTH_DIGITS = 48
+"""Binary digits of a document length that `length_digits` counts (lengths below 2**48)."""
+
+
+def length_digits(lengths: Sequence[int]) -> list[int]:
+    """Entry b: the tokens 2**b contributes to the documents whose length has binary digit b
+    set. Enough to know the token share of every bucket of every power-of-two `data.buckets`
+    (`bucket_mass`) without the lengths themselves: `mmfm prepare` writes it per shard."""
+    n = np.asarray(lengths, np.int64)
+    return [int(((n >> b) & 1).sum()) << b for b in range(LENGTH_DIGITS)]
+
+
+def bucket_mass(digits: Sequence[int], buckets: Sequence[int], remainder: str) -> np.ndarray:
+    """Tokens per bucket, as `bucket_pieces` cuts the documents whose `length_digits` these
+    are: digits at or above the largest bucket fill it, each digit between the smallest and
+    the largest its own bucket, and the ones below the smallest are dropped or (`pad`) count
+    to the smallest (the padded remainder rows)."""
+    low, top = int(buckets[0]).bit_length() - 1, int(buckets[-1]).bit_length() - 1
+    mass = np.zeros(len(buckets))
+    for b, tokens in enumerate(digits):
+        if b >= top:
+            mass[-1] += tokens
+        elif b >= low:
+            mass[b - low] += tokens
+        elif remainder == "pad":
+            mass[0] += tokens
+    return mass
+
+
 def step_length(
     step: int, buckets: Sequence[int], curriculum: str, cycles: int = 1, steps: int = 1,
     odds: Sequence[float] = (), seed: int = 0,

@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from mmfm.core.errors import DataError
-from mmfm.core.types import MODALITY_NAMES, Document, Modality
+from mmfm.core.types import MODALITY_NAMES, Document
 from mmfm.data.tario import Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
@@ -88,7 +88,6 @@ def load_tokens(raw: bytes) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-_MODALITY = {name: Modality[name.upper()] for name in MODALITY_NAMES}
 
 
 def _int(value) -> bool:
@@ -102,14 +101,20 @@ def _modality(meta: dict, n: int) -> np.ndarray:
         raise ValueError(f"segments must be a list, got {type(segments).__name__}")
     covered = 0
     modality = np.empty(n, dtype=np.uint8)
+    ids = {name: i for i, name in enumerate(MODALITY_NAMES)}  # with the registered ones
     for segment in segments:
         ok = isinstance(segment, list) and len(segment) == 3
         name, start, end = segment if ok else (None, None, None)
-        if not (ok and name in _MODALITY and _int(start) and _int(end)) or not (
+        if ok and isinstance(name, str) and name not in ids:
+            raise ValueError(
+                f"segment of modality {name!r}, which is not registered in this process: "
+                "import the module that registers it (register_modality)"
+            )
+        if not (ok and name in ids and _int(start) and _int(end)) or not (
             start == covered and start <= end <= n
         ):
             raise ValueError(f"bad segment {segment!r} (segments must tile the document in order)")
-        modality[start:end] = _MODALITY[name]
+        modality[start:end] = ids[name]
         covered = end
     if covered != n:
         raise ValueError(f"segments do not cover all {n} tokens")
@@ -206,12 +211,20 @@ def _strict(url: str, timeout_s: float) -> Iterator[dict]:
 
 
 def held_samples(url: str) -> int | None:
-    """How many samples the shard holds by the `manifest.json` beside it (`mmfm prepare`
-    writes one), or None where there is none: local and http(s) shards, and `pipe:` commands
-    whose last argument is a local file (`pipe:cat x.tar`)."""
+    """How many samples the shard holds by the `manifest.json` beside it, or None."""
+    try:
+        return int(shard_record(url)["samples"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def shard_record(url: str) -> dict | None:
+    """The shard's entry in the `manifest.json` beside it (`mmfm prepare` writes one), or None
+    where there is none: local and http(s) shards, and `pipe:` commands whose last argument is
+    a local file (`pipe:cat x.tar`)."""
     base, _, name = url.rpartition("/")
     if url.startswith(("http://", "https://")):
-        return _manifest_counts(base + "/manifest.json", 0).get(name)
+        return _manifest_shards(base + "/manifest.json", 0).get(name)
     if url.startswith("pipe:"):
         try:
             url = shlex.split(url[len("pipe:") :])[-1]
@@ -220,22 +233,21 @@ def held_samples(url: str) -> int | None:
     path = Path(url)
     try:
         manifest = path.parent / "manifest.json"
-        return _manifest_counts(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
+        return _manifest_shards(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
     except OSError:
         return None
 
 
 @functools.lru_cache(maxsize=256)
-def _manifest_counts(where: str, version: int) -> dict[str, int]:
-    """{shard file name: samples} of one manifest (`version`: its mtime, for the cache)."""
+def _manifest_shards(where: str, version: int) -> dict[str, dict]:
+    """{shard file name: its entry} of one manifest (`version`: its mtime, for the cache)."""
     try:
         if where.startswith(("http://", "https://")):
             with urllib.request.urlopen(where, timeout=10) as response:
                 raw = response.read(1 << 24)
         else:
             raw = Path(where).read_bytes()
-        shards = json.loads(raw)["shards"]
-        return {s["file"]: int(s["samples"]) for s in shards}
+        return {s["file"]: s for s in json.loads(raw)["shards"] if isinstance(s, dict)}
     except (OSError, ValueError, KeyError, TypeError) as e:
         if not isinstance(e, urllib.error.HTTPError):
             log.warning("cannot use %s to count documents: %s", where, e)

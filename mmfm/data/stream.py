@@ -47,6 +47,7 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,18 @@ import numpy as np
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
 from mmfm.core.types import Document
-from mmfm.data.decompose import Decomposer, bucket_pieces, step_length
+from mmfm.data.decompose import (
+    LENGTH_DIGITS,
+    Decomposer,
+    bucket_mass,
+    length_digits,
+    step_length,
+)
 from mmfm.data.megatron import is_unit, unit_sizes
 from mmfm.data.megatron import read_unit as read_megatron_unit
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
-from mmfm.data.shards import ShardError, decode_sample, held_samples
+from mmfm.data.shards import ShardError, decode_sample, held_samples, shard_record
 from mmfm.data.tario import Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
@@ -228,7 +235,7 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
     headers of local tars, else unknown (every shard counts as one). Raw shards (`members`:
     the extensions read): bytes of those members, from the headers of local tars."""
     if urls and is_unit(urls[0]):  # a Megatron indexed dataset: sizes from its index
-        return [ShardSize(len(s), float(s.sum()), s) for s in unit_sizes(urls)]
+        return [ShardSize(docs, float(tokens)) for docs, tokens in unit_sizes(urls)]
     if not all(os.path.isfile(u) for u in urls):
         return [ShardSize(-1, 1.0)] * len(urls)
     if members:
@@ -548,31 +555,58 @@ def _pending(docs: dict[tuple, Document], ref: Sequence) -> Pending:
     return pending
 
 
+ODDS_SHARDS = 8
+"""Shards that the natural odds of a source without length digits are measured on."""
+
+
 def natural_odds(
     sources: Sequence[SourceSpec], settings: StreamSettings, max_docs: int = 4096
 ) -> tuple[float, ...]:
-    """Each bucket's share of the tokens, from the documents of every source's first shard
-    (weighted by the source's weight): the natural curriculum's odds. Every rank reads the
-    same documents, so every stream draws the same lengths."""
-    buckets = settings.buckets
-    mass = np.zeros(len(buckets))
+    """Each bucket's share of the tokens, every source weighted by its weight: the natural
+    curriculum's odds. Exact from the `length_digits` of the source's shards in the manifest
+    beside them (`mmfm prepare` writes them); otherwise measured on up to `max_docs` documents
+    of up to `ODDS_SHARDS` shards spread over the source (raw and Megatron sources, shards of
+    an older mmfm). Every rank computes the same odds, so every stream draws the same lengths."""
+    mass = np.zeros(len(settings.buckets))
     for spec in sources:
-        share = np.zeros(len(buckets))
-        docs = read_source_unit(spec, Unit(spec.urls[0], 1, 0), 0, Skips(1.0), settings)
-        for i, (_, doc) in enumerate(docs):
-            pieces, _ = bucket_pieces(len(doc.tokens), buckets, settings.remainder)
-            for _, size in pieces:
-                share[buckets.index(max(size, buckets[0]))] += size
-            if i + 1 >= max_docs:
-                break
+        share = _manifest_mass(spec, settings)
+        if share is None:
+            share = _sampled_mass(spec, settings, max_docs)
         if share.sum():
             mass += spec.weight * share / share.sum()
     if not mass.sum():
         raise DataError(
-            f"data.curriculum=natural: the first shards of {[s.name for s in sources]} hold no "
+            f"data.curriculum=natural: the sources {[s.name for s in sources]} hold no "
             "document of a bucket length: lower data.buckets or use curriculum: grow_p2"
         )
     return tuple((mass / mass.sum()).tolist())
+
+
+def _manifest_mass(spec: SourceSpec, settings: StreamSettings) -> np.ndarray | None:
+    """Tokens per bucket of every shard of `spec` by the manifests, or None if one lacks them."""
+    if spec.tokenize:
+        return None
+    digits = np.zeros(LENGTH_DIGITS, np.int64)
+    for url in spec.urls:
+        found = None if is_unit(url) else (shard_record(url) or {}).get("length_digits")
+        if not isinstance(found, list) or len(found) != LENGTH_DIGITS:
+            return None
+        try:
+            digits += np.asarray(found, np.int64)
+        except (TypeError, ValueError):
+            return None
+    return bucket_mass(digits, settings.buckets, settings.remainder)
+
+
+def _sampled_mass(spec: SourceSpec, settings: StreamSettings, max_docs: int) -> np.ndarray:
+    """Tokens per bucket of the first documents of shards spread evenly over `spec`."""
+    count = min(ODDS_SHARDS, len(spec.urls))
+    picks = np.unique(np.linspace(0, len(spec.urls) - 1, count).round().astype(int))
+    lengths: list[int] = []
+    for i in picks:
+        docs = read_source_unit(spec, Unit(spec.urls[i], 1, 0), 0, Skips(1.0), settings)
+        lengths += [len(doc.tokens) for _, doc in islice(docs, max(1, max_docs // len(picks)))]
+    return bucket_mass(length_digits(lengths), settings.buckets, settings.remainder)
 
 
 class VirtualStream:

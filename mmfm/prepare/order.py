@@ -35,6 +35,7 @@ import numpy as np
 
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import MODALITY_NAMES, Document
+from mmfm.data.decompose import length_digits
 from mmfm.data.shards import read_shard, write_shard
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.tokenization.vocab import VOCAB_FILE
@@ -283,6 +284,7 @@ def _write(path: Path, docs: list[Document], fingerprint: dict) -> dict:
         "samples": len(docs),
         "tokens": int(by_modality.sum()),
         "tokens_by_modality": dict(zip(MODALITY_NAMES, map(int, by_modality), strict=True)),
+        "length_digits": length_digits([len(d.tokens) for d in docs]),
         "rejected": {},
         "removed": {},
         "sources": sources,

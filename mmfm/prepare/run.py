@@ -34,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 from mmfm.core.errors import ConfigError
+from mmfm.core.modalities import registered, restore
 from mmfm.core.types import MODALITY_NAMES, Document
+from mmfm.data.decompose import length_digits
 from mmfm.data.shards import ShardError, write_shard
 from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
@@ -57,13 +59,19 @@ _SHAPING: dict = {}  # source name -> its condition dropout / caption order (sha
 
 
 def _init_worker(
-    tokenizer_recipe: str, fingerprint: dict, shaping: dict | None = None, threads: int = 0
+    tokenizer_recipe: str,
+    fingerprint: dict,
+    shaping: dict | None = None,
+    modalities: tuple = (),
+    threads: int = 0,
 ) -> None:
-    """Load the tokenizers once per worker. `threads`: torch's intra-op threads, the cores
-    shared out among the workers: more threads than cores made the tiny visual tokenizers'
-    encodes 20x slower on 2 busy cores (270 ms instead of 12 ms a picture)."""
+    """Load the tokenizers once per worker, with the parent's registered `modalities`.
+    `threads`: torch's intra-op threads, the cores shared out among the workers: more threads
+    than cores made the tiny visual tokenizers' encodes 20x slower on 2 busy cores (270 ms
+    instead of 12 ms a picture)."""
     global _TOKENIZERS, _FINGERPRINT, _SHAPING
 
+    restore(modalities)
     if threads:
         torch.set_num_threads(threads)
     _TOKENIZERS = Tokenizers.load(load_recipe(tokenizer_recipe))
@@ -101,6 +109,7 @@ def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
         "samples": len(docs),
         "tokens": int(by_modality.sum()),
         "tokens_by_modality": dict(zip(MODALITY_NAMES, map(int, by_modality), strict=True)),
+        "length_digits": length_digits([len(d.tokens) for d in docs]),
         "rejected": dict(sum((c["rejected"] for c in sources.values()), Counter())),
         "removed": _TOKENIZERS.svg.take_removed(),  # what sanitising dropped from kept SVGs
         "sources": {n: {**c, "rejected": dict(c["rejected"])} for n, c in sources.items()},
@@ -199,7 +208,8 @@ def prepare(
     todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
     bar = _progress_bar(recipe, inputs, progress)
     shards, skipped, paths, read = [], 0, [], 0
-    work = _results(todo_or_done, workers, (recipe.tokenizer, fingerprint, rules(recipe)))
+    init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
+    work = _results(todo_or_done, workers, init)
     for path, (stats, was_done, notes) in work:
         skipped += was_done
         for note in notes:

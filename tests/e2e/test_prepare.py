@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mmfm.core.errors import DataError
+from mmfm.data.decompose import length_digits
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import read_shard
 from mmfm.data.stream import SourceSpec, StreamSettings
@@ -69,6 +70,9 @@ def test_prepare_stream_pack_recovers_every_document(tmp_path):
     assert manifest["samples"] == len(docs) == 300 + 40 + 60 + 19
     assert manifest["tokens"] == sum(len(d.tokens) for d in docs)
     assert {m for m, n in manifest["tokens_by_modality"].items() if n} == {"text", "dna", "svg"}
+    for shard in manifest["shards"]:  # the natural curriculum's odds without reading shards
+        lengths = [len(d.tokens) for d in read_shard(str(out / shard["file"]))]
+        assert shard["length_digits"] == length_digits(lengths)
     assert (out / "vocab.json").is_file()
     assert {d.source for d in docs} == {"kjv", "genome", "cds", "icons"}
 

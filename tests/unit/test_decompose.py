@@ -5,7 +5,9 @@ Documents carry their id in every token (id + 10), as in test_loader.py, so ever
 row can be traced back to its document.
 """
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +15,10 @@ import torch
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.types import Document
-from mmfm.data.decompose import bucket_pieces, step_length
+from mmfm.data.decompose import bucket_mass, bucket_pieces, length_digits, step_length
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import SourcesExhausted, SourceSpec, StreamSettings
+from mmfm.data.stream import SourcesExhausted, SourceSpec, StreamSettings, natural_odds
 from mmfm.model.attention import DocumentSdpa, SdpaMasked, document_layout
 
 SEQ, BUCKETS, STREAMS = 64, (8, 16, 32, 64), 8
@@ -173,3 +175,41 @@ def test_docs_attention_takes_one_call_for_one_document_rows():
     assert layout.identity and layout.groups == ((3, 16),) and layout.perm.numel() == 0
     want = SdpaMasked()(q, k, v, SdpaMasked().prepare(doc_ids))
     torch.testing.assert_close(DocumentSdpa()(q, k, v, layout), want)
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_length_digits_give_every_bucketing_its_token_shares(remainder):
+    lengths = np.random.default_rng(3).integers(1, 20000, 500)
+    digits = length_digits(lengths)
+    for buckets in [(8, 16, 32, 64), (256, 512, 1024, 2048, 4096, 8192), (32,), (1, 2)]:
+        want = np.zeros(len(buckets))
+        for n in lengths:
+            for _, size in bucket_pieces(int(n), buckets, remainder)[0]:
+                want[buckets.index(max(size, buckets[0]))] += size
+        assert bucket_mass(digits, buckets, remainder).tolist() == want.tolist(), buckets
+
+
+def test_natural_odds_come_from_the_manifest_else_from_shards_across_the_source(tmp_path):
+    """Short documents first, long ones in the later shards (a corpus prepared source by
+    source): the first shard alone would give every step the shortest length."""
+    root, urls, lengths = tmp_path / "c", [], []
+    root.mkdir()
+    for s, n in enumerate([9, 9, 60, 60]):
+        docs = [Document(np.full(n, 10, np.int64), np.zeros(n, np.uint8), "d") for _ in range(20)]
+        write_shard(root / f"p-{s}.tar", docs)
+        urls.append(str(root / f"p-{s}.tar"))
+        lengths += [n] * 20
+    settings = StreamSettings(2, SEQ, 0, (1.0,) * 6, packing="decompose", buckets=BUCKETS)
+    source = SourceSpec("a", tuple(urls), 1.0)
+    want = bucket_mass(length_digits(lengths), BUCKETS, "drop")
+    sampled = natural_odds([source], settings)  # no manifest: the first documents of 4 shards
+    assert np.allclose(sampled, want / want.sum()) and sampled[-1] == 0 and sampled[1] > 0
+    few = natural_odds([source], settings, max_docs=4)  # one document from each shard
+    assert np.allclose(few, want / want.sum())
+    # A manifest that says every document is 64 long: the odds are read from it, not measured.
+    shards = [{"file": Path(u).name, "length_digits": length_digits([64] * 20)} for u in urls]
+    (root / "manifest.json").write_text(json.dumps({"shards": shards}))
+    assert natural_odds([source], settings) == (0.0, 0.0, 0.0, 1.0)
+    shards[2]["length_digits"] = [1, 2]  # one shard's entry is unusable: measured again
+    (root / "manifest.json").write_text(json.dumps({"shards": shards}))
+    assert np.allclose(natural_odds([source], settings), want / want.sum())

@@ -16,6 +16,7 @@ import torch
 from mmfm.config import ModelConfig, load_config
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import Document
+from mmfm.data.decompose import length_digits
 from mmfm.data.loader import build_loader
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, modality_weight_table
 from mmfm.data.shards import read_shard, write_shard
@@ -155,6 +156,9 @@ def test_prepare_writes_related_shards_each_document_once(tmp_path, verses, monk
     assert stats["consecutive_similarity"] > 3 * stats["random_similarity"]
     assert manifest["sources"]["text"]["documents"] == 240
     assert manifest["tokens"] == sum(len(d.tokens) for d in ordered)
+    assert sum(np.array(s["length_digits"]) for s in manifest["shards"]).tolist() == (
+        length_digits([len(d.tokens) for d in ordered])
+    )
     assert (out / "vocab.json").is_file()
     assert prepare(recipe, progress=False) == manifest  # a rerun finds it done
     as_read = load_prepare_recipe(related_recipe(tmp_path, verses, "as_read"))
