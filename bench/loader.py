@@ -133,7 +133,8 @@ def prepared_section(repeats: int) -> dict:
     mixed = [SourceSpec("text", text, 0.7, max_epochs=1), SourceSpec("svg", svg, 0.3, max_epochs=1)]
     rows["loader, 2 sources mixed 0.7 / 0.3"] = rate(repeats, mixed)["tokens_per_s"]
     rows["loader, 1 source, in 1 worker process"] = rate(repeats, whole, 1)["tokens_per_s"]
-    rows.update(megatron_rows(repeats, out, urls, n_tokens))
+    megatron, cpu_ratio = megatron_rows(repeats, out, urls, n_tokens)
+    rows.update(megatron)
     n_bytes = sum(Path(u).stat().st_size for u in urls)
     print(
         f"{manifest['samples']} documents, {n_tokens:,} tokens, {len(urls)} shards, "
@@ -142,19 +143,24 @@ def prepared_section(repeats: int) -> dict:
     print("| path | M tokens/s | x raw tar read |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r / 1e6:.2f} | {r / rows['raw tar read (webdataset)']:.2f} |")
-    return {"tokens": n_tokens, "tokens_per_s": rows}
+    result = {"tokens": n_tokens, "tokens_per_s": rows}
+    if cpu_ratio:
+        result["loader_cpu_time_webdataset_over_megatron"] = cpu_ratio
+    return result
 
 
-def megatron_rows(repeats: int, out: Path, urls: list[str], n_tokens: int) -> dict:
+def megatron_rows(
+    repeats: int, out: Path, urls: list[str], n_tokens: int
+) -> tuple[dict, dict | None]:
     """The same documents as a Megatron indexed dataset (`format: megatron`'s writer): read
-    by megatron-core's `IndexedDataset` document by document, and by the loader; and the
-    loader's CPU time on the shards over that on the indexed dataset, passes taken in turn."""
+    by megatron-core's `IndexedDataset` document by document, and by the loader (rows); and
+    the loader's CPU time on the shards over that on the indexed dataset, passes in turn."""
     try:
         write_megatron(out, "indexed", urls, Vocab.load(out / VOCAB_FILE).size)
         dataset = megatron_indexed().IndexedDataset(str(out / "indexed"))
     except LaunchError as e:
         print(f"(no Megatron rows: {e})")
-        return {}
+        return {}, None
 
     def indexed_read() -> float:
         start = time.perf_counter()
@@ -175,11 +181,12 @@ def megatron_rows(repeats: int, out: Path, urls: list[str], n_tokens: int) -> di
         f"loader CPU time, WebDataset / Megatron .bin/.idx, passes in turn: median "
         f"{statistics.median(cpu):.2f} ({', '.join(f'{r:.2f}' for r in cpu)})"
     )
-    return {
+    rows = {
         "megatron-core IndexedDataset read": n_tokens
         / statistics.median(indexed_read() for _ in range(repeats)),
         "loader, 1 source, Megatron .bin/.idx": rate(repeats, indexed)["tokens_per_s"],
     }
+    return rows, {"median": statistics.median(cpu), "runs": cpu}
 
 
 def text_shards(root: Path, verses: int) -> list[str]:

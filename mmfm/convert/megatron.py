@@ -2,13 +2,18 @@
 
 megatron-core saves `torch_dist` checkpoints: `torch.distributed.checkpoint` (DCP) files of
 *global* tensors (each tensor/pipeline-parallel rank writes its chunks; the layers of a block
-are stacked on a leading axis), plus `metadata.json` and a pickled `common.pt`. So a TP/PP-
-sharded checkpoint reads as whole tensors and a written one loads into any TP/PP layout through
-megatron-core's own resharding. The `.metadata` pickle is read by mmfm's untrusting unpickler
-(mmfm.train.dcp_reader) extended by the four DCP planner dataclasses megatron-core stores in
-it; `common.pt` and the `_extra_state` byte entries (Transformer Engine fp8 metadata) are pickles
-and are never read. The model's shape is not in the tensors alone (heads, RoPE base, epsilon):
-it comes from a JSON/YAML file of Megatron-LM argument names (`--args`, or `megatron_args.json`,
+are stacked on a leading axis, each pipeline stage writing its layers at their global offsets:
+no renumbering), plus `metadata.json` and a pickled `common.pt`. So a TP/PP-sharded checkpoint
+reads as whole tensors and a written one loads into any TP/PP layout through megatron-core's
+own resharding; the per-layer layouts megatron-core also saves (`decoder.layers.{global id}.`,
+the SwiGLU halves apart) are stacked first (`stack_layers`). The `.metadata` pickle is read by
+mmfm's untrusting unpickler (mmfm.train.dcp_reader) extended by the four DCP planner
+dataclasses megatron-core stores in it; `common.pt` and the `_extra_state` byte entries
+(Transformer Engine fp8 metadata) are pickles and are never read. Only the model is converted:
+the optimizer state, RNG states and iteration of a Megatron-LM checkpoint are skipped, and an
+export has none (their layout depends on the distributed optimizer and the parallel layout).
+The model's shape is not in the tensors alone (heads, RoPE base, epsilon): it comes from a
+JSON/YAML file of Megatron-LM argument names (`--args`, or `megatron_args.json`,
 which `mmfm convert megatron` writes next to the checkpoint). Every name is mapped explicitly:
 the fused `linear_qkv` (per query group: its query heads, then one key, then one value head),
 the fused `linear_fc1` (gate rows, then up rows), and the norms, which torch_dist checkpoints
@@ -373,6 +378,42 @@ def read_megatron(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def stack_layers(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torch_dist tensors with the layers stacked on a leading axis, as megatron-core stores
+    them by default at any PP size (each stage writes its layers at their global offsets).
+    Checkpoints saved with per-layer keys (`non_homogeneous_layers` or
+    `singleton_local_shards`: `decoder.layers.{global id}.…`, the SwiGLU `linear_fc1` as
+    `weight_w` / `weight_v`) are stacked here; a layer missing is refused."""
+    out, layers = {}, {}
+    for name, tensor in stored.items():
+        match = _PER_LAYER.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        index, suffix = int(match[1]), match[2]
+        if suffix.endswith(("_w", "_v")) and suffix[:-2].endswith(".weight"):
+            if suffix.endswith("_v"):  # joined to its `_w`
+                continue
+            suffix = suffix[:-2]
+            up = stored.get(f"decoder.layers.{index}.{suffix}_v")
+            if up is None:
+                raise ConversionError(f"{name} has no {suffix}_v: the checkpoint is incomplete")
+            tensor = torch.cat([tensor, up])  # gate rows, then up rows
+        layers.setdefault(suffix, {})[index] = tensor
+    for suffix, per_layer in layers.items():
+        missing = sorted(set(range(max(per_layer) + 1)) - set(per_layer))
+        if missing:
+            raise ConversionError(
+                f"decoder.layers.{missing[0]}.{suffix} is missing: the checkpoint lacks the "
+                "layers of a pipeline stage (copy every stage's files into one folder)"
+            )
+        out[f"decoder.layers.{suffix}"] = torch.stack([per_layer[i] for i in sorted(per_layer)])
+    return out
+
+
 # -- the commands ----------------------------------------------------------------------------
 
 
@@ -387,7 +428,7 @@ def import_megatron(ckpt: str | Path, out: str | Path, args_file: str | Path | N
             "norm_epsilon, ...); mmfm does not unpickle common.pt to find them"
         )
     args = read_args(args_path)
-    stored = read_megatron(path)
+    stored = stack_layers(read_megatron(path))
     shapes = {k: tuple(v.shape) for k, v in stored.items()}
     for key in ("embedding.word_embeddings.weight", "decoder.layers.mlp.linear_fc1.weight"):
         if key not in shapes:

@@ -6,16 +6,20 @@ reader of the `.idx` layout of our own); it is imported only here, and only when
 source is read, so the rest of mmfm never needs it (the extra `mmfm[megatron]`).
 
 For the stream (stream.py) a prefix is cut into units of consecutive documents of its index
-(`BLOCK_DOCS` documents or `BLOCK_TOKENS` tokens, whichever comes first), each a URL
-`megatron:<prefix>#<first>:<end>` whose per-document sizes the index gives before any token is
-read, so the deal, mixing by token share, packing, exact and elastic resume and skip counts
-work as for WebDataset shards; a stream reads only the documents of its own units. A
-document is the index's document (its sequences, concatenated); all of it is text, unless the
-dataset was written by `mmfm prepare` (`format: megatron`), whose sidecar `<prefix>.spans`
-(an indexed dataset too, one item per document) gives each document's modality spans and
-no-loss spans back. Bad data is counted as in shards: a document whose bytes lie past the end
-of the `.bin` (`truncated_shard`), ids outside the vocabulary (`bad_sample`), an empty
-document (`empty`); an index that cannot be read at all is one error naming the file.
+(`BLOCK_DOCS` documents, halved while they hold more than `BLOCK_TOKENS` tokens), each a URL
+`megatron:<prefix>#<first>:<end>`. A unit's size comes from two document boundaries, two
+sequence pointers and one length in the index (the `.bin` is contiguous), so every rank reads
+a few entries of the index per unit to deal, not one per document, and then only the entries
+and tokens of its own documents, as it reads only its own WebDataset shards. The deal, mixing
+by token share, packing, exact and elastic resume and skip counts work as for shards with a
+manifest (a slice of a unit is estimated as its share of the unit's documents). A document is
+the index's document (its sequences, concatenated); all of it is text, unless the dataset
+was written by `mmfm prepare` (`format: megatron`), whose sidecar `<prefix>.spans` (an
+indexed dataset too, one item per document) gives each document's modality spans and no-loss
+spans back. Bad data is counted as in shards: a document whose bytes lie past the end of the
+`.bin` (`truncated_shard`), ids outside the vocabulary or boundaries that fall or run past
+the sequences (`bad_sample`), an empty document (`empty`); an index that cannot be read at
+all, or whose units' boundaries are out of range, is one error naming the file.
 """
 
 from __future__ import annotations
@@ -105,9 +109,9 @@ def _open(prefix: str, version: tuple):
         raise DataError(f"Megatron dataset {prefix}.bin is empty: rebuild {prefix}.bin/.idx")
     try:
         dataset = _construct(megatron_indexed().IndexedDataset, prefix)
-        ends = dataset.document_indices
-        if len(ends) < 1 or ends[0] != 0 or np.any(np.diff(ends) < 0):
-            raise ValueError("its document indices do not rise from 0")
+        ends = dataset.document_indices  # the ends only: a rank reads its own documents
+        if len(ends) < 1 or ends[0] != 0 or ends[-1] != len(dataset):
+            raise ValueError("its document indices do not run from 0 to its sequences")
     except (AssertionError, ValueError, OSError, TypeError, KeyError, OverflowError) as e:
         raise DataError(
             f"Megatron index {prefix}.idx cannot be read ({type(e).__name__}: {e}): it is "
@@ -152,26 +156,50 @@ def open_dataset(prefix: str):
     return _open(prefix, _version(prefix))
 
 
+def _tokens_between(dataset, first: int, end: int) -> int:
+    """Tokens of documents [first, end) from two boundaries and two pointers: sequences are
+    contiguous in the `.bin`, so no length of a document in between is read."""
+    index = dataset.index
+    s0, s1 = int(index.document_indices[first]), int(index.document_indices[end])
+    if not (0 <= s0 <= len(index) and 0 <= s1 <= len(index)):
+        raise ValueError(f"documents {first}:{end} span sequences {s0}:{s1} of {len(index)}")
+    if s1 <= s0:
+        return 0
+    start, last = int(index.sequence_pointers[s0]), int(index.sequence_pointers[s1 - 1])
+    return max(0, (last - start) // index.dtype_size + int(index.sequence_lengths[s1 - 1]))
+
+
+def _cut(dataset, first: int, end: int) -> list[tuple[int, int, int]]:
+    """(first, end, tokens) of the units of documents [first, end): halved while a unit of
+    more than one document holds more than `BLOCK_TOKENS` tokens."""
+    tokens = _tokens_between(dataset, first, end)
+    if tokens <= BLOCK_TOKENS or end - first == 1:
+        return [(first, end, tokens)]
+    middle = (first + end) // 2
+    return _cut(dataset, first, middle) + _cut(dataset, middle, end)
+
+
 @functools.lru_cache(maxsize=64)
-def _doc_tokens(prefix: str, version: tuple) -> np.ndarray:
-    """Tokens of every document of `prefix`, from its index alone."""
+def _units(prefix: str, version: tuple) -> tuple[tuple[int, int, int], ...]:
+    """(first, end, tokens) of every unit of `prefix`."""
     dataset = _open(prefix, version)
-    per_sequence = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
-    return np.diff(per_sequence[dataset.document_indices])
+    n = len(dataset.document_indices) - 1
+    blocks = [(a, min(a + BLOCK_DOCS, n)) for a in range(0, n, BLOCK_DOCS)]
+    try:
+        return tuple(unit for a, b in blocks for unit in _cut(dataset, a, b))
+    except ValueError as e:
+        raise DataError(
+            f"Megatron index {prefix}.idx cannot be read ({e}): it is damaged; rebuild it"
+        ) from None
 
 
 def unit_urls(paths: Sequence[str]) -> list[str]:
     """The units of the prefixes `paths` name (see the module docstring)."""
-    urls = []
-    for prefix in expand_prefixes(paths):
-        tokens = _doc_tokens(prefix, _version(prefix))
-        first = 0
-        while first < len(tokens):
-            within = np.cumsum(tokens[first : first + BLOCK_DOCS])
-            end = first + max(1, int(np.searchsorted(within, BLOCK_TOKENS, side="right")))
-            urls.append(f"{SCHEME}{prefix}#{first}:{end}")
-            first = end
-    return urls
+    return [
+        f"{SCHEME}{prefix}#{first}:{end}"
+        for prefix in expand_prefixes(paths)
+        for first, end, _ in _units(prefix, _version(prefix))
+    ]
 
 
 def is_unit(url: str) -> bool:
@@ -184,12 +212,17 @@ def _parse(url: str) -> tuple[str, int, int]:
     return prefix, int(first), int(end)
 
 
-def unit_sizes(urls: Sequence[str]) -> list[np.ndarray]:
-    """Tokens of every document of every unit (the deal's sizes), from the indices."""
-    sizes = []
+def unit_sizes(urls: Sequence[str]) -> list[tuple[int, int]]:
+    """(documents, tokens) of every unit (the deal's sizes), from their boundaries alone."""
+    sizes, known = [], {}
     for url in urls:
         prefix, first, end = _parse(url)
-        sizes.append(_doc_tokens(prefix, _version(prefix))[first:end].astype(np.float64))
+        if prefix not in known:
+            known[prefix] = {(a, b): n for a, b, n in _units(prefix, _version(prefix))}
+        tokens = known[prefix].get((first, end))
+        if tokens is None:  # not a unit of today's index: size it all the same
+            tokens = _tokens_between(open_dataset(prefix), first, end)
+        sizes.append((end - first, tokens))
     return sizes
 
 
@@ -230,6 +263,12 @@ class _Bad(Exception):
 
 def _tokens(dataset, index: int) -> np.ndarray:
     s0, s1 = dataset.document_indices[index : index + 2].tolist()
+    if not 0 <= s0 <= s1 <= len(dataset):
+        raise _Bad(
+            "bad_sample",
+            f"its boundaries in the index, sequences {s0}:{s1} of {len(dataset)}, fall or run "
+            "past the end (a damaged .idx)",
+        )
     try:
         if s1 == s0 + 1:  # one sequence, the common case: no split
             return dataset[s0].astype(np.int64)

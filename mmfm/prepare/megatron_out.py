@@ -8,11 +8,16 @@ modality spans and no-loss spans into the sidecar `<name>.spans.bin` / `.idx` (o
 per document, mmfm/data/megatron.py), next to `vocab.json`: Megatron-LM trains on the ids,
 and mmfm reads the dataset back with its modalities (`data.sources[].kind: megatron`). The
 files are written under temporary names and renamed when complete. The shards stay: they are
-what a rerun resumes from.
+what a rerun resumes from. With `order: related` the order is one of documents only, so the
+indexed dataset is written from the ordered shards, in their order, once they are written
+(`with_related_order`). mmfm keeps that order with `ordered: true` on the source;
+megatron-core 0.16's `GPTDataset` always shuffles documents and samples by its seed, so in
+Megatron-LM the neighbours are not kept together.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +26,8 @@ import numpy as np
 
 from mmfm.data.megatron import SPANS, megatron_indexed, spans_item
 from mmfm.data.shards import read_shard
+from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
 PARTS = (SPANS + ".bin", SPANS + ".idx", ".bin", ".idx")
 """Renamed in this order: the data's `.idx` last, so a prefix is whole once it is there."""
@@ -45,3 +52,17 @@ def write_megatron(out: Path, name: str, shards: Sequence[str], vocab_size: int)
     for part in PARTS:
         os.replace(tmp + part, str(out / name) + part)
     return {"prefix": name, "documents": documents, "tokens": total, "dtype": dtype.__name__}
+
+
+def with_related_order(recipe: PrepareRecipe, manifest: dict) -> dict:
+    """`format: megatron` of an `order: related` output: the ordered shards, in their order,
+    as the indexed dataset (each document once, as the shards hold it), recorded in the
+    manifest; a rerun that finds it recorded does nothing."""
+    if recipe.format != "megatron" or "megatron" in manifest:
+        return manifest
+    out = Path(recipe.output)
+    shards = [str(out / s["file"]) for s in manifest["shards"]]
+    vocab_size = Vocab.load(out / VOCAB_FILE).size
+    manifest["megatron"] = write_megatron(out, recipe.name, shards, vocab_size)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest

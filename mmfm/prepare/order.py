@@ -66,7 +66,8 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads the keys over
 
 def staging(recipe: PrepareRecipe) -> PrepareRecipe:
     """The recipe that tokenizes `recipe`'s records as read, into `<output>/.as_read`."""
-    return dataclasses.replace(recipe, order="as_read", output=str(Path(recipe.output) / STAGING))
+    staged = str(Path(recipe.output) / STAGING)  # shards only: format megatron comes after
+    return dataclasses.replace(recipe, order="as_read", format="webdataset", output=staged)
 
 
 def related_fingerprint(staged: dict) -> dict:

@@ -18,12 +18,14 @@ import torch
 from mmfm.cli import main
 from mmfm.config import ModelConfig
 from mmfm.convert.megatron import (
+    MegatronReader,
     from_megatron,
     fuse_qkv,
     import_megatron,
     model_config_from_megatron,
     read_megatron,
     split_qkv,
+    stack_layers,
     to_megatron,
 )
 from mmfm.core.errors import ConversionError
@@ -55,8 +57,9 @@ ARGS = {
 TOKENS = torch.arange(2 * SEQ).reshape(2, SEQ) * 37 % VOCAB
 
 
-def _gpt(tp: int):
-    """megatron-core's GPTModel of ARGS (local layer spec) on CPU, in a gloo group."""
+def _gpt(tp: int, pp: int = 1):
+    """megatron-core's GPTModel of ARGS (local layer spec) on CPU, in a gloo group: this
+    rank's TP shard of its pipeline stage."""
     import torch.distributed as dist
     import torch.nn.functional as F
     from megatron.core import parallel_state
@@ -64,8 +67,12 @@ def _gpt(tp: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
     config = TransformerConfig(
         num_layers=ARGS["num_layers"],
         hidden_size=ARGS["hidden_size"],
@@ -73,6 +80,8 @@ def _gpt(tp: int):
         num_attention_heads=ARGS["num_attention_heads"],
         num_query_groups=ARGS["num_query_groups"],
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
         normalization="RMSNorm",
         layernorm_epsilon=ARGS["norm_epsilon"],
         gated_linear_unit=True,
@@ -91,15 +100,19 @@ def _gpt(tp: int):
         position_embedding_type="rope",
         rotary_base=ARGS["rotary_base"],
         share_embeddings_and_output_weights=False,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     ).eval()
 
 
-def _megatron_logits(model) -> torch.Tensor:
+def _megatron_logits(model, received: torch.Tensor | None = None) -> torch.Tensor:
     """GPTModel.forward's own stages. On CPU three things are set up differently: the RoPE
     table is `RotaryEmbedding.get_emb`'s (whose first line moves `inv_freq` to CUDA), the
     attention-score buffer is a CPU tensor in megatron's global memory buffer (it allocates on
     CUDA), the causal mask is given (the default one is made on CUDA), and the RNG tracker is
-    megatron's inference one (the training one forks CUDA RNG states even without dropout)."""
+    megatron's inference one (the training one forks CUDA RNG states even without dropout).
+    A later pipeline stage starts from `received`, the earlier stage's output; a stage before
+    the last gives its output."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
@@ -110,13 +123,19 @@ def _megatron_logits(model) -> torch.Tensor:
     rope = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
     mask = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)[None, None]
     with torch.no_grad():
-        hidden = model.embedding(input_ids=TOKENS, position_ids=positions)
+        if model.pre_process:
+            hidden = model.embedding(input_ids=TOKENS, position_ids=positions)
+        else:
+            model.decoder.set_input_tensor(received)
+            hidden = None
         hidden = model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rope)
+        if not model.post_process:
+            return hidden
         logits, _ = model.output_layer(hidden)
     return logits.transpose(0, 1)
 
 
-def _megatron_save(model, folder: str) -> None:
+def _megatron_save(model, folder: str, metadata: dict | None = None) -> None:
     """megatron-core's torch_dist save, its own writer and planner. On CPU the GPU-to-host
     preload (`torch.cuda.synchronize`) is skipped (the tensors are on the host already), and
     the failure flag broadcast after `.metadata` is written (a CUDA tensor) fails: each rank
@@ -125,7 +144,7 @@ def _megatron_save(model, folder: str) -> None:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     request = dist_checkpointing.save(
-        model.sharded_state_dict(),
+        model.sharded_state_dict(metadata=metadata),
         folder,
         TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1),
         async_sharded_save=True,
@@ -147,6 +166,9 @@ def _reference(folder: str):
             noise = 0.1 * torch.randn(p.shape, generator=gen)
             p.copy_(1 + noise if "layernorm" in name else noise)
     _megatron_save(model, folder)
+    for layout in ("non_homogeneous_layers", "singleton_local_shards"):  # per-layer keys
+        os.mkdir(f"{folder}_{layout}")
+        _megatron_save(model, f"{folder}_{layout}", {layout: True})
     layer = model.decoder.layers[0]
     x = torch.randn(SEQ, 2, ARGS["hidden_size"], generator=gen)  # megatron: [seq, batch, dim]
     with torch.no_grad():
@@ -165,6 +187,24 @@ def _tp2_load_and_save(source: str, folder: str):
     logits = _megatron_logits(model)  # this rank's half of the vocabulary
     _megatron_save(model, folder)
     return logits
+
+
+def _tp2_then_pp2_load_and_save(source: str, folder: str, tp2_folder: str):
+    """Each of 2 pipeline stages loads `source` through megatron-core, runs its layer (stage
+    0's output broadcast to stage 1) and saves again; stage 1 gives the logits. First the
+    same at TP2 (`_tp2_load_and_save`), in the same two processes: (TP2 logits, PP2 logits)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    half = _tp2_load_and_save(source, tp2_folder)
+    model = _gpt(tp=1, pp=2)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), source))
+    first = dist.get_rank() == 0
+    hidden = _megatron_logits(model) if first else torch.empty(SEQ, 2, ARGS["hidden_size"])
+    dist.broadcast(hidden, src=0)
+    logits = None if first else _megatron_logits(model, hidden)
+    _megatron_save(model, folder)
+    return half, logits
 
 
 @pytest.fixture(scope="module")
@@ -195,22 +235,56 @@ def test_megatron_checkpoint_runs_in_mmfm_with_megatrons_logits(converted):
 
 
 @pytest.mark.slow  # two megatron-core processes, each importing it and saving through it
-def test_mmfm_to_megatron_is_identical_and_loads_at_tp2(converted):
+def test_mmfm_to_megatron_is_identical_and_loads_at_tp2_and_pp2(converted):
     tmp, _, logits, _ = converted
     main(["convert", "megatron", str(tmp / "mmfm"), str(tmp / "back")])
     original, back = read_megatron(tmp / "meg"), read_megatron(tmp / "back")
     assert original.keys() == back.keys()
     assert all(torch.equal(original[k], back[k]) for k in original)
     assert json.loads((tmp / "back" / "megatron_args.json").read_text())["num_query_groups"] == 2
-    # megatron-core loads mmfm's export into a TP2 model, runs it and saves it TP2-sharded.
+    # megatron-core loads mmfm's export into a TP2 model and into a PP2 one, runs them and
+    # saves them TP2- and PP2-sharded.
     (tmp / "tp2").mkdir()
-    halves = run_distributed(_tp2_load_and_save, 2, (str(tmp / "back"), str(tmp / "tp2")))
-    assert (torch.cat(halves, dim=-1) - logits).abs().max() <= 1e-5
-    tp2 = read_megatron(tmp / "tp2")
-    assert all(torch.equal(original[k], tp2[k]) for k in original)
-    import_megatron(tmp / "tp2", tmp / "mmfm2", tmp / "args.json")
-    first, second = read_mmfm(tmp / "mmfm"), read_mmfm(tmp / "mmfm2")
+    (tmp / "pp2").mkdir()
+    folders = (str(tmp / "back"), str(tmp / "pp2"), str(tmp / "tp2"))
+    (half0, _), (half1, last) = run_distributed(_tp2_then_pp2_load_and_save, 2, folders)
+    assert (torch.cat([half0, half1], dim=-1) - logits).abs().max() <= 1e-5
+    assert (last - logits).abs().max() <= 1e-5
+    # PP2 stores each stage's layer at its global offset of the stacked tensors (global ids,
+    # no renumbering), so a PP-sharded checkpoint reads whole, as TP-sharded ones do.
+    metadata = MegatronReader(tmp / "pp2").read_metadata().state_dict_metadata
+    chunks = metadata["decoder.layers.self_attention.linear_proj.weight"].chunks
+    assert sorted(tuple(c.offsets) for c in chunks) == [(0, 0, 0), (1, 0, 0)]  # one per stage
+    for sharded in ("tp2", "pp2"):
+        stored = read_megatron(tmp / sharded)
+        assert original.keys() == stored.keys()
+        assert all(torch.equal(original[k], stored[k]) for k in original)
+        import_megatron(tmp / sharded, tmp / f"mmfm_{sharded}", tmp / "args.json")
+        first, second = read_mmfm(tmp / "mmfm"), read_mmfm(tmp / f"mmfm_{sharded}")
+        assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("layout", "key"),
+    [
+        ("non_homogeneous_layers", "decoder.layers.1.mlp.linear_fc1.weight"),
+        ("singleton_local_shards", "decoder.layers.1.mlp.linear_fc1.weight_w"),
+    ],
+)
+def test_checkpoints_with_per_layer_keys_import_the_same(converted, layout, key):
+    """megatron-core's other layouts: a key per layer under its global id (as every stage of
+    a PP run writes its own), SwiGLU halves apart in `singleton_local_shards`."""
+    tmp = converted[0]
+    folder = tmp / f"meg_{layout}"
+    stored = read_megatron(folder)
+    assert key in stored and "decoder.layers.mlp.linear_fc1.weight" not in stored
+    import_megatron(folder, tmp / f"mmfm_{layout}", tmp / "args.json")
+    first, second = read_mmfm(tmp / "mmfm"), read_mmfm(tmp / f"mmfm_{layout}")
+    assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+    stage = {k: v for k, v in stored.items() if not k.startswith("decoder.layers.0.")}
+    with pytest.raises(ConversionError, match=r"decoder\.layers\.0\..* is missing"):
+        stack_layers(stage)
 
 
 def test_module_state_dict_names_of_the_local_spec_map_too(converted):
@@ -220,6 +294,49 @@ def test_module_state_dict_names_of_the_local_spec_map_too(converted):
     mine = from_megatron(state, cfg)  # decoder.layers.{i}.input_layernorm.weight, ...
     assert mine.keys() == imported.keys()
     assert all(torch.equal(mine[k], imported[k]) for k in mine)
+
+
+# Transformer Engine's layer spec (get_gpt_layer_with_transformer_engine_spec) folds each
+# norm into the linear after it (TELayerNormColumnParallelLinear: `layer_norm_weight`; the
+# spec's input_layernorm / pre_mlp_layernorm are IdentityOp) and gives every TE module an
+# `_extra_state` (fp8 metadata). TE cannot be installed here (it builds against CUDA), so its
+# state dict is made from the local spec's by exactly that renaming.
+TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+TE_EXTRA = ("linear_qkv", "linear_proj", "core_attention")
+
+
+def _te_state(local: dict) -> dict:
+    te = {}
+    for name, tensor in local.items():
+        layer, _, rest = name.partition(".layers.")
+        index, _, suffix = rest.partition(".")
+        te[f"{layer}.layers.{index}.{TE_NAMES[suffix]}" if suffix in TE_NAMES else name] = tensor
+    for i in range(ARGS["num_layers"]):
+        extra = [f"self_attention.{m}" for m in TE_EXTRA] + ["mlp.linear_fc1", "mlp.linear_fc2"]
+        te |= {f"decoder.layers.{i}.{m}._extra_state": torch.zeros(0) for m in extra}
+    return te
+
+
+def test_transformer_engine_names_map_both_ways(converted):
+    tmp, state, _, _ = converted
+    te = _te_state(state)
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te
+    assert not any("layernorm" in k for k in te if k.startswith("decoder.layers."))
+    cfg = model_config_from_megatron(ARGS, _shapes(tmp / "meg"), "ARGS")
+    imported = read_mmfm(tmp / "mmfm")
+    mine = from_megatron(te, cfg)
+    assert mine.keys() == imported.keys()
+    assert all(torch.equal(mine[k], imported[k]) for k in mine)
+    stacked = to_megatron(imported, cfg)  # back: torch_dist's stacked names are TE's
+    for name, tensor in te.items():
+        if name.endswith("_extra_state"):
+            continue
+        match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
+        theirs = stacked[f"decoder.layers.{match[2]}"][int(match[1])] if match else stacked[name]
+        assert torch.equal(theirs, tensor), name
 
 
 def _shapes(folder):

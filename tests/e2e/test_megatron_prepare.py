@@ -81,3 +81,21 @@ def test_prepared_megatron_dataset_reads_back_in_megatron_core_and_mmfm(tmp_path
     Vocab.build(300).save(tmp_path / "other.json")
     with pytest.raises(VocabError, match=r"data source 't': .*manifest\.json says"):
         build_trainer(load_config(None, [*overrides, f"data.vocab={tmp_path / 'other.json'}"]))
+
+
+def test_related_order_is_written_in_that_order(tmp_path, monkeypatch):
+    """`order: related` is an order of documents: the indexed dataset holds the ordered
+    shards' documents in their order (the staging folder gets shards only)."""
+    monkeypatch.chdir(REPO)
+    path = recipe(tmp_path)
+    related = path.read_text().replace("shard_size: 10\n", "shard_size: 10\norder: related\n")
+    path.write_text(related)
+    manifest = prepare(load_prepare_recipe(path), progress=False)
+    out = tmp_path / "out"
+    ordered = [d for p in sorted(out.glob("t-*.tar")) for d in read_shard(str(p))]
+    assert manifest["order"]["duplicates"] == 2  # the three equal prompt-responses: one kept
+    assert manifest["megatron"]["documents"] == len(ordered) == 33
+    theirs = mcore.IndexedDataset(str(out / "t"))
+    assert [theirs[i].tolist() for i in range(len(theirs))] == [d.tokens.tolist() for d in ordered]
+    assert not list((out / ".as_read").glob("*.idx"))
+    assert prepare(load_prepare_recipe(path), progress=False) == manifest  # a rerun: done

@@ -17,6 +17,7 @@ from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import DataError, LaunchError
 from mmfm.core.types import Document, Modality
 from mmfm.data import megatron as mdata
+from mmfm.data import stream as mstream
 from mmfm.data.loader import StreamingLoader, build_loader
 from mmfm.data.shards import write_shard
 from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
@@ -140,6 +141,77 @@ def test_resume_is_exact_and_elastic(tmp_path, before, after):
     assert len(seen) > 100 and all(seen[d] <= want[d] for d in seen)
 
 
+class Touched:
+    """An array of the index that records which of its entries are read (all of them when
+    numpy takes it whole: cumsum, diff, asarray, fancy indexing)."""
+
+    def __init__(self, array):
+        self.array, self.read = array, set()
+
+    def __len__(self):
+        return len(self.array)
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            self.read.update(range(*key.indices(len(self.array))))
+        elif isinstance(key, int | np.integer):
+            self.read.add(int(key) % len(self.array))
+        else:
+            self.read.update(range(len(self.array)))
+        return self.array[key]
+
+    def __array__(self, dtype=None, copy=None):
+        self.read.update(range(len(self.array)))
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+def test_a_rank_reads_only_its_share_of_the_index(tmp_path, monkeypatch):
+    """Two ranks of 4 streams each, one after the other in this process, each from a fresh
+    open of the dataset: each reads its own documents' entries of the index and a few per
+    unit, not all of them."""
+    monkeypatch.setattr(mdata, "BLOCK_DOCS", 50)
+    docs = lengths(600)
+    prefix = build(tmp_path / "m", docs)
+    construct, arrays = mdata._construct, {}
+
+    def tracked(cls, path):
+        dataset = construct(cls, path)
+        for name in ("document_indices", "sequence_lengths", "sequence_pointers"):
+            arrays[name] = Touched(getattr(dataset.index, name))
+            setattr(dataset.index, name, arrays[name])
+        return dataset
+
+    monkeypatch.setattr(mdata, "_construct", tracked)
+    reference = mcore.IndexedDataset(prefix)  # held: its arrays die with it (mmap closed)
+    full = np.array(reference.document_indices)
+    mine = []
+    for rank in range(2):
+        for cache in (mdata._open, mdata._units, mstream.deal):
+            cache.cache_clear()
+        source = spec(prefix, max_epochs=1)
+        units = [mdata._parse(u)[1:] for u in source.urls]
+        read = {}
+        for stream in range(4 * rank, 4 * rank + 4):  # the streams of rank `rank` of 2
+            reader = SourceReader(0, source, settings(), stream)
+            while (pending := reader.next(Skips(0.5))) is not None:
+                read[int(pending.doc.key.split(":")[1])] = pending.doc
+        assert all(np.array_equal(doc.tokens, np.full(docs[i], i + 10)) for i, doc in read.items())
+        mine.append(set(read))
+        edges = {e for unit in units for e in unit}
+        assert arrays["document_indices"].read <= {e for d in read for e in (d, d + 1)} | edges
+        sequences = {s for d in read for s in range(full[d], full[d + 1])}
+        ends = {s for e in edges for s in (full[e], full[e] - 1) if 0 <= s < full[-1]}
+        for name in ("sequence_lengths", "sequence_pointers"):
+            assert arrays[name].read <= sequences | ends, name
+            assert len(arrays[name].read) < 0.6 * full[-1], name
+    assert not mine[0] & mine[1] and mine[0] | mine[1] == set(docs)
+    assert 0.4 < len(mine[0]) / len(docs) < 0.6
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no 2nd traceback
 def test_a_damaged_index_is_one_clear_error(tmp_path):
     prefix = build(tmp_path / "m", lengths(20))
@@ -177,6 +249,33 @@ def test_the_config_names_a_megatron_source(tmp_path):
         load_config(None, ["data.sources=[{name: m, kind: megatronlm, paths: [x]}]"])
     with pytest.raises(ConfigError, match="a megatron source holds token ids; drop tokenize"):
         load_config(None, ["data.sources=[{name: m, kind: megatron, paths: [x], tokenize: t}]"])
+
+
+def test_damaged_document_boundaries_are_counted_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(mdata, "BLOCK_DOCS", 10)
+    prefix = build(tmp_path / "m", lengths(20))
+    index = Path(f"{prefix}.idx")
+    raw = index.read_bytes()
+    reference = mcore.IndexedDataset(prefix)  # held while its arrays are read
+    n_seq, ends = len(reference), np.array(reference.document_indices)
+    at = 34 + 12 * n_seq  # header, then int32 lengths, int64 pointers, int64 boundaries
+
+    def damage(i, value):
+        damaged = ends.copy()
+        damaged[i] = value
+        index.write_bytes(raw[:at] + damaged.tobytes() + raw[at + ends.nbytes :])
+        for cache in (mdata._open, mdata._units):
+            cache.cache_clear()
+
+    damage(5, ends[4] - 1)  # document 4 would end before it starts
+    skips = Skips(0.5)
+    got = [
+        d.key for url in mdata.unit_urls([prefix]) for _, d in mdata.read_unit(url, 1, 0, 0, skips)
+    ]
+    assert "m:4" not in got and len(got) == 19 and dict(skips.counts) == {"bad_sample": 1}
+    damage(10, n_seq + 5)  # a unit's boundary past the sequences
+    with pytest.raises(DataError, match=r"m\.idx cannot be read \(documents 0:10 span"):
+        mdata.unit_urls([prefix])
 
 
 def test_a_bin_longer_than_its_index_is_warned_about(tmp_path, caplog):
