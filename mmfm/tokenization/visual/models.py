@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm.tokenization.visual.layers import causal_mask, decoder, encoder, patchify, unpatchify
-from mmfm.tokenization.visual.quantizer import VectorQuantizer
+from mmfm.tokenization.visual.quantizer import VectorQuantizer, quantizer
 
 
 @dataclass
@@ -41,6 +41,10 @@ class SeedImageConfig:
     codebook_size: int = 8192
     code_dim: int = 16
     beta: float = 0.25
+    quantizer: str = "vq"
+    """vq (a learned book of l2-normalised `code_dim`-d codes) or fsq (a fixed grid)."""
+    fsq_levels: tuple[int, ...] = ()
+    """fsq: values per dimension; their product is `codebook_size` (8192: 8, 8, 8, 4, 4)."""
     feature_loss: float = 0.0
     """Weight of reconstructing the encoder's patch features too (0: pixels only)."""
 
@@ -57,7 +61,9 @@ class SeedImageTokenizer(nn.Module):
         self.encoder = encoder(cfg.dim, cfg.encoder_layers, cfg.heads)
         self.queries = nn.Parameter(0.02 * torch.randn(cfg.tokens, cfg.dim))
         self.qformer = decoder(cfg.dim, cfg.qformer_layers, cfg.heads)
-        self.quantizer = VectorQuantizer(cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.quantizer = quantizer(
+            cfg.quantizer, cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.fsq_levels
+        )
         self.out_queries = nn.Parameter(0.02 * torch.randn(n_patches, cfg.dim))
         self.decoder = decoder(cfg.dim, cfg.decoder_layers, cfg.heads)
         self.to_pixels = nn.Linear(cfg.dim, 3 * cfg.patch**2)
@@ -121,9 +127,20 @@ class HiMTokConfig:
     codebook_size: int = 1024
     code_dim: int = 16
     beta: float = 0.25
+    quantizer: str = "vq"
+    """vq (a learned book of l2-normalised `code_dim`-d codes) or fsq (a fixed grid)."""
+    fsq_levels: tuple[int, ...] = ()
+    """fsq: values per dimension; their product is `codebook_size` (1024: 4, 4, 4, 4, 4)."""
     levels: tuple[int, ...] = (8, 16, 32, 64)
     """Resolutions of the hierarchical loss, coarse to fine."""
     level_weights: tuple[float, ...] = (2.0, 1.5, 1.0, 1.0)
+    level_tokens: tuple[int, ...] = ()
+    """Shortest prefix supervised at each level (one per level, rising): a prefix of k tokens
+    is trained on the levels it reaches, so a short prefix is asked for the coarse shape only
+    and detail is left to later tokens. Empty: every prefix at every level."""
+    full_prefix: bool = False
+    """Also decode every item from all its tokens each step (besides its random prefix), so
+    the finest level is trained on every item, not on 1 in 2 of them."""
 
 
 class HiMTokMaskTokenizer(nn.Module):
@@ -142,7 +159,9 @@ class HiMTokMaskTokenizer(nn.Module):
         self.encoder = encoder(cfg.dim, cfg.encoder_layers, cfg.heads)
         self.latents = nn.Parameter(0.02 * torch.randn(cfg.tokens, cfg.dim))
         self.latent_former = decoder(cfg.dim, cfg.latent_layers, cfg.heads)
-        self.quantizer = VectorQuantizer(cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta)
+        self.quantizer = quantizer(
+            cfg.quantizer, cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.fsq_levels
+        )
         self.out_queries = nn.Parameter(0.02 * torch.randn(grid * grid, cfg.dim))
         self.decoder = decoder(cfg.dim, cfg.decoder_layers, cfg.heads)
         self.to_logits = nn.Linear(cfg.dim, cfg.stem * cfg.stem)
@@ -170,17 +189,33 @@ class HiMTokMaskTokenizer(nn.Module):
         return unpatchify(self.to_logits(h), self.cfg.stem, 1, self.cfg.mask_size)[:, 0]
 
     def forward(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Nested dropout: each item is decoded from a random prefix (and, with `full_prefix`,
+        from all its tokens), each prefix supervised at the levels it reaches."""
         z, codes, vq_loss = self.quantizer(self._tokens(masks))
-        keep = torch.randint(1, self.cfg.tokens + 1, (len(masks),), device=masks.device)
-        logits = self._logits(z, keep)
+        n, tokens = len(masks), self.cfg.tokens
+        keep = torch.randint(1, tokens + 1, (n,), device=masks.device)
         target = masks.float()[:, None]
+        if self.cfg.full_prefix:
+            z, target = torch.cat([z, z]), torch.cat([target, target])
+            keep = torch.cat([keep, torch.full_like(keep, tokens)])
+        logits = self._logits(z, keep)
+        loss = self._hierarchical_loss(logits, target, keep)
+        return {"loss": loss + vq_loss, "codes": codes, "output": logits[:n], "vq": vq_loss}
+
+    def _hierarchical_loss(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """BCE of the pooled prediction at each level, over the items whose prefix reaches it."""
         prob = torch.sigmoid(logits)[:, None]
+        reach = self.cfg.level_tokens or (1,) * len(self.cfg.levels)
         loss = 0.0
-        for size, weight in zip(self.cfg.levels, self.cfg.level_weights, strict=True):
+        levels = zip(self.cfg.levels, self.cfg.level_weights, reach, strict=True)
+        for size, weight, shortest in levels:
             t = F.adaptive_avg_pool2d(target, size)
             p = F.adaptive_avg_pool2d(prob, size).clamp(1e-6, 1 - 1e-6)
-            loss = loss + weight * F.binary_cross_entropy(p, t)
-        return {"loss": loss + vq_loss, "codes": codes, "output": logits, "vq": vq_loss}
+            per_item = F.binary_cross_entropy(p, t, reduction="none").flatten(1).mean(1)
+            loss = loss + weight * (per_item * (keep >= shortest)).sum() / len(keep)
+        return loss
 
     @torch.no_grad()
     def encode(self, masks: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,16 @@ evaluates it on held-out pictures and writes `eval.json` next to the weights:
 - images and frames: PSNR of the reconstruction, next to a baseline with the same bit budget
   (the picture downsampled to as many 8-bit RGB pixels as the codes have bits, then
   upsampled bicubically);
-- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens;
-- every quantiser: the perplexity of its codes (codes effectively in use).
+- masks: IoU when decoding from the first 1, 2, 4, 8, 16, 32 tokens, next to a baseline with
+  the same bit budget (the mask downsampled to as many binary pixels as the codes have bits,
+  then upsampled and thresholded);
+- every quantiser: the perplexity of its codes (codes effectively in use) and the codes used;
+- `beats_baseline` (true / false) and `margin` (PSNR in dB, or IoU of all the tokens, minus
+  the baseline's): a tokenizer that does not beat the baseline wastes its codes.
+
+Collapse is visible while training: every `log_every` steps the codebook usage of the codes
+drawn since the previous log (perplexity, codes in use) is logged, with a warning when the
+perplexity falls below `min_code_usage` of the codebook.
 
 A trained tokenizer is a folder: `config.json` (kind + model config) and `model.safetensors`.
 """
@@ -36,9 +44,10 @@ from mmfm.config.loading import load_structured
 from mmfm.config.schema import _require, _require_choice, _require_positive
 from mmfm.core.errors import ConfigError, TokenizerError
 from mmfm.core.files import iter_files
+from mmfm.tokenization.svg import render_svg
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.models import MODELS, config_dict
-from mmfm.tokenization.visual.quantizer import perplexity
+from mmfm.tokenization.visual.quantizer import perplexity, perplexity_of_counts
 
 log = logging.getLogger("mmfm")
 VISUAL_KINDS = tuple(MODELS)
@@ -52,8 +61,8 @@ class VisualRecipe:
     """Where config.json, model.safetensors and eval.json go."""
     data: list[str] = field(default_factory=lambda: ["real:photos"])
     """Pictures: files, directories, globs, real:<name>. Masks come from silhouettes (files
-    named *horse*, black on white) and Otsu thresholds of the others; videos' frames are
-    read with fps / max_frames."""
+    named *horse*, black on white; SVG icons, rendered: needs cairosvg) and Otsu thresholds
+    of the others; videos' frames are read with fps / max_frames."""
     held_out: list[str] = field(default_factory=lambda: ["chelsea.png", "coffee.png", "rocket.jpg"])
     """File names kept out of training and used for the evaluation."""
     fps: float = 2.0
@@ -68,6 +77,12 @@ class VisualRecipe:
     """AdamW learning rate (linear warmup over min(100, steps / 10) steps, then cosine to 10%)."""
     checkpoint_every: int = 500
     """Save the weights every this many steps (0: only at the end)."""
+    log_every: int = 50
+    """Log the loss and the codebook usage (perplexity, codes in use) of the codes drawn since
+    the previous log every this many steps."""
+    min_code_usage: float = 0.02
+    """Warn at a log step whose codes' perplexity is below this fraction of the codebook
+    (0.02 of 8192: 164 codes effectively in use); 0: never warn."""
     eval_items: int = 64
     """Held-out crops in the evaluation."""
     seed: int = 0
@@ -81,6 +96,8 @@ class VisualRecipe:
         _require_choice("kind", self.kind, VISUAL_KINDS)
         _require_positive(self, "train", "steps", "batch_size", "lr", "eval_items")
         _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        _require_positive(self, "train", "log_every")
+        _require(0 <= self.min_code_usage <= 1, "min_code_usage must be in [0, 1]")
         names = [f.name for f in fields(MODELS[self.kind][1])]
         for key in self.model:
             if key not in names:
@@ -129,6 +146,8 @@ def _read(recipe: VisualRecipe, path: Path, size: int) -> list[np.ndarray]:
         if suffix in vdata.IMAGE_SUFFIXES and suffix not in {".gif", ".apng"}:
             return [vdata.read_image(path)]
         return list(vdata.read_video(path, recipe.fps, recipe.max_frames))
+    if recipe.kind == "himtok_mask" and suffix == ".svg":  # icons: clean real shapes
+        return [vdata.silhouette(render_svg(path.read_text(errors="replace"), 2 * size))]
     if suffix not in vdata.IMAGE_SUFFIXES:
         return []
     image = vdata.read_image(path)
@@ -189,7 +208,8 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
         recipe.steps,
     )
     bar = tqdm(range(recipe.steps), desc=f"train {recipe.kind}", disable=not progress)
-    history = []
+    history, usage = [], []
+    counts = torch.zeros(model.num_codes, dtype=torch.long)
     model.train()
     for step in bar:
         result = model(as_batch(recipe.kind, sampler.sample(recipe.batch_size, accept)))
@@ -198,7 +218,11 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
         optimizer.step()
         schedule.step()
         history.append(result["loss"].item())
+        counts += torch.bincount(result["codes"].flatten().cpu(), minlength=model.num_codes)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+            usage.append(log_usage(step + 1, history[-1], counts, recipe.min_code_usage))
+            counts.zero_()
         if recipe.checkpoint_every and (step + 1) % recipe.checkpoint_every == 0:
             save_visual(model, out)
     save_visual(model, out)
@@ -206,6 +230,7 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
         "steps": recipe.steps,
         "first_loss": history[0],
         "last_loss": float(np.mean(history[-20:])),
+        "train_usage": usage,
     }
     metrics.update(evaluate(model.eval(), eval_batch))
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
@@ -213,6 +238,31 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
         "%s: %s", out, {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
     )
     return metrics
+
+
+def log_usage(step: int, loss: float, counts: torch.Tensor, min_usage: float) -> dict[str, Any]:
+    """Log the codebook usage of the code histogram `counts`; warn when its perplexity is
+    below `min_usage` of the codebook (a collapsing book). Returns the numbers logged."""
+    ppl, in_use, size = perplexity_of_counts(counts), int((counts > 0).sum()), len(counts)
+    log.info(
+        "step %d: loss %.4f, codebook perplexity %.1f, %d of %d codes in use",
+        step,
+        loss,
+        ppl,
+        in_use,
+        size,
+    )
+    if ppl < min_usage * size:
+        log.warning(
+            "step %d: codebook collapsing: perplexity %.1f of %d codes is below min_code_usage "
+            "%g (%.0f); try a lower lr, more data or quantizer: fsq",
+            step,
+            ppl,
+            size,
+            min_usage,
+            min_usage * size,
+        )
+    return {"step": step, "perplexity": ppl, "codes_in_use": in_use}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -232,6 +282,23 @@ def same_bits_baseline(images: torch.Tensor, bits: int) -> torch.Tensor:
     return vdata.to_tensor(out)
 
 
+def same_bits_mask_baseline(masks: torch.Tensor, bits: int) -> torch.Tensor:
+    """Downsample {0, 1} masks to as many binary pixels as `bits` allows, upsample (bilinear)
+    and threshold."""
+    side = max(1, int(math.sqrt(bits)))
+    small = F.adaptive_avg_pool2d(masks.float()[:, None], side).round()
+    up = F.interpolate(small, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    return (up[:, 0] > 0.5).to(torch.uint8)
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean IoU of {0, 1} masks `[B, H, W]` (an empty union counts as 0)."""
+    pred, target = pred.bool(), target.bool()
+    inter = (pred & target).flatten(1).sum(1).float()
+    union = (pred | target).flatten(1).sum(1).clamp(min=1).float()
+    return (inter / union).mean().item()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
     start = time.perf_counter()
@@ -239,23 +306,25 @@ def evaluate(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {
         "perplexity": perplexity(codes, model.num_codes),
+        "codes_in_use": int(codes.unique().numel()),
         "codebook_size": model.num_codes,
         "tokens_per_item": model.tokens_per_item,
         "bits_per_item": model.tokens_per_item * math.ceil(math.log2(model.num_codes)),
         "encode_items_per_s": len(batch) / seconds,
     }
+    bits = metrics["bits_per_item"]
     if model.kind == "himtok_mask":
-        target = batch.bool()
         for k in (1, 2, 4, 8, 16, 32):
             if k <= model.tokens_per_item:
-                pred = model.decode(codes[:, :k]).bool()
-                inter = (pred & target).flatten(1).sum(1).float()
-                union = (pred | target).flatten(1).sum(1).clamp(min=1).float()
-                metrics[f"iou@{k}"] = (inter / union).mean().item()
-        return metrics
-    metrics["psnr"] = psnr(model.decode(codes), batch)
-    baseline = same_bits_baseline(batch, metrics["bits_per_item"])
-    metrics["psnr_same_bits_baseline"] = psnr(baseline, batch)
+                metrics[f"iou@{k}"] = iou(model.decode(codes[:, :k]), batch)
+        quality = iou(model.decode(codes), batch)  # all the tokens
+        baseline = iou(same_bits_mask_baseline(batch, bits), batch)
+        metrics["iou_same_bits_baseline"] = baseline
+    else:
+        quality = metrics["psnr"] = psnr(model.decode(codes), batch)
+        baseline = metrics["psnr_same_bits_baseline"] = psnr(same_bits_baseline(batch, bits), batch)
+    metrics["beats_baseline"] = quality > baseline
+    metrics["margin"] = quality - baseline
     return metrics
 
 
@@ -281,5 +350,12 @@ def load_visual(path: str | Path) -> nn.Module:
         )
     cfg = json.loads((path / "config.json").read_text())
     model = _model(cfg.pop("kind"), cfg)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+    except RuntimeError as e:  # e.g. quantizer: fsq in config.json, a VQ codebook in the weights
+        detail = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise TokenizerError(
+            f"{path}: model.safetensors does not fit config.json ({model.kind}, quantizer "
+            f"{getattr(model.cfg, 'quantizer', 'vq')}): {detail}; retrain it with its recipe"
+        ) from None
     return model.eval()
