@@ -8,11 +8,15 @@ demo:  ## install mmfm and train the demo model (about a minute on 2 CPU cores)
 	$(PIP) install -e .
 	$(PYTHON) -m mmfm train launch/demo.yaml
 
+# Test processes (pytest-xdist); a test file stays on one worker (--dist loadfile), so its
+# module fixtures (the SLURM cluster of tests/e2e/test_slurm.py) start once.
+TEST_WORKERS ?= 2
+
 test:  ## install the test dependencies, check lint/format, run the whole suite
 	$(PIP) install -e ".[test]"
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint:  ## lint and format check only
 	$(PYTHON) -m ruff check .

@@ -45,8 +45,14 @@ setup(
         # Megatron-LM indexed datasets in and out (mmfm/data/megatron.py); 0.16 is the last
         # megatron-core for Python 3.11, later ones need 3.12
         "megatron": ["megatron-core>=0.16"],
+        # experiment trackers (logging.wandb, logging.mlflow); mlflow-skinny is the client
+        # without the server, enough for logging to a server or a local file store
+        "wandb": ["wandb>=0.31"],
+        "mlflow": ["mlflow-skinny>=3.17"],
         "test": [
             "pytest>=7",
+            "pytest-xdist",  # `make test` runs the suite on two workers
+            "hypothesis",  # the fuzz tests of tests/security
             "transformers>=4.45",
             "protobuf",
             "ruff==0.17.6",
@@ -56,6 +62,8 @@ setup(
             "megatron-core>=0.16",
             # megatron-core's torch_dist writer needs it, undeclared (without it a save hangs)
             "psutil",
+            "wandb>=0.31",
+            "mlflow-skinny>=3.17",
         ],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},

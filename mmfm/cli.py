@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         help="start this many local processes with torchrun's launcher (one per GPU); "
         "under torchrun or srun leave it out",
     )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and print the resolved layout (parallel.dp_shard=-1 filled for "
+        "--nproc, or the processes torchrun/srun started) and batch split; start and create "
+        "nothing",
+    )
     config = sub.add_parser("config", help="print the resolved config, or document every field")
     config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
@@ -96,7 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenize raw corpora into WebDataset shards")
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
     prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
-    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that read and tokenize in parallel (default: the CPUs here, %(default)s)",
+    )
     prepare.add_argument(
         "--overwrite",
         action="store_true",
@@ -123,24 +135,28 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument(
         "--modality",
         default="text",
-        choices=["text", "image", "mask", "video", "dna", "svg"],
-        help="the answer's modality: its opening delimiter is appended to each prompt",
+        help="the answer's modality (text, image, mask, video, dna, svg or a registered one, "
+        "docs/adding_a_modality.md): its opening delimiter is appended to each prompt",
     )
     gen.add_argument("--out", default="generations", help="folder for the files")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens sampled per prompt at most"
+    )
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
     gen.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (reproducible)")
     gen.add_argument(
         "--cfg-scale",
         type=float,
         default=1.0,
         help="classifier-free guidance (1: off); the unconditional prompt is <s> + delimiter",
     )
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts sampled together")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    gen.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights while sampling"
+    )
     gen.add_argument(
         "--tokenizers", help="tokenizer recipe whose visual tokenizers decode image/mask/video"
     )
@@ -170,18 +186,27 @@ def _add_slurm_parser(sub) -> None:
 
     def common(p, time_default="01:00:00"):
         p.add_argument("--time", default=time_default, help="HH:MM:SS limit of the job")
-        p.add_argument("--partition")
-        p.add_argument("--account")
-        p.add_argument("--cpus-per-task", type=int, default=8)
+        p.add_argument("--partition", help="SLURM partition (sbatch --partition)")
+        p.add_argument("--account", help="account charged for the job (sbatch --account)")
+        p.add_argument(
+            "--cpus-per-task",
+            type=int,
+            help="CPUs of each task (default: what the job gets on a node, split over its tasks)",
+        )
+        _add_site_options(p)
         p.add_argument("--template", help="another .sbatch template (double-brace placeholders)")
         p.add_argument(
             "--dry-run", action="store_true", help="print the job script, submit nothing"
         )
 
     train = ssub.add_parser("submit", help="a training job (train.sbatch)")
-    train.add_argument("recipe")
-    train.add_argument("overrides", nargs="*")
-    train.add_argument("--nodes", type=int, default=1)
+    train.add_argument("recipe", help="training recipe, e.g. launch/demo.yaml")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4 parallel.dp_shard=-1"
+    )
+    train.add_argument(
+        "--nodes", type=int, default=1, help="nodes of the job (world size: nodes x tasks)"
+    )
     train.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU nodes")
     train.add_argument("--ntasks-per-node", type=int, help="default: one per GPU")
     train.add_argument(
@@ -189,8 +214,8 @@ def _add_slurm_parser(sub) -> None:
     )
     common(train)
     prepare = ssub.add_parser("prepare", help="an array job of mmfm prepare (prepare.sbatch)")
-    prepare.add_argument("recipe")
-    prepare.add_argument("overrides", nargs="*")
+    prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
+    prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
     prepare.add_argument("--parts", type=int, default=4, help="array tasks")
     prepare.add_argument(
         "--overwrite",
@@ -199,10 +224,49 @@ def _add_slurm_parser(sub) -> None:
     )
     common(prepare)
     convert = ssub.add_parser("convert", help="a Hugging Face export job (convert.sbatch)")
-    convert.add_argument("checkpoint")
-    convert.add_argument("out")
-    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.add_argument(
+        "checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100"
+    )
+    convert.add_argument("out", help="output folder of the Hugging Face export")
+    convert.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the weights"
+    )
     common(convert)
+
+
+def _add_site_options(p) -> None:
+    """How the cluster runs a job: the `mmfm slurm` options of `mmfm.slurm.Site`."""
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more #SBATCH --KEY=VALUE line, e.g. mem=64G, qos=high, constraint=a100, "
+        "exclusive= (a flag); repeatable",
+    )
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a shell line the job runs before srun, e.g. 'module load cuda/12.4', "
+        "'source venv/bin/activate', 'export NCCL_SOCKET_IFNAME=ib0'; repeatable",
+    )
+    p.add_argument(
+        "--container",
+        metavar="IMAGE",
+        help="run in this container: pyxis/enroot (srun --container-image), or apptainer "
+        "for a .sif file; the submit and output directories are mounted",
+    )
+    p.add_argument(
+        "--container-mounts",
+        metavar="SRC:DST,...",
+        help="more mounts for --container (data, caches), comma-separated",
+    )
+    p.add_argument(
+        "--python",
+        help="interpreter of the job (default: this one; python in a --container)",
+    )
 
 
 def _add_convert_parser(sub) -> None:
@@ -211,7 +275,9 @@ def _add_convert_parser(sub) -> None:
     hf = csub.add_parser("hf", help="checkpoint -> Hugging Face Llama folder (safetensors)")
     hf.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100")
     hf.add_argument("out", help="output folder")
-    hf.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    hf.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the weights"
+    )
     hf.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB")
     hf.add_argument(
         "--arch",
@@ -231,7 +297,9 @@ def _add_convert_parser(sub) -> None:
     meg = csub.add_parser("megatron", help="checkpoint -> megatron-core torch_dist checkpoint")
     meg.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_100")
     meg.add_argument("out", help="output folder (torch_dist files + megatron_args.json)")
-    meg.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    meg.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the weights"
+    )
     from_meg = csub.add_parser(
         "from-megatron", help="megatron-core GPTModel torch_dist checkpoint -> mmfm checkpoint"
     )
@@ -258,16 +326,16 @@ def _add_tokenizer_parser(sub) -> None:
     encode = tsub.add_parser(
         "encode", help="show the tokens of files (svg, fasta/gb, txt, jsonl, images, videos)"
     )
-    encode.add_argument("recipe")
-    encode.add_argument("files", nargs="+")
+    encode.add_argument("recipe", help="tokenizer recipe, e.g. tokenizers/base.yaml")
+    encode.add_argument("files", nargs="+", help="files to tokenize (the extension picks how)")
     encode.add_argument("--show", type=int, default=40, help="tokens shown per document")
     encode.add_argument("--limit", type=int, default=3, help="records shown per file")
     encode.add_argument(
         "--pairs", action="store_true", help="GenBank: CDS -> /product task pairs (Omni-DNA)"
     )
     decode = tsub.add_parser("decode", help="token ids (arguments or stdin) back to content")
-    decode.add_argument("recipe")
-    decode.add_argument("ids", nargs="*")
+    decode.add_argument("recipe", help="tokenizer recipe, e.g. tokenizers/base.yaml")
+    decode.add_argument("ids", nargs="*", help="token ids (none: read them from stdin)")
     decode.add_argument(
         "--out", default="decoded", help="folder for decoded images, masks (PNG), videos (GIF)"
     )
@@ -364,16 +432,57 @@ def _convert_command(args: argparse.Namespace) -> None:
 def _train_command(args: argparse.Namespace) -> None:
     from mmfm.config import load_config
 
-    cfg = load_config(args.recipe, args.overrides)  # fail fast, before any launch
-    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+    launch = args.nproc is not None and "LOCAL_RANK" not in os.environ
+    world = args.nproc if launch else _world_size()
+    job = f"--nproc {args.nproc} starts {args.nproc}" if launch else None
+    cfg = load_config(args.recipe, args.overrides, world, job)  # fail fast, before any launch
+    stages = _stage_configs(args, cfg, world, job)
+    if args.dry_run:
+        _print_plan(cfg, load_config(args.recipe, args.overrides).parallel.dp_shard == -1)
+        return
+    if launch:
         _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
         return
     from mmfm.train.main import train
+    from mmfm.train.stages import train_stages
 
-    result = train(cfg)
+    result = train_stages(stages) if stages else train(cfg)
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.step}", file=sys.stderr)
     _mark_clean_exit()
+
+
+def _stage_configs(args: argparse.Namespace, cfg, world: int, job: str | None) -> list:
+    """Every train.stages entry's config, checked now (before any launch or step)."""
+    if not cfg.train.stages:
+        return []
+    from mmfm.config import load_config
+    from mmfm.train.stages import stage_configs
+
+    def load(extra):
+        return load_config(args.recipe, [*args.overrides, *extra], world, job)
+
+    return stage_configs(cfg, load)
+
+
+def _world_size() -> int:
+    """The processes torchrun or srun started (1 outside them)."""
+    from mmfm.parallel.env import process_ranks
+
+    return process_ranks(dict(os.environ))[1]
+
+
+def _print_plan(cfg, filled: bool) -> None:
+    """`mmfm train --dry-run`: the resolved layout and batch split; nothing is created."""
+    from mmfm.config.layout import describe_layout
+
+    t = cfg.train
+    print(f"layout: {describe_layout(cfg.parallel, filled)}")
+    print(
+        f"batch: {t.global_batch_size} rows per step = {cfg.grad_accum_steps} micro-batch(es) "
+        f"of {t.micro_batch_size} rows x {cfg.parallel.dp_size} data-parallel rank(s)"
+    )
+    print(f"run dir: {t.run_dir} (not created by a dry run)")
 
 
 def _slurm_command(args: argparse.Namespace) -> None:
@@ -390,6 +499,9 @@ def _slurm_command(args: argparse.Namespace) -> None:
         "account": args.account,
         "template": args.template,
         "dry_run": args.dry_run,
+        "site": slurm.Site(
+            args.sbatch, args.setup, args.container, args.container_mounts, args.python
+        ),
     }
     if args.action == "submit":
         slurm.submit(

@@ -4,6 +4,8 @@ Templates are bash with `{{name}}` placeholders (bash's own `${...}` stays untou
 training job runs one task per GPU and resumes itself: the script passes a fixed run dir and
 `train.resume=auto`, the trainer checkpoints on the pre-timeout SIGUSR1 (or SIGTERM) and then
 asks SLURM to requeue the job (`requeue_after_stop`), which resumes from that checkpoint.
+Every job script `cd`s to the directory it was submitted from and runs the site's own set-up
+(`Site`: sbatch lines, shell lines, a pyxis or apptainer container) before `srun`.
 """
 
 from __future__ import annotations
@@ -15,14 +17,27 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmfm.config import ConfigError, load_config
+from mmfm.config.layout import describe_layout
 from mmfm.core.errors import InputNotFound, LaunchError
 from mmfm.prepare import check_output, load_prepare_recipe
 
 log = logging.getLogger("mmfm")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]+")
+# sbatch options that `--sbatch` may not set, and what sets them instead.
+_LAYOUT = "the job's size must match the layout the config was checked against: use --nodes, "
+_LAYOUT += "--ntasks-per-node, --gpus-per-node (--parts for prepare)"
+_TEMPLATE = "the template sets it: edit the template or pass --template"
+_OWNED_KEYS = {
+    **dict.fromkeys(("nodes", "ntasks", "ntasks-per-node", "gpus-per-node", "array"), _LAYOUT),
+    **{k: f"use --{k}" for k in ("time", "partition", "account", "cpus-per-task")},
+    "signal": "use --signal-seconds",
+    **dict.fromkeys(("output", "error", "open-mode", "chdir"), _TEMPLATE),
+}
 
 
 class SlurmError(LaunchError):
@@ -49,15 +64,90 @@ def render(template: Path, values: dict[str, object]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
-def _extra(gpus_per_node: int, partition: str | None, account: str | None) -> str:
+@dataclass(frozen=True)
+class Site:
+    """How this cluster runs a job, beyond its size: `sbatch` lines (`--sbatch KEY=VALUE`),
+    shell lines run before srun (`--setup`: modules, conda, NCCL settings), a container
+    (pyxis `--container-image`, or apptainer for a `.sif` file) and the interpreter."""
+
+    sbatch: Sequence[str] = ()
+    setup: Sequence[str] = ()
+    container: str | None = None
+    container_mounts: str | None = None
+    python: str | None = None
+
+
+def sbatch_lines(items: Sequence[str]) -> list[str]:
+    """`#SBATCH --KEY=VALUE` for each `KEY=VALUE` (`KEY=` for a flag: `exclusive=`)."""
     lines = []
-    if gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    if account:
-        lines.append(f"#SBATCH --account={account}")
-    return "\n".join(lines)
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not eq or not _SBATCH_KEY.fullmatch(key):
+            raise ConfigError(
+                f"--sbatch {item!r}: write KEY=VALUE with a long sbatch option as KEY "
+                "(mem=64G, qos=high, constraint=a100), or KEY= for a flag (exclusive=)"
+            )
+        if key in _OWNED_KEYS:
+            raise ConfigError(f"--sbatch {item!r}: {key} is not passed through: {_OWNED_KEYS[key]}")
+        if re.search(r"\s", value):
+            raise ConfigError(f"--sbatch {item!r}: the value must be one word, without spaces")
+        lines.append(f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}")
+    return lines
+
+
+def _site_values(
+    site: Site, sbatch: dict[str, object], mounts: Sequence[Path], gpus: bool
+) -> dict[str, str]:
+    """The placeholders every template shares: sbatch lines, set-up, working directory and
+    what `srun` runs before `-m mmfm` (the interpreter, inside the container if any)."""
+    lines = [f"#SBATCH --{k}={v}" for k, v in sbatch.items() if v]
+    lines += sbatch_lines(site.sbatch)
+    workdir = Path.cwd()
+    return {
+        "extra_sbatch": "\n".join(lines),
+        "setup": _setup_block(site.setup),
+        "workdir": shlex.quote(str(workdir)),
+        "launch": _launch(site, [workdir, *mounts], gpus),
+        "python": shlex.quote(site.python or sys.executable),
+    }
+
+
+def _setup_block(setup: Sequence[str]) -> str:
+    if not setup:
+        return ""
+    # Module and conda scripts read unset variables: `set -u` would end the job in them.
+    return "\n".join(["set +u", *setup, "set -u"])
+
+
+def _launch(site: Site, mounts: Sequence[Path], gpus: bool) -> str:
+    """The interpreter on the submit host (a shared file system); in a container, the
+    container's `python` with the submit and run directories mounted at the same paths."""
+    if not site.container:
+        return shlex.quote(site.python or sys.executable)
+    python = shlex.quote(site.python or "python")
+    paths = _outermost(mounts)
+    image, workdir = shlex.quote(site.container), shlex.quote(str(mounts[0]))
+    if site.container.endswith(".sif"):
+        binds = ",".join([*paths, *([site.container_mounts] if site.container_mounts else [])])
+        nv = "--nv " if gpus else ""
+        return f"apptainer exec {nv}--bind {shlex.quote(binds)} --pwd {workdir} {image} {python}"
+    same = [f"{p}:{p}" for p in paths]
+    binds = ",".join([*same, *([site.container_mounts] if site.container_mounts else [])])
+    return (
+        f"--container-image={image} --container-mounts={shlex.quote(binds)} "
+        f"--container-workdir={workdir} {python}"
+    )
+
+
+def _outermost(paths: Sequence[Path]) -> list[str]:
+    """`paths` without those inside another one of them."""
+    unique = sorted({p.resolve() for p in paths})
+    return [str(p) for p in unique if not any(o != p and p.is_relative_to(o) for o in unique)]
+
+
+def _resources(cpus: int | None, partition: str | None, account: str | None) -> dict:
+    return {"cpus-per-task": cpus, "partition": partition, "account": account}
 
 
 def _sbatch(script: Path) -> str:
@@ -79,22 +169,20 @@ def submit(
     gpus_per_node: int,
     time: str = "01:00:00",
     ntasks_per_node: int | None = None,
-    cpus_per_task: int = 8,
+    cpus_per_task: int | None = None,
     partition: str | None = None,
     account: str | None = None,
     signal_seconds: int = 120,
     template: str | None = None,
     dry_run: bool = False,
+    site: Site = Site(),
 ) -> str | None:
     """Render train.sbatch for `recipe` and submit it; return the job id (None for dry runs)."""
-    cfg = load_config(recipe, overrides)  # validates, and fixes ${now:...} in the run dir once
     tasks = ntasks_per_node or gpus_per_node or 1
     world = nodes * tasks
-    if cfg.parallel.world_size != world:
-        raise ConfigError(
-            f"parallel.* multiply to {cfg.parallel.world_size} processes but the job has "
-            f"{nodes} node(s) x {tasks} task(s) = {world}: change the layout or the job size"
-        )
+    job = f"the job has {nodes} node(s) x {tasks} task(s) = {world}"
+    # Validates every layout rule on the job's size, and fixes ${now:...} in the run dir once.
+    cfg = load_config(recipe, overrides, world_size=world, job=job)
     run_dir = Path(cfg.train.run_dir).resolve()
     kept = [o for o in overrides if not o.startswith(("train.run_dir=", "train.resume="))]
     script = render(
@@ -103,25 +191,30 @@ def submit(
             "job_name": f"mmfm-{run_dir.name}",
             "nodes": nodes,
             "ntasks_per_node": tasks,
-            "cpus_per_task": cpus_per_task,
             "time": time,
             "signal_seconds": signal_seconds,
-            "extra_sbatch": _extra(gpus_per_node, partition, account),
+            **_site_values(
+                site,
+                {"gpus-per-node": gpus_per_node, **_resources(cpus_per_task, partition, account)},
+                [run_dir, Path(recipe).resolve().parent],
+                gpus=bool(gpus_per_node) or any("gpu" in item for item in site.sbatch),
+            ),
             "run_dir": shlex.quote(str(run_dir)),
-            "python": shlex.quote(sys.executable),
             "recipe": shlex.quote(str(Path(recipe).resolve())),
             "overrides": " ".join(shlex.quote(o) for o in kept),
         },
     )
+    filled = load_config(recipe, overrides).parallel.dp_shard == -1
+    print(f"layout: {describe_layout(cfg.parallel, filled)}", file=sys.stderr)
     return _write_and_submit(script, run_dir / "slurm" / "train.sbatch", dry_run, run_dir, "%j")
 
 
 def _write_and_submit(script: str, path: Path, dry_run: bool, log_dir: Path, pattern: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    if dry_run:
+    if dry_run:  # prints only: no run dir or output folder is made for a job never submitted
         print(script, end="")
         return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
     job = _sbatch(path)
     print(f"submitted job {job}")
     print(f"log: {log_dir / ('slurm-' + pattern.replace('%j', job).replace('%A', job) + '.out')}")
@@ -134,12 +227,13 @@ def submit_prepare(
     overrides: Sequence[str],
     parts: int,
     time: str = "01:00:00",
-    cpus_per_task: int = 8,
+    cpus_per_task: int | None = None,
     partition: str | None = None,
     account: str | None = None,
     template: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    site: Site = Site(),
 ) -> str | None:
     """An array job of `parts` tasks of `mmfm prepare`. The output is checked here, once: a
     changed recipe is refused before any task starts, and with `overwrite` the shards of the
@@ -154,11 +248,14 @@ def submit_prepare(
             "job_name": f"mmfm-prepare-{prep.name}",
             "last_task": parts - 1,
             "parts": parts,
-            "cpus_per_task": cpus_per_task,
             "time": time,
             "log_dir": shlex.quote(str(out)),
-            "extra_sbatch": _extra(0, partition, account),
-            "python": shlex.quote(sys.executable),
+            **_site_values(
+                site,
+                _resources(cpus_per_task, partition, account),
+                [out, Path(recipe).resolve().parent],
+                gpus=False,
+            ),
             "recipe": shlex.quote(str(Path(recipe).resolve())),
             "overrides": " ".join(shlex.quote(o) for o in overrides),
         },
@@ -171,22 +268,26 @@ def submit_convert(
     out: str,
     dtype: str = "bf16",
     time: str = "01:00:00",
-    cpus_per_task: int = 8,
+    cpus_per_task: int | None = None,
     partition: str | None = None,
     account: str | None = None,
     template: str | None = None,
     dry_run: bool = False,
+    site: Site = Site(),
 ) -> str | None:
     out_dir = Path(out).resolve()
     script = render(
         template_path("convert.sbatch", template),
         {
             "job_name": f"mmfm-convert-{out_dir.name}",
-            "cpus_per_task": cpus_per_task,
             "time": time,
             "log_dir": shlex.quote(str(out_dir)),
-            "extra_sbatch": _extra(0, partition, account),
-            "python": shlex.quote(sys.executable),
+            **_site_values(
+                site,
+                _resources(cpus_per_task, partition, account),
+                [out_dir, Path(checkpoint).resolve()],
+                gpus=False,
+            ),
             "checkpoint": shlex.quote(str(Path(checkpoint).resolve())),
             "out": shlex.quote(str(out_dir)),
             "dtype": dtype,

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mmfm.config.schema import Config
+from mmfm.config.layout import explain, resolve_layout
+from mmfm.config.schema import Config, LayoutError
 from mmfm.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -79,9 +80,21 @@ def _as_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
-def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Merge the dataclass defaults, the YAML recipe and `key=value` overrides, then validate."""
-    return load_structured(Config, recipe, overrides)
+def load_config(
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    world_size: int | None = None,
+    job: str | None = None,
+) -> Config:
+    """Merge the dataclass defaults, the YAML recipe and `key=value` overrides, then validate.
+    With `world_size` (and `job`, where that number comes from) the layout is checked against
+    it and parallel.dp_shard=-1 filled; layout errors list every broken rule and a layout
+    that fits (config/layout.py)."""
+    try:
+        cfg = load_structured(Config, recipe, overrides)
+    except LayoutError as e:
+        raise explain(e, world_size, job) from None
+    return cfg if world_size is None else resolve_layout(cfg, world_size, job)
 
 
 def load_structured(

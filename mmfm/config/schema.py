@@ -8,6 +8,7 @@ combinations that span sections. Messages say which field to change and how.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import MODALITY_NAMES
@@ -22,6 +23,29 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _failed(*rules: tuple[bool, str]) -> list[str]:
+    """The messages of the rules whose condition is false."""
+    return [message for ok, message in rules if not ok]
+
+
+class LayoutError(ConfigError):
+    """The parallel layout breaks one or more rules; `problems` lists each, and `cfg` is the
+    config that broke them, from which config/layout.py suggests a layout that fits."""
+
+    def __init__(self, problems: list[str], cfg: object, context: str | None = None) -> None:
+        self.problems, self.cfg, self.context = problems, cfg, context
+        body = problems[0] if len(problems) == 1 else _numbered(problems)
+        super().__init__(f"{context}: {body}" if context else body)
+
+    def __reduce__(self):  # crosses processes as the plain ConfigError its message is
+        return ConfigError, (str(self),)
+
+
+def _numbered(problems: list[str]) -> str:
+    items = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+    return f"the parallel layout breaks {len(problems)} rules: {items}"
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -290,6 +314,25 @@ class DataConfig:
         )
 
 
+STAGE_SET_KEYS = ("train.run_dir", "train.steps", "train.init_from", "train.init_data",
+                  "train.resume", "train.stages")  # fmt: skip
+"""Keys a context stage of train.stages gets from the run, not from its own entry."""
+
+
+def _check_stage(k: int, stage: dict[str, Any]) -> None:
+    steps = stage.get("steps")
+    _require(
+        isinstance(steps, int) and not isinstance(steps, bool) and steps > 0,
+        f"train.stages[{k}] needs steps: a positive number of steps (got {steps!r})",
+    )
+    taken = sorted(key for key in stage if key in STAGE_SET_KEYS)
+    _require(
+        not taken,
+        f"train.stages[{k}] sets {taken}: a stage's run dir, steps and starting checkpoint "
+        "come from the run (<run_dir>/stage-<k>, its steps, the last stage's final checkpoint)",
+    )
+
+
 def _check_modality_weights(name: str, weights: dict[str, float]) -> None:
     for modality, weight in weights.items():
         _require(
@@ -336,7 +379,9 @@ class ParallelConfig:
     """Replicated data-parallel degree (the outer dimension of HSDP, e.g. across nodes)."""
     dp_shard: int = 1
     """Fully-sharded data-parallel degree (FSDP2: parameters, gradients and optimizer state
-    sharded over these ranks)."""
+    sharded over these ranks). -1: what the other dimensions leave of the job (world size /
+    (dp_replicate x cp x tp x pp)), resolved where the world size is known (at launch, or from
+    `--nproc` and `mmfm slurm submit --nodes/--gpus-per-node`)."""
     cp: int = 1
     """Context-parallel degree: each rank holds 2 of the 2 x cp zigzag chunks of every row and
     attention runs as a ring; data.seq_len must be divisible by 2 x cp."""
@@ -365,14 +410,23 @@ class ParallelConfig:
     """Recompute activations in the backward pass: 0 off, 1 every block, k every k-th block."""
     compile: bool = False
     """torch.compile each transformer block."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective may wait for the other ranks before the job fails (NCCL's
+    watchdog aborts it): long enough for checkpoint loading and compilation on rank 0, short
+    enough that a hung node does not hold the whole allocation for hours."""
 
     def __post_init__(self) -> None:
-        _require_positive(self, "parallel", "dp_replicate", "dp_shard", "cp", "tp", "pp")
+        _require_positive(self, "parallel", "dp_replicate", "cp", "tp", "pp")
+        _require(
+            self.dp_shard > 0 or self.dp_shard == -1,
+            f"parallel.dp_shard must be positive, or -1 to fill the job, got {self.dp_shard}",
+        )
         _require_positive(self, "parallel", "pp_virtual_stages")
         _require_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _require_choice("parallel.cp_attention", self.cp_attention, ("ring", "allgather"))
         _require_choice("parallel.cp_kernel", self.cp_kernel, ("auto", "sdpa", "math"))
         _require(self.activation_checkpoint >= 0, "parallel.activation_checkpoint must be >= 0")
+        _require(self.collective_timeout_s > 0, "parallel.collective_timeout_s must be > 0")
         looped = self.pp_schedule in ("interleaved_1f1b", "interleaved_zb", "zbv")
         if self.pp > 1 and looped:
             _require(
@@ -399,10 +453,12 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
+        assert self.dp_shard > 0, "parallel.dp_shard=-1: resolve it first (config/layout.py)"
         return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
     @property
     def dp_size(self) -> int:
+        assert self.dp_shard > 0, "parallel.dp_shard=-1: resolve it first (config/layout.py)"
         return self.dp_replicate * self.dp_shard
 
     @property
@@ -471,6 +527,13 @@ class TrainConfig:
     """With init_from: continue that checkpoint's data streams too, so that the next context
     stage (a new data.seq_len, model.rope_theta, parallel.cp) reads on where the last one
     stopped: no document lost or repeated. Needs the same global_batch_size and sources."""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Context stages in one run, e.g. `[{steps: 100}, {steps: 50, data.seq_len: 2048,
+    model.max_seq_len: 2048, model.rope_theta: 1e6, parallel.cp: 2}]`: each stage's dotted
+    keys override this config; stage k trains its `steps` in `<run_dir>/stage-<k>`, from the
+    second on starting from the last stage's final checkpoint with its data streams (as
+    init_from + init_data). A stopped run resumes inside the stage it stopped in. Every stage's
+    config is checked at start-up; train.steps is then unused."""
     max_requeues: int = 20
     """Under SLURM, after a signal-triggered checkpoint the job requeues itself, at most this
     many times (errors never requeue)."""
@@ -480,6 +543,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "train", "steps", "global_batch_size", "micro_batch_size")
+        for k, stage in enumerate(self.stages):
+            _check_stage(k, stage)
         _require_positive(self, "train", "max_nonfinite_steps")
         _require_choice("train.device", self.device, DEVICES)
         _require_choice("train.precision", self.precision, PRECISIONS)
@@ -500,16 +565,61 @@ class CheckpointConfig:
         _require_positive(self, "checkpoint", "keep")
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Log the scalars of metrics.jsonl (same steps) and the config to Weights & Biases, from
+    rank 0; needs the `wandb` extra. The run id is kept in <run_dir>/trackers.json, so a
+    resumed run continues the same W&B run."""
+    project: str = "mmfm"
+    """The W&B project."""
+    entity: str | None = None
+    """The W&B team or user; None: the logged-in user's default entity."""
+    name: str | None = None
+    """The run's display name; None: the name of train.run_dir."""
+    mode: str = "online"
+    """online: stream to the server (needs `wandb login`); offline: write the run under
+    <run_dir>/wandb/ only, never contacting a server (upload it later with `wandb sync`)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+
+    def __post_init__(self) -> None:
+        _require_choice("logging.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False
+    """Log the scalars of metrics.jsonl (same steps, `/` in names as `.`) and the config (as
+    params) to MLflow, from rank 0; needs the `mlflow` extra. The run id is kept in
+    <run_dir>/trackers.json, so a resumed run continues the same MLflow run."""
+    tracking_uri: str | None = None
+    """Where MLflow stores the run: a server (http://host:5000), a database (sqlite:///f.db)
+    or a folder (file:///path); None: the local file store <run_dir>/mlruns."""
+    experiment: str = "mmfm"
+    """The MLflow experiment (created when missing)."""
+    run_name: str | None = None
+    """The run's name; None: the name of train.run_dir."""
+
+
 @dataclass
 class LoggingConfig:
     every: int = 1
-    """Log metrics (metrics.jsonl, TensorBoard) every this many steps."""
+    """Log metrics (metrics.jsonl, TensorBoard, W&B, MLflow) every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard event files under <run_dir>/tb/."""
     progress: bool = True
-    """Show a progress bar on a terminal (plain log lines every `print_every` steps otherwise)."""
+    """Show a progress bar on a terminal (plain log lines every `print_every` steps otherwise;
+    train.log gets those lines either way)."""
     print_every: int = 10
-    """Without a terminal, print a metrics line every this many steps."""
+    """Print (and write to train.log) a metrics line every this many steps."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases (optional)."""
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    """MLflow (optional)."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "logging", "every", "print_every")
@@ -577,13 +687,27 @@ class Config:
     def __post_init__(self) -> None:
         """A context stage is a run with train.init_from: its errors name the stage it
         continues, so a stage whose seq_len/cp/buckets break a rule says which one."""
+        stage = None
+        if self.train.init_from is not None:
+            stage = f"the context stage from train.init_from={self.train.init_from}"
         try:
             self._check_shapes()
+        except LayoutError as e:
+            raise LayoutError(e.problems, self, stage) from None
         except ConfigError as e:
-            if self.train.init_from is None:
+            if stage is None:
                 raise
-            stage = f"the context stage from train.init_from={self.train.init_from}"
             raise ConfigError(f"{stage}: {e}") from None
+        _require(
+            not self.train.stages or self.checkpoint.at_end,
+            "train.stages needs checkpoint.at_end=true: each stage starts from the last "
+            "one's final checkpoint",
+        )
+        _require(
+            not self.train.stages or self.train.resume in ("none", "auto"),
+            f"train.stages with train.resume={self.train.resume}: a run of stages resumes "
+            "with train.resume=auto (each stage from its own newest checkpoint)",
+        )
 
     def _check_shapes(self) -> None:
         _require(
@@ -591,110 +715,146 @@ class Config:
             f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
             f"({self.model.max_seq_len}): raise model.max_seq_len or lower data.seq_len",
         )
-        rows_per_pass = self.train.micro_batch_size * self.parallel.dp_size
-        _require(
-            self.train.global_batch_size % rows_per_pass == 0,
-            f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel size ({self.train.micro_batch_size} x "
-            f"{self.parallel.dp_size} = {rows_per_pass})",
-        )
-        self._check_tensor_parallel()
-        self._check_decompose()
-        self._check_pipeline_parallel()
-        split = self.parallel.cp > 1 or (self.parallel.tp > 1 and self.parallel.sequence_parallel)
-        _require(
-            not (self.model.neftune_alpha and split),
-            "model.neftune_alpha draws the noise for the whole row each rank holds: it needs "
-            "parallel.cp=1 and, with parallel.tp > 1, parallel.sequence_parallel=false",
-        )
-        cp = self.parallel.cp
-        _require(
-            self.data.seq_len % (2 * cp) == 0,
-            f"data.seq_len ({self.data.seq_len}) must be divisible by 2 x parallel.cp "
-            f"({2 * cp}): context parallelism splits every row into 2 x cp equal chunks",
+        problems = self.layout_problems()
+        if problems:
+            raise LayoutError(problems, self)
+
+    def layout_problems(self) -> list[str]:
+        """Every rule of the parallel layout this config breaks, all at once (scaling a
+        recipe to another job usually breaks several). While parallel.dp_shard is -1 the
+        rules on the data-parallel size wait for the world size (config/layout.py)."""
+        p = self.parallel
+        split = p.cp > 1 or (p.tp > 1 and p.sequence_parallel)
+        problems = self._batch_problems() if p.dp_shard != -1 else []
+        problems += self._tensor_parallel_problems()
+        problems += self._decompose_problems()
+        problems += self._pipeline_problems()
+        return problems + _failed(
+            (
+                not (self.model.neftune_alpha and split),
+                "model.neftune_alpha draws the noise for the whole row each rank holds: it "
+                "needs parallel.cp=1 and, with parallel.tp > 1, parallel.sequence_parallel=false",
+            ),
+            (
+                self.data.seq_len % (2 * p.cp) == 0,
+                f"data.seq_len ({self.data.seq_len}) must be divisible by 2 x parallel.cp "
+                f"({2 * p.cp}): context parallelism splits every row into 2 x cp equal chunks",
+            ),
         )
 
-    def _check_tensor_parallel(self) -> None:
+    def _batch_problems(self) -> list[str]:
+        """The rules on the data-parallel size: rows per step and pipeline micro-batches."""
+        p, t = self.parallel, self.train
+        rows_per_pass = t.micro_batch_size * p.dp_size
+        if t.global_batch_size % rows_per_pass:
+            return [
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x "
+                f"{p.dp_size} = {rows_per_pass})"
+            ]
+        if p.pp == 1:
+            return []
+        interleaved = p.pp_schedule in ("interleaved_1f1b", "interleaved_zb")
+        return _failed(
+            (
+                self.grad_accum_steps >= p.pp,
+                f"pipeline parallelism runs the {self.grad_accum_steps} micro-batches of a "
+                f"step through {p.pp} ranks and needs at least {p.pp}: lower "
+                "train.micro_batch_size or raise train.global_batch_size",
+            ),
+            (
+                not interleaved or self.grad_accum_steps % p.pp == 0,
+                f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
+                f"({self.grad_accum_steps}) to be a multiple of parallel.pp ({p.pp})",
+            ),
+        )
+
+    def _tensor_parallel_problems(self) -> list[str]:
         tp, m = self.parallel.tp, self.model
         if tp == 1:
-            return
-        for name, value in (
-            ("model.n_heads", m.n_heads),
-            ("model.n_kv_heads", m.num_kv_heads),
-            ("model.vocab_size", m.vocab_size),
-            ("the MLP size (model.ffn_dim)", m.hidden_dim),
-        ):
-            _require(
+            return []
+        rules = [
+            (
                 value % tp == 0,
                 f"{name} ({value}) must be divisible by parallel.tp ({tp}): change one of them",
             )
+            for name, value in (
+                ("model.n_heads", m.n_heads),
+                ("model.n_kv_heads", m.num_kv_heads),
+                ("model.vocab_size", m.vocab_size),
+                ("the MLP size (model.ffn_dim)", m.hidden_dim),
+            )
+        ]
         if self.parallel.sequence_parallel:
             local = self.data.seq_len // self.parallel.cp
-            _require(
-                local % tp == 0,
-                f"the tokens per rank (data.seq_len / parallel.cp = {local}) must be divisible "
-                f"by parallel.tp ({tp}) with sequence parallelism (or set "
-                "parallel.sequence_parallel=false)",
+            rules.append(
+                (
+                    local % tp == 0,
+                    f"the tokens per rank (data.seq_len / parallel.cp = {local}) must be "
+                    f"divisible by parallel.tp ({tp}) with sequence parallelism (or set "
+                    "parallel.sequence_parallel=false)",
+                )
             )
-        _require(
-            not m.tie_embeddings,
-            "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
+        rules.append(
+            (
+                not m.tie_embeddings,
+                "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
+            )
         )
+        return _failed(*rules)
 
-    def _check_decompose(self) -> None:
+    def _decompose_problems(self) -> list[str]:
         """Every bucket length must split as data.seq_len must (CP chunks, SP shards)."""
         p = self.parallel
         if self.data.packing != "decompose":
-            return
-        _require(
-            p.pp == 1,
-            "data.packing=decompose changes the micro-batch shape every step, and a pipeline "
-            "schedule is built for one shape: set parallel.pp=1 (or use packing best_fit)",
-        )
+            return []
+        rules = [
+            (
+                p.pp == 1,
+                "data.packing=decompose changes the micro-batch shape every step, and a "
+                "pipeline schedule is built for one shape: set parallel.pp=1 (or use packing "
+                "best_fit)",
+            )
+        ]
         for b in self.data.buckets:
-            _require(
-                b % (2 * p.cp) == 0,
-                f"data.buckets: bucket {b} must be divisible by 2 x parallel.cp ({2 * p.cp}): "
-                "context parallelism splits every row into 2 x cp chunks; drop the bucket",
+            rules.append(
+                (
+                    b % (2 * p.cp) == 0,
+                    f"data.buckets: bucket {b} must be divisible by 2 x parallel.cp "
+                    f"({2 * p.cp}): context parallelism splits every row into 2 x cp chunks; "
+                    "drop the bucket",
+                )
             )
-            _require(
-                p.tp == 1 or not p.sequence_parallel or (b // p.cp) % p.tp == 0,
-                f"data.buckets: bucket {b} / parallel.cp ({p.cp}) must be divisible by "
-                f"parallel.tp ({p.tp}) with sequence parallelism: drop the bucket or set "
-                "parallel.sequence_parallel=false",
+            rules.append(
+                (
+                    p.tp == 1 or not p.sequence_parallel or (b // p.cp) % p.tp == 0,
+                    f"data.buckets: bucket {b} / parallel.cp ({p.cp}) must be divisible by "
+                    f"parallel.tp ({p.tp}) with sequence parallelism: drop the bucket or set "
+                    "parallel.sequence_parallel=false",
+                )
             )
+        return _failed(*rules)
 
-    def _check_pipeline_parallel(self) -> None:
+    def _pipeline_problems(self) -> list[str]:
         p, m = self.parallel, self.model
         if p.pp == 1:
-            return
-        _require(
-            m.n_layers >= p.num_stages,
-            f"parallel.pp x parallel.pp_virtual_stages = {p.num_stages} stages, but "
-            f"model.n_layers is {m.n_layers}: every stage needs at least one block",
-        )
-        if p.pp_layers:
-            _require(
-                sum(p.pp_layers) == m.n_layers,
+            return []
+        return _failed(
+            (
+                m.n_layers >= p.num_stages,
+                f"parallel.pp x parallel.pp_virtual_stages = {p.num_stages} stages, but "
+                f"model.n_layers is {m.n_layers}: every stage needs at least one block",
+            ),
+            (
+                not p.pp_layers or sum(p.pp_layers) == m.n_layers,
                 f"parallel.pp_layers sums to {sum(p.pp_layers)}, model.n_layers is {m.n_layers}",
-            )
-        _require(
-            not m.tie_embeddings,
-            "model.tie_embeddings is not supported with parallel.pp > 1 yet (the embedding "
-            "and the output live on different stages): set it to false",
+            ),
+            (
+                not m.tie_embeddings,
+                "model.tie_embeddings is not supported with parallel.pp > 1 yet (the embedding "
+                "and the output live on different stages): set it to false",
+            ),
         )
-        _require(
-            self.grad_accum_steps >= p.pp,
-            f"pipeline parallelism runs the {self.grad_accum_steps} micro-batches of a step "
-            f"through {p.pp} ranks and needs at least {p.pp}: lower train.micro_batch_size or "
-            "raise train.global_batch_size",
-        )
-        if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
-            _require(
-                self.grad_accum_steps % p.pp == 0,
-                f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
-                f"({self.grad_accum_steps}) to be a multiple of parallel.pp ({p.pp})",
-            )
 
     @property
     def grad_accum_steps(self) -> int:

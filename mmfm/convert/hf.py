@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -39,7 +40,13 @@ from mmfm.tokenization.dna import DnaTokenizer
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import load_pretrained, text_of_vocab
 from mmfm.tokenization.tokenizers import build_vocab
-from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, VOCAB_FILE, Vocab, VocabError
+from mmfm.tokenization.vocab import (
+    RESERVED_CODEBOOKS,
+    VOCAB_FILE,
+    Vocab,
+    VocabError,
+    registered_layout,
+)
 from mmfm.train.checkpoint import (
     CONFIG_FILE,
     SafeFileSystemReader,
@@ -140,6 +147,7 @@ def export_hf(
                 if name.endswith("q_proj.bias"):
                     hf[name.replace("q_proj", "o_proj")] = torch.zeros(m.dim, dtype=torch_dtype)
         save_file(hf, str(out / file), metadata={"format": "pt"})
+        honour_umask(out / file)
         weight_map.update(dict.fromkeys(hf, file))
         total += sum(t.numel() * t.element_size() for t in hf.values())
         del tensors, hf
@@ -151,12 +159,21 @@ def export_hf(
     hf_config(m, arch, dtype_name(torch_dtype), **special).save_pretrained(str(out))
     GenerationConfig(**special).save_pretrained(str(out))
     if vocab is not None:
-        save_hf_tokenizer(vocab, out)
+        save_hf_tokenizer(vocab, out, m.max_seq_len)
         shutil.copyfile(ckpt / VOCAB_FILE, out / MMFM_VOCAB)
     else:
         log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
     log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
     return out
+
+
+def honour_umask(path: Path) -> None:
+    """Give `path` the mode every other file of the export has, 0666 less the umask:
+    safetensors writes its files 0600 (through a private temporary file renamed into place),
+    which other users of a shared model folder cannot read."""
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _special_ids(vocab: Vocab) -> dict[str, int]:
@@ -345,10 +362,11 @@ def _extended_vocab(base: ModelConfig, layout: str, hf_dir: Path | None = None) 
                 "another model's tokenizer"
             )
         return build_vocab(recipe, text, dna)
+    delimiters, books = registered_layout(recipe.modalities)  # as build_vocab lays them out
     return Vocab.build(
         base.vocab_size,
-        recipe.task_tokens,
-        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
+        [*recipe.task_tokens, *delimiters],
+        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces), *books],
         text_kind="imported",
     )
 

@@ -112,5 +112,10 @@ def _sentencepiece_hf_tokenizer(vocab: Vocab):
     )
 
 
-def save_hf_tokenizer(vocab: Vocab, out_dir: str | Path) -> None:
-    build_hf_tokenizer(vocab).save_pretrained(str(out_dir))
+def save_hf_tokenizer(vocab: Vocab, out_dir: str | Path, model_max_length: int) -> None:
+    """The tokenizer files in `out_dir`; `model_max_length` (the model's max_seq_len) goes
+    into tokenizer_config.json, where `transformers` reads how long an input may be (without
+    it, 10^30: no truncation, no warning before the model's positions run out)."""
+    tokenizer = build_hf_tokenizer(vocab)
+    tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(str(out_dir))

@@ -11,24 +11,15 @@ restart at 0 in each, and `labels` hold the next token of the same document or
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
 
+from mmfm.core.modalities import MODALITY_NAMES as MODALITY_NAMES  # every modality's name
+from mmfm.core.modalities import Modality as Modality  # the built-in ones
+
 IGNORE_INDEX = -100
-
-
-class Modality(IntEnum):
-    TEXT = 0
-    IMAGE = 1
-    MASK = 2
-    DNA = 3
-    SVG = 4
-    VIDEO = 5
-
-
-MODALITY_NAMES = tuple(m.name.lower() for m in Modality)
 
 
 @dataclass(frozen=True)
@@ -164,6 +155,20 @@ class SvgRecord:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class ModalityRecord:
+    """A document of a registered modality (`mmfm.core.modalities`): `<s> [text] <open>
+    codes <close> </s>`, the codes its spec's `encode` makes of `value`."""
+
+    key: str
+    modality: str
+    """The registered modality's name."""
+    value: Any
+    text: str | None = None
+    """Text before the span (a caption, a description), or None."""
+    source: str = ""
+
+
 TASK_PARTS = ("text", "dna", "svg", "image", "mask", "video")
 
 
@@ -188,5 +193,12 @@ class TaskRecord:
 
 
 Record = (
-    TextRecord | DnaRecord | SvgRecord | ImageRecord | ImageMaskRecord | VideoRecord | TaskRecord
+    TextRecord
+    | DnaRecord
+    | SvgRecord
+    | ImageRecord
+    | ImageMaskRecord
+    | VideoRecord
+    | TaskRecord
+    | ModalityRecord
 )

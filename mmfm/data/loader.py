@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.config.schema import Config, SourceConfig
 from mmfm.core.errors import CheckpointError, ConfigError, DataError
+from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
     dataloader_failure,
     dataloader_workers,
@@ -150,10 +151,12 @@ def _as_is(item):
     return item  # the rows stay numpy: the trainer's process collates them into micro-batches
 
 
-def _init_worker(stop, worker_id: int) -> None:
-    """Close ends waits for stalled shards; SIGTERM ends the worker's pipe commands."""
+def _init_worker(stop, modalities: tuple, worker_id: int) -> None:
+    """Close ends waits for stalled shards; SIGTERM ends the worker's pipe commands; the
+    parent's registered `modalities` name the same ids here."""
     orphans.exit_on_sigterm()
     set_stop_check(stop.is_set)
+    restore(modalities)
 
 
 def _check_tokenize_device(sources: Sequence[SourceSpec], num_workers: int) -> None:
@@ -234,7 +237,7 @@ class StreamingLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch,
             multiprocessing_context=ctx,
-            worker_init_fn=functools.partial(_init_worker, self._stop_workers),
+            worker_init_fn=functools.partial(_init_worker, self._stop_workers, registered()),
             timeout=WAIT_S,
             generator=torch.Generator(),  # its worker seeds would draw from the trainer's RNG
         )

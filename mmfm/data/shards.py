@@ -88,8 +88,6 @@ def load_tokens(raw: bytes) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-
-
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

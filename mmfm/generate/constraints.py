@@ -10,6 +10,7 @@ obeys the grammar by construction (no rejection, no host synchronisation):
     <vision> frames of tokens_per_item video codes, each closed by <eof>, the last by <eov>,
              then </vision>
     <dna>    DNA codes until </dna>;   <svg>  text pieces until </svg>
+    <open>   a registered modality's codes until its closer (a mode and row of its own each)
     free     text, </s>, the opening delimiters and the other specials (no stray codes,
              closing delimiters or frame ends)
 """
@@ -20,7 +21,7 @@ from enum import IntEnum
 
 import torch
 
-from mmfm.core.types import Modality
+from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.generate.layout import Layout
 
 
@@ -58,9 +59,16 @@ class Row(IntEnum):
     SVG = 10
 
 
+def registered_modes(layout: Layout) -> list[int]:
+    """The registered modalities of `layout`: the j-th has mode len(Mode) + j and row
+    len(Row) + j."""
+    return sorted(m for m in layout.delimiters if m >= len(Modality))
+
+
 def allowed_table(layout: Layout, vocab_size: int) -> torch.Tensor:
-    """Boolean `[len(Row), vocab_size]`: the ids allowed in each situation."""
-    table = torch.zeros(len(Row), vocab_size, dtype=torch.bool)
+    """Boolean `[len(Row) + registered, vocab_size]`: the ids allowed in each situation."""
+    extra = registered_modes(layout)
+    table = torch.zeros(len(Row) + len(extra), vocab_size, dtype=torch.bool)
     closes = {m: pair[1] for m, pair in layout.delimiters.items()}
     frame_ends = [layout.specials[n] for n in ("<eof>", "<eov>") if n in layout.specials]
     structural = {*closes.values(), *frame_ends, layout.bos}
@@ -89,6 +97,8 @@ def allowed_table(layout: Layout, vocab_size: int) -> torch.Tensor:
     if Modality.SVG in closes:
         allow(Row.SVG, [*layout.text, closes[Modality.SVG]])
         table[Row.SVG, [layout.bos, layout.eos]] = False
+    for j, modality in enumerate(extra):
+        allow(len(Row) + j, [*codes[MODALITY_NAMES[modality]], closes[modality]])
     table[:, layout.size :] = False  # embedding rows past the vocabulary (padding)
     return table
 
@@ -109,20 +119,25 @@ class SpanConstraint:
         image, mask, frame = n.get("image", 0), n.get("mask", 0), n.get("video", 0)
         self.cap = max(image, mask, frame) + 1
         counts = torch.arange(self.cap)
-        rows = torch.full((len(Mode), self.cap), int(Row.FREE), dtype=torch.long)
+        extra = registered_modes(layout)
+        rows = torch.full((len(Mode) + len(extra), self.cap), int(Row.FREE), dtype=torch.long)
         rows[Mode.IMAGE] = torch.where(counts < image, Row.IMAGE_CODE, Row.IMAGE_CLOSE)
         rows[Mode.MASK] = torch.where(counts < mask, Row.MASK_MORE, Row.MASK_CLOSE)
         rows[Mode.MASK, 0] = Row.MASK_FIRST
         rows[Mode.VIDEO] = torch.where(counts < frame, Row.VIDEO_CODE, Row.VIDEO_FRAME_END)
         rows[Mode.VIDEO_DONE] = Row.VIDEO_CLOSE
         rows[Mode.DNA], rows[Mode.SVG] = Row.DNA, Row.SVG
+        for j in range(len(extra)):
+            rows[len(Mode) + j] = len(Row) + j
         self.rows_of = rows.to(device)
         self._transitions(layout, vocab_size, device)
         self.mode = torch.zeros(batch, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
 
     def _transitions(self, layout: Layout, vocab_size: int, device: torch.device) -> None:
-        code, eof, eov, opener, closer = 1, 2, 3, 4, 4 + len(Mode)
+        extra = registered_modes(layout)
+        modes = len(Mode) + len(extra)
+        code, eof, eov, opener, closer = 1, 2, 3, 4, 4 + modes
         classes = torch.zeros(vocab_size, dtype=torch.long)
         for name in ("image", "mask", "video"):
             if name in layout.codes:
@@ -131,19 +146,18 @@ class SpanConstraint:
             if name in layout.specials:
                 classes[layout.specials[name]] = cls
         for modality, (start, end) in layout.delimiters.items():
-            mode = MODE_OF[modality]
+            mode = MODE_OF[modality] if modality in MODE_OF else len(Mode) + extra.index(modality)
             classes[start] = opener + mode
             classes[end] = closer + (Mode.VIDEO_DONE if mode == Mode.VIDEO else mode)
-        n_classes = closer + len(Mode)
-        next_mode = torch.arange(len(Mode))[:, None].repeat(1, n_classes)
-        for mode in Mode:
-            if mode != Mode.FREE:
-                next_mode[Mode.FREE, opener + mode] = mode
-                next_mode[mode, closer + mode] = Mode.FREE
+        n_classes = closer + modes
+        next_mode = torch.arange(modes)[:, None].repeat(1, n_classes)
+        for mode in range(1, modes):  # every mode but FREE
+            next_mode[Mode.FREE, opener + mode] = mode
+            next_mode[mode, closer + mode] = Mode.FREE
         next_mode[Mode.VIDEO, eov] = Mode.VIDEO_DONE
-        restart = next_mode != torch.arange(len(Mode))[:, None]
+        restart = next_mode != torch.arange(modes)[:, None]
         restart[Mode.VIDEO, eof] = True
-        increment = torch.zeros(len(Mode), n_classes, dtype=torch.long)
+        increment = torch.zeros(modes, n_classes, dtype=torch.long)
         increment[:, code] = 1
         increment[restart] = 0
         self.classes, self.next_mode = classes.to(device), next_mode.to(device)

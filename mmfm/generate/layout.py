@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mmfm.core.types import Modality
+from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data import demo
 from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
 
-# The modalities a prompt can ask for (`--modality`) and the codebook of each.
-MODALITY_OF = {m.name.lower(): m for m in Modality}
+# The modalities a prompt can ask for (`--modality`: the registered ones too) and the codebook
+# of each built-in one (a registered modality's codebook has its name).
+MODALITY_OF = MODALITY_NAMES
 CODEBOOK_OF = {Modality.IMAGE: "image", Modality.MASK: "mask", Modality.VIDEO: "video"}
 TOKENS_PER_ITEM = {"image": 32, "mask": 32, "video": 256}
 """Defaults (SEED, HiMTok, LWM); the trained visual tokenizers' own numbers win."""
@@ -30,8 +31,8 @@ class Layout:
     eos: int
     text: range
     """Ids of text pieces (bytes for the demo)."""
-    delimiters: dict[Modality, tuple[int, int]]
-    """(open, close) of each framed modality the layout has."""
+    delimiters: dict[Modality | int, tuple[int, int]]
+    """(open, close) of each framed modality the layout has (registered ones by id)."""
     codes: dict[str, range]
     """Id range of each codebook: image, mask, video, dna."""
     specials: dict[str, int]
@@ -67,7 +68,10 @@ class Layout:
             bos=text.bos_id,
             eos=text.eos_id,
             text=range(vocab.text_size),
-            delimiters={m: vocab.delimiters(m) for m in DELIMITERS},
+            delimiters={
+                m: vocab.delimiters(m)
+                for m in (*DELIMITERS, *map(MODALITY_NAMES.index, vocab.modalities))
+            },
             codes={
                 b.name: range(
                     b.offset, b.offset + min(b.size, (num_codes or {}).get(b.name, b.size))
@@ -81,11 +85,11 @@ class Layout:
             dna_pieces=_dna_pieces(dna.pieces) if dna else (),
         )
 
-    def delimiter(self, modality: Modality) -> tuple[int, int]:
+    def delimiter(self, modality: Modality | int) -> tuple[int, int]:
         if modality not in self.delimiters:
-            have = ", ".join(m.name.lower() for m in self.delimiters)
+            have = ", ".join(MODALITY_NAMES[m] for m in self.delimiters)
             raise VocabError(
-                f"this model's vocabulary has no {modality.name.lower()} spans ({have})"
+                f"this model's vocabulary has no {MODALITY_NAMES[modality]} spans ({have})"
             )
         return self.delimiters[modality]
 
@@ -93,7 +97,7 @@ class Layout:
         """`<s> text`, then the opening delimiter of `modality` (unless text)."""
         ids = [self.bos, *self.encode_text(text)]
         if modality != "text":
-            ids.append(self.delimiter(MODALITY_OF[modality])[0])
+            ids.append(self.delimiter(MODALITY_NAMES.index(modality))[0])
         return ids
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmfm.core.types import Modality
+from mmfm.core.modalities import modality_spec
+from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import COLORS
 from mmfm.generate.layout import Layout
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
@@ -63,7 +64,7 @@ def split_spans(ids: Sequence[int], layout: Layout) -> list[Span]:
             stop = len(ids) if end is None else end
             spans.append(
                 Span(
-                    modality.name.lower(),
+                    MODALITY_NAMES[modality],
                     i,
                     stop + (end is not None),
                     list(ids[i + 1 : stop]),
@@ -98,8 +99,10 @@ class SpanWriter:
             if span.closed
             else ["unterminated (cut at max_new_tokens): decoded as far as it goes"]
         )
+        spec = modality_spec(span.modality)
+        write = getattr(self, f"_{span.modality}") if spec is None else self._registered
         try:
-            path = getattr(self, f"_{span.modality}")(span, self.out / stem, notes)
+            path = write(span, self.out / stem, notes)
         except (ValueError, RuntimeError) as e:  # VocabError, SvgError, DnaError, decoder shapes
             path, notes = None, [*notes, f"not decoded: {e}"]
         span.path = None if path is None else str(path)
@@ -107,6 +110,21 @@ class SpanWriter:
         return span
 
     # -- one method per modality ----------------------------------------------------------------
+
+    def _registered(self, span: Span, stem: Path, notes: list[str]) -> Path:
+        """A registered modality's span: its codes decoded by its spec, written by its
+        `write` (default: the value as text in `<stem>.txt`)."""
+        spec = modality_spec(span.modality)
+        book = self.layout.codes[spec.name]
+        codes = [t - book.start for t in span.body if t in book]
+        if len(codes) < len(span.body):
+            notes.append(f"{len(span.body) - len(codes)} non-{spec.name} ids skipped")
+        value = spec.decode(codes)
+        if spec.write is not None:
+            return spec.write(value, stem)
+        path = stem.with_suffix(".txt")
+        path.write_text(str(value), encoding="utf-8")
+        return path
 
     def _text(self, span: Span, stem: Path, notes: list[str]) -> Path:
         path = stem.with_suffix(".txt")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mmfm.core.errors import InputNotFound
 from mmfm.core.files import iter_files
-from mmfm.core.types import DnaRecord, Record, SvgRecord, TextRecord
+from mmfm.core.modalities import kind_spec
+from mmfm.core.types import DnaRecord, ModalityRecord, Record, SvgRecord, TextRecord
 from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples, windows
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
@@ -134,6 +135,13 @@ _READERS.update(voc=voc_records, coco=coco_records)
 _READERS["prompt-response"] = task_records
 
 
+def _registered_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
+    """A registered modality's records: its spec's `read` gives (key, value[, text])."""
+    spec = kind_spec(source.kind)
+    for key, value, *text in spec.read(path):
+        yield ModalityRecord(key, spec.name, value, *text, source=source.name or source.kind)
+
+
 def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str, object]]:
     """(where, record) of every source, where names the file and the record; a webdataset
     source gives (where, RawSample), decoded later by whoever calls `RawSample.records`."""
@@ -145,7 +153,9 @@ def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str,
             records = (
                 (f"{path}:{record.key}", record)
                 for path in iter_files(source.paths, recipe.cache_dir)
-                for record in _guarded(_READERS[source.kind], path, source, rejects)
+                for record in _guarded(
+                    _READERS.get(source.kind, _registered_records), path, source, rejects
+                )
             )
         yield from islice(records, source.limit or None)
 

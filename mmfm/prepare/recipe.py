@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mmfm.config.loading import load_structured
 from mmfm.config.schema import RawFields, _require, _require_choice, _require_positive
+from mmfm.core.modalities import registered
 from mmfm.prepare.segmentation import check_source
 from mmfm.tokenization.visual.data import FITS
 from mmfm.tokenization.visual.records import MASKS
@@ -17,10 +18,17 @@ KINDS = (
     "text", "dna", "dna-pairs", "svg", "image-text", "image-mask", "video", "webdataset", "voc",
     "coco", "prompt-response",
 )  # fmt: skip
+"""The built-in kinds; `source_kinds()` adds those of registered modalities."""
 CAPTIONED = ("image-text", "image-mask", "video", "voc", "coco", "webdataset")
 """Kinds whose records are a picture (or clip) and its caption: condition dropout and order."""
 ORDERS = ("text_first", "image_first", "both")
 COMPLETION_KINDS = ("dna-pairs", "svg", *CAPTIONED)
+
+
+def source_kinds() -> tuple[str, ...]:
+    """Every kind a source may have: the built-in ones, then each registered modality's
+    (`ModalitySpec.read`: its reader makes the records)."""
+    return (*KINDS, *(s.source_kind for s in registered() if s.read is not None))
 
 
 @dataclass
@@ -35,7 +43,8 @@ class PrepareSource:
     video (a clip's frames, and its caption as for image-text), webdataset (raw WebDataset
     shards, e.g. img2dataset's 000123.jpg + .txt + .json; see `fields`) or prompt-response
     (jsonl of {"prompt": ..., "response": ...} tasks, the prompt never a target:
-    mmfm/prepare/tasks.py)."""
+    mmfm/prepare/tasks.py), or the kind of a registered modality (docs/adding_a_modality.md:
+    its reader makes the records)."""
     paths: list[str] = field(default_factory=list)
     """Files, directories, globs, or real:<name> (fetched from a registry); webdataset:
     shards as the training loader takes them (files, directories of *.tar, brace patterns
@@ -107,7 +116,7 @@ class PrepareSource:
     but for a <sep> before a text answer and svg's added words."""
 
     def __post_init__(self) -> None:
-        _require_choice("sources[].kind", self.kind, KINDS)
+        _require_choice("sources[].kind", self.kind, source_kinds())
         _require(bool(self.paths), f"sources: a {self.kind} source needs paths")
         _require(self.max_length >= 0 and self.limit >= 0, "max_length and limit must be >= 0")
         _require(self.fps > 0 and self.max_frames > 0, "fps and max_frames must be > 0")
@@ -177,10 +186,6 @@ class PrepareRecipe:
         _require_positive(self, "prepare", "shard_size")
         _require_choice("order", self.order, ("as_read", "related"))
         _require_choice("format", self.format, ("webdataset", "megatron"))
-        _require(
-            self.format == "webdataset" or self.order == "as_read",
-            "format: megatron with order: related is not built yet; use order: as_read",
-        )
         _require(bool(self.sources), "a prepare recipe needs at least one entry in sources")
         shaping: dict[str, tuple] = {}
         for s in self.sources:  # records know their source by name only

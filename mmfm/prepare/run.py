@@ -40,7 +40,7 @@ from mmfm.data.decompose import length_digits
 from mmfm.data.shards import ShardError, write_shard
 from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
-from mmfm.prepare.megatron_out import write_megatron
+from mmfm.prepare.megatron_out import with_related_order, write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
 from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
@@ -189,7 +189,8 @@ def prepare(
         if staged is None:
             return None
         _check_output(Path(recipe.output), related_fingerprint(staged), overwrite)
-        return write_related(recipe, staged, related_fingerprint(staged))
+        ordered = write_related(recipe, staged, related_fingerprint(staged))
+        return with_related_order(recipe, ordered)  # format: megatron from the ordered shards
     out = Path(recipe.output)
     tokenizer_recipe = load_recipe(recipe.tokenizer)
     tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained

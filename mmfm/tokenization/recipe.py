@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from mmfm.config.loading import load_structured
 from mmfm.config.schema import _require, _require_choice, _require_positive
+from mmfm.core.modalities import modality_spec
 
 
 @dataclass
@@ -114,6 +115,10 @@ class TokenizerRecipe:
     """SVG normalisation."""
     task_tokens: list[str] = field(default_factory=list)
     """Extra special tokens, e.g. class labels of DNA tasks (<class_0>, ...)."""
+    modalities: list[str] = field(default_factory=list)
+    """Registered modalities (docs/adding_a_modality.md) the vocabulary lays out after the
+    built-in ones, in this order: their delimiters after the task tokens, their codebooks
+    after DNA's."""
     image_tokenizer: str | None = None
     """Folder of a trained image tokenizer (tokenizers/seed_image.yaml); None: no images."""
     mask_tokenizer: str | None = None
@@ -129,6 +134,12 @@ class TokenizerRecipe:
             _require(
                 token.startswith("<") and token.endswith(">"),
                 f"task_tokens: {token!r} must look like <name>",
+            )
+        for name in self.modalities:
+            _require(
+                modality_spec(name) is not None,
+                f"modalities: {name!r} is not a registered modality: import the module that "
+                "registers it (register_modality) or install its mmfm.modalities entry point",
             )
 
 

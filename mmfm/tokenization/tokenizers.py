@@ -12,6 +12,7 @@ reads it back. `encode(record)` is the interface `mmfm prepare` calls for every 
     ImageMaskRecord  ->  <s> [text] <img> image codes </img> <mask> mask codes </mask> </s>
     VideoRecord      ->  <s> [text] <vision> f1 <eof> f2 ... <eof> fn <eov> </vision> </s>
     TaskRecord       ->  <s> prompt [<sep>] response </s>, <s> and the prompt never targets
+    ModalityRecord   ->  <s> [text] <open> codes <close> </s>, a registered modality's span
 
 A picture record with `order: image_first` puts its caption after the image (or clip):
 `<s> <img> ... </img> caption </s>`; a mask always comes last.
@@ -31,12 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from mmfm.core.examples import fetch
+from mmfm.core.modalities import MODALITY_NAMES, modality_spec
 from mmfm.core.types import (
     DnaRecord,
     Document,
     ImageMaskRecord,
     ImageRecord,
     Modality,
+    ModalityRecord,
     Record,
     SvgRecord,
     TaskPart,
@@ -61,6 +64,7 @@ from mmfm.tokenization.vocab import (
     VOCAB_FILE,
     Vocab,
     VocabError,
+    registered_layout,
 )
 
 log = logging.getLogger("mmfm")
@@ -122,10 +126,12 @@ class Tokenizers:
         bpe = (out / DNA_MODEL).read_bytes() if recipe.dna.scheme == "bpe" else None
         dna = DnaTokenizer(recipe.dna, bpe)
         book = vocab.codebook("dna")
-        if text.size != vocab.text_size or dna.size != book.size:
+        modalities = tuple(recipe.modalities)
+        if text.size != vocab.text_size or dna.size != book.size or vocab.modalities != modalities:
             raise VocabError(
                 f"{out / VOCAB_FILE} does not match the recipe's tokenizers (text "
-                f"{text.size} vs {vocab.text_size}, dna {dna.size} vs {book.size}): retrain"
+                f"{text.size} vs {vocab.text_size}, dna {dna.size} vs {book.size}, modalities "
+                f"{list(vocab.modalities)} vs {list(modalities)}): retrain"
             )
         return cls(recipe, vocab, text, dna)
 
@@ -152,6 +158,9 @@ class Tokenizers:
             self._captioned(doc, record, spans)
         elif isinstance(record, TaskRecord):
             return self._task(doc, record, rng)
+        elif isinstance(record, ModalityRecord):
+            doc.add(self.text.encode(record.text) if record.text else [], Modality.TEXT)
+            self._framed(doc, *self._codes(record.modality, record.value))
         else:
             raise TypeError(f"no tokenizer for {type(record).__name__}")
         return doc.add([self.text.eos_id], Modality.TEXT).build(record.key, record.source)
@@ -190,7 +199,18 @@ class Tokenizers:
         else:
             doc.add(*self.visual.span(part.kind, part.value))
 
-    def _framed(self, doc: DocumentBuilder, modality: Modality, ids: Sequence[int]) -> None:
+    def _codes(self, name: str, value) -> tuple[int, list[int]]:
+        """(modality id, vocabulary ids) of a registered modality's `value`."""
+        if name not in self.vocab.modalities:
+            have = list(self.vocab.modalities)
+            raise VocabError(f"the vocabulary lays out no {name} codebook (modalities {have})")
+        book = self.vocab.codebook(name)
+        codes = [int(c) for c in modality_spec(name).encode(value)]
+        if any(not 0 <= c < book.size for c in codes):
+            raise ValueError(f"{name} encode made codes outside 0..{book.size - 1}")
+        return MODALITY_NAMES.index(name), [book.offset + c for c in codes]
+
+    def _framed(self, doc: DocumentBuilder, modality: Modality | int, ids: Sequence[int]) -> None:
         start, end = self.vocab.delimiters(modality)
         doc.add([start, *ids, end], modality)
 
@@ -202,7 +222,8 @@ class Tokenizers:
         as it goes (a video: its complete frames; SVG: the code, unparsed), with a warning."""
         ids = list(ids)
         spans: list[tuple[str, str | np.ndarray]] = []
-        frames = {self.vocab.delimiters(m)[0]: m for m in FRAMED}
+        registered = [MODALITY_NAMES.index(name) for name in self.vocab.modalities]
+        frames = {self.vocab.delimiters(m)[0]: m for m in (*FRAMED, *registered)}
         i, text = 0, []
         while i < len(ids):
             if ids[i] in frames:
@@ -213,7 +234,7 @@ class Tokenizers:
                 if end == len(ids):
                     log.warning(
                         "%s span at %d has no closing id: decoded as far as it goes",
-                        modality.name.lower(),
+                        MODALITY_NAMES[modality],
                         i,
                     )
                     body = self._complete_frames(body) if modality == Modality.VIDEO else body
@@ -224,7 +245,7 @@ class Tokenizers:
                     content = self.text.decode(body)
                 else:
                     content = self._decode_span(modality, body)
-                spans.append((modality.name.lower(), content))
+                spans.append((MODALITY_NAMES[modality], content))
                 i = end + 1
             else:
                 if self.vocab.lookup(ids[i])[0] == "text":
@@ -246,7 +267,11 @@ class Tokenizers:
             return body  # no whole frame: VisualTokenizers.decode says so
         return [*body[: ends[-1]], self.vocab.special("<eov>")]
 
-    def _decode_span(self, modality: Modality, body: list[int]) -> str | np.ndarray:
+    def _decode_span(self, modality: Modality | int, body: list[int]):
+        if modality >= len(Modality):  # registered: its codes, whatever else a model put there
+            book = self.vocab.codebook(MODALITY_NAMES[modality])
+            codes = [t - book.offset for t in body if book.offset <= t < book.offset + book.size]
+            return modality_spec(book.name).decode(codes)
         if modality == Modality.DNA:
             return self.dna.decode(body, self.vocab)
         if modality == Modality.SVG:
@@ -277,10 +302,11 @@ def build_vocab(recipe: TokenizerRecipe, text: AnyTextTokenizer, dna: DnaTokeniz
     `mmfm tokenizer train` and `mmfm convert from-hf --extend-vocab`, so shards and the
     imported checkpoint share one fingerprint. A pretrained text part records its bos / eos."""
     own = text.kind == "sentencepiece" and not recipe.text.pretrained
+    delimiters, books = registered_layout(recipe.modalities)
     return Vocab.build(
         text.size,
-        recipe.task_tokens,
-        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces)],
+        [*recipe.task_tokens, *delimiters],
+        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces), *books],
         text_kind=text.kind,
         text_pieces=text.pieces(),
         text_model=text.proto,

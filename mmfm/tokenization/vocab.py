@@ -7,7 +7,9 @@ Layout, in this order:
 2. the special and delimiter tokens (`<img>`, `</img>`, `<mask>`, ..., `<sep>`, task tokens);
 3. one contiguous range per discrete codebook: image (8192, SEED), mask (1024, HiMTok),
    video (8192, LWM), then DNA (its size depends on the scheme). Image, mask and video are
-   reserved before DNA, so their tokenizers plug in later without renumbering.
+   reserved before DNA, so their tokenizers plug in later without renumbering; then the
+   codebook of each registered modality the tokenizer recipe lists (`modalities`), whose
+   delimiters follow the task tokens among the specials (`registered_layout`).
 
 Every id maps back to (kind, local code), where kind is "text", "special" or a codebook
 name. The layout is saved as JSON next to every checkpoint and prepared dataset, with its
@@ -27,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from mmfm.core.errors import TokenizerError
+from mmfm.core.modalities import MODALITY_NAMES, modality_spec
 from mmfm.core.types import Modality
 
 VOCAB_FILE = "vocab.json"
@@ -48,11 +51,32 @@ FIXED_SPECIALS = (
     "</dna_soft>",
 )
 RESERVED_CODEBOOKS = (("image", 8192), ("mask", 1024), ("video", 8192))
+BUILTIN_CODEBOOKS = ("image", "mask", "video", "dna")
 CODEBOOK_PREFIX = {"image": "img", "mask": "mask", "video": "vid", "dna": "dna"}
 
 
 class VocabError(TokenizerError):
     """A vocabulary file or id is invalid; the message says which."""
+
+
+def registered_layout(names: Sequence[str]) -> tuple[list[str], list[tuple]]:
+    """(specials, codebooks) of the registered modalities `names`, for `Vocab.build`."""
+    specs = [_registered_spec(name, "tokenizer recipe modalities") for name in names]
+    return (
+        [d for spec in specs for d in spec.delimiters],
+        [(spec.name, spec.size, spec.pieces) for spec in specs],
+    )
+
+
+def _registered_spec(name: str, where: str):
+    spec = modality_spec(name)
+    if spec is None:
+        raise VocabError(
+            f"{where} name modality {name!r}, which is not registered in this process: import "
+            "the module that registers it (register_modality) or install its mmfm.modalities "
+            "entry point"
+        )
+    return spec
 
 
 @dataclass(frozen=True)
@@ -134,9 +158,18 @@ class Vocab:
         except ValueError:
             raise VocabError(f"no special token {name!r}; have {self.specials}") from None
 
-    def delimiters(self, modality: Modality) -> tuple[int, int]:
-        start, end = DELIMITERS[modality]
+    def delimiters(self, modality: Modality | int) -> tuple[int, int]:
+        """(open, close) ids of a built-in modality or of a registered one (by id)."""
+        if modality in DELIMITERS:
+            start, end = DELIMITERS[modality]
+        else:
+            start, end = _registered_spec(MODALITY_NAMES[modality], "ids").delimiters
         return self.special(start), self.special(end)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The registered modalities this vocabulary lays out (their codebooks' names)."""
+        return tuple(b.name for b in self.codebooks if b.name not in BUILTIN_CODEBOOKS)
 
     def codebook(self, name: str) -> Codebook:
         for book in self.codebooks:
@@ -230,6 +263,7 @@ class Vocab:
             text.get("bos"),
             text.get("eos"),
         )
+        _check_registered(vocab)
         if vocab.size != data["size"]:
             raise VocabError(f"vocabulary declares size {data['size']}, its layout {vocab.size}")
         declared = data.get("fingerprint", vocab.fingerprint)  # absent in older files
@@ -252,3 +286,19 @@ class Vocab:
             raise VocabError(f"{path}: {e}") from None
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise VocabError(f"{path}: cannot read the vocabulary: {e}") from e
+
+
+def _check_registered(vocab: Vocab) -> None:
+    """Refuse a vocabulary whose registered modalities this process lacks, or has with
+    another codebook or delimiters: its ids would mean other tokens."""
+    for name in vocab.modalities:
+        spec = _registered_spec(name, "the vocabulary's codebooks")
+        book = vocab.codebook(name)
+        if (book.size, book.pieces) != (spec.size, spec.pieces) or not set(spec.delimiters) <= set(
+            vocab.specials
+        ):
+            raise VocabError(
+                f"the vocabulary's {name} codebook ({book.size} codes) or delimiters differ "
+                f"from the registered {name} modality's ({spec.size}): retrain the tokenizers "
+                "with this registration"
+            )

@@ -8,18 +8,39 @@ scalars too: they are written even when the step is not a logging step. The trai
 reduces the metrics only on the steps these callbacks report (`logging.every`,
 `logging.print_every`, the first and last step, validation steps); on the others the
 scalars are empty.
+
+Weights & Biases and MLflow (`logging.wandb`, `logging.mlflow`) get the scalars of
+metrics.jsonl at the same steps and the config; their packages are imported only when they
+are on. Their run ids are kept in `<run_dir>/trackers.json`, so a resumed run continues the
+same tracker run rather than starting a second one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
+import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from mmfm.config import Config, ConfigError
+from mmfm.config.schema import LoggingConfig, MlflowConfig, WandbConfig
+from mmfm.core.errors import LaunchError
+
 log = logging.getLogger("mmfm")
+
+TRACKERS_FILE = "trackers.json"
+"""<run_dir>/trackers.json: the W&B and MLflow run ids of this run directory."""
+
+BAR_SHOWS = "mmfm_bar_shows"
+"""Set on a log record that the progress bar already shows: `terminal_filter` keeps it out of
+the terminal (it would break the bar), train.log still gets it."""
 
 
 class Callback:
@@ -39,6 +60,16 @@ def _finite_or_none(value: float) -> float | None:
 
 def _has_validation(metrics: dict[str, float]) -> bool:
     return "val/loss" in metrics
+
+
+def _logged(step: int, every: int, metrics: dict[str, float]) -> bool:
+    """Whether metrics.jsonl, TensorBoard and the trackers log this step."""
+    return bool(metrics) and (step % every == 0 or _has_validation(metrics))
+
+
+def terminal_filter(record: logging.LogRecord) -> bool:
+    """For the terminal's log handler: drop the step lines the progress bar shows."""
+    return not getattr(record, BAR_SHOWS, False)
 
 
 class MetricsFile(Callback):
@@ -62,7 +93,7 @@ class MetricsFile(Callback):
         self.file = self.path.open("a")
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0 or _has_validation(metrics):
+        if _logged(step, self.every, metrics):
             row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -84,7 +115,7 @@ class TensorBoard(Callback):
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every == 0 or _has_validation(metrics):
+        if _logged(step, self.every, metrics):
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
 
@@ -109,7 +140,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class Progress(Callback):
-    """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+    """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; plain log lines otherwise.
+
+    The log lines of the printed steps are logged under the bar too, marked `BAR_SHOWS`:
+    train.log gets every one, the terminal none (`terminal_filter`).
+    """
 
     def __init__(self, enabled: bool, print_every: int):
         self.use_bar = enabled and sys.stderr.isatty()
@@ -134,13 +169,183 @@ class Progress(Callback):
                     shown["val/loss"] = self.last_val
                 self.bar.set_postfix_str(format_metrics(shown), refresh=False)
             self.bar.update(1)
-        elif (
-            step % self.print_every == 0
-            or step in (self.first, self.total)
-            or _has_validation(metrics)
-        ):
-            log.info("step %d/%d | %s", step, self.total, format_metrics(metrics))
+        printed = step % self.print_every == 0 or step in (self.first, self.total)
+        if "loss" in metrics and (printed or _has_validation(metrics)):
+            extra = {BAR_SHOWS: self.use_bar}
+            log.info("step %d/%d | %s", step, self.total, format_metrics(metrics), extra=extra)
 
     def on_fit_end(self) -> None:
         if self.use_bar:
             self.bar.close()
+
+
+# -- experiment trackers --------------------------------------------------------------------
+
+
+def require_trackers(cfg: LoggingConfig) -> None:
+    """Refuse, on every rank and before anything is built, a tracker whose package is missing
+    (only rank 0 logs, and a failure there alone would leave the other ranks waiting)."""
+    for name, on in (("wandb", cfg.wandb.enabled), ("mlflow", cfg.mlflow.enabled)):
+        if on and importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"logging.{name}.enabled needs the {name} package: pip install 'mmfm[{name}]', "
+                f"or set logging.{name}.enabled=false"
+            )
+
+
+def trackers(cfg: Config, run_dir: Path) -> list[Callback]:
+    """The W&B and MLflow callbacks the config turns on."""
+    found: list[Callback] = []
+    if cfg.logging.wandb.enabled:
+        found.append(WandB(cfg.logging.wandb, run_dir, cfg.logging.every, cfg))
+    if cfg.logging.mlflow.enabled:
+        found.append(MLflow(cfg.logging.mlflow, run_dir, cfg.logging.every, cfg))
+    return found
+
+
+def tracker_id(run_dir: Path, name: str) -> str | None:
+    """The run id `name` ("wandb", "mlflow") has in `run_dir`'s trackers.json, if any."""
+    path = run_dir / TRACKERS_FILE
+    return json.loads(path.read_text()).get(name) if path.is_file() else None
+
+
+def _keep_tracker_id(run_dir: Path, name: str, run_id: str) -> None:
+    path = run_dir / TRACKERS_FILE
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**ids, name: run_id}, indent=1) + "\n")
+
+
+def _run_to_continue(run_dir: Path, name: str, start_step: int) -> str | None:
+    """The tracker run a resumed run continues; a run from step 0 starts a new one (as
+    metrics.jsonl starts empty)."""
+    return tracker_id(run_dir, name) if start_step > 0 else None
+
+
+def _failing() -> bool:
+    """Whether an exception is on its way out: `on_fit_end` runs in the trainer's `finally`,
+    so a run that failed is marked failed in the tracker, not finished."""
+    return sys.exc_info()[0] is not None
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The config as MLflow params: dotted keys, scalars as text, lists and maps as JSON."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and all(isinstance(k, str) for k in node):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        else:
+            text = node if isinstance(node, str) else json.dumps(node)
+            flat[mlflow_name(prefix[:-1])] = text[:6000]  # MLflow's longest param value
+
+    walk("", dataclasses.asdict(cfg))
+    return flat
+
+
+class WandB(Callback):
+    """The scalars of metrics.jsonl, at the same steps, and the config in a W&B run; `mode`
+    offline writes it under `<run_dir>/wandb/` only."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, every: int, config: Config):
+        self.cfg, self.run_dir, self.every = cfg, run_dir, every
+        self.config = dataclasses.asdict(config)
+
+    def on_fit_start(self, start_step: int, total_steps: int) -> None:
+        import wandb
+
+        run_id = _run_to_continue(self.run_dir, "wandb", start_step)
+        try:
+            self.run = wandb.init(
+                project=self.cfg.project,
+                entity=self.cfg.entity,
+                name=self.cfg.name or self.run_dir.resolve().name,
+                tags=self.cfg.tags or None,
+                dir=str(self.run_dir),
+                mode=self.cfg.mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except wandb.errors.Error as e:
+            raise LaunchError(
+                f"logging.wandb: wandb.init failed ({e}); run `wandb login`, or set "
+                "logging.wandb.mode=offline (upload later with `wandb sync`)"
+            ) from None
+        # A resumed run may change fields (train.steps, ...): the latest config wins.
+        self.run.config.update(self.config, allow_val_change=True)
+        _keep_tracker_id(self.run_dir, "wandb", self.run.id)
+        log.info("W&B run %s (%s)", self.run.id, self.cfg.mode)
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if _logged(step, self.every, metrics):
+            self.run.log(dict(metrics), step=step)
+
+    def on_fit_end(self) -> None:
+        self.run.finish(exit_code=1 if _failing() else 0)
+
+
+def mlflow_name(name: str) -> str:
+    """A metric name MLflow's file store can keep: `loss` and `loss/text` would be a file and
+    a folder of one name, so `/` becomes `.`; characters MLflow refuses become `_`."""
+    return re.sub(r"[^\w\-. :]", "_", name.replace("/", "."))
+
+
+class MLflow(Callback):
+    """The scalars of metrics.jsonl, at the same steps (names through `mlflow_name`), and the
+    config as params in an MLflow run; by default in the file store `<run_dir>/mlruns`."""
+
+    def __init__(self, cfg: MlflowConfig, run_dir: Path, every: int, config: Config):
+        self.cfg, self.run_dir, self.every = cfg, run_dir, every
+        self.params = flat_params(config)
+        self.uri = cfg.tracking_uri or (run_dir / "mlruns").resolve().as_uri()
+
+    def on_fit_start(self, start_step: int, total_steps: int) -> None:
+        if self.uri.startswith("file:"):
+            # MLflow 3 keeps the file store in maintenance and refuses it unless asked; a
+            # local store is an offline one, so its usage telemetry stays off unless set.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self.metric, self.param = Metric, Param
+        self.client = MlflowClient(self.uri)
+        self.run_id = _run_to_continue(self.run_dir, "mlflow", start_step)
+        if self.run_id is None:
+            self.run_id = self._new_run()
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+        self._log_params()
+        _keep_tracker_id(self.run_dir, "mlflow", self.run_id)
+        log.info("MLflow run %s in %s", self.run_id, self.uri)
+
+    def _new_run(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(self.cfg.experiment)
+        )
+        name = self.cfg.run_name or self.run_dir.resolve().name
+        return self.client.create_run(experiment_id, run_name=name).info.run_id
+
+    def _log_params(self) -> None:
+        """The params the run lacks. MLflow params cannot change: a resumed run whose config
+        changed keeps the first values (the new ones are in config.yaml), with a warning."""
+        logged = self.client.get_run(self.run_id).data.params
+        changed = [k for k, v in self.params.items() if k in logged and logged[k] != v]
+        if changed:
+            log.warning("MLflow params keep their first values: %s changed", ", ".join(changed))
+        new = [self.param(k, v) for k, v in self.params.items() if k not in logged]
+        for start in range(0, len(new), 100):  # MLflow's most params per batch
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if _logged(step, self.every, metrics):
+            now = int(time.time() * 1000)
+            rows = [self.metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=rows)
+
+    def on_fit_end(self) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if _failing() else "FINISHED")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -22,12 +23,13 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from mmfm.config import Config, ConfigError, load_config, load_structured
+from mmfm.config.layout import resolve_layout
 from mmfm.config.schema import ParallelConfig, SourceConfig
 from mmfm.core.errors import DataError, InputNotFound
 from mmfm.core.types import Document, Modality
 from mmfm.data.demo import SPECIAL, TEXT_OFFSET
 from mmfm.data.shards import write_shard
-from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.env import ParallelEnv, process_ranks
 from mmfm.parallel.parallelize import parallelize
 from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
@@ -110,7 +112,7 @@ def evaluate_checkpoint(
     """Evaluate `checkpoint` on `data` (`steps` global batches, 0: a whole pass); the main
     rank prints the table and writes `json_path`."""
     checkpoint = Path(checkpoint)
-    cfg = eval_config(checkpoint, overrides)
+    cfg = resolve_layout(eval_config(checkpoint, overrides), process_ranks(os.environ)[1])
     for item in data:  # before the model is built
         if item.endswith(".txt") and not Path(item).is_file():
             raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")

@@ -18,7 +18,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from mmfm.config.schema import LossConfig
 from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch
 
-N_MODALITIES = len(MODALITY_NAMES)
 MODALITY_COLUMNS = 3
 """Per modality in `StepLoss.totals()`: unweighted CE sum, targets, weighted CE sum."""
 
@@ -30,9 +29,9 @@ def count_targets(batches: list[Batch]) -> torch.Tensor:
 
 def count_modality_targets(batches: list[Batch]) -> torch.Tensor:
     """`[n_modalities]`: targets that carry loss (weight > 0) per target modality."""
-    counts = torch.zeros(N_MODALITIES, dtype=torch.float32)
+    counts = torch.zeros(len(MODALITY_NAMES), dtype=torch.float32)
     for b in batches:
-        counts += torch.bincount(b.modality[b.loss_weights > 0], minlength=N_MODALITIES)
+        counts += torch.bincount(b.modality[b.loss_weights > 0], minlength=len(MODALITY_NAMES))
     return counts
 
 
@@ -45,8 +44,8 @@ def modality_scales(counts: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     weight 1 that is the plain mean of the modality means. Device ops only: no host sync.
     """
     if cfg.normalize == "tokens":
-        return (1 / counts.sum().clamp(min=1)).expand(N_MODALITIES)
-    assert counts.numel() == N_MODALITIES, "modality_mean needs per-modality counts"
+        return (1 / counts.sum().clamp(min=1)).expand(len(MODALITY_NAMES))
+    assert counts.numel() == len(MODALITY_NAMES), "modality_mean needs per-modality counts"
     weights = torch.tensor(
         [cfg.modality_weights.get(name, 1.0) for name in MODALITY_NAMES], device=counts.device
     )
@@ -158,7 +157,7 @@ def modality_sums(ce: torch.Tensor, batch: Batch) -> torch.Tensor:
     has_target = batch.labels != IGNORE_INDEX
     index = batch.modality[has_target]
     ce = ce[has_target].float()
-    sums = torch.zeros(N_MODALITIES, MODALITY_COLUMNS, device=ce.device)
+    sums = torch.zeros(len(MODALITY_NAMES), MODALITY_COLUMNS, device=ce.device)
     sums[:, 0].index_add_(0, index, ce)
     sums[:, 1].index_add_(0, index, torch.ones_like(ce))
     sums[:, 2].index_add_(0, index, ce * batch.loss_weights[has_target])
@@ -194,7 +193,7 @@ class StepLoss:
     def totals(self) -> torch.Tensor:
         """`[2 + 3 * n_modalities]`: the cross-entropy loss, the z-loss, then per modality
         the `modality_sums` columns (see `split_totals`)."""
-        stats = torch.zeros(2 + MODALITY_COLUMNS * N_MODALITIES, device=self.scales.device)
+        stats = torch.zeros(2 + MODALITY_COLUMNS * len(MODALITY_NAMES), device=self.scales.device)
         for ce_loss, z_loss, per_modality in self._records.values():
             stats[0] += ce_loss
             stats[1] += z_loss

@@ -9,18 +9,27 @@ from pathlib import Path
 import torch
 
 from mmfm.config import Config, ConfigError, save_config
+from mmfm.config.layout import resolve_layout
 from mmfm.config.schema import SourceConfig
 from mmfm.core.files import make_folder
 from mmfm.data.loader import build_loader
 from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
-from mmfm.parallel.env import ParallelEnv
+from mmfm.parallel.env import ParallelEnv, log_rank_table, process_ranks
 from mmfm.parallel.parallelize import parallelize
 from mmfm.prepare import dataset_vocab
 from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
-from mmfm.train.callbacks import Callback, MetricsFile, Progress, TensorBoard
+from mmfm.train.callbacks import (
+    Callback,
+    MetricsFile,
+    Progress,
+    TensorBoard,
+    require_trackers,
+    terminal_filter,
+    trackers,
+)
 from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
 from mmfm.train.evaluate import build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
@@ -40,7 +49,9 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
         handler.close()
     prefix = "" if rank == 0 else f"[rank {rank}] "
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    terminal = logging.StreamHandler()
+    terminal.addFilter(terminal_filter)  # the step lines a progress bar shows: train.log only
+    handlers: list[logging.Handler] = [terminal]
     if run_dir is not None:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     for handler in handlers:
@@ -90,11 +101,14 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     ]
     if cfg.logging.tensorboard:
         callbacks.append(TensorBoard(run_dir / "tb", cfg.logging.every))
-    return callbacks
+    return callbacks + trackers(cfg, run_dir)
 
 
 def build_trainer(cfg: Config) -> Trainer:
-    """Every component of a run, built from the config, on this process's share."""
+    """Every component of a run, built from the config, on this process's share (the layout
+    resolved for the processes started: parallel.dp_shard=-1 filled)."""
+    cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
+    require_trackers(cfg.logging)
     vocab, vocab_notes = _check_vocab(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
@@ -105,6 +119,7 @@ def build_trainer(cfg: Config) -> Trainer:
             vocab.save(run_dir / VOCAB_FILE)
     env.barrier()
     setup_logging(run_dir if env.is_main else None, env.rank)
+    log_rank_table(env)
     for note in vocab_notes:
         log.info("%s", note)
     torch.manual_seed(cfg.train.seed)
@@ -248,6 +263,8 @@ def _layout(cfg: Config) -> str:
 
 def train(cfg: Config) -> FitResult:
     """`mmfm train`: build, resume if asked, fit."""
+    if cfg.train.stages:
+        raise ConfigError("train.stages: a run of stages is trained by mmfm.train.stages")
     # Decided before build_trainer writes into the run dir.
     resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
     trainer = build_trainer(cfg)

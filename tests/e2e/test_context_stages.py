@@ -1,5 +1,6 @@
 """Context stages (launch/long_context.yaml): each stage a run that starts from the last
-one's weights and data streams, with a longer context and a larger RoPE theta."""
+one's weights and data streams, with a longer context and a larger RoPE theta; started by
+hand (train.init_from + train.init_data) or as train.stages of one run."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,9 @@ from mmfm.config import load_config
 from mmfm.core.errors import ConfigError
 from mmfm.data.loader import build_loader
 from mmfm.testing import SignalAt, read_metrics
+from mmfm.train import main as main_module
 from mmfm.train.main import build_trainer, train
+from mmfm.train.stages import stage_configs, train_stages
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "launch" / "long_context.yaml"
@@ -118,3 +121,74 @@ def test_a_stage_that_breaks_a_divisibility_rule_fails_at_start_naming_the_stage
     with pytest.raises(ConfigError) as first:  # a first stage has no stage to name
         load_config(RECIPE, ["parallel.cp=2", "data.seq_len=2050", "model.max_seq_len=2050"])
     assert "init_from" not in str(first.value)
+
+
+def _stages_run(run_dir: Path, cache, *extra: str) -> tuple[list, object]:
+    stages = [
+        "train.stages=[{steps: 1}, "
+        "{steps: 2, data.seq_len: 1024, model.max_seq_len: 1024, model.rope_theta: 1e6}, "
+        "{steps: 1, data.seq_len: 2048, model.max_seq_len: 2048, model.rope_theta: 1e7}]"
+    ]
+    base = [*TINY, f"data.cache_dir={cache}", "train.global_batch_size=2", *stages]
+    base += [f"train.run_dir={run_dir}", *extra]
+
+    def load(extra):
+        return load_config(RECIPE, [*base, *extra])
+
+    return stage_configs(load([]), load), load
+
+
+def test_stages_in_one_run_resume_mid_stage_exactly(tmp_path, demo_cache, monkeypatch):
+    straight, _ = _stages_run(tmp_path / "straight", demo_cache)
+    assert [c.data.seq_len for c in straight] == [512, 1024, 2048]
+    assert straight[2].train.init_from == str(tmp_path / "straight/stage-1/checkpoints/step_2")
+    assert train_stages(straight).step == 1
+    resumed, _ = _stages_run(tmp_path / "resumed", demo_cache)
+    real = main_module._callbacks
+
+    def stop_in_stage_two(cfg, run_dir):
+        extra = [SignalAt(1)] if Path(run_dir).name == "stage-1" else []
+        return [*real(cfg, run_dir), *extra]
+
+    monkeypatch.setattr(main_module, "_callbacks", stop_in_stage_two)
+    result = train_stages(resumed)
+    assert (result.step, result.stopped_by) == (1, "SIGUSR1")
+    assert not (tmp_path / "resumed" / "stage-2").exists()
+    monkeypatch.setattr(main_module, "_callbacks", real)
+    with pytest.raises(ConfigError, match=r"set train\.resume=auto"):
+        train_stages(resumed)  # without resume=auto a stage holding checkpoints is refused
+    again, _ = _stages_run(tmp_path / "resumed", demo_cache, "train.resume=auto")
+    assert train_stages(again).step == 1  # stage 1 skipped, stage 2 resumed at step 1
+    for k in range(3):
+        a = read_metrics(tmp_path / "straight" / f"stage-{k}")
+        b = read_metrics(tmp_path / "resumed" / f"stage-{k}")
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for x, y in zip(a, b, strict=True):
+            assert abs(x["loss"] - y["loss"]) <= 1e-6, (k, x["step"], x["loss"], y["loss"])
+        state_a = _state(tmp_path / "straight" / f"stage-{k}", len(a))
+        state_b = _state(tmp_path / "resumed" / f"stage-{k}", len(b))
+        assert state_a["loader"]["streams"] == state_b["loader"]["streams"]
+
+
+def test_a_stage_of_train_stages_that_breaks_a_rule_fails_at_start_naming_it(tmp_path):
+    bad = "train.stages=[{steps: 1}, {steps: 1, parallel.cp: 2, data.seq_len: 2050}]"
+    base = [bad, "model.max_seq_len=4096", f"train.run_dir={tmp_path}"]
+
+    def load(extra):
+        return load_config(RECIPE, [*base, *extra])
+
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.stages\[1\] \(steps=1, parallel\.cp=2.*"
+        r"data\.seq_len \(2050\) must be divisible by 2 x parallel\.cp \(4\)",
+    ):
+        stage_configs(load([]), load)
+    assert not tmp_path.joinpath("stage-0").exists()
+    for stage, match in [
+        ("{data.seq_len: 64}", r"train\.stages\[0\] needs steps"),
+        ("{steps: 2, train.run_dir: x}", r"train\.stages\[0\] sets \['train\.run_dir'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(RECIPE, [f"train.stages=[{stage}]"])
+    with pytest.raises(ConfigError, match=r"checkpoint\.at_end=true"):
+        load_config(RECIPE, ["train.stages=[{steps: 1}]", "checkpoint.at_end=false"])

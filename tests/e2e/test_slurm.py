@@ -4,7 +4,9 @@ The daemons come from Debian's packages, which .ci/run installs (this file insta
 without them the tests that need a cluster skip outside CI and fail in CI, `CI=true`), and
 run as root with a configuration under a temporary directory. The test submits a 2-task
 data-parallel job, then a longer one that gets the pre-timeout SIGUSR1 mid-run: it must
-checkpoint, requeue itself, resume and end with the loss of an uninterrupted run.
+checkpoint, requeue itself, resume and end with the loss of an uninterrupted run. The 2-task
+job also has a `--setup` line exporting a variable its training processes then read. The
+rendered script (`--setup`, `--container`, `--sbatch`) is checked without a cluster too.
 """
 
 import contextlib
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from mmfm.cli import main
 from mmfm.testing import free_port, read_metrics, tiny_shape, train_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,11 +122,14 @@ TINY = [
 
 
 def submit(env, run_dir, steps, *extra) -> str:
+    """A 2-task job; no --cpus-per-task: the tasks share what the job gets on the node."""
     cmd = [sys.executable, "-m", "mmfm", "slurm", "submit", str(REPO / "launch/demo.yaml")]
-    cmd += ["--nodes", "1", "--ntasks-per-node", "2", "--cpus-per-task", "1"]
+    cmd += ["--nodes", "1", "--ntasks-per-node", "2"]
     cmd += ["--time", "00:10:00", "parallel.dp_shard=2", *TINY, f"train.steps={steps}"]
     cmd += [f"train.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, check=True, cwd=run_dir.parent
+    )
     assert f"log: {run_dir}/slurm-" in out.stdout
     return out.stdout.split()[2]
 
@@ -143,11 +149,25 @@ def wait_until_gone(env, job, timeout=240):
 
 
 def test_two_task_job_trains_and_checkpoints(slurm, tmp_path):
+    """Also the site set-up: the `--setup` line's variable reaches the training processes
+    (rank 0 logs it with the NCCL settings and the rank table), a relative path of the recipe
+    resolves in the submit directory, and the `--sbatch` line reaches sbatch."""
     run = tmp_path / "run"
-    job = submit(slurm, run, 6)
+    site = ["--setup", "export NCCL_SOCKET_IFNAME=lo", "--sbatch", "mem=200M"]
+    job = submit(slurm, run, 6, *site, "data.cache_dir=relative-cache")
     wait_until_gone(slurm, job)
     log = (run / f"slurm-{job}.out").read_text()
     assert "2 tasks, restart 0" in log and "layout dp_shard=2" in log
+    assert "NCCL settings: NCCL_SOCKET_IFNAME=lo TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in log
+    assert (tmp_path / "relative-cache").is_dir() and not (tmp_path / "cache").exists()
+    assert "\n#SBATCH --mem=200M\n" in (run / "slurm" / "train.sbatch").read_text()
+    table = log.split("ranks (NCCL settings: ")[1].splitlines()[1:4]
+    assert table[0].split() == ["rank", "host", "device", "gpu", "dp_shard"]
+    host = socket.gethostname().split(".")[0]
+    assert [row.split() for row in table[1:]] == [
+        ["0", host, "cpu", "-", "0"],
+        ["1", host, "cpu", "-", "1"],
+    ]
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))
     assert (run / "checkpoints" / "step_6" / "train_state.json").is_file()
 
@@ -216,3 +236,53 @@ def test_dry_run_prints_the_job_and_checks_the_layout(tmp_path):
     assert f"train.run_dir={tmp_path / 'run'} train.resume=auto" in out.stdout
     bad = subprocess.run([*cmd, "parallel.dp_shard=4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "2 node(s) x 8 task(s) = 16" in bad.stderr
+
+
+def _dry_run(capsys, tmp_path, *options) -> str:
+    main(["slurm", "submit", str(REPO / "launch/demo.yaml"), "--dry-run", *options,
+          f"train.run_dir={tmp_path / 'run'}"])  # fmt: skip
+    return capsys.readouterr().out
+
+
+def test_setup_container_and_sbatch_lines_in_the_script(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    site = ["--setup", "module load cuda/12.4", "--setup", "export NCCL_IB_HCA=mlx5_0"]
+    site += ["--sbatch", "qos=high", "--sbatch", "exclusive=", "--sbatch=--constraint=a100"]
+    script = _dry_run(capsys, tmp_path, *site, "--container", "nvcr.io#nvidia/pytorch:24.05-py3")
+    assert f"\ncd {tmp_path}  #" in script and "--cpus-per-task" not in script.split("set -e")[0]
+    for line in ("--qos=high", "--exclusive", "--constraint=a100"):
+        assert f"\n#SBATCH {line}\n" in script
+    assert "set +u\nmodule load cuda/12.4\nexport NCCL_IB_HCA=mlx5_0\nset -u\n" in script
+    setup, srun = script.index("\nmodule load"), script.index("\nsrun ")
+    assert script.index(f"cd {tmp_path}") < setup < srun
+    pyxis = (
+        "--container-image='nvcr.io#nvidia/pytorch:24.05-py3' "
+        f"--container-mounts={tmp_path}:{tmp_path},{REPO / 'launch'}:{REPO / 'launch'} "
+        f"--container-workdir={tmp_path} python -m mmfm train"
+    )
+    assert pyxis in script
+    image = tmp_path / "mmfm.sif"
+    script = _dry_run(capsys, tmp_path, "--gpus-per-node", "1", "--container", str(image),
+                      "--container-mounts", "/data", "--python", "python3")  # fmt: skip
+    binds = f"{tmp_path},{REPO / 'launch'},/data"
+    assert f"apptainer exec --nv --bind {binds} --pwd {tmp_path} {image} python3 -m mmfm" in script
+    assert "#SBATCH --gpus-per-node=1" in script
+
+
+@pytest.mark.parametrize(
+    ("item", "why"),
+    [
+        ("exclusive", "write KEY=VALUE"),
+        ("m=1G", "write KEY=VALUE"),
+        ("ntasks=16", "the job's size must match the layout"),
+        ("nodes=2", "use --nodes"),
+        ("time=1:00:00", "use --time"),
+        ("output=x.out", "the template sets it"),
+        ("comment=two words", "one word"),
+    ],
+)
+def test_a_bad_sbatch_item_is_one_config_error(capsys, tmp_path, item, why):
+    with pytest.raises(SystemExit) as refused:
+        _dry_run(capsys, tmp_path, "--sbatch", item)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and why in err and item in err and len(err.splitlines()) == 1
