@@ -10,7 +10,8 @@ is measured in one run on a noisy machine; a step's time is the loader's `next_s
 scored on the same rows (a best_fit stream of the corpus with another seed): the loss after
 the same number of steps, hence the same token budget.
 
-    python bench/variable_length.py --data /tmp/vl_data/mixed [--seq-len 8192] [--steps 30]
+    python bench/variable_length.py --data /tmp/vl_data/mixed [more folders] [--seq-len 8192]
+        [--steps 30]
         [--buckets 32 8192] [--curriculum natural]
         [--json bench/results/variable_length.json] [--plot docs/x.png]
 """
@@ -38,10 +39,11 @@ def overrides(args, packing: str, run_dir: Path, seed: int = 0) -> list[str]:
         buckets.append(b)
         b *= 2
     common = [
-        f"data.paths=[{args.data}]",
+        data_override(args.data),
         f"data.seq_len={args.seq_len}",
         f"data.packing={packing}",
         f"model.max_seq_len={args.seq_len}",
+        f"model.vocab_size={vocab_size(args.data[0])}",
         f"model.dim={args.dim}",
         f"model.n_layers={args.layers}",
         "model.n_heads=4",
@@ -61,6 +63,24 @@ def overrides(args, packing: str, run_dir: Path, seed: int = 0) -> list[str]:
         common += [f"data.buckets=[{','.join(map(str, buckets))}]"]
         common += [f"data.curriculum={args.curriculum}", "data.num_cycles=1"]
     return common
+
+
+def vocab_size(folder: str) -> int:
+    """The size of the vocabulary the corpus was prepared with (its ids must fit the model:
+    the DNA and picture codebooks lie above the 32000 text ids of tokenizers/base.yaml)."""
+    return json.loads((Path(folder) / "vocab.json").read_text())["size"]
+
+
+def data_override(folders: list[str]) -> str:
+    """One prepared folder: data.paths. Several: one data.sources entry each, weighted by the
+    tokens its manifest counts (the corpus's own mix, every stream reading all of them)."""
+    if len(folders) == 1:
+        return f"data.paths=[{folders[0]}]"
+    sources = []
+    for folder in folders:
+        tokens = json.loads((Path(folder) / "manifest.json").read_text())["tokens"]
+        sources.append(f"{{name: {Path(folder).name}, paths: [{folder}], weight: {tokens}}}")
+    return f"data.sources=[{', '.join(sources)}]"
 
 
 def timed_step(trainer: Trainer, budget: int) -> dict:
@@ -88,7 +108,10 @@ def score(trainer: Trainer, rows: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a prepared dataset folder")
+    parser.add_argument(
+        "--data", required=True, nargs="+",
+        help="a prepared dataset folder, or several (one data.sources entry each, mixed by tokens)",
+    )  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--buckets", type=int, nargs=2, default=[32, 8192], metavar=("MIN", "MAX"))
     parser.add_argument("--steps", type=int, default=30)
