@@ -141,6 +141,11 @@ class HiMTokConfig:
     full_prefix: bool = False
     """Also decode every item from all its tokens each step (besides its random prefix), so
     the finest level is trained on every item, not on 1 in 2 of them."""
+    query_pool: bool = True
+    """Start each latent query from its own learned pooling of the feature grid. Learned
+    queries alone, the same for every item, read only a near-uniform average of the grid in
+    short trainings: one mean blob whatever the mask (bench/README.md). False: checkpoints
+    trained before this field."""
 
 
 class HiMTokMaskTokenizer(nn.Module):
@@ -158,6 +163,8 @@ class HiMTokMaskTokenizer(nn.Module):
         self.grid_pos = nn.Parameter(0.02 * torch.randn(grid * grid, cfg.dim))
         self.encoder = encoder(cfg.dim, cfg.encoder_layers, cfg.heads)
         self.latents = nn.Parameter(0.02 * torch.randn(cfg.tokens, cfg.dim))
+        pool = torch.randn(cfg.tokens, grid * grid) / grid if cfg.query_pool else None
+        self.query_pool = None if pool is None else nn.Parameter(pool)
         self.latent_former = decoder(cfg.dim, cfg.latent_layers, cfg.heads)
         self.quantizer = quantizer(
             cfg.quantizer, cfg.dim, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.fsq_levels
@@ -178,6 +185,8 @@ class HiMTokMaskTokenizer(nn.Module):
         f = self.stem(masks[:, None].float() * 2 - 1).flatten(2).transpose(1, 2)
         f = self.encoder(f + self.grid_pos)
         q = self.latents.expand(masks.shape[0], -1, -1)
+        if self.query_pool is not None:  # a different query per item: breaks the symmetry
+            q = q + torch.einsum("tp,bpd->btd", self.query_pool, f)
         return self.latent_former(q, f, tgt_mask=causal_mask(self.cfg.tokens, masks.device))
 
     def _logits(self, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

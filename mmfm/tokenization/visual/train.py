@@ -75,6 +75,8 @@ class VisualRecipe:
     """Crops per step."""
     lr: float = 1e-3
     """AdamW learning rate (linear warmup over min(100, steps / 10) steps, then cosine to 10%)."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this before each step (0: no clipping)."""
     checkpoint_every: int = 500
     """Save the weights every this many steps (0: only at the end)."""
     log_every: int = 50
@@ -96,6 +98,7 @@ class VisualRecipe:
         _require_choice("kind", self.kind, VISUAL_KINDS)
         _require_positive(self, "train", "steps", "batch_size", "lr", "eval_items")
         _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
         _require_positive(self, "train", "log_every")
         _require(0 <= self.min_code_usage <= 1, "min_code_usage must be in [0, 1]")
         names = [f.name for f in fields(MODELS[self.kind][1])]
@@ -215,6 +218,8 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
         result = model(as_batch(recipe.kind, sampler.sample(recipe.batch_size, accept)))
         optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         schedule.step()
         history.append(result["loss"].item())
@@ -349,6 +354,8 @@ def load_visual(path: str | Path) -> nn.Module:
             "run mmfm tokenizer train with its recipe"
         )
     cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("kind") == "himtok_mask":  # saved before the field: trained without it
+        cfg.setdefault("query_pool", False)
     model = _model(cfg.pop("kind"), cfg)
     try:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
