@@ -255,16 +255,17 @@ def test_setup_container_and_sbatch_lines_in_the_script(capsys, tmp_path, monkey
     assert "set +u\nmodule load cuda/12.4\nexport NCCL_IB_HCA=mlx5_0\nset -u\n" in script
     setup, srun = script.index("\nmodule load"), script.index("\nsrun ")
     assert script.index(f"cd {tmp_path}") < setup < srun
+    mounts = sorted(p.resolve() for p in (tmp_path, REPO / "launch"))  # wherever the clone is
     pyxis = (
         "--container-image='nvcr.io#nvidia/pytorch:24.05-py3' "
-        f"--container-mounts={tmp_path}:{tmp_path},{REPO / 'launch'}:{REPO / 'launch'} "
+        f"--container-mounts={','.join(f'{m}:{m}' for m in mounts)} "
         f"--container-workdir={tmp_path} python -m mmfm train"
     )
     assert pyxis in script
     image = tmp_path / "mmfm.sif"
     script = _dry_run(capsys, tmp_path, "--gpus-per-node", "1", "--container", str(image),
                       "--container-mounts", "/data", "--python", "python3")  # fmt: skip
-    binds = f"{tmp_path},{REPO / 'launch'},/data"
+    binds = ",".join([*map(str, mounts), "/data"])
     assert f"apptainer exec --nv --bind {binds} --pwd {tmp_path} {image} python3 -m mmfm" in script
     assert "#SBATCH --gpus-per-node=1" in script
 
