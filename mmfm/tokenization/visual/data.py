@@ -27,6 +27,7 @@ from mmfm.core.errors import TokenizerError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PILLOW_VIDEO = {".gif", ".apng", ".png", ".webp"}
+VIDEO_SUFFIXES = {".gif", ".apng", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
 MAX_PIXELS = 1 << 26
 """Default limit on the pixels of one picture or video frame (64M)."""
 
@@ -150,8 +151,11 @@ def square(image: np.ndarray, size: int, box: tuple[int, int, int] | None = None
     h, w = image.shape[:2]
     top, left, side = box or ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w))
     crop = Image.fromarray(image[top : top + side, left : left + side])
-    resample = Image.NEAREST if image.ndim == 2 else Image.BICUBIC
-    return np.array(crop.resize((size, size), resample))  # writable, unlike np.asarray
+    if image.ndim == 2:  # masks and label maps: no value between two classes
+        return np.array(crop.resize((size, size), Image.NEAREST))  # writable, unlike asarray
+    # a box reduction to within 3x of the size first: several times faster on large crops
+    # (training samples thousands of them), indistinguishable from a direct bicubic
+    return np.array(crop.resize((size, size), Image.BICUBIC, reducing_gap=3.0))
 
 
 FITS = ("crop", "letterbox")

@@ -15,7 +15,7 @@ import torch
 
 from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, Record, VideoRecord
 from mmfm.tokenization.visual import data as vdata
-from mmfm.tokenization.visual.data import PictureError
+from mmfm.tokenization.visual.data import VIDEO_SUFFIXES, PictureError
 from mmfm.tokenization.visual.train import load_visual
 from mmfm.tokenization.vocab import VocabError
 
@@ -167,9 +167,6 @@ class VisualTokenizers:
         batched its records, else the record encoded alone."""
         for ids, modality in spans if spans is not None else self.encode_many([record])[0]:
             doc.add(ids, modality)
-
-
-VIDEO_SUFFIXES = {".gif", ".apng", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
 
 
 def caption_of(path: Path, from_name: bool = True) -> str | None:

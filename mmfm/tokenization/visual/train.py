@@ -62,7 +62,8 @@ class VisualRecipe:
     data: list[str] = field(default_factory=lambda: ["real:photos"])
     """Pictures: files, directories, globs, real:<name>. Masks come from silhouettes (files
     named *horse*, black on white; SVG icons, rendered: needs cairosvg) and Otsu thresholds
-    of the others; videos' frames are read with fps / max_frames."""
+    of the others; videos' frames are read with fps / max_frames (for video, and as more
+    training pictures for seed_image)."""
     held_out: list[str] = field(default_factory=lambda: ["chelsea.png", "coffee.png", "rocket.jpg"])
     """File names kept out of training and used for the evaluation."""
     fps: float = 2.0
@@ -87,6 +88,9 @@ class VisualRecipe:
     (0.02 of 8192: 164 codes effectively in use); 0: never warn."""
     eval_items: int = 64
     """Held-out crops in the evaluation."""
+    fit_items: int = 4096
+    """Training crops a model with a fitted part (seed_image `frontend: pca`: its basis) is
+    fitted on before the first step."""
     seed: int = 0
     """Seed of the weights and the crops."""
     cache_dir: str = "~/.cache/mmfm"
@@ -96,7 +100,7 @@ class VisualRecipe:
 
     def __post_init__(self) -> None:
         _require_choice("kind", self.kind, VISUAL_KINDS)
-        _require_positive(self, "train", "steps", "batch_size", "lr", "eval_items")
+        _require_positive(self, "train", "steps", "batch_size", "lr", "eval_items", "fit_items")
         _require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         _require(self.grad_clip >= 0, "grad_clip must be >= 0 (0: no clipping)")
         _require_positive(self, "train", "log_every")
@@ -149,6 +153,9 @@ def _read(recipe: VisualRecipe, path: Path, size: int) -> list[np.ndarray]:
         if suffix in vdata.IMAGE_SUFFIXES and suffix not in {".gif", ".apng"}:
             return [vdata.read_image(path)]
         return list(vdata.read_video(path, recipe.fps, recipe.max_frames))
+    if recipe.kind == "seed_image" and suffix in vdata.VIDEO_SUFFIXES - vdata.IMAGE_SUFFIXES:
+        frames = vdata.read_video(path, recipe.fps, recipe.max_frames)  # more real pictures
+        return [f for f in frames if min(f.shape[:2]) >= size]
     if recipe.kind == "himtok_mask" and suffix == ".svg":  # icons: clean real shapes
         return [vdata.silhouette(render_svg(path.read_text(errors="replace"), 2 * size))]
     if suffix not in vdata.IMAGE_SUFFIXES:
@@ -193,6 +200,10 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
     accept = _accept(recipe.kind)
     sampler = vdata.CropSampler(train, size, seed=recipe.seed)
     eval_batch = held_out_batch(recipe, held, size)
+    if hasattr(model, "fit"):  # a frozen part fitted on training crops (not the step's crops)
+        fit_sampler = vdata.CropSampler(train, size, seed=recipe.seed + 2)
+        log.info("%s: fitting on %d training crops", recipe.kind, recipe.fit_items)
+        model.fit(as_batch(recipe.kind, fit_sampler.sample(recipe.fit_items, accept)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     warmup = max(1, min(100, recipe.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(

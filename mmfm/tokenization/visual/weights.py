@@ -82,6 +82,11 @@ def key_map(layout: str, model: nn.Module) -> dict[str, _Entry]:
             f"weights layout 'titok' maps the seed_image tokenizer only, not "
             f"{getattr(model, 'kind', type(model).__name__)}: use layout 'mmfm'"
         )
+    if model.cfg.frontend != "patches":
+        raise TokenizerError(
+            f"weights layout 'titok' maps the patch frontend only (TiTok's ViT), not frontend "
+            f"{model.cfg.frontend!r}: use layout 'mmfm' or a model with frontend: patches"
+        )
     table = dict(_TITOK_SEED)
     for i in range(model.cfg.encoder_layers):
         for part, published in _TITOK_BLOCK.items():
