@@ -302,8 +302,8 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between open
+        return False  # and read (the read then fails with ESRCH)
 
 
 @pytest.mark.parametrize("source", ["pipe:sleep 600", "good"])
