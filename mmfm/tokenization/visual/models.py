@@ -115,10 +115,14 @@ class SeedImageTokenizer(nn.Module):
             nn.init.zeros_(self.refine[2].bias)
         self.to_features = None
 
+    @property
+    def needs_fit(self) -> bool:
+        """Whether `fit` must see training crops before the first step (pca: its basis)."""
+        return self.cfg.frontend == "pca"
+
     def fit(self, images: torch.Tensor) -> None:
         """pca: fit the frozen basis on training crops `[N, 3, S, S]` (N >= components)."""
-        if self.cfg.frontend == "pca":
-            self.basis.fit(images)
+        self.basis.fit(images)
 
     @property
     def num_codes(self) -> int:

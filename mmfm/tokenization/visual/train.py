@@ -200,7 +200,7 @@ def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
     accept = _accept(recipe.kind)
     sampler = vdata.CropSampler(train, size, seed=recipe.seed)
     eval_batch = held_out_batch(recipe, held, size)
-    if hasattr(model, "fit"):  # a frozen part fitted on training crops (not the step's crops)
+    if getattr(model, "needs_fit", False):  # a frozen part fitted on training crops first
         fit_sampler = vdata.CropSampler(train, size, seed=recipe.seed + 2)
         log.info("%s: fitting on %d training crops", recipe.kind, recipe.fit_items)
         model.fit(as_batch(recipe.kind, fit_sampler.sample(recipe.fit_items, accept)))
