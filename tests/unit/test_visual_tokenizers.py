@@ -89,7 +89,8 @@ def test_training_lowers_the_loss_and_writes_files(kind, trained):
     folder, metrics = trained[kind]
     assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "eval.json"}
-    assert json.loads((folder / "eval.json").read_text()) == pytest.approx(metrics)
+    # exact: the file is json.dumps of the metrics (nested dicts: pytest.approx >= 9.1 refuses them)
+    assert json.loads((folder / "eval.json").read_text()) == json.loads(json.dumps(metrics))
     assert 1 <= metrics["perplexity"] <= metrics["codebook_size"]
 
 
