@@ -156,8 +156,9 @@ class _Threaded(_Source):
         while True:
             with contextlib.suppress(queue.Empty):
                 chunk = self._chunks.get(timeout=min(0.25, warn_every))
-                self._progress(len(chunk or b""), time.monotonic() - start)
-                return chunk
+                if chunk is None or self._progress(len(chunk), time.monotonic() - start):
+                    return chunk
+                raise ShardTimeout(self._stalled())
             if _stop_check():
                 raise Interrupted(f"stopped while waiting for shard {self.url}")
             waited = time.monotonic() - start
@@ -170,11 +171,11 @@ class _Threaded(_Source):
                 )  # fmt: skip
                 next_warning += warn_every
 
-    def _progress(self, received: int, waited: float) -> None:
-        self._window[0] += received
-        self._window[1] += waited
-        if self._window[0] >= MIN_PROGRESS:
-            self._window = [0, 0.0]
+    def _progress(self, received: int, waited: float) -> bool:
+        """Count a chunk; False when it came after the window's time ran out (a drip)."""
+        received, waited = self._window[0] + received, self._window[1] + waited
+        self._window = [0, 0.0] if received >= MIN_PROGRESS else [received, waited]
+        return received >= MIN_PROGRESS or waited < self.timeout_s
 
     def _stalled(self) -> str:
         if not self._window[0]:
@@ -529,18 +530,20 @@ def _samples(walk: _Walk) -> Iterator[dict | Damage]:
             yield from _flush(sample)
             yield walk.claims_too_much(at, name, size, left)
             return
-        if keep and size > walk.max_member:
-            yield walk.too_large(at, name, size)
-            if regular:
-                if sample.get("__key__") != key:
-                    yield from _flush(sample)
-                sample, dropped = {}, key
-            keep = False
+        too_large = keep and size > walk.max_member
+        keep = keep and not too_large
         data = walk.data(size) if keep else b"" if walk.skip(_padded(size)) else None
         if data is None:
             yield from _flush(sample)
             yield walk.truncated(walk.offset)
             return
+        if too_large:  # skipped whole: not a truncation
+            yield walk.too_large(at, name, size)
+            if regular:
+                if sample.get("__key__") != key:
+                    yield from _flush(sample)
+                sample, dropped = {}, key
+            continue
         if kind in (b"x", b"L"):
             long_name = (
                 _pax_path(data)
