@@ -412,10 +412,12 @@ class _Walk:
         return data
 
     def data(self, size: int) -> bytes | None:
-        """A member's data (its padding read past), joined once; None if cut short."""
+        """A member's data (its padding read past), joined once; None if cut short. A local
+        file's member is read in one call (its size was checked against the file's)."""
+        step = size if self.source.left() is not None else READ
         parts, left = [], size
         while left:
-            part = self.source.read(min(left, READ))
+            part = self.source.read(min(left, step))
             self.offset += len(part)
             if not part:
                 return None
