@@ -258,7 +258,11 @@ class DataConfig:
     damaged or cut shard counts the documents it lost (its manifest.json says how many)."""
     read_timeout_s: float = 300.0
     """A streamed shard (http, pipe:) that sends no byte for this long is counted
-    (`timeout_shard`) and left; a warning is logged every min(30, half of it) seconds of waiting."""
+    (`timeout_shard`) and left; a warning is logged every min(30, half of it) seconds of waiting.
+    A stream that gives fewer than 64 KiB in this much waiting (a drip) counts the same."""
+    max_member_mb: float = 256.0
+    """Largest tar member a shard may hold (in MiB, after gzip): a sample with a larger member
+    is skipped without being held and counted (`too_large`)."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "data", "seq_len", "shuffle_buffer", "pack_buffer", "prefetch")
@@ -274,6 +278,7 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
         _require(0 <= self.max_error_rate <= 1, "data.max_error_rate must be within [0, 1]")
         _require(self.read_timeout_s > 0, "data.read_timeout_s must be > 0 (seconds)")
+        _require(self.max_member_mb > 0, "data.max_member_mb must be > 0 (MiB)")
         _require(
             not (self.paths and self.sources),
             "set data.paths (one source) or data.sources (several), not both",

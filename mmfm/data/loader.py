@@ -453,6 +453,7 @@ def build_loader(
         max_error_rate=d.max_error_rate,
         vocab_size=cfg.model.vocab_size,
         read_timeout_s=d.read_timeout_s,
+        max_member=int(d.max_member_mb * 2**20),
         attention=d.attention,
         buckets=tuple(d.buckets),
         remainder=d.remainder,

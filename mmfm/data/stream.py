@@ -67,7 +67,7 @@ from mmfm.data.megatron import read_unit as read_megatron_unit
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples, shard_record
-from mmfm.data.tario import Damage, read_tar
+from mmfm.data.tario import MAX_MEMBER, Damage, read_tar
 
 log = logging.getLogger("mmfm.data")
 
@@ -141,6 +141,8 @@ class StreamSettings:
     """Token ids must lie in [0, vocab_size) (0: not checked); others are bad samples."""
     read_timeout_s: float = 300.0
     """A streamed shard that sends no byte for this long is counted (timeout_shard) and left."""
+    max_member: int = MAX_MEMBER
+    """Bytes of the largest tar member read; a sample with a larger one is `too_large`."""
     attention: str = "document"
     """Rows as documents or as one context (`data.attention`, packing.py)."""
     buckets: tuple[int, ...] = ()
@@ -371,8 +373,9 @@ def read_unit(
     """
     vocab_size = settings.vocab_size if settings else 0
     timeout_s = settings.read_timeout_s if settings else 300.0
+    max_member = settings.max_member if settings else MAX_MEMBER
     seen, damage = 0, []  # samples read (all units of the shard), damage reports
-    for item in read_tar(unit.url, timeout_s):
+    for item in read_tar(unit.url, timeout_s, max_member=max_member):
         if isinstance(item, Damage):
             damage.append(item)
             continue
@@ -412,7 +415,7 @@ def read_raw_unit(
     batch = max(1, spec.tokenize_batch)
     start = first - first % batch  # the window `first` lies in, read whole (same codes)
     seen, damage, window = 0, [], []
-    for item in read_tar(unit.url, settings.read_timeout_s, spec.members):
+    for item in read_tar(unit.url, settings.read_timeout_s, spec.members, settings.max_member):
         if isinstance(item, Damage):
             damage.append(item)
             continue
