@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from mmfm.config.schema import ModelConfig
-from mmfm.convert.hf import DTYPES, MMFM_VOCAB, _hf_weights, _read_hf_config
+from mmfm.convert.hf import (
+    DTYPES,
+    MMFM_VOCAB,
+    _check_state,
+    _check_vocab_rows,
+    _hf_weights,
+    _read_hf_config,
+)
 from mmfm.convert.keymaps import from_hf, model_config_from_hf
 from mmfm.core.errors import ConversionError
 from mmfm.generate.layout import Layout, demo_layout
@@ -76,18 +83,10 @@ def _load_hf(folder: Path, device: str) -> Transformer:
             state[mmfm_name] = tensor.float()
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
+    _check_vocab_rows(state, cfg.vocab_size, folder / "config.json")
+    _check_state(state, cfg, folder)  # before the model of the config's sizes is allocated
     model = build_model(cfg, device)
     model.to_empty(device=device)
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ConversionError(f"{folder}: weights missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ConversionError(
-                f"{folder}: {name} has shape {tuple(tensor.shape)}, the config wants "
-                f"{tuple(expected[name].shape)}"
-            )
     with torch.no_grad():
         model.load_state_dict(state)
     return model

@@ -131,6 +131,15 @@ def test_a_truncated_hf_folder_is_named(file, hf, tmp_path, capsys):
     assert str(folder / file) in line and "truncated or damaged" in line, line
 
 
+def test_an_hf_vocab_size_beyond_its_embedding_is_refused_before_allocating(hf, tmp_path, capsys):
+    folder = Path(shutil.copytree(hf, tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"vocab_size": 10**9}))
+    code, line = cli(capsys, "generate", folder, "--prompt", "a", "--out", tmp_path / "out")
+    assert code == 1 and line.startswith("mmfm: conversion error: "), line
+    assert str(folder / "config.json") in line and "vocab_size is 1000000000" in line, line
+
+
 # -- mmfm eval ------------------------------------------------------------------------------------
 
 
