@@ -223,7 +223,8 @@ def check_sources_vocab(
                 f"data source {name!r}: {found[1]} says its shards were prepared with "
                 f"vocabulary {found[0]}, but {reference[1]} is vocabulary {reference[0]}: "
                 f"their ids mean other tokens. Prepare {directory} again with the tokenizers "
-                f"of {reference[1]}, or train with the vocabulary the shards were made with"
+                f"of {reference[1]}, or use the vocabulary (and a model of it) the shards "
+                "were made with"
             )
     return notes
 
