@@ -12,7 +12,10 @@ the existing rows plus Gaussian noise of 1% of their standard deviation, seeded,
 tokens start near the "average token" without being identical. What mmfm cannot reproduce
 exactly (scaled RoPE in any spelling transformers reads, a weight with no mmfm counterpart,
 NaN/Inf values) and damaged files (truncated JSON or safetensors) are refused in one message
-naming the file, before anything is written.
+naming the file, before anything is written. No size is taken on trust: an export checks
+every weight `.metadata` lists against the model of `config.yaml` and the bytes its data
+files hold before allocating it; an import checks the types of `config.json`'s fields and
+that its `vocab_size` is the embedding's rows.
 """
 
 from __future__ import annotations

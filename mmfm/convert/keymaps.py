@@ -86,28 +86,28 @@ _REQUIRED = (
     "num_attention_heads",
 )
 _PLAIN_ROPE = (None, "default")
-# Optional fields: (the types they may have, what they must be); absent or null: the default.
+# Optional fields: (the test of a value, what it must be); absent or null: the default.
+_POSITIVE_INT = (lambda v: type(v) is int and v > 0, "a positive integer")
+_POSITIVE = (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number")
+_BOOL = (lambda v: type(v) is bool, "true or false")
 _OPTIONAL = {
-    "num_key_value_heads": ((int,), "a positive integer"),
-    "max_position_embeddings": ((int,), "a positive integer"),
-    "head_dim": ((int,), "a positive integer"),
-    "sliding_window": ((int,), "a positive integer"),
-    "rms_norm_eps": ((int, float), "a positive number"),
-    "tie_word_embeddings": ((bool,), "true or false"),
-    "use_sliding_window": ((bool,), "true or false"),
-    "attention_bias": ((bool,), "true or false"),
-    "mlp_bias": ((bool,), "true or false"),
-    "hidden_act": ((str,), "a string"),
+    "num_key_value_heads": _POSITIVE_INT,
+    "max_position_embeddings": _POSITIVE_INT,
+    "head_dim": _POSITIVE_INT,
+    "sliding_window": _POSITIVE_INT,
+    "rms_norm_eps": _POSITIVE,
+    "tie_word_embeddings": _BOOL,
+    "use_sliding_window": _BOOL,
+    "attention_bias": _BOOL,
+    "mlp_bias": _BOOL,
+    "hidden_act": (lambda v: type(v) is str, "a string"),
 }
 
 
 def _check_optional(hf: dict, source: str) -> None:
-    for key, (types, what) in _OPTIONAL.items():
+    for key, (ok, what) in _OPTIONAL.items():
         value = hf.get(key)
-        if value is None:
-            continue
-        number = types in ((int,), (int, float))
-        if type(value) not in types or (number and not 0 < value < math.inf):
+        if value is not None and not ok(value):
             raise ConversionError(
                 f"{source}: {key} is {value!r}, not {what}: the config is damaged or hand-edited "
                 "(save it again with transformers' save_pretrained)"

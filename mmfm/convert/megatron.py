@@ -18,7 +18,8 @@ which `mmfm convert megatron` writes next to the checkpoint). Every name is mapp
 the fused `linear_qkv` (per query group: its query heads, then one key, then one value head),
 the fused `linear_fc1` (gate rows, then up rows), and the norms, which torch_dist checkpoints
 of both layer specs store under Transformer Engine's names (`layer_norm_weight` folded into the
-following linear). What mmfm cannot run exactly is refused, naming the argument or weight.
+following linear). What mmfm cannot run exactly is refused, naming the argument or weight;
+so is a tensor whose size in `.metadata` its data files do not hold, before it is allocated.
 """
 
 from __future__ import annotations

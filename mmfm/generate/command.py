@@ -2,7 +2,9 @@
 
 Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`), the batch
 is generated with the KV cache under the span grammar, and every generated span is written
-to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`.
+to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`. Prompts
+that are not UTF-8, a prompt plus `--max-new-tokens` beyond the model's `max_seq_len` (the KV
+cache holds both) and an `--out` that cannot be a folder are refused before sampling.
 """
 
 from __future__ import annotations
