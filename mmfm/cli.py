@@ -588,12 +588,11 @@ def _eval_command(args: argparse.Namespace) -> None:
     import re
 
     from mmfm.config import ConfigError
-    from mmfm.train.eval_main import eval_config, evaluate_checkpoint
+    from mmfm.train.eval_main import check_json_path, eval_config, evaluate_checkpoint
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0 (0: a whole pass), got {args.steps}")
-    if args.json_path and os.path.isdir(args.json_path):
-        raise ConfigError(f"--json {args.json_path} is a directory: name a file to write")
+    check_json_path(args.json_path)
     dotted = [d for d in args.data if re.match(r"^[a-z_]+(\.[a-z_0-9]+)+=", d)]
     data = [d for d in args.data if d not in dotted]
     overrides = [*dotted, *args.overrides]

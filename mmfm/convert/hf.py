@@ -12,13 +12,17 @@ the existing rows plus Gaussian noise of 1% of their standard deviation, seeded,
 tokens start near the "average token" without being identical. What mmfm cannot reproduce
 exactly (scaled RoPE in any spelling transformers reads, a weight with no mmfm counterpart,
 NaN/Inf values) and damaged files (truncated JSON or safetensors) are refused in one message
-naming the file, before anything is written.
+naming the file, before anything is written. No size is taken on trust: an export checks
+every weight `.metadata` lists against the model of `config.yaml` and the bytes its data
+files hold before allocating it; an import checks the types of `config.json`'s fields and
+that its `vocab_size` is the embedding's rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,6 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
 from mmfm.convert.hf_tokenizer import save_hf_tokenizer
@@ -77,14 +82,55 @@ def _parse_size(text: str) -> int:
 # -- export -------------------------------------------------------------------------------------
 
 
-def _model_entries(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Name -> (shape, dtype) of the model weights stored in a DCP checkpoint."""
+def _model_entries(ckpt: Path, m: ModelConfig) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (shape, dtype) of the model weights stored in a DCP checkpoint, each checked
+    against the model of its `config.yaml` (`m`) and against the bytes its data files hold,
+    before anything of the size the `.metadata` claims is allocated."""
     metadata = SafeFileSystemReader(ckpt).read_metadata()
-    return {
+    entries = {
         key[len("model.") :]: (item.size, item.properties.dtype)
         for key, item in metadata.state_dict_metadata.items()
         if key.startswith("model.")
     }
+    model = build_model(m)  # on the meta device: shapes only
+    expected = {name: t.shape for name, t in model.state_dict().items()}  # tied: both names
+    missing = [name for name, _ in model.named_parameters() if name not in entries]
+    for name, (shape, _) in entries.items():
+        if name not in expected or shape != expected[name]:
+            want = f"{tuple(expected[name])}" if name in expected else "no such weight"
+            raise ConversionError(
+                f"{ckpt / '.metadata'}: model.{name} has shape {tuple(shape)}, but the model "
+                f"of {ckpt / CONFIG_FILE} has {want}: the checkpoint is damaged or its "
+                f"{CONFIG_FILE} belongs to another model"
+            )
+    if missing:
+        raise ConversionError(
+            f"{ckpt / '.metadata'} lacks weights of the model in {ckpt / CONFIG_FILE}: "
+            f"{missing[:5]} ({len(missing)} in all); the checkpoint is incomplete"
+        )
+    check_stored_sizes(metadata, ckpt)
+    return entries
+
+
+def check_stored_sizes(metadata: Metadata, path: Path) -> None:
+    """Refuse a tensor whose size in `.metadata` its chunks and data files do not hold (a
+    damaged or crafted claim), before a tensor of that size is allocated to read it into."""
+    stored: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        itemsize = item.properties.dtype.itemsize
+        claimed = math.prod(item.size) * itemsize
+        chunks = sum(math.prod(chunk.sizes) for chunk in item.chunks) * itemsize
+        held = min(chunks, stored.get(key, 0))
+        if claimed > held:
+            raise ConversionError(
+                f"{path / '.metadata'}: {key} claims shape {tuple(item.size)} "
+                f"({claimed} bytes), but its chunks and data files hold {held} bytes: the "
+                "checkpoint is damaged; copy it again or use another one"
+            )
 
 
 def _shards(entries: dict, dtype: torch.dtype, max_bytes: int) -> Iterator[list[str]]:
@@ -122,7 +168,7 @@ def export_hf(
     m, torch_dtype = cfg.model, DTYPES[dtype]
     arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
     _config_class(arch, m)  # refuse an impossible architecture before writing anything
-    entries = _model_entries(ckpt)
+    entries = _model_entries(ckpt, m)
     vocab = Vocab.load(ckpt / VOCAB_FILE) if (ckpt / VOCAB_FILE).is_file() else None
     if vocab is not None and vocab.size > m.vocab_size:
         raise ConversionError(
@@ -324,7 +370,8 @@ def import_hf(
     state = _import_state(hf_dir)
     if model_cfg.tie_embeddings:
         state.pop("output.weight", None)
-    _check_state(state, model_cfg, hf_dir)
+    _check_vocab_rows(state, base.vocab_size, hf_dir / "config.json")
+    _check_state(state, base, hf_dir)
     added = model_cfg.vocab_size - base.vocab_size
     for name in ("tok_embeddings.weight", "output.weight"):
         if name in state:
@@ -371,6 +418,18 @@ def _extended_vocab(base: ModelConfig, layout: str, hf_dir: Path | None = None) 
     )
 
 
+def _check_vocab_rows(state: dict, vocab_size: int, config_file: Path) -> None:
+    """The embedding (and output) rows of the weights are the config's `vocab_size`: the
+    model written has exactly the rows it was given (plus those --extend-vocab adds)."""
+    for name in ("tok_embeddings.weight", "output.weight"):
+        if name in state and state[name].shape[0] != vocab_size:
+            raise ConversionError(
+                f"{config_file}: vocab_size is {vocab_size}, but {to_hf(name)} has "
+                f"{state[name].shape[0]} rows: the config and the weights disagree (set "
+                f"vocab_size to {state[name].shape[0]}; --extend-vocab adds the modality rows)"
+            )
+
+
 def _check_state(state: dict, cfg: ModelConfig, source: Path) -> None:
 
     expected = {n: p.shape for n, p in build_model(cfg).named_parameters()}
@@ -382,11 +441,7 @@ def _check_state(state: dict, cfg: ModelConfig, source: Path) -> None:
         raise ConversionError(f"{source} has weights mmfm has no place for: {extra[:5]}")
     for name, shape in expected.items():
         have = state[name].shape
-        if name in ("tok_embeddings.weight", "output.weight"):  # may grow by --extend-vocab
-            ok = have[1:] == shape[1:] and have[0] <= shape[0]
-        else:
-            ok = have == shape
-        if not ok:
+        if have != shape:
             raise ConversionError(
                 f"{source}: {name} has shape {tuple(have)}, expected {tuple(shape)}"
             )

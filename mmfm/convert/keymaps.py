@@ -8,11 +8,12 @@ Llama code uses.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from mmfm.config.schema import ModelConfig
-from mmfm.core.errors import ConversionError
+from mmfm.core.errors import ConfigError, ConversionError
 
 # mmfm suffix inside layers.{i}. -> Hugging Face suffix inside model.layers.{i}.
 _LAYER = {
@@ -85,6 +86,32 @@ _REQUIRED = (
     "num_attention_heads",
 )
 _PLAIN_ROPE = (None, "default")
+# Optional fields: (the test of a value, what it must be); absent or null: the default.
+_POSITIVE_INT = (lambda v: type(v) is int and v > 0, "a positive integer")
+_POSITIVE = (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a positive number")
+_BOOL = (lambda v: type(v) is bool, "true or false")
+_OPTIONAL = {
+    "num_key_value_heads": _POSITIVE_INT,
+    "max_position_embeddings": _POSITIVE_INT,
+    "head_dim": _POSITIVE_INT,
+    "sliding_window": _POSITIVE_INT,
+    "rms_norm_eps": _POSITIVE,
+    "tie_word_embeddings": _BOOL,
+    "use_sliding_window": _BOOL,
+    "attention_bias": _BOOL,
+    "mlp_bias": _BOOL,
+    "hidden_act": (lambda v: type(v) is str, "a string"),
+}
+
+
+def _check_optional(hf: dict, source: str) -> None:
+    for key, (ok, what) in _OPTIONAL.items():
+        value = hf.get(key)
+        if value is not None and not ok(value):
+            raise ConversionError(
+                f"{source}: {key} is {value!r}, not {what}: the config is damaged or hand-edited "
+                "(save it again with transformers' save_pretrained)"
+            )
 
 
 def rope_of(hf: dict) -> tuple[object, float]:
@@ -122,40 +149,50 @@ def model_config_from_hf(
             f"{source} lacks a positive integer {', '.join(bad)}: not a complete "
             f"{model_type} config (save it again with transformers' save_pretrained)"
         )
+    _check_optional(hf, source)
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
 
     def refuse(why: str) -> None:
         raise ConversionError(f"{source} ({model_type}): {why}; mmfm cannot reproduce it exactly")
 
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ConversionError(
+            f"{source}: num_key_value_heads {kv_heads} does not divide num_attention_heads "
+            f"{heads}: the config is damaged or belongs to another model"
+        )
     if hf.get("head_dim") not in (None, dim // heads):
         refuse(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")
     rope_type, rope_theta = rope_of(hf)
     if rope_type not in _PLAIN_ROPE:
         refuse(f"RoPE type {rope_type!r} (rope_scaling / rope_parameters; mmfm has plain RoPE)")
-    if type(rope_theta) not in (int, float) or rope_theta <= 0:
+    if type(rope_theta) not in (int, float) or not 0 < rope_theta < math.inf:
         refuse(f"rope_theta {rope_theta!r} is not a positive number")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act is {hf['hidden_act']}, not silu")
     if hf.get("mlp_bias"):
         refuse("the MLP has biases")
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    if window is not None and window < hf.get("max_position_embeddings", 0):
+    if window is not None and window < (hf.get("max_position_embeddings") or 0):
         refuse(f"sliding_window={window} is below max_position_embeddings (mmfm attends fully)")
     qkv_bias = arch.qkv_bias
     if qkv_bias is None:
         if hf.get("attention_bias"):
             refuse("attention_bias=True also puts a bias on o_proj")
         qkv_bias = False
-    return ModelConfig(
-        vocab_size=vocab_size or hf["vocab_size"],
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
-    )
+    try:
+        return ModelConfig(
+            vocab_size=vocab_size or hf["vocab_size"],
+            dim=dim,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=kv_heads,
+            ffn_dim=hf["intermediate_size"],
+            norm_eps=float(hf.get("rms_norm_eps") or 1e-6),
+            rope_theta=float(rope_theta),
+            max_seq_len=hf.get("max_position_embeddings") or 4096,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+        )
+    except ConfigError as e:  # the sizes do not make a model: name the file, not model.*
+        raise ConversionError(f"{source} ({model_type}): {e}") from None

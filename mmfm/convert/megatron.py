@@ -18,7 +18,8 @@ which `mmfm convert megatron` writes next to the checkpoint). Every name is mapp
 the fused `linear_qkv` (per query group: its query heads, then one key, then one value head),
 the fused `linear_fc1` (gate rows, then up rows), and the norms, which torch_dist checkpoints
 of both layer specs store under Transformer Engine's names (`layer_norm_weight` folded into the
-following linear). What mmfm cannot run exactly is refused, naming the argument or weight.
+following linear). What mmfm cannot run exactly is refused, naming the argument or weight;
+so is a tensor whose size in `.metadata` its data files do not hold, before it is allocated.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
-from mmfm.convert.hf import DTYPES, _check_state, _model_entries
+from mmfm.convert.hf import DTYPES, _check_state, _model_entries, check_stored_sizes
 from mmfm.core.errors import ConversionError
 from mmfm.core.files import make_folder
 from mmfm.train import dcp_reader
@@ -368,11 +369,9 @@ def resolve_checkpoint(path: Path) -> Path:
 def read_megatron(path: Path) -> dict[str, torch.Tensor]:
     """The whole (global) model tensors of a torch_dist checkpoint, in their stored dtypes."""
     reader = MegatronReader(path)
-    shapes = {
-        k: v
-        for k, v in reader.read_metadata().state_dict_metadata.items()
-        if not _NOT_MODEL.match(k)
-    }
+    metadata = reader.read_metadata()
+    check_stored_sizes(metadata, path)
+    shapes = {k: v for k, v in metadata.state_dict_metadata.items() if not _NOT_MODEL.match(k)}
     tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in shapes.items()}
     load_tensors(tensors, reader, partial=True)
     return tensors
@@ -471,7 +470,7 @@ def export_megatron(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> P
     m = cfg.model
     if m.neftune_alpha:
         log.info("model.neftune_alpha is a training option: Megatron has no such argument")
-    entries = _model_entries(ckpt)
+    entries = _model_entries(ckpt, m)
     tensors = {name: torch.empty(shape, dtype=dt) for name, (shape, dt) in entries.items()}
     load_tensors({"model": tensors}, SafeFileSystemReader(ckpt), partial=True)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_megatron(tensors, m).items()}

@@ -17,9 +17,10 @@ the index's document (its sequences, concatenated); all of it is text, unless th
 was written by `mmfm prepare` (`format: megatron`), whose sidecar `<prefix>.spans` (an
 indexed dataset too, one item per document) gives each document's modality spans and no-loss
 spans back. Bad data is counted as in shards: a document whose bytes lie past the end of the
-`.bin` (`truncated_shard`), ids outside the vocabulary or boundaries that fall or run past
-the sequences (`bad_sample`), an empty document (`empty`); an index that cannot be read at
-all, or whose units' boundaries are out of range, is one error naming the file.
+`.bin` (`truncated_shard`), ids outside the vocabulary, boundaries that fall or run past
+the sequences or a negative sequence length (`bad_sample`), an empty document (`empty`); an
+index that cannot be read at all, whose dtype is not an integer type, or whose units'
+boundaries are out of range, is one error naming the file.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def _open(prefix: str, version: tuple):
         ends = dataset.document_indices  # the ends only: a rank reads its own documents
         if len(ends) < 1 or ends[0] != 0 or ends[-1] != len(dataset):
             raise ValueError("its document indices do not run from 0 to its sequences")
+        if not np.issubdtype(dataset.index.dtype, np.integer):  # ids read as floats: all 0
+            raise ValueError(f"its dtype code says {dataset.index.dtype.__name__}, not token ids")
     except (AssertionError, ValueError, OSError, TypeError, KeyError, OverflowError) as e:
         raise DataError(
             f"Megatron index {prefix}.idx cannot be read ({type(e).__name__}: {e}): it is "
@@ -269,6 +272,10 @@ def _tokens(dataset, index: int) -> np.ndarray:
             f"its boundaries in the index, sequences {s0}:{s1} of {len(dataset)}, fall or run "
             "past the end (a damaged .idx)",
         )
+    lengths = dataset.index.sequence_lengths[s0:s1]
+    if s1 > s0 and int(lengths.min()) < 0:
+        # megatron-core would read a length of -1 as "the rest of the .bin"
+        raise _Bad("bad_sample", "a negative sequence length in the index (a damaged .idx)")
     try:
         if s1 == s0 + 1:  # one sequence, the common case: no split
             return dataset[s0].astype(np.int64)

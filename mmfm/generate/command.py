@@ -2,7 +2,9 @@
 
 Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`), the batch
 is generated with the KV cache under the span grammar, and every generated span is written
-to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`.
+to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`. Prompts
+that are not UTF-8, a prompt plus `--max-new-tokens` beyond the model's `max_seq_len` (the KV
+cache holds both) and an `--out` that cannot be a folder are refused before sampling.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from mmfm.core.errors import ConfigError, LaunchError
+from mmfm.core.files import make_folder
 from mmfm.generate.engine import generate
 from mmfm.generate.layout import MODALITY_OF, Layout
 from mmfm.generate.load import Loaded, load_model
@@ -71,17 +75,13 @@ def run(args: GenerateArgs) -> list[dict]:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     _check_device(args.device)
+    _check_utf8(args.prompts)
     loaded = load_model(args.model, args.device, args.dtype)
     visual, sizes, num_codes = _visual(loaded, args.tokenizers)
     layout = loaded.layout(sizes, num_codes)
     prompts = [layout.prompt(text, args.modality) for text in args.prompts]
-    longest = max(len(p) for p in prompts) + args.sampling.max_new_tokens
-    if longest > loaded.model.cfg.max_seq_len:
-        log.warning(
-            "prompt + max_new_tokens = %d tokens, beyond the model's max_seq_len %d",
-            longest,
-            loaded.model.cfg.max_seq_len,
-        )
+    _check_length(max(len(p) for p in prompts), args.sampling.max_new_tokens, loaded)
+    make_folder(Path(args.out), f"--out {args.out}")  # before sampling, not after
     new: list[list[int]] = []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
@@ -102,6 +102,33 @@ def run(args: GenerateArgs) -> list[dict]:
     path = write_generations(args.out, records, all_spans)
     print(f"{path}: {len(records)} prompt(s)")
     return records
+
+
+def _check_utf8(prompts: Sequence[str]) -> None:
+    """Prompts from argv carry undecodable bytes as lone surrogates: refuse them by number."""
+    for n, text in enumerate(prompts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"--prompt {n + 1} is not valid UTF-8 (byte {text[e.start]!r} at character "
+                f"{e.start}): pass the prompt as UTF-8 text"
+            ) from None
+
+
+def _check_length(prompt: int, max_new_tokens: int, loaded: Loaded) -> None:
+    """Prompt and answer fit the model's positions: the KV cache is allocated for both."""
+    limit = loaded.model.cfg.max_seq_len
+    if prompt + max_new_tokens > limit:
+        fix = (
+            f"ask for at most {limit - prompt} new tokens"
+            if prompt < limit
+            else "shorten the prompt"
+        )
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} after a prompt of {prompt} tokens makes "
+            f"{prompt + max_new_tokens}, beyond the model's max_seq_len {limit}: {fix}"
+        )
 
 
 def _spans(prompt: list[int], new: list[int], layout: Layout) -> list[Span]:

@@ -4,15 +4,20 @@ through the explicit key map of `mmfm.convert.keymaps`), on CPU or CUDA, in fp32
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from mmfm.config.schema import ModelConfig
-from mmfm.convert.hf import DTYPES, MMFM_VOCAB
+from mmfm.convert.hf import (
+    DTYPES,
+    MMFM_VOCAB,
+    _check_state,
+    _check_vocab_rows,
+    _hf_weights,
+    _read_hf_config,
+)
 from mmfm.convert.keymaps import from_hf, model_config_from_hf
 from mmfm.core.errors import ConversionError
 from mmfm.generate.layout import Layout, demo_layout
@@ -64,31 +69,24 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> Lo
 
 
 def _load_hf(folder: Path, device: str) -> Transformer:
-    cfg: ModelConfig = model_config_from_hf(json.loads((folder / "config.json").read_text()))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"{folder} holds no *.safetensors weights")
+    """A HF folder read as `mmfm convert from-hf` reads it: a damaged config.json or
+    safetensors file is one error naming it."""
+    config = _read_hf_config(folder)
+    cfg: ModelConfig = model_config_from_hf(config, source=str(folder / "config.json"))
     state = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                mmfm_name = from_hf(name)
-                if mmfm_name is not None:
-                    state[mmfm_name] = f.get_tensor(name).float()
+    for file, name, tensor in _hf_weights(folder):
+        try:
+            mmfm_name = from_hf(name)
+        except KeyError:
+            raise ConversionError(f"{file}: weight {name!r} has no place in mmfm's model") from None
+        if mmfm_name is not None:
+            state[mmfm_name] = tensor.float()
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
+    _check_vocab_rows(state, cfg.vocab_size, folder / "config.json")
+    _check_state(state, cfg, folder)  # before the model of the config's sizes is allocated
     model = build_model(cfg, device)
     model.to_empty(device=device)
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ConversionError(f"{folder}: weights missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ConversionError(
-                f"{folder}: {name} has shape {tuple(tensor.shape)}, the config wants "
-                f"{tuple(expected[name].shape)}"
-            )
     with torch.no_grad():
         model.load_state_dict(state)
     return model

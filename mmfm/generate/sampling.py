@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,15 @@ class Sampling:
     """Classifier-free guidance: logits = uncond + cfg_scale * (cond - uncond); 1: off."""
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "cfg_scale"):  # nan/inf sample garbage or zeros
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not -(2**63) <= self.seed < 2**63:  # torch's generators take a 64-bit seed
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1]: {self.top_k}, {self.top_p}")
 

@@ -35,6 +35,7 @@ from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, CheckpointError
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
+from mmfm.train.main import check_sources_vocab
 from mmfm.train.steps import build_steps
 
 log = logging.getLogger("mmfm")
@@ -113,9 +114,11 @@ def evaluate_checkpoint(
     rank prints the table and writes `json_path`."""
     checkpoint = Path(checkpoint)
     cfg = resolve_layout(eval_config(checkpoint, overrides), process_ranks(os.environ)[1])
-    for item in data:  # before the model is built
+    check_json_path(json_path)  # before the model is built
+    for item in data:
         if item.endswith(".txt") and not Path(item).is_file():
             raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")
+    _check_data_vocab(checkpoint, data)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)
@@ -134,6 +137,35 @@ def evaluate_checkpoint(
         return result
     finally:
         env.close()
+
+
+def check_json_path(path: str | Path | None) -> None:
+    """Refuse a `--json` file that cannot be written, before anything is evaluated."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--json {path} is a directory: name a file to write")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--json {path}: cannot write it ({e.strerror}); name a file in a writable folder"
+        ) from None
+    if not existed:
+        path.unlink()
+
+
+def _check_data_vocab(checkpoint: Path, data: Sequence[str]) -> None:
+    """Held-out shards must be made with the checkpoint's vocabulary, checked as training
+    checks its sources (raw .txt files are tokenized here with the checkpoint's own)."""
+    vocab_file = checkpoint / VOCAB_FILE
+    reference = (Vocab.load(vocab_file).fingerprint, vocab_file) if vocab_file.is_file() else None
+    shards = [item for item in data if not item.endswith(".txt")]
+    for note in check_sources_vocab([SourceConfig("eval", shards)], reference) if shards else []:
+        log.info(note)
 
 
 def _report(

@@ -195,8 +195,20 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
                 f"{start / VOCAB_FILE} and prepare the data with that vocabulary"
             )
         reference = reference or (theirs, start / VOCAB_FILE)
+    sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
+    if cfg.eval.sources or cfg.eval.paths:
+        sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
+    return vocab, check_sources_vocab(sources, reference)
+
+
+def check_sources_vocab(
+    sources: list[SourceConfig], reference: tuple[str, Path] | None
+) -> list[str]:
+    """Refuse a prepared source made with another vocabulary than `reference` (fingerprint,
+    the file it is read from) or, without one, than the other sources; notes for the log on
+    sources whose vocabulary is unknown. `mmfm eval` checks its held-out data with it too."""
     notes = []
-    for name, directory in _source_dirs(cfg):
+    for name, directory in _source_dirs(sources):
         found = None if directory is None else dataset_vocab(directory)
         if found is None:
             where = directory or "built-in or remote shards"
@@ -211,9 +223,10 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
                 f"data source {name!r}: {found[1]} says its shards were prepared with "
                 f"vocabulary {found[0]}, but {reference[1]} is vocabulary {reference[0]}: "
                 f"their ids mean other tokens. Prepare {directory} again with the tokenizers "
-                f"of {reference[1]}, or train with the vocabulary the shards were made with"
+                f"of {reference[1]}, or use the vocabulary (and a model of it) the shards "
+                "were made with"
             )
-    return vocab, notes
+    return notes
 
 
 def _start_checkpoint(cfg: Config) -> Path | None:
@@ -227,13 +240,9 @@ def _start_checkpoint(cfg: Config) -> Path | None:
     return None if cfg.train.init_from is None else Path(cfg.train.init_from)
 
 
-def _source_dirs(cfg: Config) -> list[tuple[str, Path | None]]:
+def _source_dirs(sources: list[SourceConfig]) -> list[tuple[str, Path | None]]:
     """(source name, directory of its local shards; None for built-in and remote shards)
-    for every training and held-out source."""
-
-    sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
-    if cfg.eval.sources or cfg.eval.paths:
-        sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
+    for every source."""
     found: dict[tuple[str, Path | None], None] = {}
     for source in sources:
         if source.tokenize:  # raw shards: the vocabulary of the tokenizers that read them

@@ -309,3 +309,29 @@ def test_modality_sidecar_round_trip_and_damage(tmp_path):
     skips = Skips(1.0)
     assert list(mdata.read_unit(url, 1, 0, 0, skips)) == []
     assert dict(skips.counts) == {"bad_sample": 12}
+
+
+def test_a_negative_sequence_length_is_a_counted_bad_sample(tmp_path):
+    docs = lengths(6, start=1)  # documents 1..6: no split sequence (every third is split)
+    prefix = build(tmp_path / "m", {i: n for i, n in docs.items() if i % 3}, dtype=np.int32)
+    index = Path(f"{prefix}.idx")
+    raw = bytearray(index.read_bytes())
+    raw[34 + 4 * 2 : 34 + 4 * 3] = np.int32(-1).tobytes()  # sequence 2: length -1
+    index.write_bytes(bytes(raw))
+    skips = Skips(0.5)
+    (url,) = mdata.unit_urls([prefix])
+    got = [len(d.tokens) for _, d in mdata.read_unit(url, 1, 0, 0, skips)]
+    # megatron-core reads a length of -1 as "the rest of the .bin": one document of all of it
+    assert got == [docs[i] for i in (1, 2, 5)] and dict(skips.counts) == {"bad_sample": 1}
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("code", [6, 7], ids=["float64", "float32"])
+def test_a_float_dtype_code_is_refused(code, tmp_path):
+    prefix = build(tmp_path / "m", lengths(10), dtype=np.int32)
+    index = Path(f"{prefix}.idx")
+    raw = bytearray(index.read_bytes())
+    raw[17] = code  # the header's dtype code: token ids read as floats are all 0
+    index.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"m\.idx cannot be read .*float.* not token ids"):
+        mdata.unit_urls([prefix])

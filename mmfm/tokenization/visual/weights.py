@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -123,7 +124,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: not a safetensors or weights-only torch file (it pickles objects other "
             f"than tensors, which could run code): convert it to safetensors where it was made"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, SafetensorError) as e:
         raise TokenizerError(
             f"{path}: not a safetensors or weights-only torch file ({type(e).__name__}): "
             f"save a flat dict of tensors with safetensors"
