@@ -108,7 +108,7 @@ def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share (the layout
     resolved for the processes started: parallel.dp_shard=-1 filled)."""
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
-    require_trackers(cfg.logging)
+    require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
