@@ -113,6 +113,9 @@ def render(template: Path, values: dict[str, object]) -> str:
     missing = sorted(set(_PLACEHOLDER.findall(text)) - set(values))
     if missing:
         raise ConfigError(f"{template}: no value for placeholder(s) {missing}")
+    # Values are checked where they come in, naming their option; only these hold lines.
+    lines = ("extra_sbatch", "setup")
+    assert all(str(v).isprintable() for k, v in values.items() if k not in lines), values
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
