@@ -94,7 +94,8 @@ def test_metrics_jsonl_on_a_full_disk_is_one_error_and_closing_it_raises_nothing
 
 
 def test_a_full_disk_under_mmfm_train_ends_as_one_line(tmp_path, capsys, monkeypatch, demo_cache):
-    """`metrics.jsonl` on /dev/full: the flush raises ENOSPC, and again when closed."""
+    """`metrics.jsonl` and `train.log` on /dev/full: each flush raises ENOSPC, and again when
+    the file is closed; the log says so in one warning line, the metrics stop the run."""
     start = MetricsFile.on_fit_start
 
     def on_full_disk(self, start_step, total_steps):
@@ -109,9 +110,12 @@ def test_a_full_disk_under_mmfm_train_ends_as_one_line(tmp_path, capsys, monkeyp
     tiny += ["logging.tensorboard=false", "logging.progress=false", "checkpoint.every=0"]
     tiny += ["checkpoint.at_end=false", f"data.cache_dir={demo_cache}"]
     demo = Path(__file__).resolve().parents[2] / "launch/demo.yaml"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.log").symlink_to("/dev/full")
     with pytest.raises(SystemExit) as stop:
         main(["train", str(demo), *tiny, f"train.run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
-    assert stop.value.code == 3 and "Traceback" not in err, err
+    assert stop.value.code == 3 and "Traceback" not in err and "Logging error" not in err, err
+    assert err.count("train.log (") == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("mmfm: environment error:") and "metrics.jsonl" in last, err
