@@ -66,7 +66,7 @@ def template_path(name: str, template: str | None = None) -> Path:
     )
 
 
-def one_line(option: str, value: str) -> str:
+def _one_line(option: str, value: str) -> str:
     """`value` for a (quoted) shell line of a job script: refused with a line break or another
     control character, which no quoting keeps inside a `#SBATCH` comment."""
     if not value.isprintable():
@@ -78,7 +78,7 @@ def one_line(option: str, value: str) -> str:
 
 
 def _sbatch_value(option: str, value: str, allowed: re.Pattern, form: str) -> str:
-    if not allowed.fullmatch(one_line(option, value)):
+    if not allowed.fullmatch(_one_line(option, value)):
         raise ConfigError(f"{option} {value!r}: {form}")
     return value
 
@@ -99,7 +99,7 @@ def _log_dir(option: str, path: Path) -> str:
 
 def _job_name(prefix: str, option: str, name: str) -> str:
     """A job name is a label: characters sbatch would split at become `_`."""
-    return prefix + _JOB_NAME_UNSAFE.sub("_", one_line(option, name))
+    return prefix + _JOB_NAME_UNSAFE.sub("_", _one_line(option, name))
 
 
 def _count(option: str, value: object) -> int:
@@ -145,7 +145,7 @@ def sbatch_lines(items: Sequence[str]) -> list[str]:
             )
         if key in _OWNED_KEYS:
             raise ConfigError(f"--sbatch {item!r}: {key} is not passed through: {_OWNED_KEYS[key]}")
-        if not _SBATCH_VALUE.fullmatch(one_line("--sbatch", value)):
+        if not _SBATCH_VALUE.fullmatch(_one_line("--sbatch", value)):
             raise ConfigError(
                 f"--sbatch {item!r}: the value must be one word, without spaces, quotes or "
                 "backslashes (letters, digits and _ @ % + = : , . / ~ * & | ! [ ] -)"
@@ -164,11 +164,11 @@ def _site_values(
     workdir = Path.cwd()
     for option in ("container", "container_mounts", "python"):
         if getattr(site, option) is not None:
-            one_line(f"--{option.replace('_', '-')}", getattr(site, option))
+            _one_line(f"--{option.replace('_', '-')}", getattr(site, option))
     return {
         "extra_sbatch": "\n".join(lines),
         "setup": _setup_block(site.setup),
-        "workdir": shlex.quote(one_line("the directory of the submission", str(workdir))),
+        "workdir": shlex.quote(_one_line("the directory of the submission", str(workdir))),
         "launch": _launch(site, [workdir, *mounts], gpus),
         "python": shlex.quote(site.python or sys.executable),
     }
@@ -178,7 +178,7 @@ def _setup_block(setup: Sequence[str]) -> str:
     """The `--setup` lines: shell the user writes, one line each, and no `#SBATCH` line
     (sbatch options go through `--sbatch`, which checks them)."""
     for line in setup:
-        if one_line("--setup", line).lstrip().upper().startswith("#SBATCH"):
+        if _one_line("--setup", line).lstrip().upper().startswith("#SBATCH"):
             raise ConfigError(f"--setup {line!r}: pass sbatch options as --sbatch KEY=VALUE")
     if not setup:
         return ""
@@ -224,7 +224,7 @@ def _resources(cpus: int | None, partition: str | None, account: str | None) -> 
 
 
 def _shell_words(option: str, words: Sequence[str]) -> str:
-    return " ".join(shlex.quote(one_line(option, w)) for w in words)
+    return " ".join(shlex.quote(_one_line(option, w)) for w in words)
 
 
 def _sbatch(script: Path) -> str:
