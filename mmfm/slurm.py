@@ -320,8 +320,6 @@ def submit_prepare(
     old one are removed here (not in a dry run), not by tasks racing each other."""
     prep = load_prepare_recipe(recipe, overrides)
     out = Path(prep.output).resolve()
-    if not (dry_run and overwrite):  # a dry run removes nothing
-        check_output(prep, overwrite)
     script = render(
         template_path("prepare.sbatch", template),
         {
@@ -340,6 +338,8 @@ def submit_prepare(
             "overrides": _shell_words("override", overrides),
         },
     )
+    if not (dry_run and overwrite):  # after every value is checked; a dry run removes nothing
+        check_output(prep, overwrite)
     return _write_and_submit(script, out / "slurm" / "prepare.sbatch", dry_run, out, "%A_0")
 
 
