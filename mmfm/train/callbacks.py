@@ -83,11 +83,22 @@ def terminal_filter(record: logging.LogRecord) -> bool:
     return not getattr(record, BAR_SHOWS, False)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None
+
+
 class MetricsFile(Callback):
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`.
 
     On resume, lines of steps after the checkpoint (written before an interruption) are
-    dropped so that the file holds each step once.
+    dropped so that the file holds each step once, and so is a line a crash or a full disk
+    cut short.
     """
 
     def __init__(self, path: Path, every: int):
@@ -95,11 +106,8 @@ class MetricsFile(Callback):
 
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step
-            ]
+            steps = [(line, _step_of(line)) for line in self.path.read_text().splitlines()]
+            kept = [line for line, step in steps if step is not None and step <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
 

@@ -8,6 +8,7 @@ code. The trackers run offline: W&B in offline mode, MLflow in the local file st
 """
 
 import errno
+import json
 import socket
 import time
 from pathlib import Path
@@ -91,6 +92,16 @@ def test_metrics_jsonl_on_a_full_disk_is_one_error_and_closing_it_raises_nothing
         raise full.value
     except LaunchError:
         metrics.on_fit_end()  # in the trainer's `finally`, with the error on its way out
+
+
+def test_a_resume_drops_a_line_cut_by_a_crash_or_a_full_disk(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    metrics = MetricsFile(path, every=1)
+    metrics.on_fit_start(2, 4)
+    metrics.on_step_end(3, {"loss": 1.0})
+    metrics.on_fit_end()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_a_full_disk_under_mmfm_train_ends_as_one_line(tmp_path, capsys, monkeypatch, demo_cache):
