@@ -5,7 +5,10 @@ training job runs one task per GPU and resumes itself: the script passes a fixed
 `train.resume=auto`, the trainer checkpoints on the pre-timeout SIGUSR1 (or SIGTERM) and then
 asks SLURM to requeue the job (`requeue_after_stop`), which resumes from that checkpoint.
 Every job script `cd`s to the directory it was submitted from and runs the site's own set-up
-(`Site`: sbatch lines, shell lines, a pyxis or apptainer container) before `srun`.
+(`Site`: sbatch lines, shell lines, a pyxis or apptainer container) before `srun`. Every
+value rendered into a script is checked first: none may hold a control character (a line
+break would end a `#SBATCH` comment and run what follows), values of `#SBATCH` lines keep to
+the characters sbatch reads as one word, and shell-line values are quoted.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from mmfm.prepare import check_output, load_prepare_recipe
 log = logging.getLogger("mmfm")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]+")
+# What a value of a `#SBATCH` line may hold: sbatch splits these lines at blanks and reads
+# quotes and backslashes itself, and `%` in --output is one of its file-name patterns.
+_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+_NAMES = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+_SBATCH_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./~*&|!\[\]-]*")
+_LOG_DIR = re.compile(r"[\w@+=:,./-]+")
+_JOB_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 # sbatch options that `--sbatch` may not set, and what sets them instead.
 _LAYOUT = "the job's size must match the layout the config was checked against: use --nodes, "
 _LAYOUT += "--ntasks-per-node, --gpus-per-node (--parts for prepare)"
@@ -56,11 +66,56 @@ def template_path(name: str, template: str | None = None) -> Path:
     )
 
 
+def _one_line(option: str, value: str) -> str:
+    """`value` for a (quoted) shell line of a job script: refused with a line break or another
+    control character, which no quoting keeps inside a `#SBATCH` comment."""
+    if not value.isprintable():
+        raise ConfigError(
+            f"{option} {value!r}: a line break, tab or other control character cannot go "
+            "into a job script: remove it"
+        )
+    return value
+
+
+def _sbatch_value(option: str, value: str, allowed: re.Pattern, form: str) -> str:
+    if not allowed.fullmatch(_one_line(option, value)):
+        raise ConfigError(f"{option} {value!r}: {form}")
+    return value
+
+
+def _time(time: str) -> str:
+    form = "write a SLURM time limit: MM, HH:MM:SS, D-HH or D-HH:MM:SS"
+    return _sbatch_value("--time", time, _TIME, form)
+
+
+def _log_dir(option: str, path: Path) -> str:
+    """`path` for `#SBATCH --output=`, where no quoting helps: word characters only."""
+    form = (
+        "the job writes its log there (#SBATCH --output), which takes letters, digits and "
+        "_ @ + = : , . / - only: choose a path without blanks, quotes or %"
+    )
+    return _sbatch_value(option, str(path), _LOG_DIR, form)
+
+
+def _job_name(prefix: str, option: str, name: str) -> str:
+    """A job name is a label: characters sbatch would split at become `_`."""
+    return prefix + _JOB_NAME_UNSAFE.sub("_", _one_line(option, name))
+
+
+def _count(option: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{option} {value!r}: give a whole number")
+    return value
+
+
 def render(template: Path, values: dict[str, object]) -> str:
     text = template.read_text()
     missing = sorted(set(_PLACEHOLDER.findall(text)) - set(values))
     if missing:
         raise ConfigError(f"{template}: no value for placeholder(s) {missing}")
+    # Values are checked where they come in, naming their option; only these hold lines.
+    lines = ("extra_sbatch", "setup")
+    assert all(str(v).isprintable() for k, v in values.items() if k not in lines), values
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
@@ -90,8 +145,11 @@ def sbatch_lines(items: Sequence[str]) -> list[str]:
             )
         if key in _OWNED_KEYS:
             raise ConfigError(f"--sbatch {item!r}: {key} is not passed through: {_OWNED_KEYS[key]}")
-        if re.search(r"\s", value):
-            raise ConfigError(f"--sbatch {item!r}: the value must be one word, without spaces")
+        if not _SBATCH_VALUE.fullmatch(_one_line("--sbatch", value)):
+            raise ConfigError(
+                f"--sbatch {item!r}: the value must be one word, without spaces, quotes or "
+                "backslashes (letters, digits and _ @ % + = : , . / ~ * & | ! [ ] -)"
+            )
         lines.append(f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}")
     return lines
 
@@ -104,16 +162,24 @@ def _site_values(
     lines = [f"#SBATCH --{k}={v}" for k, v in sbatch.items() if v]
     lines += sbatch_lines(site.sbatch)
     workdir = Path.cwd()
+    for option in ("container", "container_mounts", "python"):
+        if getattr(site, option) is not None:
+            _one_line(f"--{option.replace('_', '-')}", getattr(site, option))
     return {
         "extra_sbatch": "\n".join(lines),
         "setup": _setup_block(site.setup),
-        "workdir": shlex.quote(str(workdir)),
+        "workdir": shlex.quote(_one_line("the directory of the submission", str(workdir))),
         "launch": _launch(site, [workdir, *mounts], gpus),
         "python": shlex.quote(site.python or sys.executable),
     }
 
 
 def _setup_block(setup: Sequence[str]) -> str:
+    """The `--setup` lines: shell the user writes, one line each, and no `#SBATCH` line
+    (sbatch options go through `--sbatch`, which checks them)."""
+    for line in setup:
+        if _one_line("--setup", line).lstrip().upper().startswith("#SBATCH"):
+            raise ConfigError(f"--setup {line!r}: pass sbatch options as --sbatch KEY=VALUE")
     if not setup:
         return ""
     # Module and conda scripts read unset variables: `set -u` would end the job in them.
@@ -147,7 +213,18 @@ def _outermost(paths: Sequence[Path]) -> list[str]:
 
 
 def _resources(cpus: int | None, partition: str | None, account: str | None) -> dict:
+    """The `#SBATCH` lines of --cpus-per-task, --partition and --account, checked."""
+    if cpus is not None:
+        _count("--cpus-per-task", cpus)
+    names = "write SLURM names: letters, digits, _ . - (partitions: comma-separated)"
+    for option, value in (("--partition", partition), ("--account", account)):
+        if value is not None:
+            _sbatch_value(option, value, _NAMES, names)
     return {"cpus-per-task": cpus, "partition": partition, "account": account}
+
+
+def _shell_words(option: str, words: Sequence[str]) -> str:
+    return " ".join(shlex.quote(_one_line(option, w)) for w in words)
 
 
 def _sbatch(script: Path) -> str:
@@ -188,20 +265,23 @@ def submit(
     script = render(
         template_path("train.sbatch", template),
         {
-            "job_name": f"mmfm-{run_dir.name}",
-            "nodes": nodes,
-            "ntasks_per_node": tasks,
-            "time": time,
-            "signal_seconds": signal_seconds,
+            "job_name": _job_name("mmfm-", "train.run_dir", run_dir.name),
+            "nodes": _count("--nodes", nodes),
+            "ntasks_per_node": _count("--ntasks-per-node", tasks),
+            "time": _time(time),
+            "signal_seconds": _count("--signal-seconds", signal_seconds),
             **_site_values(
                 site,
-                {"gpus-per-node": gpus_per_node, **_resources(cpus_per_task, partition, account)},
+                {
+                    "gpus-per-node": _count("--gpus-per-node", gpus_per_node),
+                    **_resources(cpus_per_task, partition, account),
+                },
                 [run_dir, Path(recipe).resolve().parent],
                 gpus=bool(gpus_per_node) or any("gpu" in item for item in site.sbatch),
             ),
-            "run_dir": shlex.quote(str(run_dir)),
-            "recipe": shlex.quote(str(Path(recipe).resolve())),
-            "overrides": " ".join(shlex.quote(o) for o in kept),
+            "run_dir": _log_dir("train.run_dir", run_dir),
+            "recipe": _shell_words("recipe", [str(Path(recipe).resolve())]),
+            "overrides": _shell_words("override", kept),
         },
     )
     filled = load_config(recipe, overrides).parallel.dp_shard == -1
@@ -240,26 +320,26 @@ def submit_prepare(
     old one are removed here (not in a dry run), not by tasks racing each other."""
     prep = load_prepare_recipe(recipe, overrides)
     out = Path(prep.output).resolve()
-    if not (dry_run and overwrite):  # a dry run removes nothing
-        check_output(prep, overwrite)
     script = render(
         template_path("prepare.sbatch", template),
         {
-            "job_name": f"mmfm-prepare-{prep.name}",
-            "last_task": parts - 1,
+            "job_name": _job_name("mmfm-prepare-", f"name in {recipe}", prep.name),
+            "last_task": _count("--parts", parts) - 1,
             "parts": parts,
-            "time": time,
-            "log_dir": shlex.quote(str(out)),
+            "time": _time(time),
+            "log_dir": _log_dir(f"output in {recipe}", out),
             **_site_values(
                 site,
                 _resources(cpus_per_task, partition, account),
                 [out, Path(recipe).resolve().parent],
                 gpus=False,
             ),
-            "recipe": shlex.quote(str(Path(recipe).resolve())),
-            "overrides": " ".join(shlex.quote(o) for o in overrides),
+            "recipe": _shell_words("recipe", [str(Path(recipe).resolve())]),
+            "overrides": _shell_words("override", overrides),
         },
     )
+    if not (dry_run and overwrite):  # after every value is checked; a dry run removes nothing
+        check_output(prep, overwrite)
     return _write_and_submit(script, out / "slurm" / "prepare.sbatch", dry_run, out, "%A_0")
 
 
@@ -276,19 +356,21 @@ def submit_convert(
     site: Site = Site(),
 ) -> str | None:
     out_dir = Path(out).resolve()
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
     script = render(
         template_path("convert.sbatch", template),
         {
-            "job_name": f"mmfm-convert-{out_dir.name}",
-            "time": time,
-            "log_dir": shlex.quote(str(out_dir)),
+            "job_name": _job_name("mmfm-convert-", "OUT", out_dir.name),
+            "time": _time(time),
+            "log_dir": _log_dir("OUT", out_dir),
             **_site_values(
                 site,
                 _resources(cpus_per_task, partition, account),
                 [out_dir, Path(checkpoint).resolve()],
                 gpus=False,
             ),
-            "checkpoint": shlex.quote(str(Path(checkpoint).resolve())),
+            "checkpoint": _shell_words("CHECKPOINT", [str(Path(checkpoint).resolve())]),
             "out": shlex.quote(str(out_dir)),
             "dtype": dtype,
         },

@@ -3,6 +3,10 @@
 Keys are checked against the dataclass tree before OmegaConf merges them, so a typo fails
 with the closest valid key instead of OmegaConf's bare `ConfigKeyError`. Values are
 type-checked by OmegaConf; cross-field rules live in the dataclasses' `__post_init__`.
+
+`${oc.env:VAR}` is refused in recipes and overrides: the resolved config is saved
+(`config.yaml`, checkpoints, logs, tracker params), so it would copy environment values such
+as tokens into every copy of the run. `MMFM_ALLOW_OC_ENV=1` allows it, values saved included.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import os
+import re
 import textwrap
 import typing
 from collections.abc import Iterator, Sequence
@@ -21,6 +27,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.resolvers import oc
 
 from mmfm.config.layout import explain, resolve_layout
 from mmfm.config.schema import Config, LayoutError
@@ -34,10 +41,41 @@ def _now(fmt: str = "%Y%m%d-%H%M%S") -> str:
     return datetime.now().strftime(fmt)
 
 
+# omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
+_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
 if not OmegaConf.has_resolver("now"):
-    # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
-    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     _register("now", _now, use_cache=True)
+
+
+ENV_OPT_IN = "MMFM_ALLOW_OC_ENV"
+_ENV_REFERENCE = re.compile(r"\$\{\s*oc\.env\s*:")
+_ENV_REFUSED = (
+    "reads an environment variable (${oc.env:...}), whose value would be saved in config.yaml, "
+    f"checkpoints, logs and trackers: write the value itself, or set {ENV_OPT_IN}=1 to allow it"
+)
+
+
+def _env(*args: Any) -> Any:
+    """`oc.env` only with the opt-in: the guard behind `_refuse_env` for any reference it
+    did not see in the text."""
+    if os.environ.get(ENV_OPT_IN) != "1":
+        raise ConfigError(f"the config {_ENV_REFUSED}")
+    return oc.env(*args)
+
+
+_register("oc.env", _env, replace=True, use_cache=False)
+
+
+def _refuse_env(node: Any, origin: str, prefix: str = "") -> None:
+    if os.environ.get(ENV_OPT_IN) == "1":
+        return
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict | list):
+            _refuse_env(value, origin, dotted + ".")
+        elif isinstance(value, str) and _ENV_REFERENCE.search(value):
+            raise ConfigError(f"{origin}: {dotted} {_ENV_REFUSED}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -128,6 +166,7 @@ def load_structured(
 
     merged = OmegaConf.structured(root)
     for layer, origin in layers:
+        _refuse_env(_as_container(layer), origin)
         _check_keys(_as_container(layer), root, "", origin, root)
         try:
             merged = OmegaConf.merge(merged, layer)

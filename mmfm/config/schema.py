@@ -589,10 +589,16 @@ class WandbConfig:
     """online: stream to the server (needs `wandb login`); offline: write the run under
     <run_dir>/wandb/ only, never contacting a server (upload it later with `wandb sync`)."""
     tags: list[str] = field(default_factory=list)
-    """Tags of the W&B run."""
+    """Tags of the W&B run, 1 to 64 characters each (W&B's limit)."""
 
     def __post_init__(self) -> None:
         _require_choice("logging.wandb.mode", self.mode, WANDB_MODES)
+        for tag in self.tags:
+            _require(
+                1 <= len(tag) <= 64,
+                f"logging.wandb.tags: a tag of {len(tag)} characters ({tag[:20]!r}); "
+                "W&B takes 1 to 64",
+            )
 
 
 @dataclass

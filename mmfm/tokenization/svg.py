@@ -5,9 +5,12 @@ Parsing uses `defusedxml`: entity declarations (billion laughs) and external ent
 refused before anything is expanded or read, and files over `max_kb` are refused unread.
 Sanitising (unless `keep_unsafe`) drops what a browser would run or fetch: `<script>` (and
 SVG Tiny `<handler>` / `<listener>`), `on*` event handlers, `<foreignObject>`, animations
-that set an `href` or a handler, `javascript:` values, and every reference that is not a
-`#fragment` of the file itself (`href`, `xlink:href`, `src`, `url(...)` in attributes and
-style, `<style>` sheets with `@import` or such a `url`), `data:` URLs included: they embed
+that set a reference or a handler, `javascript:` values, and every reference that is not a
+`#fragment` of the file itself, whatever the element: `href`, `xlink:href`, `src` and the
+other attributes that hold one (`data` of `<object>`, `poster`, `srcset`, `action`,
+`xml:base`, ...), any attribute whose value is an absolute URL, `url(...)` and CSS
+`image-set(...)` in attributes and style, `<style>` sheets with `@import` or such a
+reference; `data:` URLs included: they embed
 base64 blobs (or whole documents with scripts) that are no SVG code to learn from. What is
 dropped is counted by kind (`removed`). Normalisation drops comments, processing
 instructions, `<metadata>`, editor namespaces (Inkscape, Sodipodi, Illustrator, RDF, ...)
@@ -56,6 +59,16 @@ _SCRIPT_TAGS = {"script", "handler", "listener"}
 _ANIMATION_TAGS = {"animate", "set", "animateColor", "animateMotion", "animateTransform"}
 _URL = re.compile(r"url\(\s*(['\"]?)(.*?)\1\s*\)", re.IGNORECASE | re.DOTALL)
 _SCRIPT_URL = re.compile(r"(?:java|vb)script\s*:", re.IGNORECASE)
+# Attributes (of SVG, or of HTML elements a browser may meet in one) whose value is a URL.
+_URL_ATTRS = {
+    "href", "src", "data", "poster", "srcset", "action", "formaction", "background", "cite",
+    "codebase", "archive", "classid", "longdesc", "lowsrc", "dynsrc", "usemap", "manifest",
+    "icon", "ping", "profile", "base",  # xml:base
+}  # fmt: skip
+# A value of any other attribute that names a resource by scheme or host.
+_ABSOLUTE_URL = re.compile(r"\s*(?:(?:[a-z][a-z0-9+.-]*:)?//|(?:data|file):)", re.IGNORECASE)
+# CSS image-set() takes bare strings as URLs, not only url(...).
+_IMAGE_SET = re.compile(r"image-set\(", re.IGNORECASE)
 
 
 class SvgError(TokenizerError):
@@ -142,7 +155,10 @@ def _external(value: str) -> str | None:
 
 
 def _unsafe_urls(value: str) -> str | None:
-    """Why a value holding url(...) is unsafe (the first reason), None if none is."""
+    """Why a value holding url(...) or image-set(...) is unsafe (the first reason), None if
+    none is."""
+    if _IMAGE_SET.search(value):
+        return "external_reference"
     return next(filter(None, (_external(m.group(2)) for m in _URL.finditer(value))), None)
 
 
@@ -187,7 +203,7 @@ class _Writer:
         """Whether a child element is unsafe as a whole (counted)."""
         target = el.get("attributeName", "").split(":")[-1].lower()
         if local in _SCRIPT_TAGS or (
-            local in _ANIMATION_TAGS and (target in ("href", "src") or target.startswith("on"))
+            local in _ANIMATION_TAGS and (target in _URL_ATTRS or target.startswith("on"))
         ):
             why = "script"
         elif local == "foreignObject":
@@ -205,7 +221,7 @@ class _Writer:
         """The attribute value without what is unsafe in it (counted); None to drop it."""
         if name.lower().startswith("on"):
             why = "event_handler"
-        elif name in ("href", "src"):
+        elif name.lower() in _URL_ATTRS:
             why = _external(value)
         elif _SCRIPT_URL.search(value):
             why = "script"
@@ -218,7 +234,7 @@ class _Writer:
                     kept.append(declaration)
             return ";".join(kept) if any(d.strip() for d in kept) else None
         else:
-            why = _unsafe_urls(value)
+            why = _unsafe_urls(value) or (_external(value) if _ABSOLUTE_URL.match(value) else None)
         if why:
             self.removed[why] += 1
             return None

@@ -13,6 +13,11 @@ Weights & Biases and MLflow (`logging.wandb`, `logging.mlflow`) get the scalars 
 metrics.jsonl at the same steps and the config; their packages are imported only when they
 are on. Their run ids are kept in `<run_dir>/trackers.json`, so a resumed run continues the
 same tracker run rather than starting a second one.
+
+What the run dir, the trackers or the disk refuse ends as one `MmfmError`: a damaged
+trackers.json (checked at start-up), an MLflow server that does not answer (probed at
+start-up, before MLflow's minutes of retries), a tracker error, or metrics.jsonl on a full
+disk. A callback's `on_fit_end` raises nothing while another error is on its way out.
 """
 
 from __future__ import annotations
@@ -24,19 +29,25 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mmfm.config import Config, ConfigError
 from mmfm.config.schema import LoggingConfig, MlflowConfig, WandbConfig
-from mmfm.core.errors import LaunchError
+from mmfm.core.errors import LaunchError, TrainingError
 
 log = logging.getLogger("mmfm")
 
 TRACKERS_FILE = "trackers.json"
 """<run_dir>/trackers.json: the W&B and MLflow run ids of this run directory."""
+
+CONNECT_TIMEOUT_S = 10
+"""How long the start-up probe of an MLflow server waits for its connection."""
 
 BAR_SHOWS = "mmfm_bar_shows"
 """Set on a log record that the progress bar already shows: `terminal_filter` keeps it out of
@@ -72,11 +83,22 @@ def terminal_filter(record: logging.LogRecord) -> bool:
     return not getattr(record, BAR_SHOWS, False)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None
+
+
 class MetricsFile(Callback):
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`.
 
     On resume, lines of steps after the checkpoint (written before an interruption) are
-    dropped so that the file holds each step once.
+    dropped so that the file holds each step once, and so is a line a crash or a full disk
+    cut short.
     """
 
     def __init__(self, path: Path, every: int):
@@ -84,22 +106,30 @@ class MetricsFile(Callback):
 
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step
-            ]
+            steps = [(line, _step_of(line)) for line in self.path.read_text().splitlines()]
+            kept = [line for line, step in steps if step is not None and step <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if _logged(step, self.every, metrics):
             row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk, a quota, a file system gone
+                raise LaunchError(
+                    f"cannot write {self.path} ({e.strerror or e}): free space there, then "
+                    "resume from the last checkpoint (train.resume=auto)"
+                ) from None
 
     def on_fit_end(self) -> None:
-        self.file.close()
+        failing = _failing()  # then the write that failed first is the error to report
+        try:
+            self.file.close()
+        except OSError:
+            if not failing:
+                raise
 
 
 class TensorBoard(Callback):
@@ -182,15 +212,36 @@ class Progress(Callback):
 # -- experiment trackers --------------------------------------------------------------------
 
 
-def require_trackers(cfg: LoggingConfig) -> None:
-    """Refuse, on every rank and before anything is built, a tracker whose package is missing
-    (only rank 0 logs, and a failure there alone would leave the other ranks waiting)."""
+def require_trackers(cfg: LoggingConfig, run_dir: Path) -> None:
+    """Refuse, on every rank and before anything is built, a tracker whose package is missing,
+    a damaged trackers.json and an MLflow server nobody answers at (only rank 0 logs, and a
+    failure there alone would leave the other ranks waiting)."""
     for name, on in (("wandb", cfg.wandb.enabled), ("mlflow", cfg.mlflow.enabled)):
         if on and importlib.util.find_spec(name) is None:
             raise ConfigError(
                 f"logging.{name}.enabled needs the {name} package: pip install 'mmfm[{name}]', "
                 f"or set logging.{name}.enabled=false"
             )
+    if cfg.wandb.enabled or cfg.mlflow.enabled:
+        _tracker_ids(run_dir)
+    if cfg.mlflow.enabled and cfg.mlflow.tracking_uri:
+        _probe_server(cfg.mlflow.tracking_uri)
+
+
+def _probe_server(uri: str) -> None:
+    """Connect once to an http(s) tracking server: MLflow itself retries a refused or silent
+    server for minutes before it fails."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:  # ValueError: a port out of range
+        raise LaunchError(
+            f"logging.mlflow.tracking_uri {uri}: cannot connect ({e}): start the server, fix "
+            "the URI, or leave it empty for the local file store <run_dir>/mlruns"
+        ) from None
 
 
 def trackers(cfg: Config, run_dir: Path) -> list[Callback]:
@@ -203,16 +254,31 @@ def trackers(cfg: Config, run_dir: Path) -> list[Callback]:
     return found
 
 
+def _tracker_ids(run_dir: Path) -> dict[str, str]:
+    """The run ids of `run_dir`'s trackers.json ({} without one)."""
+    path = run_dir / TRACKERS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except (ValueError, OSError):  # truncated, not UTF-8, unreadable
+        ids = None
+    if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
+        raise TrainingError(
+            f"{path} is damaged (not a JSON object of W&B/MLflow run ids): repair it, or delete "
+            "it to start new tracker runs"
+        )
+    return ids
+
+
 def tracker_id(run_dir: Path, name: str) -> str | None:
     """The run id `name` ("wandb", "mlflow") has in `run_dir`'s trackers.json, if any."""
-    path = run_dir / TRACKERS_FILE
-    return json.loads(path.read_text()).get(name) if path.is_file() else None
+    return _tracker_ids(run_dir).get(name)
 
 
 def _keep_tracker_id(run_dir: Path, name: str, run_id: str) -> None:
-    path = run_dir / TRACKERS_FILE
-    ids = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**ids, name: run_id}, indent=1) + "\n")
+    ids = _tracker_ids(run_dir)
+    (run_dir / TRACKERS_FILE).write_text(json.dumps({**ids, name: run_id}, indent=1) + "\n")
 
 
 def _run_to_continue(run_dir: Path, name: str, start_step: int) -> str | None:
@@ -225,6 +291,24 @@ def _failing() -> bool:
     """Whether an exception is on its way out: `on_fit_end` runs in the trainer's `finally`,
     so a run that failed is marked failed in the tracker, not finished."""
     return sys.exc_info()[0] is not None
+
+
+@contextmanager
+def _tracker_errors(name: str, errors: tuple[type[Exception], ...]):
+    """A tracker's own exceptions as one `LaunchError` naming it; in `on_fit_end` of a run
+    that is failing already, a warning (the first error is the one to report)."""
+    failing = _failing()
+    try:
+        yield
+    except errors as e:
+        text = " ".join(str(e).split())[:500] or type(e).__name__
+        if failing:
+            log.warning("logging.%s: %s", name, text)
+            return
+        raise LaunchError(
+            f"logging.{name}: {text}; check the tracker's server and settings, or set "
+            f"logging.{name}.enabled=false"
+        ) from None
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -254,6 +338,7 @@ class WandB(Callback):
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         import wandb
 
+        self.errors = (wandb.errors.Error, OSError)
         run_id = _run_to_continue(self.run_dir, "wandb", start_step)
         try:
             self.run = wandb.init(
@@ -272,17 +357,24 @@ class WandB(Callback):
                 f"logging.wandb: wandb.init failed ({e}); run `wandb login`, or set "
                 "logging.wandb.mode=offline (upload later with `wandb sync`)"
             ) from None
-        # A resumed run may change fields (train.steps, ...): the latest config wins.
-        self.run.config.update(self.config, allow_val_change=True)
+        except ValueError as e:  # W&B's validation of its settings
+            text = " ".join(str(e).split())
+            raise ConfigError(f"logging.wandb: W&B refused a setting: {text}") from None
+        with _tracker_errors("wandb", self.errors):
+            # A resumed run may change fields (train.steps, ...): the latest config wins.
+            self.run.config.update(self.config, allow_val_change=True)
         _keep_tracker_id(self.run_dir, "wandb", self.run.id)
         log.info("W&B run %s (%s)", self.run.id, self.cfg.mode)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if _logged(step, self.every, metrics):
-            self.run.log(dict(metrics), step=step)
+            with _tracker_errors("wandb", self.errors):
+                self.run.log(dict(metrics), step=step)
 
     def on_fit_end(self) -> None:
-        self.run.finish(exit_code=1 if _failing() else 0)
+        if getattr(self, "run", None) is not None:
+            with _tracker_errors("wandb", self.errors):
+                self.run.finish(exit_code=1 if _failing() else 0)
 
 
 def mlflow_name(name: str) -> str:
@@ -307,16 +399,20 @@ class MLflow(Callback):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.metric, self.param = Metric, Param
-        self.client = MlflowClient(self.uri)
+        self.errors = (MlflowException, OSError)
         self.run_id = _run_to_continue(self.run_dir, "mlflow", start_step)
-        if self.run_id is None:
-            self.run_id = self._new_run()
-        else:
-            self.client.update_run(self.run_id, status="RUNNING")
-        self._log_params()
+        _probe_server(self.uri)
+        with _tracker_errors("mlflow", self.errors):
+            self.client = MlflowClient(self.uri)
+            if self.run_id is None:
+                self.run_id = self._new_run()
+            else:
+                self.client.update_run(self.run_id, status="RUNNING")
+            self._log_params()
         _keep_tracker_id(self.run_dir, "mlflow", self.run_id)
         log.info("MLflow run %s in %s", self.run_id, self.uri)
 
@@ -345,7 +441,11 @@ class MLflow(Callback):
         if _logged(step, self.every, metrics):
             now = int(time.time() * 1000)
             rows = [self.metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=rows)
+            with _tracker_errors("mlflow", self.errors):
+                self.client.log_batch(self.run_id, metrics=rows)
 
     def on_fit_end(self) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if _failing() else "FINISHED")
+        if getattr(self, "run_id", None) is not None and hasattr(self, "client"):
+            with _tracker_errors("mlflow", self.errors):
+                status = "FAILED" if _failing() else "FINISHED"
+                self.client.set_terminated(self.run_id, status=status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from mmfm.config import Config, ConfigError, save_config
 from mmfm.config.layout import resolve_layout
 from mmfm.config.schema import SourceConfig
+from mmfm.core.errors import LaunchError
 from mmfm.core.files import make_folder
 from mmfm.data.loader import build_loader
 from mmfm.data.megatron import expand_prefixes
@@ -39,6 +41,31 @@ from mmfm.train.trainer import FitResult, Trainer
 log = logging.getLogger("mmfm")
 
 
+class _RunLog(logging.FileHandler):
+    """train.log; when the disk is full, one warning instead of logging's traceback per line
+    (the error that stops the run, if any, is reported on its own)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._warn(error)
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last lines' flush
+            self._warn(e)
+
+    def _warn(self, error: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"mmfm: warning: cannot write {self.baseFilename} ({error})", file=sys.stderr)
+
+
 def setup_logging(run_dir: Path | None, rank: int) -> None:
     """INFO to the terminal and `<run_dir>/train.log` on the main rank, warnings elsewhere."""
     logger = logging.getLogger("mmfm")
@@ -53,7 +80,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     terminal.addFilter(terminal_filter)  # the step lines a progress bar shows: train.log only
     handlers: list[logging.Handler] = [terminal]
     if run_dir is not None:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(_RunLog(run_dir / "train.log"))
     for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
@@ -108,15 +135,18 @@ def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share (the layout
     resolved for the processes started: parallel.dp_shard=-1 filled)."""
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
-    require_trackers(cfg.logging)
+    require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         make_folder(run_dir, f"train.run_dir={run_dir}")
-        save_config(cfg, run_dir / "config.yaml")
-        if vocab is not None:
-            vocab.save(run_dir / VOCAB_FILE)
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+            if vocab is not None:
+                vocab.save(run_dir / VOCAB_FILE)
+        except OSError as e:  # a full disk, a read-only folder
+            raise LaunchError(f"cannot write into {run_dir} ({e}): free space there") from None
     env.barrier()
     setup_logging(run_dir if env.is_main else None, env.rank)
     log_rank_table(env)

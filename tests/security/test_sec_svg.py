@@ -103,6 +103,34 @@ def test_keep_unsafe_keeps_them_verbatim():
     assert all(k in out for k in kept), out
 
 
+ELSEWHERE = f"""<svg {NS}>
+<defs><rect id="r" width="2"/></defs>
+<object data="http://evil.example/o.swf" width="1"/><object data="#r"/>
+<video poster="https://evil.example/p.png"/><img srcset="https://evil.example/a.png 1x"/>
+<form action="http://evil.example/f"><button formaction="https://evil.example/b"/></form>
+<g xml:base="http://evil.example/"><use href="#r"/></g>
+<body background="http://evil.example/b.png"/><q cite="http://evil.example/c"/>
+<rect width="1" custom="https://evil.example/c"/><rect width="1" other=" //evil.example/c"/>
+<rect width="1" style="fill:image-set('http://evil.example/i.png' 1x);stroke:red"/>
+<style>rect {{background: image-set("https://evil.example/i.png" 1x)}}</style>
+<style>@import "https://evil.example/s.css";</style>
+<set attributeName="data" to="http://evil.example/o"/>
+<object DATA="data:text/html;base64,PHNjcmlwdD4="/>
+</svg>"""
+
+
+def test_external_references_in_any_attribute_are_dropped_and_counted():
+    """Not only href / src / url(): data=, poster, srcset, action, xml:base, any attribute
+    holding a URL, CSS image-set() strings and @import of a bare string."""
+    out = normalize_svg(ELSEWHERE, SvgRecipe(), removed=(removed := Counter()))
+    parse_svg(out)
+    assert "evil" not in out and "data:" not in out, out
+    assert '<object data="#r"/>' in out and '<use href="#r"/>' in out and 'id="r"' in out
+    assert 'style="stroke:red"' in out
+    assert removed == {"external_reference": 13, "script": 1, "data_url": 1}
+    assert normalize_svg(out, SvgRecipe(), removed=(again := Counter())) == out and not again
+
+
 def test_prepare_counts_svg_rejects_and_removals(tmp_path, monkeypatch):
     from mmfm.data.shards import read_shard
     from mmfm.prepare import load_prepare_recipe, prepare
