@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shlex
+import stat
 import urllib.error
 import urllib.request
 import zlib
@@ -253,19 +254,66 @@ def _manifest_shards(where: str, version: int) -> dict[str, dict]:
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Shard URLs from files, directories (every *.tar inside), brace patterns and URLs."""
+    """Shard URLs from files, directories (every *.tar inside), brace patterns and URLs.
+
+    Only regular files (or links to them) are shards: a FIFO or a device would block or never
+    end (opening a FIFO blocks in the kernel, where no signal reaches), so one named as a
+    shard is refused and those in a directory are skipped, each named in a warning."""
     urls: list[str] = []
     for pattern in patterns:
         for url in wds.shardlists.expand_urls(pattern):
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif Path(url).is_dir():
-                found = sorted(str(p) for p in Path(url).glob("*.tar"))
-                if not found:
-                    raise ShardError(f"data.paths: directory {url} holds no *.tar shards")
-                urls.extend(found)
-            elif Path(url).is_file():
+                urls.extend(_directory_shards(url))
+            elif (kind := file_kind(url)) == "":
                 urls.append(url)
-            else:
+            elif kind == "missing":
                 raise ShardError(f"data.paths: shard {url} (from {pattern!r}) does not exist")
+            else:
+                raise ShardError(
+                    f"data.paths: shard {url} (from {pattern!r}) is {kind}, not a regular file: "
+                    "name tar files (or a pipe: command)"
+                )
     return urls
+
+
+def _directory_shards(directory: str) -> list[str]:
+    """The regular *.tar files of a directory; the others are named in a warning."""
+    found, others = [], []
+    for path in sorted(str(p) for p in Path(directory).glob("*.tar")):
+        kind = file_kind(path)
+        if kind == "":
+            found.append(path)
+        else:
+            others.append(f"{path} ({kind})")
+    if others:
+        log.warning(
+            "data.paths: skipped %d entries of %s that are not regular files: %s",
+            len(others), directory, ", ".join(others),
+        )  # fmt: skip
+    if not found:
+        also = f" (skipped: {', '.join(others)})" if others else ""
+        raise ShardError(f"data.paths: directory {directory} holds no *.tar shards{also}")
+    return found
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def file_kind(path: str) -> str:
+    """ "" for a regular file (or a link to one), "missing", else what it is ("a FIFO", ...);
+    from `os.stat`, which never opens it (opening a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "missing"
+    if stat.S_ISREG(mode):
+        return ""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")

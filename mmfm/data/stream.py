@@ -43,7 +43,6 @@ import heapq
 import json
 import logging
 import os
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from mmfm.data.decompose import (
 from mmfm.data.megatron import is_unit, unit_sizes
 from mmfm.data.megatron import read_unit as read_megatron_unit
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
+from mmfm.data.raw import TAR_ERRORS, open_local_tar
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples, shard_record
 from mmfm.data.tario import Damage, read_tar
@@ -201,11 +201,12 @@ class ShardSize:
 @functools.lru_cache(maxsize=4096)
 def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
     """Bytes of every sample's token array of a local tar, from its headers alone (the data
-    is skipped); a damaged tar gives what precedes the damage (the reader counts the rest)."""
+    is skipped; a gzip shard's is decompressed to be skipped); a damaged tar gives what precedes
+    the damage (the reader counts the rest)."""
     sizes: list[int] = []
     last = None
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_local_tar(path) as tar:
             for member in tar:
                 key = _key(member.name)
                 if key != last:
@@ -213,7 +214,7 @@ def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
                     last = key
                 if member.name.endswith(".tokens.npy"):
                     sizes[-1] += member.size
-    except (tarfile.TarError, OSError, EOFError):
+    except TAR_ERRORS:
         pass
     per_sample = np.asarray(sizes, dtype=np.float64)
     return ShardSize(len(sizes), float(per_sample.sum()), per_sample)
