@@ -4,9 +4,11 @@ One sample per document: `<key>.tokens.npy` (token ids, uint16 when the ids fit,
 and `<key>.json` (`{"segments": [[modality, start, end], ...], "source": ..., "id": ...,
 "no_loss": [[start, end], ...]}`), where the segments tile the document and name the modality
 of each span, `id` is the document's original id and `no_loss` (optional) marks tokens that
-are never targets (prompts, instructions). Only these two members are decoded, with
-`numpy.load(allow_pickle=False)` and `json`: a shard can never make the reader unpickle. The json
-ends with `"crc32"`, a CRC-32 of both members, so a damaged sample is counted, not trained on.
+are never targets (prompts, instructions). Only these two members are decoded: the token array
+as a view of the member's bytes after numpy's .npy header reader (a shard can never make the
+reader unpickle, nor allocate what a header claims beyond the member's bytes) and the json with
+`json`. The json ends with `"crc32"`, a CRC-32 of both members, so a damaged sample is
+counted, not trained on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shlex
 import stat
+import tokenize
 import urllib.error
 import urllib.request
 import zlib
@@ -26,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 import webdataset as wds
 
 from mmfm.core.errors import DataError
@@ -78,15 +82,43 @@ _NPY_HEADER = re.compile(
 
 
 def load_tokens(raw: bytes) -> np.ndarray:
-    """A 1-D integer .npy array; the common layouts without numpy's general header parser
-    (a third of the decode time), anything else through `np.load(allow_pickle=False)`."""
+    """A 1-D integer .npy array, as a view of `raw`: nothing is allocated from what the header
+    claims, and a header that claims other than the bytes after it is a ValueError (a shape of
+    10^13 would otherwise be an 18 TiB allocation)."""
+    dtype, count, offset = _npy_header(raw)
+    if dtype.kind not in "iu":
+        raise ValueError(f"tokens.npy must be a 1-D integer array, its header says {dtype}")
+    if count < 0 or count * dtype.itemsize != len(raw) - offset:
+        raise ValueError(
+            f"the tokens.npy header claims {count} values of {dtype}, the member holds "
+            f"{len(raw) - offset} bytes after it"
+        )
+    return np.frombuffer(raw, dtype, count, offset)
+
+
+def _npy_header(raw: bytes) -> tuple[np.dtype, int, int]:
+    """(dtype, length, data offset) of a 1-D .npy array's header: the common layouts by a
+    match (numpy's parser takes a third of the decode time), the rest by numpy's reader, its
+    every error a ValueError (an unterminated header raises tokenize's TokenError there)."""
     if raw[:8] == b"\x93NUMPY\x01\x00":
         size = int.from_bytes(raw[8:10], "little")
         match = _NPY_HEADER.fullmatch(raw[10 : 10 + size].decode("latin1"))
         if match:
-            count = int(match.group(2))
-            return np.frombuffer(raw, np.dtype(match.group(1)), count, offset=10 + size)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+            return np.dtype(match.group(1)), int(match.group(2)), 10 + size
+    source = io.BytesIO(raw)
+    try:
+        version = npy_format.read_magic(source)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(source)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(source)
+        else:
+            raise ValueError(f"tokens.npy is .npy version {version}, not 1.0 or 2.0")
+    except (SyntaxError, tokenize.TokenError, RecursionError) as e:
+        raise ValueError(f"the tokens.npy header cannot be parsed ({type(e).__name__})") from e
+    if len(shape) != 1:
+        raise ValueError(f"tokens.npy must be a 1-D integer array, its header says shape {shape}")
+    return dtype, shape[0], source.tell()
 
 
 def _int(value) -> bool:
