@@ -262,11 +262,21 @@ def shard_record(url: str) -> dict | None:
         except (ValueError, IndexError):
             return None
     path = Path(url)
+    manifest = path.parent / "manifest.json"
+    kind = file_kind(str(manifest))
+    if kind:  # none, or a FIFO or device: reading it would block or never end
+        if kind != "missing":
+            _warn_once(f"cannot use {manifest} to count documents: it is {kind}")
+        return None
     try:
-        manifest = path.parent / "manifest.json"
         return _manifest_shards(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
     except OSError:
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 @functools.lru_cache(maxsize=256)

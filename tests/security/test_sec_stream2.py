@@ -11,13 +11,16 @@ import io
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
 import webdataset as wds
 
+from mmfm.core.errors import InputNotFound
 from mmfm.core.types import Document
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.megatron import expand_prefixes
 from mmfm.data.raw import tar_sample_sizes
 from mmfm.data.shards import ShardError, encode_sample, expand_paths, write_shard
 from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit, shard_sizes
@@ -74,6 +77,32 @@ def test_a_directory_of_fifos_only_is_refused_naming_them(tmp_path):
     os.mkfifo(tmp_path / "x.tar")
     with pytest.raises(ShardError, match=r"no \*\.tar shards.*x\.tar \(a FIFO\)"):
         expand_paths([str(tmp_path)])
+
+
+def test_a_megatron_pair_with_a_fifo_is_refused_naming_it(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"")
+    os.mkfifo(tmp_path / "x.idx")
+    with pytest.raises(InputNotFound, match=r"x\.idx is a FIFO, not a regular file"):
+        expand_prefixes([str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_manifest_that_is_a_fifo_or_a_device_is_not_read(tmp_path, kind):
+    write_shard(tmp_path / "a.tar", docs(10))
+    manifest = tmp_path / "manifest.json"
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero")  # read_bytes would fill the memory
+    done = []
+    reader = threading.Thread(target=lambda: done.append(read(tmp_path / "a.tar")), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive() and kind == "fifo":  # the old code: release the blocked open
+        os.close(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK))
+    assert done, "reading the shard blocked on its manifest"
+    got, counts = done[0]
+    assert len(got) == 10 and not counts
 
 
 # -- gzip shards without a manifest ------------------------------------------------------------
