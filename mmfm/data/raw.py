@@ -17,7 +17,6 @@ import io
 import json
 import tarfile
 import tempfile
-import zlib
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,26 +239,15 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-TAR_ERRORS = (OSError, tarfile.TarError, EOFError, zlib.error)
-"""What walking a damaged local tar (`open_local_tar`) may raise."""
-
-
-def open_local_tar(path: str) -> tarfile.TarFile:
-    """A local shard for walking its headers: gzip-compressed as the tar reader takes it (by
-    the name, `.gz` or `.tgz`; its data is then decompressed to be skipped), else plain."""
-    return tarfile.open(path, "r:gz" if path.endswith((".gz", ".tgz")) else "r:")
-
-
 def tar_sample_sizes(path: str, wanted: Container[str] | None = None) -> tuple[list[int], bool]:
-    """Bytes of the `wanted` members (None: all) of every sample of a local tar (gzip too:
-    `open_local_tar`), from its member headers alone (seeking over the data), grouped as
-    `read_tar` groups them:
+    """Bytes of the `wanted` members (None: all) of every sample of a local uncompressed tar,
+    from its member headers alone (seeking over the data), grouped as `read_tar` groups them:
     a new sample at a new key or at a wanted member seen twice. Also whether the walk reached
     the end (False: the tar is damaged; the sizes are those before the damage)."""
     sizes: list[int] = []
     previous, seen = None, set()
     try:
-        with open_local_tar(path) as tar:
+        with tarfile.open(path, "r:") as tar:
             for member in tar:
                 key, ext = base_plus_ext(member.name)
                 if not member.isreg() or key is None:
@@ -271,7 +259,7 @@ def tar_sample_sizes(path: str, wanted: Container[str] | None = None) -> tuple[l
                 if keep:
                     seen.add(ext)
                     sizes[-1] += member.size
-    except TAR_ERRORS:
+    except (OSError, tarfile.TarError, EOFError):
         return sizes, False
     return sizes, True
 

@@ -14,8 +14,9 @@ An epoch is global: in epoch e the streams together read every document of a sou
 Streams live on different ranks and workers and never talk, so the deal is a pure function
 of (seed, source, epoch, number of streams) and the shard sizes, known before reading (the
 `manifest.json` of `mmfm prepare`, else one pass over a local tar's headers; shards whose
-size cannot be known, `http://` or `pipe:`, count as equal; raw shards tokenized in the stream,
-raw_stream.py, by the bytes of the members read, from local tars' headers): the epoch's shards
+size cannot be known cheaply, `http://`, `pipe:` or `.tar.gz` without a manifest, count as
+equal; raw shards tokenized in the stream, raw_stream.py, by the bytes of the members read,
+from local uncompressed tars' headers): the epoch's shards
 are shuffled and dealt largest first to the stream with the fewest tokens so far, and while
 the shares differ by more than 2% the largest units are halved into every-k-th-sample slices
 (each unit is one read of its shard; at most 8 units per stream more than there are shards)
@@ -43,6 +44,7 @@ import heapq
 import json
 import logging
 import os
+import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -64,7 +66,6 @@ from mmfm.data.decompose import (
 from mmfm.data.megatron import is_unit, unit_sizes
 from mmfm.data.megatron import read_unit as read_megatron_unit
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
-from mmfm.data.raw import TAR_ERRORS, open_local_tar
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples, shard_record
 from mmfm.data.tario import Damage, read_tar
@@ -198,15 +199,18 @@ class ShardSize:
         return self.tokens / k
 
 
+COMPRESSED = (".gz", ".tgz")
+"""Shards the tar reader decompresses (gzip, by the name)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
     """Bytes of every sample's token array of a local tar, from its headers alone (the data
-    is skipped; a gzip shard's is decompressed to be skipped); a damaged tar gives what precedes
-    the damage (the reader counts the rest)."""
+    is skipped); a damaged tar gives what precedes the damage (the reader counts the rest)."""
     sizes: list[int] = []
     last = None
     try:
-        with open_local_tar(path) as tar:
+        with tarfile.open(path, "r:") as tar:
             for member in tar:
                 key = _key(member.name)
                 if key != last:
@@ -214,7 +218,7 @@ def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
                     last = key
                 if member.name.endswith(".tokens.npy"):
                     sizes[-1] += member.size
-    except TAR_ERRORS:
+    except (tarfile.TarError, OSError, EOFError):
         pass
     per_sample = np.asarray(sizes, dtype=np.float64)
     return ShardSize(len(sizes), float(per_sample.sum()), per_sample)
@@ -234,11 +238,17 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
     """The size of every shard of a source, in one unit for the whole source: tokens from the
     manifests beside the shards if they list them all, else bytes of token arrays from the
     headers of local tars, else unknown (every shard counts as one). Raw shards (`members`:
-    the extensions read): bytes of those members, from the headers of local tars."""
+    the extensions read): bytes of those members, from the headers of local tars. Compressed
+    shards' headers lie all through their compressed bytes (walking them decompresses the
+    shard, in every process that deals): unknown without a manifest."""
     if urls and is_unit(urls[0]):  # a Megatron indexed dataset: sizes from its index
         return [ShardSize(docs, float(tokens)) for docs, tokens in unit_sizes(urls)]
+    unknown = [ShardSize(-1, 1.0)] * len(urls)
+    compressed = any(u.endswith(COMPRESSED) for u in urls)
     if not all(os.path.isfile(u) for u in urls):
-        return [ShardSize(-1, 1.0)] * len(urls)
+        return unknown
+    if members and compressed:
+        return unknown
     if members:
         return [ShardSize(len(s), float(s.sum()), s) for s in raw_sizes(urls, members)]
     listed = []
@@ -252,6 +262,8 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
         listed.append(entry)
     else:
         return listed
+    if compressed:
+        return unknown
     return [_tar_size(u, os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in urls]
 
 
