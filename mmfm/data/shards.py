@@ -329,14 +329,14 @@ def _directory_shards(directory: str) -> list[str]:
             found.append(path)
         else:
             others.append(f"{path} ({kind})")
-    if others:
-        log.warning(
-            "data.paths: skipped %d entries of %s that are not regular files: %s",
-            len(others), directory, ", ".join(others),
-        )  # fmt: skip
     if not found:
-        also = f" (skipped: {', '.join(others)})" if others else ""
+        also = f" (skipped, not regular files: {', '.join(others)})" if others else ""
         raise ShardError(f"data.paths: directory {directory} holds no *.tar shards{also}")
+    if others:  # once: the paths are expanded more than once (vocabulary checks, the loader)
+        _warn_once(
+            f"data.paths: skipped {len(others)} entries of {directory} that are not regular "
+            f"files: {', '.join(others)}"
+        )
     return found
 
 
