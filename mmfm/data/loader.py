@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
@@ -40,6 +39,7 @@ from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
     dataloader_failure,
     dataloader_workers,
+    iter_without_sigchld_handler,
     shutdown_dataloader_workers,
 )
 from mmfm.core.types import Batch
@@ -153,20 +153,6 @@ class StreamRows(IterableDataset):
             yield _Failure(str(e))
 
 
-def _without_sigchld_handler(start: Callable[[], Iterator]) -> Iterator:
-    """`start()` (a DataLoader's `iter`) without the SIGCHLD handler torch installs there: it
-    raises its RuntimeError for a dead worker in whatever the main thread is doing (a training
-    step, a checkpoint), where it ends the run with a traceback. Without it `_receive` finds
-    the dead worker within a wait (`WAIT_S`), and tells which died and why."""
-    if threading.current_thread() is not threading.main_thread():
-        return start()  # torch installs no handler from other threads
-    previous = signal.getsignal(signal.SIGCHLD)
-    try:
-        return start()
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
-
-
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -268,7 +254,7 @@ class StreamingLoader:
             timeout=WAIT_S,
             generator=torch.Generator(),  # its worker seeds would draw from the trainer's RNG
         )
-        self._items = _without_sigchld_handler(lambda: iter(loader))
+        self._items = iter_without_sigchld_handler(loader)  # a dead worker: `_receive` says
 
     def _receive(self, stop: Callable[[], bool]) -> list[_Row]:
         """The next item of the worker whose turn it is (the DataLoader keeps the order)."""
