@@ -9,6 +9,8 @@ upgrade is then a change to this file and the pin, found by those tests.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,6 +175,28 @@ def shutdown_dataloader_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def iter_without_sigchld_handler(loader: Any) -> Any:
+    """`iter(loader)` without the SIGCHLD handler of `_utils/signal_handling.py`
+    (`_set_SIGCHLD_handler`, installed by the first multi-worker iterator of the process): it
+    raises its RuntimeError for a dead worker in whatever the main thread is doing (a training
+    step, a checkpoint), a traceback instead of mmfm's one-line error. mmfm's loader finds a
+    dead worker at its next wait for it instead (the iterator's timeout), and says which and why.
+    The handler before torch's is put back (the default where torch's was in place already).
+    Public replacement: none (DataLoader has no switch for it)."""
+    previous = signal.getsignal(signal.SIGCHLD)
+    items = iter(loader)
+    if threading.current_thread() is threading.main_thread():  # only there can torch set one
+        if _torch_sigchld_handler(previous):
+            previous = signal.SIG_DFL
+        if _torch_sigchld_handler(signal.getsignal(signal.SIGCHLD)):
+            signal.signal(signal.SIGCHLD, previous)
+    return items
+
+
+def _torch_sigchld_handler(handler: Any) -> bool:
+    return getattr(handler, "__module__", None) == "torch.utils.data._utils.signal_handling"
 
 
 def dataloader_failure(error: RuntimeError) -> str | None:

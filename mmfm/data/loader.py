@@ -24,6 +24,7 @@ fresh workers from it.
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
@@ -38,6 +39,7 @@ from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
     dataloader_failure,
     dataloader_workers,
+    iter_without_sigchld_handler,
     shutdown_dataloader_workers,
 )
 from mmfm.core.types import Batch
@@ -58,6 +60,10 @@ from mmfm.data.stream import (
 from mmfm.data.tario import Interrupted, set_stop_check
 
 STATE_FORMAT = "mmfm-streams/1"
+WORKER_DEATH_FIX = (
+    "if it ran out of memory, lower data.num_workers, data.shuffle_buffer_tokens or "
+    "data.prefetch (or give the job more memory), then resume from the last checkpoint"
+)
 WAIT_S = 0.25
 """How long one wait for a worker's rows lasts: a stop is honoured between waits."""
 
@@ -145,6 +151,13 @@ class StreamRows(IterableDataset):
             if info is None:
                 raise
             yield _Failure(str(e))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _as_is(item):
@@ -241,7 +254,7 @@ class StreamingLoader:
             timeout=WAIT_S,
             generator=torch.Generator(),  # its worker seeds would draw from the trainer's RNG
         )
-        self._items = iter(loader)
+        self._items = iter_without_sigchld_handler(loader)  # a dead worker: `_receive` says
 
     def _receive(self, stop: Callable[[], bool]) -> list[_Row]:
         """The next item of the worker whose turn it is (the DataLoader keeps the order)."""
@@ -254,15 +267,29 @@ class StreamingLoader:
                     raise Interrupted("stopped while waiting for a loader worker") from None
                 failure = dataloader_failure(e)
                 if failure == "worker_died":
-                    raise DataError(
-                        f"a loader worker died ({e}); if it ran out of memory, lower "
-                        "data.num_workers or data.shuffle_buffer_tokens"
-                    ) from None
+                    raise DataError(self._worker_death(e)) from None
                 if failure != "timeout":
                     raise
         if isinstance(item, _Failure):
             raise DataError(item.message)
         return item
+
+    def _worker_death(self, error: RuntimeError) -> str:
+        """What to tell of a dead loader worker: which, how, the likely cause and the fix."""
+        dead = [(i, p) for i, p in enumerate(self.workers) if not p.is_alive()]
+        if not dead:
+            return f"a loader worker died ({error}): {WORKER_DEATH_FIX}"
+        told = []
+        for i, process in dead:
+            code = process.exitcode
+            if code is not None and code < 0:
+                how = f"was killed by {_signal_name(-code)}"
+                if -code == signal.SIGKILL:
+                    how += " (most likely by the kernel's out-of-memory killer: see `dmesg`)"
+            else:
+                how = f"exited with status {code}"
+            told.append(f"loader worker {i} (pid {process.pid}) {how}")
+        return f"{'; '.join(told)}: {WORKER_DEATH_FIX}"
 
     def _step_rows(self, stop: Callable[[], bool]) -> list[_Row]:
         """This rank's rows of the next step, in stream order."""

@@ -38,6 +38,7 @@ import numpy as np
 
 from mmfm.core.errors import DataError, InputNotFound, LaunchError
 from mmfm.core.types import Document, Modality
+from mmfm.data.shards import file_kind
 
 log = logging.getLogger("mmfm.data")
 
@@ -84,10 +85,16 @@ def expand_prefixes(paths: Sequence[str]) -> list[str]:
             found = [path]
         found = [_strip(p) for p in found if not _strip(p).endswith(SPANS)]
         for prefix in dict.fromkeys(found):
-            missing = [e for e in (".bin", ".idx") if not os.path.isfile(prefix + e)]
-            if missing:
+            kinds = {prefix + e: file_kind(prefix + e) for e in (".bin", ".idx")}
+            if odd := [
+                f"{p} is {kind}" for p, kind in kinds.items() if kind not in ("", "missing")
+            ]:
                 raise InputNotFound(
-                    f"data.sources paths {path!r}: no {' or '.join(prefix + e for e in missing)} "
+                    f"data.sources paths {path!r}: {', '.join(odd)}, not a regular file"
+                )
+            if missing := [p for p, kind in kinds.items() if kind]:
+                raise InputNotFound(
+                    f"data.sources paths {path!r}: no {' or '.join(missing)} "
                     "(a megatron source names the prefix of a .bin/.idx pair)"
                 )
             prefixes.append(prefix)

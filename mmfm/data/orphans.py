@@ -4,8 +4,9 @@ A loader worker (or a `pipe:` command) outlives a trainer killed with SIGKILL un
 told otherwise: on Linux the kernel sends it SIGTERM when its parent exits
 (`prctl(PR_SET_PDEATHSIG)`), and a thread that watches `os.getppid()` covers the rest. A
 worker turns SIGTERM into `SystemExit(0)`, so that its open `pipe:` commands are ended too and
-the DataLoader's SIGCHLD handler in the trainer (which raises on a worker's non-zero exit, in
-whatever the trainer is doing) stays quiet when a scheduler sends SIGTERM to every process.
+it exits cleanly when a scheduler sends SIGTERM to every process (the loader finds a worker
+that died otherwise at its next wait for it, loader.py; torch's SIGCHLD handler, which would
+raise in whatever the trainer is doing, is not kept).
 
 `GUARDED_SPAWN` is a spawn context whose processes unpickle their target and arguments only
 after the guard is in place: a DataLoader worker's arguments import torch (seconds), and a

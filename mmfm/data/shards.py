@@ -4,9 +4,11 @@ One sample per document: `<key>.tokens.npy` (token ids, uint16 when the ids fit,
 and `<key>.json` (`{"segments": [[modality, start, end], ...], "source": ..., "id": ...,
 "no_loss": [[start, end], ...]}`), where the segments tile the document and name the modality
 of each span, `id` is the document's original id and `no_loss` (optional) marks tokens that
-are never targets (prompts, instructions). Only these two members are decoded, with
-`numpy.load(allow_pickle=False)` and `json`: a shard can never make the reader unpickle. The json
-ends with `"crc32"`, a CRC-32 of both members, so a damaged sample is counted, not trained on.
+are never targets (prompts, instructions). Only these two members are decoded: the token array
+as a view of the member's bytes after numpy's .npy header reader (a shard can never make the
+reader unpickle, nor allocate what a header claims beyond the member's bytes) and the json with
+`json`. The json ends with `"crc32"`, a CRC-32 of both members, so a damaged sample is
+counted, not trained on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import os
 import re
 import shlex
+import stat
+import tokenize
 import urllib.error
 import urllib.request
 import zlib
@@ -25,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 import webdataset as wds
 
 from mmfm.core.errors import DataError
@@ -77,15 +82,43 @@ _NPY_HEADER = re.compile(
 
 
 def load_tokens(raw: bytes) -> np.ndarray:
-    """A 1-D integer .npy array; the common layouts without numpy's general header parser
-    (a third of the decode time), anything else through `np.load(allow_pickle=False)`."""
+    """A 1-D integer .npy array, as a view of `raw`: nothing is allocated from what the header
+    claims, and a header that claims other than the bytes after it is a ValueError (a shape of
+    10^13 would otherwise be an 18 TiB allocation)."""
+    dtype, count, offset = _npy_header(raw)
+    if dtype.kind not in "iu":
+        raise ValueError(f"tokens.npy must be a 1-D integer array, its header says {dtype}")
+    if count < 0 or count * dtype.itemsize != len(raw) - offset:
+        raise ValueError(
+            f"the tokens.npy header claims {count} values of {dtype}, the member holds "
+            f"{len(raw) - offset} bytes after it"
+        )
+    return np.frombuffer(raw, dtype, count, offset)
+
+
+def _npy_header(raw: bytes) -> tuple[np.dtype, int, int]:
+    """(dtype, length, data offset) of a 1-D .npy array's header: the common layouts by a
+    match (numpy's parser takes a third of the decode time), the rest by numpy's reader, its
+    every error a ValueError (an unterminated header raises tokenize's TokenError there)."""
     if raw[:8] == b"\x93NUMPY\x01\x00":
         size = int.from_bytes(raw[8:10], "little")
         match = _NPY_HEADER.fullmatch(raw[10 : 10 + size].decode("latin1"))
         if match:
-            count = int(match.group(2))
-            return np.frombuffer(raw, np.dtype(match.group(1)), count, offset=10 + size)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+            return np.dtype(match.group(1)), int(match.group(2)), 10 + size
+    source = io.BytesIO(raw)
+    try:
+        version = npy_format.read_magic(source)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(source)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(source)
+        else:
+            raise ValueError(f"tokens.npy is .npy version {version}, not 1.0 or 2.0")
+    except (SyntaxError, tokenize.TokenError, RecursionError) as e:
+        raise ValueError(f"the tokens.npy header cannot be parsed ({type(e).__name__})") from e
+    if len(shape) != 1:
+        raise ValueError(f"tokens.npy must be a 1-D integer array, its header says shape {shape}")
+    return dtype, shape[0], source.tell()
 
 
 def _int(value) -> bool:
@@ -229,11 +262,21 @@ def shard_record(url: str) -> dict | None:
         except (ValueError, IndexError):
             return None
     path = Path(url)
+    manifest = path.parent / "manifest.json"
+    kind = file_kind(str(manifest))
+    if kind:  # none, or a FIFO or device: reading it would block or never end
+        if kind != "missing":
+            _warn_once(f"cannot use {manifest} to count documents: it is {kind}")
+        return None
     try:
-        manifest = path.parent / "manifest.json"
         return _manifest_shards(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
     except OSError:
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 @functools.lru_cache(maxsize=256)
@@ -253,19 +296,66 @@ def _manifest_shards(where: str, version: int) -> dict[str, dict]:
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Shard URLs from files, directories (every *.tar inside), brace patterns and URLs."""
+    """Shard URLs from files, directories (every *.tar inside), brace patterns and URLs.
+
+    Only regular files (or links to them) are shards: a FIFO or a device would block or never
+    end (opening a FIFO blocks in the kernel, where no signal reaches), so one named as a
+    shard is refused and those in a directory are skipped, each named in a warning."""
     urls: list[str] = []
     for pattern in patterns:
         for url in wds.shardlists.expand_urls(pattern):
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif Path(url).is_dir():
-                found = sorted(str(p) for p in Path(url).glob("*.tar"))
-                if not found:
-                    raise ShardError(f"data.paths: directory {url} holds no *.tar shards")
-                urls.extend(found)
-            elif Path(url).is_file():
+                urls.extend(_directory_shards(url))
+            elif (kind := file_kind(url)) == "":
                 urls.append(url)
-            else:
+            elif kind == "missing":
                 raise ShardError(f"data.paths: shard {url} (from {pattern!r}) does not exist")
+            else:
+                raise ShardError(
+                    f"data.paths: shard {url} (from {pattern!r}) is {kind}, not a regular file: "
+                    "name tar files (or a pipe: command)"
+                )
     return urls
+
+
+def _directory_shards(directory: str) -> list[str]:
+    """The regular *.tar files of a directory; the others are named in a warning."""
+    found, others = [], []
+    for path in sorted(str(p) for p in Path(directory).glob("*.tar")):
+        kind = file_kind(path)
+        if kind == "":
+            found.append(path)
+        else:
+            others.append(f"{path} ({kind})")
+    if not found:
+        also = f" (skipped, not regular files: {', '.join(others)})" if others else ""
+        raise ShardError(f"data.paths: directory {directory} holds no *.tar shards{also}")
+    if others:  # once: the paths are expanded more than once (vocabulary checks, the loader)
+        _warn_once(
+            f"data.paths: skipped {len(others)} entries of {directory} that are not regular "
+            f"files: {', '.join(others)}"
+        )
+    return found
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def file_kind(path: str) -> str:
+    """ "" for a regular file (or a link to one), "missing", else what it is ("a FIFO", ...);
+    from `os.stat`, which never opens it (opening a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "missing"
+    if stat.S_ISREG(mode):
+        return ""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")

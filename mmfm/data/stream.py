@@ -14,8 +14,9 @@ An epoch is global: in epoch e the streams together read every document of a sou
 Streams live on different ranks and workers and never talk, so the deal is a pure function
 of (seed, source, epoch, number of streams) and the shard sizes, known before reading (the
 `manifest.json` of `mmfm prepare`, else one pass over a local tar's headers; shards whose
-size cannot be known, `http://` or `pipe:`, count as equal; raw shards tokenized in the stream,
-raw_stream.py, by the bytes of the members read, from local tars' headers): the epoch's shards
+size cannot be known cheaply, `http://`, `pipe:` or `.tar.gz` without a manifest, count as
+equal; raw shards tokenized in the stream, raw_stream.py, by the bytes of the members read,
+from local uncompressed tars' headers): the epoch's shards
 are shuffled and dealt largest first to the stream with the fewest tokens so far, and while
 the shares differ by more than 2% the largest units are halved into every-k-th-sample slices
 (each unit is one read of its shard; at most 8 units per stream more than there are shards)
@@ -200,6 +201,10 @@ class ShardSize:
         return self.tokens / k
 
 
+COMPRESSED = (".gz", ".tgz")
+"""Shards the tar reader decompresses (gzip, by the name)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
     """Bytes of every sample's token array of a local tar, from its headers alone (the data
@@ -235,11 +240,17 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
     """The size of every shard of a source, in one unit for the whole source: tokens from the
     manifests beside the shards if they list them all, else bytes of token arrays from the
     headers of local tars, else unknown (every shard counts as one). Raw shards (`members`:
-    the extensions read): bytes of those members, from the headers of local tars."""
+    the extensions read): bytes of those members, from the headers of local tars. Compressed
+    shards' headers lie all through their compressed bytes (walking them decompresses the
+    shard, in every process that deals): unknown without a manifest."""
     if urls and is_unit(urls[0]):  # a Megatron indexed dataset: sizes from its index
         return [ShardSize(docs, float(tokens)) for docs, tokens in unit_sizes(urls)]
+    unknown = [ShardSize(-1, 1.0)] * len(urls)
+    compressed = any(u.endswith(COMPRESSED) for u in urls)
     if not all(os.path.isfile(u) for u in urls):
-        return [ShardSize(-1, 1.0)] * len(urls)
+        return unknown
+    if members and compressed:
+        return unknown
     if members:
         return [ShardSize(len(s), float(s.sum()), s) for s in raw_sizes(urls, members)]
     listed = []
@@ -253,6 +264,8 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
         listed.append(entry)
     else:
         return listed
+    if compressed:
+        return unknown
     return [_tar_size(u, os.stat(u).st_size, os.stat(u).st_mtime_ns) for u in urls]
 
 

@@ -292,7 +292,9 @@ class _Slow(torch.utils.data.IterableDataset):
 
 @pytest.mark.parametrize("then", ["stall", "die"])
 def test_dataloader_worker_shims_see_the_workers_and_their_failures(then):
-    timeout = 1 if then == "stall" else 20  # a death is seen before the wait ends
+    # a death is seen by torch's SIGCHLD handler, or at the end of the wait where mmfm's loader
+    # took the handler away (iter_without_sigchld_handler) earlier in this process
+    timeout = 1 if then == "stall" else 5
     loader = torch.utils.data.DataLoader(
         _Slow(then), batch_size=None, num_workers=1, timeout=timeout
     )
@@ -307,3 +309,18 @@ def test_dataloader_worker_shims_see_the_workers_and_their_failures(then):
     assert not worker.is_alive()
     assert tc.dataloader_failure(RuntimeError("something else")) is None
     assert tc.dataloader_workers(iter(torch.utils.data.DataLoader([1, 2]))) == []
+
+
+def test_an_iterator_without_the_sigchld_handler_leaves_none_installed():
+    import signal
+
+    def torchs(handler) -> bool:
+        return getattr(handler, "__module__", "") == "torch.utils.data._utils.signal_handling"
+
+    loader = torch.utils.data.DataLoader([1, 2], batch_size=None, num_workers=1)
+    plain = iter(loader)  # torch installs its handler here, once per process
+    assert torchs(signal.getsignal(signal.SIGCHLD)) or torch.utils.data._utils.IS_WINDOWS
+    items = tc.iter_without_sigchld_handler(loader)
+    assert list(items) == [1, 2]
+    assert not torchs(signal.getsignal(signal.SIGCHLD))
+    tc.shutdown_dataloader_workers(plain)
