@@ -79,6 +79,7 @@ SKIP_REASONS = (
     "bad_sample",
     "missing_field",
     "empty",
+    "too_large",
 )
 """Why documents were lost; each counts documents (a damaged shard: those it lost, at least one)."""
 
@@ -389,11 +390,14 @@ def read_unit(
     max_member = settings.max_member if settings else MAX_MEMBER
     seen, damage = 0, []  # samples read (all units of the shard), damage reports
     for item in read_tar(unit.url, timeout_s, max_member=max_member):
-        if isinstance(item, Damage):
+        if _shard_damage(item):
             damage.append(item)
             continue
         index, seen = seen, seen + 1
         if index % unit.k != unit.j or index // unit.k < skip:
+            continue
+        if isinstance(item, Damage):  # one sample skipped unread: counted by its own unit
+            skips.skip(item.reason, unit.url, f"#{index}", item.detail)
             continue
         key = item.get("__key__", "?")
         try:
@@ -429,12 +433,16 @@ def read_raw_unit(
     start = first - first % batch  # the window `first` lies in, read whole (same codes)
     seen, damage, window = 0, [], []
     for item in read_tar(unit.url, settings.read_timeout_s, spec.members, settings.max_member):
-        if isinstance(item, Damage):
+        if _shard_damage(item):
             damage.append(item)
             continue
         index, seen = seen, seen + 1
         sample = index // unit.k
         if index % unit.k != unit.j or sample < start:
+            continue
+        if isinstance(item, Damage):  # skipped unread; counted once, as `_window` counts
+            if sample >= first:
+                skips.skip(item.reason, unit.url, f"#{index}", item.detail)
             continue
         window.append((sample, item))
         if sample % batch == batch - 1:
@@ -479,6 +487,11 @@ def read_source_unit(
     if spec.tokenize:
         return read_raw_unit(unit, skip, skips, spec, settings)
     return read_unit(unit, skip, skips, settings)
+
+
+def _shard_damage(item: dict | Damage) -> bool:
+    """Damage that costs the shard's rest; a `too_large` sample holds its own place instead."""
+    return isinstance(item, Damage) and item.reason != "too_large"
 
 
 def _count_lost(unit: Unit, seen: int, damage: Sequence[Damage], skips: Skips) -> None:

@@ -539,12 +539,12 @@ def _samples(walk: _Walk) -> Iterator[dict | Damage]:
             yield from _flush(sample)
             yield walk.truncated(walk.offset)
             return
-        if too_large:  # skipped whole: not a truncation
-            yield walk.too_large(at, name, size)
+        if too_large:  # skipped whole: not a truncation; reported in the sample's place
             if regular:
                 if sample.get("__key__") != key:
                     yield from _flush(sample)
                 sample, dropped = {}, key
+            yield walk.too_large(at, name, size)
             continue
         if kind in (b"x", b"L"):
             long_name = (

@@ -245,3 +245,26 @@ def test_a_slow_but_steady_http_stream_is_read_whole(tmp_path, serve):
     got, counts = read(url, read_timeout_s=0.3)
     assert len(got) == 50 and counts == {}
     assert time.monotonic() - start > 0.3
+
+
+def test_a_too_large_member_is_reported_in_the_step_metrics(tmp_path):
+    """Counted once, by the stream whose sample it is (not once per unit of the shard)."""
+    write_shard(tmp_path / "s-000000.tar", docs(n=40, big=2, tokens=60))  # a row: one pass
+    over = ["data.max_member_mb=1", "data.max_error_rate=0.5", "train.global_batch_size=1"]
+    cfg = load_config(None, [f"data.paths=[{tmp_path}]", "train.micro_batch_size=1", *over])
+    loader = build_loader(cfg)
+    loader.next_step()
+    assert loader.describe(loader.step_counts())["data/skipped/too_large"] == 1
+
+
+def test_a_too_large_sample_is_counted_by_its_own_unit_only(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, docs(n=8, big=2))
+    s = StreamSettings(1, 64, 0, (1.0,) * 6, max_member=MIB)
+    counts = []
+    for j in range(4):
+        skips = Skips(1.0)
+        got = [d.key for _, d in read_unit(Unit(str(path), 4, j), 0, skips, s)]
+        assert got == [f"d{i}" for i in (j, j + 4) if i != 2]
+        counts.append(dict(skips.counts))
+    assert counts == [{}, {}, {"too_large": 1}, {}]
