@@ -23,6 +23,11 @@ CAPTIONED = ("image-text", "image-mask", "video", "voc", "coco", "webdataset")
 """Kinds whose records are a picture (or clip) and its caption: condition dropout and order."""
 ORDERS = ("text_first", "image_first", "both")
 COMPLETION_KINDS = ("dna-pairs", "svg", *CAPTIONED)
+PICTURES = {
+    "image-text": ("image",), "image-mask": ("image", "mask"), "voc": ("image", "mask"),
+    "coco": ("image", "mask"), "video": ("video",),
+}  # fmt: skip
+"""The visual tokenizers each kind's records need (a webdataset source: its record's)."""
 
 
 def source_kinds() -> tuple[str, ...]:
@@ -126,6 +131,12 @@ class PrepareSource:
         _require_choice("sources[].mask", self.mask, MASKS)
         self._check_shaping()
         check_source(self)
+
+    @property
+    def visual_tokenizers(self) -> tuple[str, ...]:
+        """The visual tokenizers (image, mask, video) its records need; prompt-response
+        sources may name pictures too, known only when read."""
+        return PICTURES.get(self.fields.record if self.kind == "webdataset" else self.kind, ())
 
     def _check_shaping(self) -> None:
         _require_choice("sources[].order", self.order, ORDERS)
