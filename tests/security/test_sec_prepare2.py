@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mmfm.cli import main
 from mmfm.core.modalities import ModalitySpec, register_modality, unregister_modality
 from mmfm.data.shards import read_shard
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.prepare.readers import Rejects, iter_records
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
@@ -160,3 +162,93 @@ def test_a_damaged_or_untrained_visual_tokenizer_is_refused_before_any_work(
     else:
         assert damage in line, line
     assert not (tmp_path / "out").exists()  # refused before any output
+
+
+# -- records over sources[].max_record_mb ---------------------------------------------------------
+
+
+def read_all(tmp_path: Path, sources: str) -> tuple[list[str], list, Rejects]:
+    """(where of every record read, the records, the rejects) of a recipe's sources, read in
+    this process as `mmfm prepare` reads them."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output: {tmp_path / 'out'}\ntokenizer: {TOKENIZER}\nsources:\n{sources}")
+    rejects = Rejects()
+    pairs = list(iter_records(load_prepare_recipe(recipe), rejects))
+    return [where for where, _ in pairs], [record for _, record in pairs], rejects
+
+
+def test_records_over_max_record_mb_are_counted_without_reading_them_whole(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "small.txt").write_text("a small document")
+    with open(raw / "huge.txt", "wb") as f:  # 1 GiB, sparse: never read
+        f.truncate(1 << 30)
+    with open(raw / "huge.svg", "wb") as f:
+        f.truncate(1 << 30)
+    big = json.dumps({"text": "x" * (32 << 20)})  # one 32 MiB line between two small ones
+    (raw / "lines.jsonl").write_text(f'{{"text": "one"}}\n{big}\n{{"text": "three"}}\n')
+    (raw / "tasks.jsonl").write_text(
+        f'{{"prompt": "{"p" * (2 << 20)}", "response": "r"}}\n{{"prompt": "q", "response": "r"}}\n'
+    )
+    (raw / "chromosome.fa").write_text(">chr\n" + "ACGT" * (1 << 19) + "\n>small\nACGT\n")
+    one_mib = "max_record_mb: 1"
+    texts = (
+        f"  - {{kind: text, {one_mib}, paths: [{raw / 'small.txt'}, {raw / 'huge.txt'}]}}\n"
+        f"  - {{kind: text, {one_mib}, paths: [{raw / 'lines.jsonl'}]}}\n"
+        f"  - {{kind: svg, {one_mib}, paths: [{raw / 'huge.svg'}]}}\n"
+    )
+    tracemalloc.start()
+    read_all(tmp_path, texts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20, peak  # the 32 MiB line and the 1 GiB files were never held
+    kept, _, rejects = read_all(
+        tmp_path,
+        texts + f"  - {{kind: prompt-response, {one_mib}, paths: [{raw / 'tasks.jsonl'}]}}\n"
+        f"  - {{kind: dna, {one_mib}, paths: [{raw / 'chromosome.fa'}]}}\n"
+        f"  - {{kind: dna, name: windows, {one_mib}, max_length: 100000, "
+        f"paths: [{raw / 'chromosome.fa'}]}}\n",
+    )
+    assert [k.rsplit("/", 1)[1] for k in kept[:6]] == [
+        "small.txt:small.txt", "lines.jsonl:lines:1", "lines.jsonl:lines:3",
+        "tasks.jsonl:tasks:2", "chromosome.fa:small", "chromosome.fa:chr:0",
+    ]  # fmt: skip
+    assert len(kept) == 6 + 21  # 2M bases in windows of 100k, and the small record
+    assert rejects.counts == {"too_large": 5}
+    assert rejects.by_source == {s: {"too_large": n} for s, n in [
+        ("text", 2), ("svg", 1), ("prompt-response", 1), ("dna", 1)]}  # fmt: skip
+
+
+def test_raw_samples_over_max_record_mb_are_counted(tmp_path, mmfm_log):
+    """A small .tar.gz whose text member inflates to 8 MiB, a DNA member that inflates past
+    the bound: too_large for those samples, the others kept."""
+    import gzip
+    import io
+    import tarfile
+
+    shard = tmp_path / "raw.tar.gz"
+    members = {
+        "a.txt": b"a small caption",
+        "b.txt": b" " * (8 << 20),
+        "c.fa.gz": gzip.compress(b">c\n" + b"ACGT" * (1 << 19) + b"\n"),
+    }
+    with tarfile.open(shard, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert shard.stat().st_size < 64 << 10
+    text = "fields: {record: text}"
+    kept, _, rejects = read_all(
+        tmp_path, f"  - {{kind: webdataset, max_record_mb: 1, {text}, paths: [{shard}]}}\n"
+    )
+    assert kept == [f"{shard}:a", f"{shard}:c"]  # c: no txt member, rejected by the decoder
+    assert rejects.counts == {"too_large": 1}
+    assert f"{shard}:b: member txt: 8.0 MiB, over sources[].max_record_mb" in mmfm_log.text
+    dna = "fields: {record: dna, dna: [fa.gz]}"
+    _, samples, _ = read_all(
+        tmp_path, f"  - {{kind: webdataset, max_record_mb: 1, {dna}, paths: [{shard}]}}\n"
+    )
+    notes = []
+    assert list(samples[2].records(lambda *note: notes.append(note))) == []
+    assert [n[:2] for n in notes] == [("too_large", f"{shard}:c")]  # decompressed: 2 MiB
