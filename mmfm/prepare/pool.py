@@ -56,7 +56,10 @@ class Progress:
         if self._fd is not None:
             os.pwrite(self._fd, b"%20d" % i, 0)  # fixed width: one write, no truncation
 
-    def close(self) -> None:
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.close(self._fd)
 

@@ -2,19 +2,20 @@
 
 The records of every source are read in recipe order (files sorted) and cut into chunks of
 `shard_size`; chunk i becomes `<output>/<name>-%06i.tar`, tokenized by a pool of worker
-processes with the recipe's tokenizers. Raw WebDataset samples travel to the workers as
-bytes and are decoded there: a JPEG's decode costs more than reading it, and its pixels are
-about 12 times its bytes to send. A shard is written under a temporary name and renamed when
-complete, with its statistics beside it (its marker, `.stats/<shard>.json`, which holds the
-fingerprint of recipe, tokenizers and inputs), so a rerun skips finished shards and an
-interrupted run resumes where it stopped; the output is byte-identical either way and with
-any number of workers. A rerun with another fingerprint is refused, or rebuilds with
-`overwrite`. Rejected records (invalid UTF-8 or JSON, a missing member, tokenizer rejects
-such as an unsafe SVG or an invalid DNA character, empty documents) are counted per reason
-and source and logged once per file. `manifest.json` sums the shards: samples, tokens per
-modality, rejects, counts per source, the fingerprint, and the fingerprint of the
-vocabulary, whose `vocab.json` is copied next to the shards (training refuses shards of
-another vocabulary: `dataset_vocab`).
+processes with the recipe's tokenizers (mmfm/prepare/pool.py: a worker that dies, killed or
+crashed, is replaced, and a record that killed workers twice is counted `worker_died`). Raw
+WebDataset samples travel to the workers as bytes and are decoded there: a JPEG's decode
+costs more than reading it, and its pixels are about 12 times its bytes to send. A shard is
+written under a temporary name and renamed when complete, with its statistics beside it (its
+marker, `.stats/<shard>.json`, which holds the fingerprint of recipe, tokenizers and
+inputs), so a rerun skips finished shards and an interrupted run resumes where it stopped;
+the output is byte-identical either way and with any number of workers. A rerun with another
+fingerprint is refused, or rebuilds with `overwrite`. Rejected records (invalid UTF-8 or
+JSON, a missing member, tokenizer rejects such as an unsafe SVG or an invalid DNA character,
+empty documents) are counted per reason and source and logged once per file. `manifest.json`
+sums the shards: samples, tokens per modality, rejects, counts per source, the fingerprint,
+and the fingerprint of the vocabulary, whose `vocab.json` is copied next to the shards
+(training refuses shards of another vocabulary: `dataset_vocab`).
 """
 
 from __future__ import annotations
@@ -86,31 +87,38 @@ def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
     path, items, seed, skip = Job(*job)
     rng = np.random.default_rng([seed, int(Path(path).stem.rsplit("-", 1)[1])])
     docs, notes, sources = [], [], {}
-    progress = Progress(path)
-    for i, (where, item) in enumerate(items):
-        progress(i)
-        name = item.decoder.source if isinstance(item, RawSample) else item.source
-        counts = sources.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
+    with Progress(path) as progress:
+        for i, (where, item) in enumerate(items):
+            progress(i)
+            name = item.decoder.source if isinstance(item, RawSample) else item.source
+            counts = sources.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
 
-        def reject(reason: str, at: str, detail: str, counts=counts) -> None:
-            counts["rejected"][reason] += 1
-            notes.append((reason, at, detail))
+            def reject(reason: str, at: str, detail: str, counts=counts) -> None:
+                counts["rejected"][reason] += 1
+                notes.append((reason, at, detail))
 
-        if i in skip:
-            reject("worker_died", where, WORKER_DIED)
-            continue
-        for record in item.records(reject) if isinstance(item, RawSample) else [item]:
-            record, tags = shape(record, _SHAPING.get(name), seed)
-            if (doc := _encode(record, rng, where, reject)) is not None:
-                docs.append(doc)
-                counts["documents"] += 1
-                counts["tokens"] += len(doc.tokens)
-                if tags:
-                    counts.setdefault("shaped", Counter()).update(tags)
-    progress(len(items))
+            if i in skip:
+                reject("worker_died", where, WORKER_DIED)
+                continue
+            for record in item.records(reject) if isinstance(item, RawSample) else [item]:
+                record, tags = shape(record, _SHAPING.get(name), seed)
+                if (doc := _encode(record, rng, where, reject)) is not None:
+                    docs.append(doc)
+                    counts["documents"] += 1
+                    counts["tokens"] += len(doc.tokens)
+                    if tags:
+                        counts.setdefault("shaped", Counter()).update(tags)
+        progress(len(items))
+        stats = _shard_stats(path, docs, sources)
+        _write_stats(Path(path), stats)
+        write_shard(path, docs)
+    return stats, notes
+
+
+def _shard_stats(path: str, docs: list[Document], sources: dict) -> dict:
     modality = np.concatenate([d.modality for d in docs]) if docs else np.zeros(0, np.uint8)
     by_modality = np.bincount(modality, minlength=len(MODALITY_NAMES))
-    stats = {
+    return {
         "file": Path(path).name,
         "samples": len(docs),
         "tokens": int(by_modality.sum()),
@@ -121,10 +129,6 @@ def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
         "sources": {n: {**c, "rejected": dict(c["rejected"])} for n, c in sources.items()},
         "fingerprint": _FINGERPRINT,
     }
-    _write_stats(Path(path), stats)
-    write_shard(path, docs)
-    progress.close()
-    return stats, notes
 
 
 def _encode(record, rng, where: str, reject) -> Document | None:
