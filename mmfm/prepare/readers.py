@@ -18,6 +18,7 @@ from mmfm.core.modalities import kind_spec
 from mmfm.core.types import DnaRecord, ModalityRecord, Record, SvgRecord, TextRecord
 from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples, windows
 from mmfm.data.shards import ShardError, expand_paths
+from mmfm.prepare.limits import lines, too_large, within
 from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
 from mmfm.prepare.segmentation import coco_records, voc_records
 from mmfm.prepare.tasks import task_records
@@ -54,14 +55,19 @@ def _text_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterat
 
     name = source.name or source.kind
     if path.suffix != ".jsonl":
-        try:
-            yield TextRecord(path.name, path.read_bytes().decode("utf-8"), name)
-        except UnicodeDecodeError as e:
-            rejects.add("invalid_utf8", str(path), str(e))
+        if _small(path, source, rejects):
+            try:
+                yield TextRecord(path.name, path.read_bytes().decode("utf-8"), name)
+            except UnicodeDecodeError as e:
+                rejects.add("invalid_utf8", str(path), str(e))
         return
+    limit = source.max_record_bytes
     with open(path, "rb") as f:
-        for i, raw in enumerate(f):
+        for i, raw in enumerate(lines(f, limit)):
             where = f"{path}:{i + 1}"
+            if raw is None:
+                rejects.add("too_large", where, f"a line {too_large(limit)}")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -92,10 +98,20 @@ def _dna_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterato
 
 def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
 
+    if not _small(path, source, rejects):
+        return
     try:
         yield SvgRecord(path.stem, path.read_bytes().decode("utf-8"), source.name or "svg")
     except UnicodeDecodeError as e:
         rejects.add("invalid_utf8", str(path), str(e))
+
+
+def _small(path: Path, source: PrepareSource, rejects: Rejects) -> bool:
+    """Whether a file read as one record is within max_record_mb (else: too_large)."""
+    size, limit = path.stat().st_size, source.max_record_bytes
+    if size > limit:
+        rejects.add("too_large", str(path), too_large(limit, size))
+    return size <= limit
 
 
 def _visual_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:
@@ -150,12 +166,14 @@ def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str,
         if source.kind == "webdataset":
             records = _raw_samples(source, rejects)
         else:
+            fits = within(source.max_record_bytes, rejects.add)
             records = (
-                (f"{path}:{record.key}", record)
+                (where, record)
                 for path in iter_files(source.paths, recipe.cache_dir)
                 for record in _guarded(
                     _READERS.get(source.kind, _registered_records), path, source, rejects
                 )
+                if fits(where := f"{path}:{record.key}", record)
             )
         yield from islice(records, source.limit or None)
 
@@ -170,13 +188,20 @@ class RawSample:
     decoder: RawDecoder
     max_length: int = 0
     """dna: windows of at most this many bases (0: whole sequences)."""
+    max_bytes: int = 64 << 20
+    """Records of more bytes of text, DNA or SVG code are rejected (too_large)."""
 
     def records(self, reject: Reject) -> Iterator[Record]:
+        fits = within(self.max_bytes, reject)
+        where = f"{self.url}:{self.sample['__key__']}"
         for record in self.decoder(self.url, self.sample, reject):
-            if isinstance(record, DnaRecord):
-                yield from windows(record, self.max_length, record.source)
-            else:
-                yield record
+            for window in (
+                windows(record, self.max_length, record.source)
+                if isinstance(record, DnaRecord)
+                else [record]
+            ):
+                if fits(where, window):
+                    yield window
 
 
 def shard_urls(source: PrepareSource) -> list[str]:
@@ -193,8 +218,22 @@ def _raw_samples(source: PrepareSource, rejects: Rejects) -> Iterator[tuple[str,
     decoder = RawDecoder(
         source.fields, name, source.fps, source.max_frames, source.max_pixels, source.fit
     )
+    limit = source.max_record_bytes
+    texts = {m.partition(":")[0] for f in ("text", "svg", "dna") for m in _members(source, f)}
     for url, sample in raw_samples(shard_urls(source), source.fields, rejects.add):
-        yield f"{url}:{sample['__key__']}", RawSample(url, sample, decoder, source.max_length)
+        where = f"{url}:{sample['__key__']}"
+        big = {ext: len(v) for ext, v in sample.items() if ext in texts and len(v) > limit}
+        if big:  # refused before a worker decodes and tokenizes it
+            ext, size = next(iter(big.items()))
+            rejects.add("too_large", where, f"member {ext}: {too_large(limit, size)}")
+            continue
+        yield where, RawSample(url, sample, decoder, source.max_length, limit)
+
+
+def _members(source: PrepareSource, name: str) -> list[str]:
+    """The member alternatives of field `name` (`ext` or `ext:json_key`)."""
+    value = getattr(source.fields, name)
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _guarded(reader, path: Path, source: PrepareSource, rejects: Rejects) -> Iterator:

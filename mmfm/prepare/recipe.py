@@ -23,6 +23,11 @@ CAPTIONED = ("image-text", "image-mask", "video", "voc", "coco", "webdataset")
 """Kinds whose records are a picture (or clip) and its caption: condition dropout and order."""
 ORDERS = ("text_first", "image_first", "both")
 COMPLETION_KINDS = ("dna-pairs", "svg", *CAPTIONED)
+PICTURES = {
+    "image-text": ("image",), "image-mask": ("image", "mask"), "voc": ("image", "mask"),
+    "coco": ("image", "mask"), "video": ("video",),
+}  # fmt: skip
+"""The visual tokenizers each kind's records need (a webdataset source: its record's)."""
 
 
 def source_kinds() -> tuple[str, ...]:
@@ -71,6 +76,11 @@ class PrepareSource:
     """image-text, image-mask, video, webdataset: refuse (count as too_large) a picture, mask
     or frame of more pixels, read from its header before decoding (64M: 8192 x 8192).
     Decompression bombs (over Pillow's ~179M pixels) are refused whatever this says."""
+    max_record_mb: float = 64.0
+    """Refuse (count as too_large) a record of more MiB of text, DNA or SVG code: a text or
+    SVG file, a jsonl line, a raw sample's text, svg or dna member, a DNA sequence (or window,
+    see max_length), a task's prompt and response. Refused from its size before reading where
+    the format allows; pictures are bounded by max_pixels."""
     mask: str = "sidecar"
     """image-mask: sidecar (the <stem>.mask.png, nonzero = object; none: rejected as no_mask)
     or otsu (Otsu's threshold of the picture, a guess: only when asked)."""
@@ -121,11 +131,22 @@ class PrepareSource:
         _require(self.max_length >= 0 and self.limit >= 0, "max_length and limit must be >= 0")
         _require(self.fps > 0 and self.max_frames > 0, "fps and max_frames must be > 0")
         _require(self.max_pixels > 0, "sources[].max_pixels must be > 0")
+        _require(self.max_record_mb > 0, "sources[].max_record_mb must be > 0")
         self.fit = self.fit or ("letterbox" if self.kind in ("voc", "coco") else "crop")
         _require_choice("sources[].fit", self.fit, FITS)
         _require_choice("sources[].mask", self.mask, MASKS)
         self._check_shaping()
         check_source(self)
+
+    @property
+    def max_record_bytes(self) -> int:
+        return int(self.max_record_mb * (1 << 20))
+
+    @property
+    def visual_tokenizers(self) -> tuple[str, ...]:
+        """The visual tokenizers (image, mask, video) its records need; prompt-response
+        sources may name pictures too, known only when read."""
+        return PICTURES.get(self.fields.record if self.kind == "webdataset" else self.kind, ())
 
     def _check_shaping(self) -> None:
         _require_choice("sources[].order", self.order, ORDERS)

@@ -2,26 +2,26 @@
 
 The records of every source are read in recipe order (files sorted) and cut into chunks of
 `shard_size`; chunk i becomes `<output>/<name>-%06i.tar`, tokenized by a pool of worker
-processes with the recipe's tokenizers. Raw WebDataset samples travel to the workers as
-bytes and are decoded there: a JPEG's decode costs more than reading it, and its pixels are
-about 12 times its bytes to send. A shard is written under a temporary name and renamed when
-complete, with its statistics beside it (its marker, `.stats/<shard>.json`, which holds the
-fingerprint of recipe, tokenizers and inputs), so a rerun skips finished shards and an
-interrupted run resumes where it stopped; the output is byte-identical either way and with
-any number of workers. A rerun with another fingerprint is refused, or rebuilds with
-`overwrite`. Rejected records (invalid UTF-8 or JSON, a missing member, tokenizer rejects
-such as an unsafe SVG or an invalid DNA character, empty documents) are counted per reason
-and source and logged once per file. `manifest.json` sums the shards: samples, tokens per
-modality, rejects, counts per source, the fingerprint, and the fingerprint of the
-vocabulary, whose `vocab.json` is copied next to the shards (training refuses shards of
-another vocabulary: `dataset_vocab`).
+processes with the recipe's tokenizers (mmfm/prepare/pool.py: a worker that dies, killed or
+crashed, is replaced, and a record that killed workers twice is counted `worker_died`). Raw
+WebDataset samples travel to the workers as bytes and are decoded there: a JPEG's decode
+costs more than reading it, and its pixels are about 12 times its bytes to send. A shard is
+written under a temporary name and renamed when complete, with its statistics beside it (its
+marker, `.stats/<shard>.json`, which holds the fingerprint of recipe, tokenizers and
+inputs), so a rerun skips finished shards and an interrupted run resumes where it stopped;
+the output is byte-identical either way and with any number of workers. A rerun with another
+fingerprint is refused, or rebuilds with `overwrite`. Rejected records (invalid UTF-8 or
+JSON, a missing member, tokenizer rejects such as an unsafe SVG or an invalid DNA character,
+empty documents) are counted per reason and source and logged once per file. `manifest.json`
+sums the shards: samples, tokens per modality, rejects, counts per source, the fingerprint,
+and the fingerprint of the vocabulary, whose `vocab.json` is copied next to the shards
+(training refuses shards of another vocabulary: `dataset_vocab`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import threading
 from collections import Counter, deque
@@ -42,6 +42,7 @@ from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
 from mmfm.prepare.megatron_out import with_related_order, write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
+from mmfm.prepare.pool import WORKER_DIED, Job, Progress, WorkerPool
 from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.prepare.shaping import log_realised, realised, rules, shape
@@ -79,32 +80,45 @@ def _init_worker(
 
 
 def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Tokenize one chunk of (where, record or RawSample) and write it as a shard; return its
-    statistics and (reason, where, detail) of its rejects. Raw samples are decoded here. A
-    record the tokenizers raise on, whatever the exception, is a counted reject: one record
-    never stops the pool."""
-    path, items, seed = job
+    """Tokenize one chunk (a `Job`) of (where, record or RawSample) and write it as a shard;
+    return its statistics and (reason, where, detail) of its rejects. Raw samples are decoded
+    here. A record the tokenizers raise on, whatever the exception, is a counted reject, and
+    so is one its workers died on twice (`Job.skip`): one record never stops the run."""
+    path, items, seed, skip = Job(*job)
     rng = np.random.default_rng([seed, int(Path(path).stem.rsplit("-", 1)[1])])
     docs, notes, sources = [], [], {}
-    for where, item in items:
-        name = item.decoder.source if isinstance(item, RawSample) else item.source
-        counts = sources.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
+    with Progress(path) as progress:
+        for i, (where, item) in enumerate(items):
+            progress(i)
+            name = item.decoder.source if isinstance(item, RawSample) else item.source
+            counts = sources.setdefault(name, {"documents": 0, "tokens": 0, "rejected": Counter()})
 
-        def reject(reason: str, at: str, detail: str, counts=counts) -> None:
-            counts["rejected"][reason] += 1
-            notes.append((reason, at, detail))
+            def reject(reason: str, at: str, detail: str, counts=counts) -> None:
+                counts["rejected"][reason] += 1
+                notes.append((reason, at, detail))
 
-        for record in item.records(reject) if isinstance(item, RawSample) else [item]:
-            record, tags = shape(record, _SHAPING.get(name), seed)
-            if (doc := _encode(record, rng, where, reject)) is not None:
-                docs.append(doc)
-                counts["documents"] += 1
-                counts["tokens"] += len(doc.tokens)
-                if tags:
-                    counts.setdefault("shaped", Counter()).update(tags)
+            if i in skip:
+                reject("worker_died", where, WORKER_DIED)
+                continue
+            for record in item.records(reject) if isinstance(item, RawSample) else [item]:
+                record, tags = shape(record, _SHAPING.get(name), seed)
+                if (doc := _encode(record, rng, where, reject)) is not None:
+                    docs.append(doc)
+                    counts["documents"] += 1
+                    counts["tokens"] += len(doc.tokens)
+                    if tags:
+                        counts.setdefault("shaped", Counter()).update(tags)
+        progress(len(items))
+        stats = _shard_stats(path, docs, sources)
+        _write_stats(Path(path), stats)
+        write_shard(path, docs)
+    return stats, notes
+
+
+def _shard_stats(path: str, docs: list[Document], sources: dict) -> dict:
     modality = np.concatenate([d.modality for d in docs]) if docs else np.zeros(0, np.uint8)
     by_modality = np.bincount(modality, minlength=len(MODALITY_NAMES))
-    stats = {
+    return {
         "file": Path(path).name,
         "samples": len(docs),
         "tokens": int(by_modality.sum()),
@@ -115,17 +129,16 @@ def _tokenize_shard(job: tuple) -> tuple[dict, list[tuple[str, str, str]]]:
         "sources": {n: {**c, "rejected": dict(c["rejected"])} for n, c in sources.items()},
         "fingerprint": _FINGERPRINT,
     }
-    _write_stats(Path(path), stats)
-    write_shard(path, docs)
-    return stats, notes
 
 
 def _encode(record, rng, where: str, reject) -> Document | None:
     """The document of `record`, or None when it is rejected (see _tokenize_shard)."""
     try:
         doc = _TOKENIZERS.encode(record, rng)
-    except Exception as e:  # see _tokenize_shard
-        reject(_reason(e), where, f"{type(e).__name__}: {e}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # also a Rust panic in tokenizers (pyo3's PanicException)
+        reject(_reason(e), where, f"{type(e).__name__}: {_first_line(e)}")
         return None
     if _is_empty(doc):
         reject("empty", where, "no content between the frames")
@@ -133,13 +146,17 @@ def _encode(record, rng, where: str, reject) -> Document | None:
     return doc
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
 
     if isinstance(e, DnaError):
         return "dna_error"
     if isinstance(e, SvgError):
         return "svg_error"
     return "tokenizer_error"  # anything else a tokenizer raises (sentencepiece, numpy, ...)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]  # a panic's message ends in a backtrace
 
 
 def _is_empty(doc) -> bool:
@@ -194,6 +211,7 @@ def prepare(
     out = Path(recipe.output)
     tokenizer_recipe = load_recipe(recipe.tokenizer)
     tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained
+    _check_visual(recipe, tokenizers)
     inputs = list_inputs(recipe)
     fingerprint = fingerprint_of(recipe, tokenizer_recipe, inputs)
     _check_output(out, fingerprint, overwrite)
@@ -206,11 +224,13 @@ def prepare(
         (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed, i % parts == index)
         for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size, sizes))
     )
-    todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
+    todo_or_done = (
+        Job(*job[:3]) if job[3] and not Path(job[0]).exists() else job[0] for job in jobs
+    )
     bar = _progress_bar(recipe, inputs, progress)
     shards, skipped, paths, read = [], 0, [], 0
     init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
-    work = _results(todo_or_done, workers, init)
+    work = WorkerPool(workers, _run_or_skip, _init_worker, init).results(todo_or_done)
     for path, (stats, was_done, notes) in work:
         skipped += was_done
         for note in notes:
@@ -238,6 +258,13 @@ def prepare(
     )  # fmt: skip
     log_realised(manifest["sources"])
     return manifest
+
+
+def _check_visual(recipe: PrepareRecipe, tokenizers: Tokenizers) -> None:
+    """Load the visual tokenizers the sources need once, before any output: a missing,
+    untrained or damaged one is one error naming it, not every picture a tokenizer_error."""
+    for name in dict.fromkeys(n for s in recipe.sources for n in s.visual_tokenizers):
+        tokenizers.visual.model(name)
 
 
 def _progress_bar(recipe: PrepareRecipe, inputs: list[list[str]], progress: bool) -> tqdm:
@@ -315,44 +342,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _finished_stats(shard: Path) -> dict | None:
     return json.loads(_stats_path(shard).read_text()) if shard.exists() else None
-
-
-def _results(jobs: Iterator, workers: int, init: tuple) -> Iterator[tuple]:
-    """`_run_or_skip` of every job, in order. Finished shards are looked up here; the pool
-    of tokenizing workers starts at the first shard to write (a rerun with every shard done
-    starts none), and at most 2 x workers chunks wait, so reading stays just ahead of the
-    workers (the chunks of raw samples hold their pictures' bytes)."""
-    pending: deque = deque()
-    pool = None
-    try:
-        for job in jobs:
-            if isinstance(job, str):
-                pending.append(_Done(_run_or_skip(job)))
-            else:
-                if pool is None:
-                    threads = max(1, len(os.sched_getaffinity(0)) // workers)
-                    pool = mp.get_context("spawn").Pool(workers, _init_worker, (*init, threads))
-                pending.append(pool.apply_async(_run_or_skip, (job,)))
-            while pending and (len(pending) > 2 * workers or pending[0].ready()):
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
-class _Done:
-    """A result known at once, queued like a pool's AsyncResult to keep the order."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def ready(self) -> bool:
-        return True
-
-    def get(self):
-        return self.value
 
 
 def _run_or_skip(job) -> tuple[str, tuple[dict | None, bool, list]]:

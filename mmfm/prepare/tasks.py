@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfm.core.types import TASK_PARTS, TaskPart, TaskRecord
+from mmfm.prepare.limits import lines, too_large
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import PictureError
 
@@ -46,9 +47,13 @@ def task_records(path: Path, source, rejects) -> Iterator[TaskRecord]:
     if path.suffix != ".jsonl":
         return
     root = Path(source.image_dir).expanduser() if source.image_dir else path.parent
+    limit = source.max_record_bytes
     with open(path, "rb") as f:
-        for i, raw in enumerate(f):
+        for i, raw in enumerate(lines(f, limit)):
             where = f"{path}:{i + 1}"
+            if raw is None:
+                rejects.add("too_large", where, f"a line {too_large(limit)}")
+                continue
             if not raw.strip():
                 continue
             try:

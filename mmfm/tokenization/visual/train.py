@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -357,17 +358,24 @@ def save_visual(model: nn.Module, out: str | Path) -> None:
 
 
 def load_visual(path: str | Path) -> nn.Module:
-    """A trained visual tokenizer (eval mode) from its folder."""
+    """A trained visual tokenizer (eval mode) from its folder; a missing, damaged or mismatched
+    one is a TokenizerError naming the file and how to (re)train it."""
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise TokenizerError(
             f"{path} is not a trained visual tokenizer (config.json + model.safetensors): "
-            "run mmfm tokenizer train with its recipe"
+            f"run {_train_command(path)}"
         )
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("kind") == "himtok_mask":  # saved before the field: trained without it
-        cfg.setdefault("query_pool", False)
-    model = _model(cfg.pop("kind"), cfg)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        if cfg.get("kind") == "himtok_mask":  # saved before the field: trained without it
+            cfg.setdefault("query_pool", False)
+        model = _model(cfg.pop("kind"), cfg)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise TokenizerError(
+            f"{path / 'config.json'} is unreadable ({type(e).__name__}: {e}): run "
+            f"{_train_command(path)} again"
+        ) from None
     try:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
     except RuntimeError as e:  # e.g. quantizer: fsq in config.json, a VQ codebook in the weights
@@ -376,4 +384,16 @@ def load_visual(path: str | Path) -> nn.Module:
             f"{path}: model.safetensors does not fit config.json ({model.kind}, quantizer "
             f"{getattr(model.cfg, 'quantizer', 'vq')}): {detail}; retrain it with its recipe"
         ) from None
+    except SafetensorError as e:  # a cut or damaged file
+        raise TokenizerError(
+            f"{path / 'model.safetensors'} is unreadable ({type(e).__name__}: {e}): run "
+            f"{_train_command(path)} again"
+        ) from None
     return model.eval()
+
+
+def _train_command(path: Path) -> str:
+    """The command that trains the tokenizer of folder `path`: its recipe is <path>.yaml in
+    the shipped layout (tokenizers/seed_image.yaml -> tokenizers/seed_image)."""
+    recipe = path.with_name(path.name + ".yaml")
+    return f"mmfm tokenizer train {recipe if recipe.is_file() else '<its recipe>.yaml'}"
