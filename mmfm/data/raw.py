@@ -34,7 +34,7 @@ from mmfm.core.types import (
     TextRecord,
     VideoRecord,
 )
-from mmfm.data.tario import Damage, read_tar
+from mmfm.data.tario import MAX_MEMBER, Damage, read_tar
 from mmfm.tokenization.dna import read_dna
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import PictureError
@@ -44,13 +44,18 @@ Reject = Callable[[str, str, str], None]
 
 
 def raw_samples(
-    urls: Sequence[str], fields: RawFields, reject: Reject, timeout_s: float = 300.0
+    urls: Sequence[str],
+    fields: RawFields,
+    reject: Reject,
+    timeout_s: float = 300.0,
+    max_member: int = MAX_MEMBER,
 ) -> Iterator[tuple[str, dict]]:
     """(shard url, sample) of every shard in order, each sample holding only the members
     `fields` reads; a damaged or cut region of a shard is rejected under its reason
-    (corrupt_shard, truncated_shard, timeout_shard) and reading goes on after it."""
+    (corrupt_shard, truncated_shard, timeout_shard; a member over `max_member` bytes:
+    too_large) and reading goes on after it."""
     for url in urls:
-        for item in read_tar(url, timeout_s, fields.members()):
+        for item in read_tar(url, timeout_s, fields.members(), max_member):
             if isinstance(item, Damage):
                 reject(item.reason, url, item.detail)
             else:

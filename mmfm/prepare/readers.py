@@ -18,6 +18,7 @@ from mmfm.core.modalities import kind_spec
 from mmfm.core.types import DnaRecord, ModalityRecord, Record, SvgRecord, TextRecord
 from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples, windows
 from mmfm.data.shards import ShardError, expand_paths
+from mmfm.data.tario import MAX_MEMBER
 from mmfm.prepare.limits import lines, too_large, within
 from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
 from mmfm.prepare.segmentation import coco_records, voc_records
@@ -220,7 +221,10 @@ def _raw_samples(source: PrepareSource, rejects: Rejects) -> Iterator[tuple[str,
     )
     limit = source.max_record_bytes
     texts = {m.partition(":")[0] for f in ("text", "svg", "dna") for m in _members(source, f)}
-    for url, sample in raw_samples(shard_urls(source), source.fields, rejects.add):
+    # a member is read only within the larger of the tar reader's default and the record limit
+    members = max(MAX_MEMBER, limit)
+    urls = shard_urls(source)
+    for url, sample in raw_samples(urls, source.fields, rejects.add, max_member=members):
         where = f"{url}:{sample['__key__']}"
         big = {ext: len(v) for ext, v in sample.items() if ext in texts and len(v) > limit}
         if big:  # refused before a worker decodes and tokenizes it

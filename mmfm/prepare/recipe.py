@@ -80,7 +80,8 @@ class PrepareSource:
     """Refuse (count as too_large) a record of more MiB of text, DNA or SVG code: a text or
     SVG file, a jsonl line, a raw sample's text, svg or dna member, a DNA sequence (or window,
     see max_length), a task's prompt and response. Refused from its size before reading where
-    the format allows; pictures are bounded by max_pixels."""
+    the format allows; pictures are bounded by max_pixels. A raw WebDataset member (a picture,
+    a video) is read only up to the larger of this and 256 MiB (else too_large)."""
     mask: str = "sidecar"
     """image-mask: sidecar (the <stem>.mask.png, nonzero = object; none: rejected as no_mask)
     or otsu (Otsu's threshold of the picture, a guess: only when asked)."""
