@@ -36,7 +36,7 @@ EXAMPLES = """examples:
   mmfm config --doc
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
   mmfm convert hf runs/mine/checkpoints/step_1000 hf/mine --dtype bf16
-  mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/base.yaml
+  mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/llm.yaml
   mmfm slurm submit launch/demo.yaml --nodes 2 --gpus-per-node 8 --time 04:00:00 \
       parallel.dp_replicate=2 parallel.dp_shard=2 parallel.tp=4 --dry-run
   mmfm tokenizer train tokenizers/base.yaml
@@ -291,7 +291,8 @@ def _add_convert_parser(sub) -> None:
     imp.add_argument(
         "--extend-vocab",
         metavar="RECIPE",
-        help="append the modality tokens of a tokenizer recipe (tokenizers/*.yaml)",
+        help="append the modality tokens of a tokenizer recipe whose text.pretrained is the "
+        "model's own tokenizer (a copy of tokenizers/llm.yaml)",
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
     meg = csub.add_parser("megatron", help="checkpoint -> megatron-core torch_dist checkpoint")
