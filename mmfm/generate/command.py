@@ -2,7 +2,8 @@
 
 Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`), the batch
 is generated with the KV cache under the span grammar, and every generated span is written
-to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`. Prompts
+to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl` (a second
+run into the same `--out` numbers its files after the first's and appends its lines). Prompts
 that are not UTF-8, a prompt plus `--max-new-tokens` beyond the model's `max_seq_len` (the KV
 cache holds both) and an `--out` that cannot be a folder are refused before sampling.
 """
@@ -21,7 +22,13 @@ from mmfm.core.files import make_folder
 from mmfm.generate.engine import generate
 from mmfm.generate.layout import MODALITY_OF, Layout
 from mmfm.generate.load import Loaded, load_model
-from mmfm.generate.outputs import Span, SpanWriter, split_spans, write_generations
+from mmfm.generate.outputs import (
+    Span,
+    SpanWriter,
+    next_index,
+    split_spans,
+    write_generations,
+)
 from mmfm.generate.sampling import Sampling
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.visual.records import VisualTokenizers
@@ -88,15 +95,22 @@ def run(args: GenerateArgs) -> list[dict]:
         new += generate(loaded.model, chunk, args.sampling, layout, args.constrain)
 
     writer = SpanWriter(layout, args.out, visual)
+    first = next_index(args.out)
     records, all_spans = [], []
-    for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, new, strict=True)):
+    for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, new, strict=True), first):
         spans = _spans(prompt, ids, layout)
         for k, span in enumerate(spans):
             writer.write(span, f"{n:04d}-{k}-{span.modality}")
             where = span.path or "(no file)"
             print(f"[{n}] {span.modality}: {where}" + (f"  ({span.note})" if span.note else ""))
         records.append(
-            {"prompt": text, "modality": args.modality, "prompt_ids": prompt, "new_ids": ids}
+            {
+                "index": n,
+                "prompt": text,
+                "modality": args.modality,
+                "prompt_ids": prompt,
+                "new_ids": ids,
+            }
         )
         all_spans.append(spans)
     path = write_generations(args.out, records, all_spans)

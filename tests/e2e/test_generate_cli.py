@@ -154,3 +154,22 @@ def test_user_errors_are_one_line(tmp_path, capsys):
             main(["generate", str(demo), "--prompt", "x", *bad])
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_second_run_into_the_same_out_continues_the_numbering(tmp_path, demo_cache):
+    """Nothing a run wrote is overwritten: the next run's files continue after the highest
+    index in --out, and generations.jsonl gets its lines appended."""
+    ckpt = random_checkpoint(
+        tmp_path / "ckpt", [f"model.vocab_size={DEMO_VOCAB_SIZE}", "data.paths=[builtin:demo]"]
+    )
+    out = tmp_path / "out"
+    args = ["generate", str(ckpt), "--modality", "image", "--max-new-tokens", "66"]
+    main([*args, "--prompt", "a red cross", "--out", str(out)])
+    first = (out / "0000-0-image.png").read_bytes()
+    main([*args, "--prompt", "a blue cross", "--prompt", "green", "--out", str(out), "--seed", "1"])
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red cross", "a blue cross", "green"]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    paths = [r["spans"][0]["path"] for r in rows]
+    assert [Path(p).name for p in paths] == [f"000{i}-0-image.png" for i in range(3)]
+    assert (out / "0000-0-image.png").read_bytes() == first
