@@ -27,6 +27,7 @@ import numpy as np
 from mmfm.core.errors import ConfigError, InputNotFound, TokenizerError
 from mmfm.core.types import TaskPart
 from mmfm.tokenization.dna import read_dna
+from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.visual import data as vdata
 
 FILE_KINDS = ("image", "video", "dna", "svg")
@@ -85,8 +86,6 @@ def needs_tokenizers(prompts: Sequence[Prompt], recipe_path: str | None) -> None
             f"a prompt with a {sorted(kinds)[0]} file needs --tokenizers RECIPE, the tokenizer "
             "set the model's data was prepared with (its vocab.json is the model's)"
         )
-    from mmfm.tokenization.recipe import load_recipe
-
     recipe = load_recipe(recipe_path)
     for kind in ("image", "video"):
         if kind in kinds and not getattr(recipe, f"{kind}_tokenizer"):

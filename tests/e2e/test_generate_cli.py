@@ -304,3 +304,31 @@ def test_prompt_files_are_checked_before_the_model_is_loaded(unified, tmp_path, 
         err = capsys.readouterr().err
         assert stop.value.code == code and words in err and err.count("\n") == 1, (args, err)
         assert "neither an mmfm checkpoint" not in err
+
+
+def test_files_tokenized_by_another_vocabulary_are_refused(unified, tmp_path, capsys):
+    """A recipe whose vocabulary is not the model's (one task token more) would put the
+    image codes at other ids: refused, naming both."""
+    import shutil
+
+    from mmfm.tokenization.recipe import load_recipe
+    from mmfm.tokenization.tokenizers import Tokenizers, build_vocab
+
+    ckpt, recipe = unified
+    mine = Tokenizers.load(load_recipe(recipe))
+    (tmp_path / "other").mkdir()
+    shutil.copy(REPO / "tokenizers/base/text.model", tmp_path / "other/text.model")
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        recipe.read_text().replace(str(REPO / "tokenizers/base"), str(tmp_path / "other"))
+        + "task_tokens: ['<caption>']\n"
+    )
+    build_vocab(load_recipe(other), mine.text, mine.dna).save(tmp_path / "other/vocab.json")
+    photo = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), (200, 100, 0)).save(photo)
+    args = ["generate", str(ckpt), "--prompt", "{image} x", "--image", str(photo)]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--tokenizers", str(other), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "the tokenizer recipe its data was prepared with" in err and str(ckpt) in err
