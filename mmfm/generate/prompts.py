@@ -4,13 +4,14 @@ A prompt is a template whose `{image}`, `{video}`, `{dna}` and `{svg}` say where
 a file goes (`--image PATH` ..., or a field of a `--prompts` JSONL line). The template is cut
 at its placeholders into parts in order (the text between them stripped, as the parts of a
 prompt-response task are listed), each file is read as `mmfm prepare` reads it (pictures made
-square by `--fit`, a clip's frames at 2 fps, at most 8; the first sequence of a FASTA /
-FASTQ / GenBank file; SVG code through the hardened parser) and the parts are tokenized by
+square by `--fit`, a clip's frames at 2 fps, at most 8; a FASTA / FASTQ / GenBank file of
+one sequence; SVG code through the hardened parser) and the parts are tokenized by
 the tokenizer set the model's data was made with (`--tokenizers`) exactly as a task's prompt
 is (`Tokenizers.prompt`): `<s> <img> 32 codes </img> segment the cat`, then the opening
 delimiter of the answer's modality. Everything a user can get wrong (a placeholder without
 its file, a file without its placeholder, a missing file, a tokenizer set without the
-tokenizer a file needs) is refused in one line before the model is loaded.
+tokenizer a file needs) is refused in one line before the model is loaded; a tokenizer set
+whose vocabulary is not the model's, once it is (command.py).
 """
 
 from __future__ import annotations
