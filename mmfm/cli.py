@@ -574,16 +574,16 @@ def _generate_command(args: argparse.Namespace) -> None:
     from mmfm.generate.command import GenerateArgs, run, sampling_from
     from mmfm.generate.prompts import FILE_KINDS, Prompt, read_prompts
 
-    texts = list(args.prompt)
+    texts = [(text, f"--prompt {n}") for n, text in enumerate(args.prompt, 1)]
     if args.prompts_file:
         lines = _read_text(args.prompts_file, "--prompts-file").splitlines()
-        texts += [line for line in lines if line.strip()]
+        texts += [(t, f"{args.prompts_file}:{n}") for n, t in enumerate(lines, 1) if t.strip()]
     files = {k: getattr(args, k) for k in FILE_KINDS if getattr(args, k) is not None}
     if files and not texts:
         raise ConfigError(
             f"--{next(iter(files))} goes into --prompt; a --prompts line names its own files"
         )
-    prompts = [Prompt(t, files, origin=f"--prompt {n}") for n, t in enumerate(texts, 1)]
+    prompts = [Prompt(text, files, origin=origin) for text, origin in texts]
     prompts += read_prompts(args.prompts) if args.prompts else []
     if not prompts:
         raise ConfigError(

@@ -201,7 +201,8 @@ def test_a_picture_in_a_prompt_is_the_span_of_its_training_rows(unified, real_da
     photo = real_data("photos") / "chelsea.png"
     out = tmp_path / "out"
     args = ["generate", str(ckpt), "--prompt", "{image} segment the cat", "--image", str(photo)]
-    main([*args, "--modality", "mask", "--tokenizers", str(recipe), "--out", str(out)])
+    args += ["--modality", "mask", "--tokenizers", str(recipe), "--max-new-tokens", "4"]
+    main([*args, "--out", str(out)])
     (row,) = _rows(out)
     tok = Tokenizers.load(load_recipe(recipe))
     (record,) = visual_records(photo, "image-text")  # as `mmfm prepare` reads the photo
@@ -228,7 +229,7 @@ def test_a_jsonl_of_prompts_with_files_is_one_batch(unified, real_data, tmp_path
 
     ckpt, recipe = unified
     shutil.copy(real_data("photos") / "coffee.png", tmp_path / "coffee.png")
-    clip = real_data("video") / "bikes.mp4"
+    clip = real_data("gif") / "no_time_for_that_tiny.gif"  # 4 frames at 2 fps
     genome = next(SeqIO.parse(_gunzip(real_data("fasta") / "KK037166.single.fna.gz"), "fasta"))
     (tmp_path / "gene.fa").write_text(f">gene\n{genome.seq[:120]}\n")
     icon = real_data("svg") / "back.svg"
@@ -242,7 +243,8 @@ def test_a_jsonl_of_prompts_with_files_is_one_batch(unified, real_data, tmp_path
     (tmp_path / "prompts.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n")
     out = tmp_path / "out"
     args = ["generate", str(ckpt), "--prompts", str(tmp_path / "prompts.jsonl")]
-    main([*args, "--tokenizers", str(recipe), "--out", str(out), "--batch-size", "2"])
+    args += ["--tokenizers", str(recipe), "--batch-size", "2", "--max-new-tokens", "4"]
+    main([*args, "--out", str(out)])
     rows = _rows(out)
     assert [r["modality"] for r in rows] == ["mask", "text", "text", "svg"]
     assert rows[0]["files"] == {"image": str(tmp_path / "coffee.png")}
