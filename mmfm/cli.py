@@ -171,7 +171,12 @@ def _add_generate_parser(sub) -> None:
         help="the answer's modality (text, image, mask, video, dna, svg or a registered one, "
         "docs/adding_a_modality.md): its opening delimiter is appended to each prompt",
     )
-    gen.add_argument("--out", default="generations", help="folder for the files")
+    gen.add_argument(
+        "--out",
+        default="generations",
+        help="folder for the files; a later run into it numbers its files after the earlier "
+        "ones and appends to generations.jsonl (nothing is overwritten)",
+    )
     gen.add_argument(
         "--max-new-tokens", type=int, default=256, help="tokens sampled per prompt at most"
     )
