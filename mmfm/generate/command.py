@@ -26,7 +26,7 @@ from mmfm.generate.load import Loaded, load_model
 from mmfm.generate.outputs import (
     Span,
     SpanWriter,
-    next_index,
+    numbering,
     split_spans,
     write_generations,
 )
@@ -110,11 +110,16 @@ def run(args: GenerateArgs) -> list[dict]:
         chunk = ids[i : i + args.batch_size]
         new += generate(loaded.model, chunk, args.sampling, layout, args.constrain)
 
-    writer = SpanWriter(layout, args.out, visual)
-    first = next_index(args.out)
+    with numbering(args.out) as first:
+        records = _write(SpanWriter(layout, args.out, visual), first, prompts, ids, new)
+    return records
+
+
+def _write(writer: SpanWriter, first: int, prompts: list[Prompt], ids, new) -> list[dict]:
+    """Every span a file, numbered from `first`, and a line per prompt in generations.jsonl."""
     records, all_spans = [], []
     for n, (p, prompt, new_ids) in enumerate(zip(prompts, ids, new, strict=True), first):
-        spans = _spans(prompt, new_ids, layout)
+        spans = _spans(prompt, new_ids, writer.layout)
         for k, span in enumerate(spans):
             writer.write(span, f"{n:04d}-{k}-{span.modality}")
             where = span.path or "(no file)"
@@ -130,7 +135,7 @@ def run(args: GenerateArgs) -> list[dict]:
             }
         )
         all_spans.append(spans)
-    path = write_generations(args.out, records, all_spans)
+    path = write_generations(writer.out, records, all_spans)
     print(f"{path}: {len(records)} prompt(s)")
     return records
 

@@ -13,9 +13,10 @@ after them (`next_index`) and appends to its generations.jsonl.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -265,6 +266,16 @@ def demo_picture(codes: np.ndarray, scale: int = 16) -> np.ndarray:
 
 GENERATIONS = "generations.jsonl"
 _NUMBERED = re.compile(r"(\d+)-\d+-")
+
+
+@contextlib.contextmanager
+def numbering(out: str | Path) -> Iterator[int]:
+    """The first free index of `out` (`next_index`), with an exclusive lock on its
+    generations.jsonl held until the block has written its files and lines: two runs into
+    one folder at the same time take turns instead of taking the same numbers."""
+    with open(Path(out) / GENERATIONS, "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield next_index(out)
 
 
 def next_index(out: str | Path) -> int:
