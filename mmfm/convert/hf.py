@@ -8,9 +8,9 @@ straight out of the DCP files, so memory stays near one output shard.
 Import (`mmfm convert from-hf`): a Llama, Mistral or Qwen2 folder (safetensors, or .bin read
 with `weights_only=True`) -> an mmfm checkpoint for `train.init_from`, optionally with the
 vocabulary grown by the modality tokens (`--extend-vocab`, a recipe whose `text.pretrained` is
-the model's own tokenizer): each new embedding (and output) row is the mean of
-the existing rows plus Gaussian noise of 1% of their standard deviation, seeded, so new
-tokens start near the "average token" without being identical. What mmfm cannot reproduce
+the model's own tokenizer): each new embedding (and output) row is the mean of the existing
+rows plus Gaussian noise of 1% of their standard deviation, seeded, so new tokens start near
+the "average token" without being identical. What mmfm cannot reproduce
 exactly (scaled RoPE in any spelling transformers reads, a weight with no mmfm counterpart,
 NaN/Inf values) and damaged files (truncated JSON or safetensors) are refused in one message
 naming the file, before anything is written. No size is taken on trust: an export checks
