@@ -36,7 +36,7 @@ EXAMPLES = """examples:
   mmfm config --doc
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
   mmfm convert hf runs/mine/checkpoints/step_1000 hf/mine --dtype bf16
-  mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/base.yaml
+  mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/llm.yaml
   mmfm slurm submit launch/demo.yaml --nodes 2 --gpus-per-node 8 --time 04:00:00 \
       parallel.dp_replicate=2 parallel.dp_shard=2 parallel.tp=4 --dry-run
   mmfm tokenizer train tokenizers/base.yaml
@@ -45,6 +45,8 @@ EXAMPLES = """examples:
   mmfm tokenizer decode tokenizers/base.yaml 1 907 284 2
   mmfm generate runs/demo/checkpoints/step_200 --prompt "a red cross on a blue background" \
       --modality image --out generations
+  mmfm generate ckpt --prompt "{image} segment the cat" --image cat.png --modality mask \
+      --tokenizers tokenizers/multimodal.yaml
 """
 
 
@@ -130,15 +132,51 @@ def _add_generate_parser(sub) -> None:
         "generate", help="sample a checkpoint or exported HF folder; write every span as a file"
     )
     gen.add_argument("model", help="a checkpoint directory or a folder from mmfm convert hf")
-    gen.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="repeat for a batch; {image}, {video}, {dna}, {svg} place the file of --image ... "
+        'there: "{image} segment the cat"',
+    )
     gen.add_argument("--prompts-file", help="more prompts, one per line")
+    gen.add_argument(
+        "--prompts",
+        metavar="JSONL",
+        help='prompts with their own files, one JSON object a line: {"prompt": "{image} segment '
+        'the cat", "image": "cat.png", "modality": "mask"}; fields: prompt (required), '
+        "modality (default --modality), image, video, dna, svg (paths relative to the file)",
+    )
+    for kind, what in (
+        ("image", "a picture"),
+        ("video", "a clip (2 frames a second, at most 8)"),
+        ("dna", "a FASTA / FASTQ / GenBank file of one sequence"),
+        ("svg", "an SVG file"),
+    ):
+        gen.add_argument(
+            f"--{kind}",
+            metavar="FILE",
+            help=f"{what}, tokenized by --tokenizers where every --prompt says {{{kind}}}",
+        )
+    gen.add_argument(
+        "--fit",
+        choices=["crop", "letterbox"],
+        default="crop",
+        help="how prompt pictures become square, as the data's sources[].fit (voc, coco: "
+        "letterbox)",
+    )
     gen.add_argument(
         "--modality",
         default="text",
         help="the answer's modality (text, image, mask, video, dna, svg or a registered one, "
         "docs/adding_a_modality.md): its opening delimiter is appended to each prompt",
     )
-    gen.add_argument("--out", default="generations", help="folder for the files")
+    gen.add_argument(
+        "--out",
+        default="generations",
+        help="folder for the files; a later run into it numbers its files after the earlier "
+        "ones and appends to generations.jsonl (nothing is overwritten)",
+    )
     gen.add_argument(
         "--max-new-tokens", type=int, default=256, help="tokens sampled per prompt at most"
     )
@@ -158,7 +196,9 @@ def _add_generate_parser(sub) -> None:
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights while sampling"
     )
     gen.add_argument(
-        "--tokenizers", help="tokenizer recipe whose visual tokenizers decode image/mask/video"
+        "--tokenizers",
+        help="the tokenizer recipe the model's data was made with: it encodes prompt files "
+        "and its visual tokenizers decode image/mask/video",
     )
     gen.add_argument("--no-constrain", action="store_true", help="sample without the span grammar")
 
@@ -291,7 +331,8 @@ def _add_convert_parser(sub) -> None:
     imp.add_argument(
         "--extend-vocab",
         metavar="RECIPE",
-        help="append the modality tokens of a tokenizer recipe (tokenizers/*.yaml)",
+        help="append the modality tokens of a tokenizer recipe whose text.pretrained is the "
+        "model's own tokenizer (a copy of tokenizers/llm.yaml)",
     )
     imp.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise")
     meg = csub.add_parser("megatron", help="checkpoint -> megatron-core torch_dist checkpoint")
@@ -536,13 +577,23 @@ def _generate_command(args: argparse.Namespace) -> None:
 
     from mmfm.config import ConfigError
     from mmfm.generate.command import GenerateArgs, run, sampling_from
+    from mmfm.generate.prompts import FILE_KINDS, Prompt, read_prompts
 
-    prompts = list(args.prompt)
+    texts = [(text, f"--prompt {n}") for n, text in enumerate(args.prompt, 1)]
     if args.prompts_file:
         lines = _read_text(args.prompts_file, "--prompts-file").splitlines()
-        prompts += [line for line in lines if line.strip()]
+        texts += [(t, f"{args.prompts_file}:{n}") for n, t in enumerate(lines, 1) if t.strip()]
+    files = {k: getattr(args, k) for k in FILE_KINDS if getattr(args, k) is not None}
+    if files and not texts:
+        raise ConfigError(
+            f"--{next(iter(files))} goes into --prompt; a --prompts line names its own files"
+        )
+    prompts = [Prompt(text, files, origin=origin) for text, origin in texts]
+    prompts += read_prompts(args.prompts) if args.prompts else []
     if not prompts:
-        raise ConfigError("mmfm generate needs --prompt TEXT (or --prompts-file FILE)")
+        raise ConfigError(
+            "mmfm generate needs --prompt TEXT (or --prompts-file FILE, --prompts JSONL)"
+        )
     sampling = sampling_from(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -563,6 +614,7 @@ def _generate_command(args: argparse.Namespace) -> None:
             args.dtype,
             args.tokenizers,
             not args.no_constrain,
+            args.fit,
         )
     )
 

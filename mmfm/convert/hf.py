@@ -7,9 +7,10 @@ straight out of the DCP files, so memory stays near one output shard.
 
 Import (`mmfm convert from-hf`): a Llama, Mistral or Qwen2 folder (safetensors, or .bin read
 with `weights_only=True`) -> an mmfm checkpoint for `train.init_from`, optionally with the
-vocabulary grown by the modality tokens: each new embedding (and output) row is the mean of
-the existing rows plus Gaussian noise of 1% of their standard deviation, seeded, so new
-tokens start near the "average token" without being identical. What mmfm cannot reproduce
+vocabulary grown by the modality tokens (`--extend-vocab`, a recipe whose `text.pretrained` is
+the model's own tokenizer): each new embedding (and output) row is the mean of the existing
+rows plus Gaussian noise of 1% of their standard deviation, seeded, so new tokens start near
+the "average token" without being identical. What mmfm cannot reproduce
 exactly (scaled RoPE in any spelling transformers reads, a weight with no mmfm counterpart,
 NaN/Inf values) and damaged files (truncated JSON or safetensors) are refused in one message
 naming the file, before anything is written. No size is taken on trust: an export checks
@@ -46,11 +47,9 @@ from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import load_pretrained, text_of_vocab
 from mmfm.tokenization.tokenizers import build_vocab
 from mmfm.tokenization.vocab import (
-    RESERVED_CODEBOOKS,
     VOCAB_FILE,
     Vocab,
     VocabError,
-    registered_layout,
 )
 from mmfm.train.checkpoint import (
     CONFIG_FILE,
@@ -392,30 +391,29 @@ def import_hf(
 
 
 def _extended_vocab(base: ModelConfig, layout: str, hf_dir: Path | None = None) -> Vocab:
-    """The unified vocabulary with the imported model's tokenizer as its text part: the
-    recipe's `text.pretrained` (the same vocabulary `mmfm tokenizer train` writes for it), or
-    the model's embedding rows as anonymous text ids."""
+    """The unified vocabulary with the imported model's tokenizer as its text part, the
+    recipe's `text.pretrained` (the same vocabulary `mmfm tokenizer train` writes for it). A
+    recipe whose text model mmfm trains is refused: the model's ids would have no text model,
+    so no prompt could be encoded and the export would have no tokenizer."""
 
     recipe = load_recipe(layout)
+    if not recipe.text.pretrained:
+        raise ConfigError(
+            f"--extend-vocab {layout}: the recipe's text model is one mmfm trains, not the "
+            f"imported model's own tokenizer; give a recipe with text.pretrained set to the "
+            f"model folder (copy tokenizers/llm.yaml, set text.pretrained: {hf_dir or 'HF_DIR'})"
+        )
     if recipe.dna.scheme == "bpe":
         raise VocabError("--extend-vocab takes the char or kmer DNA scheme (no model to train)")
     dna = DnaTokenizer(recipe.dna)
-    if recipe.text.pretrained:
-        text = load_pretrained(recipe.text.pretrained, recipe.text.bos_token, recipe.text.eos_token)
-        if text.size > base.vocab_size:
-            raise ConversionError(
-                f"{layout}: text.pretrained {recipe.text.pretrained} has {text.size} ids, the "
-                f"model in {hf_dir or 'the folder'} only {base.vocab_size} embedding rows: it is "
-                "another model's tokenizer"
-            )
-        return build_vocab(recipe, text, dna)
-    delimiters, books = registered_layout(recipe.modalities)  # as build_vocab lays them out
-    return Vocab.build(
-        base.vocab_size,
-        [*recipe.task_tokens, *delimiters],
-        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces), *books],
-        text_kind="imported",
-    )
+    text = load_pretrained(recipe.text.pretrained, recipe.text.bos_token, recipe.text.eos_token)
+    if text.size > base.vocab_size:
+        raise ConversionError(
+            f"{layout}: text.pretrained {recipe.text.pretrained} has {text.size} ids, the "
+            f"model in {hf_dir or 'the folder'} only {base.vocab_size} embedding rows: it is "
+            "another model's tokenizer"
+        )
+    return build_vocab(recipe, text, dna)
 
 
 def _check_vocab_rows(state: dict, vocab_size: int, config_file: Path) -> None:

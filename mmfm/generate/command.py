@@ -1,8 +1,10 @@
 """`mmfm generate MODEL --prompt TEXT [--modality image] ...`: sample, decode, write files.
 
-Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`), the batch
+Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`); a prompt
+with files (`{image} segment the cat`, prompts.py) as the prompt of a training task. The batch
 is generated with the KV cache under the span grammar, and every generated span is written
-to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl`. Prompts
+to `--out` as a file (outputs.py) with one line per prompt in `generations.jsonl` (a second
+run into the same `--out` numbers its files after the first's and appends its lines). Prompts
 that are not UTF-8, a prompt plus `--max-new-tokens` beyond the model's `max_seq_len` (the KV
 cache holds both) and an `--out` that cannot be a folder are refused before sampling.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +23,19 @@ from mmfm.core.files import make_folder
 from mmfm.generate.engine import generate
 from mmfm.generate.layout import MODALITY_OF, Layout
 from mmfm.generate.load import Loaded, load_model
-from mmfm.generate.outputs import Span, SpanWriter, split_spans, write_generations
+from mmfm.generate.outputs import (
+    Span,
+    SpanWriter,
+    numbering,
+    split_spans,
+    write_generations,
+)
+from mmfm.generate.prompts import FITS, Prompt, check_prompt, needs_tokenizers, prompt_parts
 from mmfm.generate.sampling import Sampling
 from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.records import VisualTokenizers
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
 log = logging.getLogger("mmfm")
 
@@ -32,7 +43,8 @@ log = logging.getLogger("mmfm")
 @dataclass(frozen=True)
 class GenerateArgs:
     model: str
-    prompts: Sequence[str]
+    prompts: Sequence[str | Prompt]
+    """Text prompts (`--modality` asked of each) or templates with files (prompts.py)."""
     out: str = "generations"
     modality: str = "text"
     sampling: Sampling = field(default_factory=Sampling)
@@ -40,8 +52,11 @@ class GenerateArgs:
     device: str = "cpu"
     dtype: str = "fp32"
     tokenizers: str | None = None
-    """A tokenizer recipe whose visual tokenizers decode image, mask and video codes."""
+    """The tokenizer recipe the model's data was made with: its tokenizers encode a prompt's
+    files, its visual tokenizers decode image, mask and video codes."""
     constrain: bool = True
+    fit: str = "crop"
+    """How a prompt's pictures become square (crop or letterbox), as the data's `fit`."""
 
 
 def _visual(loaded: Loaded, recipe_path: str | None):
@@ -74,46 +89,106 @@ def run(args: GenerateArgs) -> list[dict]:
         raise ConfigError(f"--modality {args.modality!r} is not one of {', '.join(MODALITY_OF)}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.fit not in FITS:
+        raise ConfigError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
+    prompts = _prompts(args)
     _check_device(args.device)
-    _check_utf8(args.prompts)
+    heads = _encode_files(prompts, args)  # before the model: a bad file costs no load
     loaded = load_model(args.model, args.device, args.dtype)
+    if any(heads):
+        _same_vocabulary(loaded, args.model, args.tokenizers)
     visual, sizes, num_codes = _visual(loaded, args.tokenizers)
     layout = loaded.layout(sizes, num_codes)
-    prompts = [layout.prompt(text, args.modality) for text in args.prompts]
-    _check_length(max(len(p) for p in prompts), args.sampling.max_new_tokens, loaded)
+    ids = [
+        layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
+        for p, head in zip(prompts, heads, strict=True)
+    ]
+    _check_length(max(len(p) for p in ids), args.sampling.max_new_tokens, loaded)
     make_folder(Path(args.out), f"--out {args.out}")  # before sampling, not after
     new: list[list[int]] = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i : i + args.batch_size]
+    for i in range(0, len(ids), args.batch_size):
+        chunk = ids[i : i + args.batch_size]
         new += generate(loaded.model, chunk, args.sampling, layout, args.constrain)
 
-    writer = SpanWriter(layout, args.out, visual)
+    with numbering(args.out) as first:
+        records = _write(SpanWriter(layout, args.out, visual), first, prompts, ids, new)
+    return records
+
+
+def _write(writer: SpanWriter, first: int, prompts: list[Prompt], ids, new) -> list[dict]:
+    """Every span a file, numbered from `first`, and a line per prompt in generations.jsonl."""
     records, all_spans = [], []
-    for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, new, strict=True)):
-        spans = _spans(prompt, ids, layout)
+    for n, (p, prompt, new_ids) in enumerate(zip(prompts, ids, new, strict=True), first):
+        spans = _spans(prompt, new_ids, writer.layout)
         for k, span in enumerate(spans):
             writer.write(span, f"{n:04d}-{k}-{span.modality}")
             where = span.path or "(no file)"
             print(f"[{n}] {span.modality}: {where}" + (f"  ({span.note})" if span.note else ""))
         records.append(
-            {"prompt": text, "modality": args.modality, "prompt_ids": prompt, "new_ids": ids}
+            {
+                "index": n,
+                "prompt": p.text,
+                **({"files": dict(p.files)} if p.files else {}),
+                "modality": p.modality,
+                "prompt_ids": prompt,
+                "new_ids": new_ids,
+            }
         )
         all_spans.append(spans)
-    path = write_generations(args.out, records, all_spans)
+    path = write_generations(writer.out, records, all_spans)
     print(f"{path}: {len(records)} prompt(s)")
     return records
 
 
-def _check_utf8(prompts: Sequence[str]) -> None:
-    """Prompts from argv carry undecodable bytes as lone surrogates: refuse them by number."""
-    for n, text in enumerate(prompts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
+def _prompts(args: GenerateArgs) -> list[Prompt]:
+    """Every prompt as a checked template whose modality is set (text prompts ask for
+    `--modality`), numbered for messages."""
+    prompts = []
+    for n, p in enumerate(args.prompts, 1):
+        p = Prompt(p, origin=f"--prompt {n}") if isinstance(p, str) else p
+        p = replace(p, modality=p.modality or args.modality)
+        if p.modality not in MODALITY_OF:
             raise ConfigError(
-                f"--prompt {n + 1} is not valid UTF-8 (byte {text[e.start]!r} at character "
-                f"{e.start}): pass the prompt as UTF-8 text"
-            ) from None
+                f"{p.origin}: modality {p.modality!r} is not one of {', '.join(MODALITY_OF)}"
+            )
+        _check_utf8(p)
+        check_prompt(p)
+        prompts.append(p)
+    needs_tokenizers(prompts, args.tokenizers)
+    return prompts
+
+
+def _encode_files(prompts: list[Prompt], args: GenerateArgs) -> list[list[int] | None]:
+    """`<s>` and the parts of each prompt with files, tokenized by `--tokenizers` as the
+    prompts of training tasks are; None for a text prompt (the model's layout encodes it)."""
+    if not any(p.files for p in prompts):
+        return [None] * len(prompts)
+    tokenizers = Tokenizers.load(load_recipe(args.tokenizers))
+    return [
+        tokenizers.prompt(prompt_parts(p, args.fit), p.origin) if p.files else None for p in prompts
+    ]
+
+
+def _same_vocabulary(loaded: Loaded, model: str, recipe_path: str) -> None:
+    """A prompt's files were tokenized with the recipe's vocabulary: it must be the model's."""
+    theirs = Vocab.load(Path(load_recipe(recipe_path).output_dir) / VOCAB_FILE)
+    if loaded.vocab is None or loaded.vocab.fingerprint != theirs.fingerprint:
+        mine = "no vocab.json" if loaded.vocab is None else f"vocabulary {loaded.vocab.fingerprint}"
+        raise ConfigError(
+            f"--tokenizers {recipe_path} has vocabulary {theirs.fingerprint}, the model "
+            f"{model} {mine}: give the tokenizer recipe its data was prepared with"
+        )
+
+
+def _check_utf8(prompt: Prompt) -> None:
+    """Prompts from argv carry undecodable bytes as lone surrogates: refuse them by number."""
+    try:
+        prompt.text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{prompt.origin} is not valid UTF-8 (byte {prompt.text[e.start]!r} at character "
+            f"{e.start}): pass the prompt as UTF-8 text"
+        ) from None
 
 
 def _check_length(prompt: int, max_new_tokens: int, loaded: Loaded) -> None:

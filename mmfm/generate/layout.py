@@ -95,10 +95,13 @@ class Layout:
 
     def prompt(self, text: str, modality: str = "text") -> list[int]:
         """`<s> text`, then the opening delimiter of `modality` (unless text)."""
-        ids = [self.bos, *self.encode_text(text)]
-        if modality != "text":
-            ids.append(self.delimiter(MODALITY_NAMES.index(modality))[0])
-        return ids
+        return self.ask([self.bos, *self.encode_text(text)], modality)
+
+    def ask(self, ids: list[int], modality: str = "text") -> list[int]:
+        """A prompt's `ids` followed by the opening delimiter of `modality` (unless text)."""
+        if modality == "text":
+            return list(ids)
+        return [*ids, self.delimiter(MODALITY_NAMES.index(modality))[0]]
 
 
 def _dna_pieces(pieces: tuple[str, ...]) -> tuple[str, ...]:

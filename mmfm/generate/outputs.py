@@ -5,14 +5,18 @@ that the hardened parser accepted (and a PNG render when cairosvg is installed),
 text `.txt`. Models emit imperfect
 spans: one cut at `max_new_tokens` is decoded as far as it goes and its note says so; a span
 whose length does not fit its tokenizer (`tokens_per_item`) is not decoded and its note
-says why. Nothing is silently dropped: every span gets a line in generations.jsonl.
+says why. Nothing is silently dropped: every span gets a line in generations.jsonl. Nothing
+is overwritten: a run into a folder that holds an earlier run's files numbers its prompts
+after them (`next_index`) and appends to its generations.jsonl.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -260,10 +264,38 @@ def demo_picture(codes: np.ndarray, scale: int = 16) -> np.ndarray:
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
+GENERATIONS = "generations.jsonl"
+_NUMBERED = re.compile(r"(\d+)-\d+-")
+
+
+@contextlib.contextmanager
+def numbering(out: str | Path) -> Iterator[int]:
+    """The first free index of `out` (`next_index`), with an exclusive lock on its
+    generations.jsonl held until the block has written its files and lines: two runs into
+    one folder at the same time take turns instead of taking the same numbers."""
+    with open(Path(out) / GENERATIONS, "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield next_index(out)
+
+
+def next_index(out: str | Path) -> int:
+    """The number of the next prompt written to `out`: after the highest `NNNN-k-...` file
+    and after every line of its generations.jsonl, so a second run into the same folder
+    continues the numbering instead of overwriting the first run's files."""
+    out = Path(out)
+    numbers = [int(m[1]) for f in out.iterdir() if (m := _NUMBERED.match(f.name))]
+    lines = 0
+    if (out / GENERATIONS).is_file():
+        with open(out / GENERATIONS, "rb") as f:
+            lines = sum(1 for line in f if line.strip())
+    return max([lines, *(n + 1 for n in numbers)])
+
+
 def write_generations(out: str | Path, records: list[dict], spans: list[list[Span]]) -> Path:
-    """`<out>/generations.jsonl`: one line per prompt with its ids, new ids and spans."""
-    path = Path(out) / "generations.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
+    """`<out>/generations.jsonl`: one line per prompt with its ids, new ids and spans,
+    appended after the lines of earlier runs into the same folder."""
+    path = Path(out) / GENERATIONS
+    with open(path, "a", encoding="utf-8") as f:
         for record, its_spans in zip(records, spans, strict=True):
             rows = [
                 {k: v for k, v in asdict(s).items() if k != "body"} | {"length": len(s.body)}

@@ -189,6 +189,14 @@ class Tokenizers:
         built = doc.add([self.text.eos_id], Modality.TEXT).build(record.key, record.source)
         return replace(built, no_loss=((0, prompt_end),))
 
+    def prompt(self, parts: Sequence[TaskPart], key: str = "prompt") -> list[int]:
+        """`<s>` and `parts`, tokenized as a task's prompt is (`mmfm generate`'s prompts with
+        pictures, DNA or SVG: the spans are those of the training rows)."""
+        doc = DocumentBuilder().add([self.text.bos_id], Modality.TEXT)
+        for part in parts:
+            self._part(doc, part, key, None)
+        return doc.tokens
+
     def _part(self, doc: DocumentBuilder, part: TaskPart, key: str, rng) -> None:
         if part.kind == "text":
             doc.add(self.text.encode(part.value), Modality.TEXT)

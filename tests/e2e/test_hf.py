@@ -29,6 +29,7 @@ from mmfm.testing import run_distributed, tiny_shape, train_metrics
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
+from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import load_checkpoint_model
 from mmfm.train.main import build_trainer
 
@@ -205,11 +206,27 @@ def test_import_matches_transformers_and_round_trips(arch, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def word_tokenizer(folder: Path, size: int) -> Path:
+    """A tokenizer.json of `size` whole words (<s>, </s>, w2, w3, ...) in `folder`, and a
+    tokenizer recipe that imports it as the text part (text.pretrained, as tokenizers/llm.yaml)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<s>", "</s>", *(f"w{i}" for i in range(2, size))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="</s>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(folder / "tokenizer.json"))
+    recipe = folder.parent / "llm.yaml"
+    recipe.write_text(f"text: {{pretrained: {folder}}}\ndna: {{scheme: kmer, k: 6}}\n")
+    return recipe
+
+
 def test_extend_vocab_appends_modality_rows(tmp_path):
     hf = random_hf(tmp_path / "hf", "llama")
-    import_hf(tmp_path / "hf", tmp_path / "ckpt", extend_vocab=str(REPO / "tokenizers/base.yaml"))
+    recipe = word_tokenizer(tmp_path / "hf", 300)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", extend_vocab=str(recipe))
     model, cfg = load_checkpoint_model(tmp_path / "ckpt")
     vocab = json.loads((tmp_path / "ckpt" / "vocab.json").read_text())
+    assert Vocab.load(tmp_path / "ckpt" / "vocab.json").text_model is not None
     assert cfg.model.vocab_size == vocab["size"] == 300 + 15 + 8192 + 1024 + 8192 + 19530
     emb = model.tok_embeddings.weight.detach()
     old = hf.model.embed_tokens.weight.detach()
@@ -236,6 +253,21 @@ def test_init_from_an_imported_checkpoint(tmp_path, tiny_config):
 
 
 # -- errors ---------------------------------------------------------------------------------------
+
+
+def test_extend_vocab_with_a_trained_text_model_is_refused(tmp_path, capsys):
+    """tokenizers/base.yaml's text model is mmfm's own, not the LLM's: the imported ids would
+    have no text model (no prompt could be encoded, the export no tokenizer)."""
+    from mmfm.cli import main
+
+    random_hf(tmp_path / "hf", "llama")
+    args = ["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--extend-vocab", str(REPO / "tokenizers/base.yaml")])
+    code, (line,) = stop.value.code, capsys.readouterr().err.splitlines()
+    assert code == 2 and "text.pretrained" in line and "tokenizers/llm.yaml" in line, line
+    assert "base.yaml" in line and not (tmp_path / "ckpt").exists()
 
 
 def test_conversion_errors_say_what_is_wrong(tmp_path, trained):

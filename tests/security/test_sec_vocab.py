@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from mmfm.cli import main
-from mmfm.config import ModelConfig
-from mmfm.convert.hf import _extended_vocab
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, Vocab, VocabError
@@ -111,7 +109,7 @@ def test_the_manifest_records_the_fingerprint(prepared):
 
 
 def test_shards_of_another_vocabulary_are_refused(prepared, tmp_path, capsys):
-    other = _extended_vocab(ModelConfig(vocab_size=300), TOKENIZER)  # convert from-hf's
+    other = small()  # a layout of 300 text ids, as convert from-hf grows a small LLM
     other.save(tmp_path / "extended.json")
     args = train_args(tmp_path, f"data.paths=[{prepared}]")
     err = refused(capsys, [*args, f"data.vocab={tmp_path / 'extended.json'}"])
@@ -127,7 +125,7 @@ def test_a_checkpoint_of_another_vocabulary_is_refused(prepared, tmp_path, capsy
     vocabulary: base-vocabulary shards and data.vocab must not start from it."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    _extended_vocab(ModelConfig(vocab_size=300), TOKENIZER).save(ckpt / "vocab.json")
+    small().save(ckpt / "vocab.json")  # as convert from-hf grows a small LLM
     args = train_args(tmp_path, f"data.paths=[{prepared}]")
     err = refused(capsys, [*args, f"train.init_from={ckpt}"])  # no data.vocab
     assert str(prepared / "manifest.json") in err and str(ckpt / "vocab.json") in err

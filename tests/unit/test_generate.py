@@ -295,3 +295,26 @@ def test_tokenizer_decode_takes_cut_spans_and_checks_image_lengths(tmp_path, cap
         tok.decode([1, v.special("<img>"), *image * 6, *image[:4], v.special("</img>")])
     with pytest.raises(VocabError, match="outside the 64 codes of its tokenizer"):
         tok.decode([1, v.special("<img>"), *[v.code_id("image", 100)] * 8, v.special("</img>")])
+
+
+def test_two_runs_into_one_out_take_turns_numbering(tmp_path):
+    """A run numbering and writing its files holds generations.jsonl locked: a second run
+    into the same folder waits, then numbers after the first's files."""
+    import threading
+
+    from mmfm.generate.outputs import numbering, write_generations
+
+    def second() -> None:
+        with numbering(tmp_path) as n:
+            got.append(n)
+
+    got: list[int] = []
+    with numbering(tmp_path) as first:
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.3)
+        assert first == 0 and other.is_alive() and not got  # it waits for the lock
+        (tmp_path / "0000-0-text.txt").write_text("a")
+        write_generations(tmp_path, [{"index": 0}], [[]])
+    other.join(5)
+    assert got == [1]
