@@ -139,7 +139,7 @@ def load_structured(
     root: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> T:
     """`load_config` for any dataclass tree (training configs, tokenizer recipes, ...)."""
-    layers: list[tuple[DictConfig, str]] = []
+    layers: list[tuple[DictConfig, str, list[str] | None]] = []
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
@@ -150,7 +150,7 @@ def load_structured(
             raise ConfigError(f"cannot parse {path}: {e}") from e
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path} must hold a mapping of sections (section: ...)")
-        layers.append((loaded, str(path)))
+        layers.append((loaded, str(path), None))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -162,14 +162,18 @@ def load_structured(
                 f"({getattr(e, 'problem', None) or _first_line(e)}): close every bracket "
                 "and quote, e.g. data.paths=[a,b] or key='text with [ or ,'"
             ) from None
-        layers.append((layer, f"override {item!r}"))
+        layers.append((layer, f"override {item!r}", _key_path(item)))
 
     merged = OmegaConf.structured(root)
-    for layer, origin in layers:
+    for layer, origin, path in layers:
         _refuse_env(_as_container(layer), origin)
         _check_keys(_as_container(layer), root, "", origin, root)
+        entry = _list_entry_key(path, root, merged, origin) if path else None
         try:
-            merged = OmegaConf.merge(merged, layer)
+            if entry is None:
+                merged = OmegaConf.merge(merged, layer)
+            else:
+                OmegaConf.update(merged, entry, OmegaConf.select(layer, ".".join(path)))
         except OmegaConfBaseException as e:
             raise ConfigError(f"{origin}: {_first_line(e)} (key {e.full_key})") from None
         except TypeError as e:  # OmegaConf's own, for a dotted index into a list
@@ -183,6 +187,65 @@ def load_structured(
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None
         raise ConfigError(f"{_first_line(e)} (key {e.full_key})") from None
+
+
+def _key_path(override: str) -> list[str]:
+    """The keys of `a.b[0].c=value` (or `a.b.0.c=value`): [a, b, 0, c], as OmegaConf parses it."""
+    key = override.split("=", 1)[0].strip()
+    return _INDEX.sub(r".\1", key).split(".")
+
+
+_INDEX = re.compile(r"\[([^\]]*)\]")
+
+
+def _list_entry_key(path: list[str], root: type, merged: DictConfig, origin: str) -> str | None:
+    """The key (`data.sources.0.paths`) of an override that sets part of one entry of a list,
+    checked against the schema and the list as the earlier layers left it; None for an
+    override that goes through no list (merged whole, as a recipe is)."""
+    tp, node, shown, indexed = root, merged, "", False
+    for part in path:
+        tp = _without_none(tp)
+        if typing.get_origin(tp) is list:
+            _check_index(part, shown, 0 if node is None else len(node), origin)
+            tp, node, indexed = typing.get_args(tp)[0], node[int(part)], True
+            shown = f"{shown}[{part}]"
+            continue
+        if _is_dataclass_type(tp):
+            fields = _fields(tp)
+            if part not in fields:
+                if not indexed:
+                    return None  # _check_keys has named it
+                close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+                hint = f"; did you mean '{shown}.{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{shown}.{part}' in {origin}{hint}")
+            tp = fields[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            break  # a leaf: any key below it is OmegaConf's to refuse
+        node = None if node is None else node.get(part)
+        shown = f"{shown}.{part}" if shown else part
+    return ".".join(path) if indexed else None
+
+
+def _check_index(part: str, shown: str, size: int, origin: str) -> None:
+    if not part.isdigit():
+        raise ConfigError(
+            f"{origin}: {shown} is a list: set one entry by its index, e.g. {shown}[0], or "
+            f"give the list whole, e.g. {shown}=[...]"
+        )
+    if int(part) >= size:
+        raise ConfigError(
+            f"{origin}: there is no {shown}[{part}]: {shown} has {size} "
+            f"{'entry' if size == 1 else 'entries'} (indices from 0); give the list whole to "
+            f"add one, e.g. {shown}=[...]"
+        )
+
+
+def _without_none(tp: Any) -> Any:
+    """X of `X | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(tp) and len(args) == 1 else tp
 
 
 def _first_line(e: Exception) -> str:

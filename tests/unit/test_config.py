@@ -108,3 +108,50 @@ def test_cli_config_doc_lists_fields():
         check=True,
     )
     assert "model.rope_theta (float, default 10000.0)" in out.stdout
+
+
+TWO_SOURCES = (
+    "data:\n  sources:\n    - {name: a, paths: [a/]}\n    - {name: b, paths: [b/], weight: 2}\n"
+)
+
+
+@pytest.mark.parametrize("key", ["data.sources.1.paths", "data.sources[1].paths"])
+def test_an_override_sets_one_entry_of_a_list(tmp_path, key):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TWO_SOURCES)
+    cfg = load_config(recipe, [f"{key}=[mine/]", "data.sources[0].fields.text=[json:caption]"])
+    a, b = cfg.data.sources
+    assert (a.paths, b.paths, b.weight, b.name) == (["a/"], ["mine/"], 2.0, "b")
+    assert a.fields.text == ["json:caption"] and a.fields.record == "image-text"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.sources[2].paths=[x]", r"data.sources\[2\]: data.sources has 2 entries"),
+        ("data.sources.0.pahts=[x]", r"'data.sources\[0\].pahts'.*did you mean .*paths"),
+        ("data.sources.first.paths=[x]", r"data.sources is a list: .*data.sources\[0\]"),
+        ("data.paths[0]=x", r"data.paths has 0 entries"),
+    ],
+)
+def test_a_bad_list_index_override_names_it_and_the_length(tmp_path, override, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TWO_SOURCES)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(recipe, [override])
+    assert f"override {override!r}" in str(err.value)
+
+
+def test_prepare_recipe_header_entry_override_works(tmp_path):
+    """launch/himtok.yaml says: `mmfm prepare data_pipelines/himtok-referring.yaml
+    (sources[0].paths: your VOC export)`."""
+    from mmfm.prepare.recipe import load_prepare_recipe
+
+    for folder in ("JPEGImages", "SegmentationClass"):
+        (tmp_path / "VOC" / folder).mkdir(parents=True)
+    mine = tmp_path / "VOC"
+    recipe = load_prepare_recipe(
+        "data_pipelines/himtok-referring.yaml", [f"sources[0].paths=[{mine}]"]
+    )
+    (source,) = recipe.sources
+    assert source.paths == [str(mine)] and source.kind == "voc" and source.completion_only
