@@ -261,16 +261,35 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, docstring) of every leaf field, read from the source."""
+    """(dotted key, type, default, docstring) of every field, read from the source; a section
+    (a dataclass, default MISSING) and then its fields, a list, dict or optional of a
+    dataclass and then the fields of an entry: `data.sources[].kind`, `<key>.<name>.field`."""
     docs = _attribute_docstrings(cls)
-    defaults = cls()
-    for name, tp in _fields(cls).items():
-        key = f"{prefix}{name}"
-        if _is_dataclass_type(tp):
-            yield from field_docs(tp, key + ".")
-        else:
-            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            yield key, type_name, getattr(defaults, name), docs.get(name, "")
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", _fields(cls)[f.name]
+        default = dataclasses.MISSING if _is_dataclass_type(tp) else _default(f)
+        yield key, _type_name(tp), default, docs.get(f.name, "")
+        entry = _without_none(tp)
+        if _is_dataclass_type(entry):
+            yield from field_docs(entry, key + ".")
+        elif typing.get_origin(entry) is list and _is_dataclass_type(typing.get_args(entry)[0]):
+            yield from field_docs(typing.get_args(entry)[0], key + "[].")
+        elif typing.get_origin(entry) is dict and _is_dataclass_type(typing.get_args(entry)[1]):
+            yield from field_docs(typing.get_args(entry)[1], key + ".<name>.")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default, without building its class (whose checks may need more fields)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _type_name(tp: Any) -> str:
+    """`int`, `list[SourceConfig]`, `str | None`: the annotation without module prefixes."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(tp))
 
 
 def _attribute_docstrings(cls: type) -> dict[str, str]:

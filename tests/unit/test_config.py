@@ -70,9 +70,19 @@ def test_invalid_values_say_what_to_change(overrides, message):
         load_config(None, overrides)
 
 
-def test_every_field_has_a_docstring():
-    docs = list(field_docs())
-    assert len(docs) > 30
+def _schemas():
+    from mmfm.config.schema import Config
+    from mmfm.prepare.recipe import PrepareRecipe
+    from mmfm.tokenization.recipe import TokenizerRecipe
+    from mmfm.tokenization.visual.train import VisualRecipe
+
+    return [Config, PrepareRecipe, TokenizerRecipe, VisualRecipe]
+
+
+@pytest.mark.parametrize("schema", _schemas(), ids=lambda s: s.__name__)
+def test_every_field_has_a_docstring(schema):
+    docs = list(field_docs(schema))
+    assert len(docs) > 10
     missing = [key for key, _, _, doc in docs if not doc]
     assert not missing, f"fields without a docstring: {missing}"
 
@@ -155,3 +165,34 @@ def test_prepare_recipe_header_entry_override_works(tmp_path):
     )
     (source,) = recipe.sources
     assert source.paths == [str(mine)] and source.kind == "voc" and source.completion_only
+
+
+def test_doc_lists_the_fields_of_list_entries():
+    from mmfm.prepare.recipe import PrepareRecipe
+
+    docs = {key: (kind, doc) for key, kind, _, doc in field_docs()}
+    assert docs["data.sources"][0] == "list[SourceConfig]"
+    assert docs["data.sources[].kind"] == (
+        "str",
+        "webdataset (tar shards) or megatron (Megatron-LM indexed datasets, read by "
+        "megatron-core: pip install 'mmfm[megatron]'; text unless written by mmfm prepare "
+        "with format: megatron).",
+    )
+    for key in ("paths", "weight", "tokenize", "fields.record", "fields.text"):
+        assert docs[f"data.sources[].{key}"][1] and f"eval.sources[].{key}" in docs
+    prepare = {key: doc for key, _, _, doc in field_docs(PrepareRecipe)}
+    for key in ("kind", "paths", "fields.record", "uncond_ratio", "completion_only"):
+        assert prepare[f"sources[].{key}"]
+    assert prepare["sources[].kind"].startswith("text (jsonl records")
+
+
+def test_config_doc_command_documents_each_schema(capsys):
+    from mmfm.cli import main
+
+    main(["config", "--doc", "prepare"])
+    out = capsys.readouterr().out
+    assert out.startswith("name (str") and "\nsources[].max_pixels (int, default 67108864)" in out
+    main(["config", "--doc"])
+    assert "\ndata.sources[].tokenize (str, default '')\n    Tokenizer recipe" in (
+        capsys.readouterr().out
+    )
