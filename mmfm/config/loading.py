@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import itertools
 import os
@@ -114,6 +115,36 @@ def _check_keys(node: Any, cls: type, prefix: str, origin: str, root: type) -> N
             _check_keys(value, fields[key], dotted + ".", origin, root)
 
 
+def _empty_nulls(layer: DictConfig, node: Any, cls: type, prefix: str = "") -> None:
+    """`data.paths=null`: an empty list (or dict) where the field may not be None."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        tp = _fields(cls)[key]
+        if _is_dataclass_type(tp):
+            _empty_nulls(layer, value, tp, f"{prefix}{key}.")
+        elif value is None and typing.get_origin(tp) in (list, dict):
+            OmegaConf.update(layer, f"{prefix}{key}", typing.get_origin(tp)(), merge=False)
+
+
+def _drop_alternatives(
+    node: Any, cls: type, merged: DictConfig, named: set[str], prefix: str = ""
+) -> None:
+    """An override that sets one of a section's ALTERNATIVES (data.paths or data.sources)
+    empties the others, unless an override names them too (then they clash, as asked):
+    `data.sources=[...]` on the command line replaces a recipe's data.paths."""
+    if not isinstance(node, dict):
+        return
+    alternatives = getattr(cls, "ALTERNATIVES", ())
+    if any(name in node for name in alternatives):
+        for f in dataclasses.fields(cls):
+            if f.name in alternatives and f"{prefix}{f.name}" not in named:
+                merged[f.name] = _default(f)
+    for key, value in node.items():
+        if _is_dataclass_type(tp := _fields(cls)[key]):
+            _drop_alternatives(value, tp, merged[key], named, f"{prefix}{key}.")
+
+
 def _as_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
@@ -132,7 +163,26 @@ def load_config(
         cfg = load_structured(Config, recipe, overrides)
     except LayoutError as e:
         raise explain(e, world_size, job) from None
+    _check_eval_every(cfg, recipe, overrides)
     return cfg if world_size is None else resolve_layout(cfg, world_size, job)
+
+
+def _check_eval_every(cfg: Config, recipe: str | Path | None, overrides: Sequence[str]) -> None:
+    """eval.every asked for (by an override, or by a recipe that names no held-out data) in a
+    config without held-out data would validate nothing, silently. A saved config.yaml spells
+    out every key, eval.paths too, and so asks for nothing: old runs still load."""
+    if cfg.eval.enabled:
+        return
+    origin = next((f"override {o!r}" for o in overrides if _key_path(o) == ["eval", "every"]), None)
+    if origin is None and recipe is not None:
+        section = OmegaConf.load(recipe).get("eval")
+        if isinstance(section, DictConfig) and "every" in section:
+            origin = None if {"paths", "sources"} & set(section) else str(recipe)
+    if origin is not None:
+        raise ConfigError(
+            f"{origin}: eval.every={cfg.eval.every} has no held-out data to evaluate: set "
+            "eval.paths or eval.sources too, or drop eval.every"
+        )
 
 
 def load_structured(
@@ -164,11 +214,15 @@ def load_structured(
             ) from None
         layers.append((layer, f"override {item!r}", _key_path(item)))
 
+    named = {".".join(path[:i]) for _, _, path in layers if path for i in range(len(path) + 1)}
     merged = OmegaConf.structured(root)
     for layer, origin, path in layers:
         _refuse_env(_as_container(layer), origin)
         _check_keys(_as_container(layer), root, "", origin, root)
+        _empty_nulls(layer, _as_container(layer), root)
         entry = _list_entry_key(path, root, merged, origin) if path else None
+        if path and entry is None:
+            _drop_alternatives(_as_container(layer), root, merged, named)
         try:
             if entry is None:
                 merged = OmegaConf.merge(merged, layer)
@@ -292,6 +346,7 @@ def _type_name(tp: Any) -> str:
     return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(tp))
 
 
+@functools.cache
 def _attribute_docstrings(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]

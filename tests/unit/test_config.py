@@ -196,3 +196,42 @@ def test_config_doc_command_documents_each_schema(capsys):
     assert "\ndata.sources[].tokenize (str, default '')\n    Tokenizer recipe" in (
         capsys.readouterr().out
     )
+
+
+def test_sources_on_the_command_line_replace_the_recipes_paths():
+    """launch/demo.yaml sets data.paths; switching it to data.sources needs nothing more."""
+    cfg = load_config("launch/demo.yaml", ["data.sources=[{name: a, paths: [a/]}]"])
+    assert cfg.data.paths == [] and [s.paths for s in cfg.data.sources] == [["a/"]]
+    cfg = load_config("launch/demo.yaml", ["data.paths=null", "eval.sources=[{paths: [h/]}]"])
+    assert cfg.data.paths == [] and cfg.eval.sources[0].paths == ["h/"]
+    assert load_config(None, ["data.loss_weights=null"]).data.loss_weights == {}
+    for both in (["data={paths: [a/], sources: [{paths: [b/]}]}"], ["data.paths=[a/]", BOTH]):
+        with pytest.raises(ConfigError, match=r"set data.paths \(one source\) or data.sources"):
+            load_config("launch/demo.yaml", both)
+
+
+BOTH = "data.sources=[{paths: [b/]}]"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "origin"),
+    [
+        (None, ["eval.every=50"], "override 'eval.every=50'"),
+        ("eval:\n  every: 50\n", [], "r.yaml"),
+    ],
+)
+def test_eval_every_without_held_out_data_is_refused(tmp_path, recipe, overrides, origin):
+    path = None
+    if recipe is not None:
+        path = tmp_path / "r.yaml"
+        path.write_text(recipe)
+    message = f"{origin}: eval.every=50 has no held-out data to evaluate: set eval.paths or eval"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(path, overrides)
+    assert load_config(path, [*overrides, "eval.paths=[h/]"]).eval.every == 50
+
+
+def test_a_saved_config_without_held_out_data_loads(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config("launch/demo.yaml")))
+    assert load_config(path).eval.every == 500 and not load_config(path).eval.enabled
