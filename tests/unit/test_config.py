@@ -142,7 +142,7 @@ def test_an_override_sets_one_entry_of_a_list(tmp_path, key):
         ("data.sources.0.pahts=[x]", r"'data.sources\[0\].pahts'.*did you mean .*paths"),
         ("data.sources.first.paths=[x]", r"data.sources is a list: .*data.sources\[0\]"),
         ("data.paths[0]=x", r"data.paths has 0 entries"),
-        ("data.sources[0].paths=[${oc.env:HOME}]", r"reads an environment variable"),
+        ("data.sources[0].weight=${oc.env:W}", r"reads an environment variable"),
     ],
 )
 def test_a_bad_list_index_override_names_it_and_the_length(tmp_path, override, message):
