@@ -3,7 +3,7 @@
 mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm eval CKPT DATA... [--steps N] [--json F]       held-out loss, perplexity, bits per byte
-mmfm config --doc                                  every field with its type, default and doc
+mmfm config --doc [prepare|tokenizer|...]          every field with its type, default and doc
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   mmfm eval runs/mine/checkpoints/step_1000 notes.txt parallel.tp=2 --nproc 2
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
+  mmfm config --doc prepare
   mmfm prepare data_pipelines/text-kjv.yaml --workers 2
   mmfm convert hf runs/mine/checkpoints/step_1000 hf/mine --dtype bf16
   mmfm convert from-hf ~/llama-tiny ckpt/llama-mm --extend-vocab tokenizers/llm.yaml
@@ -56,6 +57,15 @@ EXIT_CODES = """exit codes:
   2  a configuration or command-line mistake (the recipe, an override or an option)
   3  the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
 """
+
+
+DOC_SCHEMAS = {
+    "train": "mmfm.config.schema:Config",
+    "prepare": "mmfm.prepare.recipe:PrepareRecipe",
+    "tokenizer": "mmfm.tokenization.recipe:TokenizerRecipe",
+    "visual-tokenizer": "mmfm.tokenization.visual.train:VisualRecipe",
+}
+"""`mmfm config --doc SCHEMA`: the dataclass tree of each kind of recipe."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config, or document every field")
     config.add_argument("recipe", nargs="?", help="YAML recipe (defaults only if omitted)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
-    config.add_argument("--doc", action="store_true", help="list every field with its doc")
+    config.add_argument(
+        "--doc",
+        nargs="?",
+        const="train",
+        choices=DOC_SCHEMAS,
+        help="list every field with its type, default and doc, nested ones too (data.sources[]."
+        "kind): of the training config (train, the default) or of the recipes of mmfm prepare "
+        "(prepare), mmfm tokenizer train (tokenizer) or a visual tokenizer (visual-tokenizer)",
+    )
     prepare = sub.add_parser("prepare", help="tokenize raw corpora into WebDataset shards")
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
     prepare.add_argument("overrides", nargs="*", help="dotted overrides, e.g. shard_size=500")
@@ -382,11 +400,16 @@ def _add_tokenizer_parser(sub) -> None:
     )
 
 
-def _print_field_docs() -> None:
+def _print_field_docs(schema: str) -> None:
+    import dataclasses
+    import importlib
+
     from mmfm.config import field_docs
 
-    for key, type_name, default, doc in field_docs():
-        print(f"{key} ({type_name}, default {default!r})\n    {doc}")
+    module, name = DOC_SCHEMAS[schema].split(":")
+    for key, type_name, default, doc in field_docs(getattr(importlib.import_module(module), name)):
+        shown = "" if default is dataclasses.MISSING else f", default {default!r}"
+        print(f"{key} ({type_name}{shown})\n    {doc}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -431,10 +454,13 @@ def _run(args: argparse.Namespace) -> None:
 def _config_command(args: argparse.Namespace) -> None:
     from mmfm.config import load_config, to_yaml
 
-    if args.doc:
-        _print_field_docs()
-    else:
-        print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+    try:
+        if args.doc:
+            _print_field_docs(args.doc)
+        else:
+            print(to_yaml(load_config(args.recipe, args.overrides)), end="", flush=True)
+    except BrokenPipeError:  # `mmfm config --doc | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _prepare_command(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ combinations that span sections. Messages say which field to change and how.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import MODALITY_NAMES
@@ -201,6 +201,10 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    ALTERNATIVES: ClassVar[tuple[str, ...]] = ("paths", "sources")
+    """Fields of which a later layer (an override after the recipe) setting one drops the
+    others an earlier one set (config/loading.py): the last word wins, as for any key."""
+
     paths: list[str] = field(default_factory=list)
     """Shards of one source (shorthand for a single entry in `sources`): directories,
     files, brace patterns (`shards-{000000..000009}.tar`), `http(s)://`, `pipe:` or
@@ -638,6 +642,8 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    ALTERNATIVES: ClassVar[tuple[str, ...]] = DataConfig.ALTERNATIVES
+
     paths: list[str] = field(default_factory=list)
     """Held-out shards of one source, as in `data.paths`; validation is on when these (or
     `sources`) are set. Rows are packed like the training data (data.seq_len, the same loss

@@ -97,10 +97,10 @@ CASES = [
     ),
     ("config: broken YAML", "2 config", "cannot parse", "config {bad}/broken.yaml"),
     (
-        "config: index into a list",
+        "config: index past a list's end",
         "2 config",
-        "give a list whole",
-        "config {demo} data.paths.0=a",
+        "there is no data.paths[1]: data.paths has 1 entry",
+        "config {demo} data.paths.1=a",
     ),
     (
         "prepare: no file matches",

@@ -70,9 +70,19 @@ def test_invalid_values_say_what_to_change(overrides, message):
         load_config(None, overrides)
 
 
-def test_every_field_has_a_docstring():
-    docs = list(field_docs())
-    assert len(docs) > 30
+def _schemas():
+    from mmfm.config.schema import Config
+    from mmfm.prepare.recipe import PrepareRecipe
+    from mmfm.tokenization.recipe import TokenizerRecipe
+    from mmfm.tokenization.visual.train import VisualRecipe
+
+    return [Config, PrepareRecipe, TokenizerRecipe, VisualRecipe]
+
+
+@pytest.mark.parametrize("schema", _schemas(), ids=lambda s: s.__name__)
+def test_every_field_has_a_docstring(schema):
+    docs = list(field_docs(schema))
+    assert len(docs) > 10
     missing = [key for key, _, _, doc in docs if not doc]
     assert not missing, f"fields without a docstring: {missing}"
 
@@ -108,3 +118,121 @@ def test_cli_config_doc_lists_fields():
         check=True,
     )
     assert "model.rope_theta (float, default 10000.0)" in out.stdout
+
+
+TWO_SOURCES = (
+    "data:\n  sources:\n    - {name: a, paths: [a/]}\n    - {name: b, paths: [b/], weight: 2}\n"
+)
+
+
+@pytest.mark.parametrize("key", ["data.sources.1.paths", "data.sources[1].paths"])
+def test_an_override_sets_one_entry_of_a_list(tmp_path, key):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TWO_SOURCES)
+    cfg = load_config(recipe, [f"{key}=[mine/]", "data.sources[0].fields.text=[json:caption]"])
+    a, b = cfg.data.sources
+    assert (a.paths, b.paths, b.weight, b.name) == (["a/"], ["mine/"], 2.0, "b")
+    assert a.fields.text == ["json:caption"] and a.fields.record == "image-text"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.sources[2].paths=[x]", r"data.sources\[2\]: data.sources has 2 entries"),
+        ("data.sources.0.pahts=[x]", r"'data.sources\[0\].pahts'.*did you mean .*paths"),
+        ("data.sources.first.paths=[x]", r"data.sources is a list: .*data.sources\[0\]"),
+        ("data.paths[0]=x", r"data.paths has 0 entries"),
+        ("data.sources[0].weight=${oc.env:W}", r"reads an environment variable"),
+    ],
+)
+def test_a_bad_list_index_override_names_it_and_the_length(tmp_path, override, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TWO_SOURCES)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(recipe, [override])
+    assert f"override {override!r}" in str(err.value)
+
+
+def test_prepare_recipe_header_entry_override_works(tmp_path):
+    """launch/himtok.yaml says: `mmfm prepare data_pipelines/himtok-referring.yaml
+    (sources[0].paths: your VOC export)`."""
+    from mmfm.prepare.recipe import load_prepare_recipe
+
+    for folder in ("JPEGImages", "SegmentationClass"):
+        (tmp_path / "VOC" / folder).mkdir(parents=True)
+    mine = tmp_path / "VOC"
+    recipe = load_prepare_recipe(
+        "data_pipelines/himtok-referring.yaml", [f"sources[0].paths=[{mine}]"]
+    )
+    (source,) = recipe.sources
+    assert source.paths == [str(mine)] and source.kind == "voc" and source.completion_only
+
+
+def test_doc_lists_the_fields_of_list_entries():
+    from mmfm.prepare.recipe import PrepareRecipe
+
+    docs = {key: (kind, doc) for key, kind, _, doc in field_docs()}
+    assert docs["data.sources"][0] == "list[SourceConfig]"
+    assert docs["data.sources[].kind"] == (
+        "str",
+        "webdataset (tar shards) or megatron (Megatron-LM indexed datasets, read by "
+        "megatron-core: pip install 'mmfm[megatron]'; text unless written by mmfm prepare "
+        "with format: megatron).",
+    )
+    for key in ("paths", "weight", "tokenize", "fields.record", "fields.text"):
+        assert docs[f"data.sources[].{key}"][1] and f"eval.sources[].{key}" in docs
+    prepare = {key: doc for key, _, _, doc in field_docs(PrepareRecipe)}
+    for key in ("kind", "paths", "fields.record", "uncond_ratio", "completion_only"):
+        assert prepare[f"sources[].{key}"]
+    assert prepare["sources[].kind"].startswith("text (jsonl records")
+
+
+def test_config_doc_command_documents_each_schema(capsys):
+    from mmfm.cli import main
+
+    main(["config", "--doc", "prepare"])
+    out = capsys.readouterr().out
+    assert out.startswith("name (str") and "\nsources[].max_pixels (int, default 67108864)" in out
+    main(["config", "--doc"])
+    assert "\ndata.sources[].tokenize (str, default '')\n    Tokenizer recipe" in (
+        capsys.readouterr().out
+    )
+
+
+def test_sources_on_the_command_line_replace_the_recipes_paths():
+    """launch/demo.yaml sets data.paths; switching it to data.sources needs nothing more."""
+    cfg = load_config("launch/demo.yaml", ["data.sources=[{name: a, paths: [a/]}]"])
+    assert cfg.data.paths == [] and [s.paths for s in cfg.data.sources] == [["a/"]]
+    cfg = load_config("launch/demo.yaml", ["data.paths=null", "eval.sources=[{paths: [h/]}]"])
+    assert cfg.data.paths == [] and cfg.eval.sources[0].paths == ["h/"]
+    assert load_config(None, ["data.loss_weights=null"]).data.loss_weights == {}
+    for both in (["data={paths: [a/], sources: [{paths: [b/]}]}"], ["data.paths=[a/]", BOTH]):
+        with pytest.raises(ConfigError, match=r"set data.paths \(one source\) or data.sources"):
+            load_config("launch/demo.yaml", both)
+
+
+BOTH = "data.sources=[{paths: [b/]}]"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "origin"),
+    [
+        (None, ["eval.every=50"], "override 'eval.every=50'"),
+        ("eval:\n  every: 50\n", [], "r.yaml"),
+    ],
+)
+def test_eval_every_without_held_out_data_is_refused(tmp_path, recipe, overrides, origin):
+    path = None
+    if recipe is not None:
+        path = tmp_path / "r.yaml"
+        path.write_text(recipe)
+    message = f"{origin}: eval.every=50 has no held-out data to evaluate: set eval.paths or eval"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(path, overrides)
+    assert load_config(path, [*overrides, "eval.paths=[h/]"]).eval.every == 50
+
+
+def test_a_saved_config_without_held_out_data_loads(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config("launch/demo.yaml")))
+    assert load_config(path).eval.every == 500 and not load_config(path).eval.enabled
