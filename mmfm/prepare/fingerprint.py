@@ -6,7 +6,8 @@ the shards) instead of keeping old shards as "already done" under a manifest of 
 Inputs are fingerprinted by name, size and modification time (remote shards by URL): hashing
 their contents would read the whole corpus before the first shard. Options left at their
 defaults are left out, so that an option a later mmfm adds (with a default that keeps the old
-behaviour) does not make every earlier output look changed.
+behaviour) does not make every earlier output look changed. The output format is left out
+too: the shards are the same whichever it is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from mmfm.prepare.recipe import PrepareRecipe
 from mmfm.tokenization.recipe import TokenizerRecipe
 
-_NOT_THE_OUTPUT = ("output", "cache_dir", "tokenizer")  # where, not what (tokenizer: by content)
+_NOT_THE_OUTPUT = ("output", "cache_dir", "tokenizer", "format")
+"""Where, not what (the tokenizer counts by content). `format: megatron` only adds an indexed
+dataset written from the finished shards: a rerun that asks for it resumes from them."""
 
 
 def fingerprint(recipe: PrepareRecipe, tokenizer: TokenizerRecipe, inputs: list[list[str]]) -> dict:

@@ -8,11 +8,13 @@ modality spans and no-loss spans into the sidecar `<name>.spans.bin` / `.idx` (o
 per document, mmfm/data/megatron.py), next to `vocab.json`: Megatron-LM trains on the ids,
 and mmfm reads the dataset back with its modalities (`data.sources[].kind: megatron`). The
 files are written under temporary names and renamed when complete. The shards stay: they are
-what a rerun resumes from. With `order: related` the order is one of documents only, so the
-indexed dataset is written from the ordered shards, in their order, once they are written
-(`with_related_order`). mmfm keeps that order with `ordered: true` on the source;
-megatron-core 0.16's `GPTDataset` always shuffles documents and samples by its seed, so in
-Megatron-LM the neighbours are not kept together.
+what a rerun resumes from, and the format is no part of their fingerprint, so `format: megatron`
+on an output prepared as shards writes the indexed dataset from them, tokenizing nothing.
+With `order: related` the order is one of documents only, so the indexed dataset is written
+from the ordered shards, in their order, once they are written (`with_related_order`). mmfm
+keeps that order with `ordered: true` on the source; megatron-core 0.16's `GPTDataset` always
+shuffles documents and samples by its seed, so in Megatron-LM the neighbours are not kept
+together.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ become records (VOC's JPEGImages/ holds more); `split` keeps those listed in
 binary, so they are 0 (background) in every class mask, and counted (`ImageMaskRecord.void`,
 a debug line per image). The picture and its label map are made square together (`fit`:
 letterbox by default here, which loses no labelled pixel), before the classes present are
-listed, so that a class cropped away is no document.
+listed, so that a class cropped away is no document: it is counted (`cropped_away`), one per
+(image, class) lost, as is a COCO category cropped away.
 
 COCO: an instances json (train2017 style; its `images`, `annotations`, `categories`), the
 pictures under `image_dir` (default: the json's folder); the mask of an (image, category) is the
@@ -130,7 +131,7 @@ def voc_records(path: Path, source, rejects) -> Iterator[ImageMaskRecord]:
         )  # fmt: skip
     try:
         image, label = _voc_pair(root, path, source.max_pixels)
-        yield from class_records(path.stem, image, label, names, source)
+        yield from class_records(path.stem, image, label, names, source, rejects, str(path))
     except PictureError as e:
         rejects.add(e.reason, str(path), str(e))
     except (OSError, ValueError, SyntaxError) as e:  # Pillow decode errors
@@ -181,13 +182,19 @@ def _voc_pair(root: Path, label_path: Path, max_pixels: int) -> tuple[np.ndarray
 
 
 def class_records(
-    stem: str, image: np.ndarray, label: np.ndarray, names: tuple[str, ...], source
-) -> list[ImageMaskRecord]:
+    stem: str, image: np.ndarray, label: np.ndarray, names: tuple[str, ...], source, rejects,
+    where: str,
+) -> list[ImageMaskRecord]:  # fmt: skip
     """One record per class index present in `label` (besides background 0 and void),
-    after the picture and label are made square with `source.fit`."""
+    after the picture and label are made square with `source.fit`; a class that `fit: crop`
+    leaves outside the square is counted in `rejects` as `cropped_away`."""
+    before = _classes(label, source.ignore_index)
     image, label = vdata.fit_square(image, source.fit), vdata.fit_square(label, source.fit)
     void = label == source.ignore_index
-    present = [int(i) for i in np.unique(label[~void]) if i != 0]
+    present = _classes(label, source.ignore_index)
+    for i in sorted(set(before) - set(present)):
+        name = names[i] if i < len(names) else f"label {i}"
+        _cropped_away(rejects, f"{where}:{name}", f"class {name!r}")
     unknown = [i for i in present if i >= len(names)]
     if unknown:
         raise PictureError(
@@ -202,6 +209,19 @@ def class_records(
         mask_record(stem, image, (label == i).astype(np.uint8), names[i], source, n_void)
         for i in present
     ]
+
+
+def _classes(label: np.ndarray, ignore_index: int) -> list[int]:
+    """The class indices in a label map, besides background 0 and void."""
+    return [int(i) for i in np.unique(label) if i not in (0, ignore_index)]
+
+
+def _cropped_away(rejects, where: str, what: str) -> None:
+    rejects.add(
+        "cropped_away",
+        where,
+        f"{what} lies outside the centre square that fit: crop keeps (fit: letterbox keeps it)",
+    )
 
 
 def mask_record(
@@ -241,14 +261,14 @@ def coco_records(path: Path, source, rejects) -> Iterator[ImageMaskRecord]:
             continue
         where = f"{path}:{entry['file_name']}"
         try:
-            yield from _coco_image(folder, entry, by_image[entry["id"]], names, source)
+            yield from _coco_image(folder, entry, by_image[entry["id"]], names, source, rejects)
         except PictureError as e:
             rejects.add(e.reason, where, str(e))
         except (OSError, ValueError, SyntaxError, TypeError, KeyError) as e:
             rejects.add("undecodable", where, f"{type(e).__name__}: {e}")
 
 
-def _coco_image(folder: Path, entry: dict, by_category: dict, names: dict, source) -> list:
+def _coco_image(folder: Path, entry: dict, by_category: dict, names: dict, source, rejects) -> list:
     image_path = folder / entry["file_name"]
     if not image_path.is_file():
         raise PictureError("no_image", f"no picture {image_path} (set image_dir)")
@@ -261,10 +281,14 @@ def _coco_image(folder: Path, entry: dict, by_category: dict, names: dict, sourc
     for category in sorted(by_category):
         if category not in names:
             raise PictureError("bad_mask", f"category_id {category} is not in categories")
-        mask = vdata.fit_square(decode_segmentation(by_category[category], h, w), source.fit)
+        whole = decode_segmentation(by_category[category], h, w)
+        mask = vdata.fit_square(whole, source.fit)
         if mask.any():
             stem = Path(entry["file_name"]).stem
             records.append(mask_record(stem, square, mask, names[category], source))
+        elif whole.any():
+            where = f"{folder / entry['file_name']}:{names[category]}"
+            _cropped_away(rejects, where, f"category {names[category]!r}")
     return records
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mmfm.config.schema import Config, LossConfig, SourceConfig
-from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch, Modality
+from mmfm.core.types import MODALITY_NAMES, Batch, Modality
 from mmfm.core.zigzag import zigzag_slice
 from mmfm.data.demo import TEXT_OFFSET
 from mmfm.data.loader import build_loader, collate
@@ -91,10 +91,12 @@ class EvalResult:
     loss_config: LossConfig = field(default_factory=LossConfig)
     """How `loss` is normalised: the training run's `loss` section."""
     ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0))
-    """Unweighted cross-entropy sum per target modality."""
+    """Unweighted cross-entropy sum per target modality, over its targets with weight > 0
+    (a prompt's labels are no targets)."""
     targets: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODALITY_NAMES, 0.0))
+    """Targets with weight > 0 per target modality."""
     text_bytes: float | None = 0.0
-    """UTF-8 bytes of the text targets (None: the text tokenizer is unknown)."""
+    """UTF-8 bytes of the text targets with weight > 0 (None: the text tokenizer is unknown)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Held-out documents skipped as bad, by reason (logged by the reader)."""
 
@@ -331,7 +333,7 @@ class Evaluator:
         if self.byte_table is None:
             return total
         for b in micro_batches:
-            text = (b.labels != IGNORE_INDEX) & (b.modality == Modality.TEXT)
+            text = (b.loss_weights > 0) & (b.modality == Modality.TEXT)  # as `modality_sums`
             total += self.byte_table[b.labels[text]].sum()
         return total
 

@@ -19,7 +19,8 @@ from mmfm.config.schema import LossConfig
 from mmfm.core.types import IGNORE_INDEX, MODALITY_NAMES, Batch
 
 MODALITY_COLUMNS = 3
-"""Per modality in `StepLoss.totals()`: unweighted CE sum, targets, weighted CE sum."""
+"""Per modality in `StepLoss.totals()`, over targets with weight > 0: unweighted CE sum,
+targets, weighted CE sum."""
 
 
 def count_targets(batches: list[Batch]) -> torch.Tensor:
@@ -152,9 +153,10 @@ def _vocab_parallel_lse(logits: DTensor) -> torch.Tensor:
 
 @torch.no_grad()
 def modality_sums(ce: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """`[n_modalities, 3]` per target modality: sum of unweighted cross-entropy, number of
-    targets, and sum of loss weight x cross-entropy."""
-    has_target = batch.labels != IGNORE_INDEX
+    """`[n_modalities, 3]` per target modality, over the targets that carry loss (weight > 0;
+    not a prompt's labels): sum of unweighted cross-entropy, number of targets, and sum of
+    loss weight x cross-entropy."""
+    has_target = batch.loss_weights > 0
     index = batch.modality[has_target]
     ce = ce[has_target].float()
     sums = torch.zeros(len(MODALITY_NAMES), MODALITY_COLUMNS, device=ce.device)
@@ -210,3 +212,9 @@ def split_totals(values: list[float]) -> tuple[float, float, dict[str, list[floa
         for i, name in enumerate(MODALITY_NAMES)
     }
     return values[0], values[1], columns
+
+
+def modality_losses(columns: dict[str, list[float]]) -> dict[str, float]:
+    """`loss/<modality>` from the `split_totals` columns: the unweighted mean cross-entropy over
+    the modality's targets, for each modality with targets in the step."""
+    return {f"loss/{name}": ce / n for name, (ce, n, _) in columns.items() if n > 0}

@@ -47,7 +47,7 @@ from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import STATE_FILE, Checkpointer, DamagedCheckpointError
 from mmfm.train.evaluate import BestCheckpoint, Evaluator
-from mmfm.train.loss import StepLoss, count_modality_targets, split_totals
+from mmfm.train.loss import StepLoss, count_modality_targets, modality_losses, split_totals
 from mmfm.train.steps import StepRunner
 
 log = logging.getLogger("mmfm")
@@ -295,7 +295,8 @@ class Trainer:
     def _metrics(self, reported: list[float], lr: float, start: float) -> dict[str, float]:
         """The step's scalars from `StepFlags.reported` (gradient norm, then loss stats).
         `loss` is the normalised cross-entropy; the z-loss, when on, is added to it in the
-        objective and reported apart (`loss/z`); loss/<modality> are unweighted means."""
+        objective and reported apart (`loss/z`); loss/<modality> are unweighted means over the
+        modality's targets that carry loss, absent for a modality with none."""
         grad_norm = reported[0]
         loss, z_loss, per_modality = split_totals(reported[1:])
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -308,9 +309,7 @@ class Trainer:
         }
         if self.cfg.loss.z_loss:
             metrics["loss/z"] = z_loss
-        for name, (ce_sum, count, _) in per_modality.items():
-            if count > 0:
-                metrics[f"loss/{name}"] = ce_sum / count
+        metrics.update(modality_losses(per_modality))
         return metrics
 
     def _step_if_finite(self, finite: bool) -> bool:

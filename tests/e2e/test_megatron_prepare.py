@@ -99,3 +99,26 @@ def test_related_order_is_written_in_that_order(tmp_path, monkeypatch):
     assert [theirs[i].tolist() for i in range(len(theirs))] == [d.tokens.tolist() for d in ordered]
     assert not list((out / ".as_read").glob("*.idx"))
     assert prepare(load_prepare_recipe(path), progress=False) == manifest  # a rerun: done
+
+
+def test_megatron_output_added_to_existing_shards_without_retokenizing(tmp_path, monkeypatch):
+    """A rerun with `format: megatron` on an output prepared as shards resumes from them: the
+    same fingerprint (the format is no part of it), the shards untouched, the indexed dataset
+    written from them."""
+    monkeypatch.chdir(REPO)
+    path = recipe(tmp_path)
+    megatron = path.read_text()
+    path.write_text(megatron.replace("format: megatron\n", ""))
+    first = prepare(load_prepare_recipe(path), progress=False)
+    out = tmp_path / "out"
+    shards = sorted(out.glob("t-*.tar"))
+    written = [p.stat().st_mtime_ns for p in shards]
+    assert "megatron" not in first and not (out / "t.idx").exists()
+    path.write_text(megatron)
+    again = prepare(load_prepare_recipe(path), progress=False)
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("t-*.tar"))] == written
+    assert again["fingerprint"] == first["fingerprint"]
+    assert again["megatron"]["documents"] == again["samples"] == first["samples"] == 35
+    docs = [d for p in shards for d in read_shard(str(p))]
+    theirs = mcore.IndexedDataset(str(out / "t"))
+    assert [theirs[i].tolist() for i in range(len(theirs))] == [d.tokens.tolist() for d in docs]

@@ -77,11 +77,12 @@ def test_voc_one_record_per_class_void_excluded_nothing_lost(voc):
     assert (got[0].image[:75] == vdata.LETTERBOX_FILL).all()  # bars above the photo
 
 
-def test_voc_crop_drops_what_falls_outside_the_square(voc):
+def test_voc_crop_drops_what_falls_outside_the_square_and_counts_it(voc):
     root, label = voc
-    got, _ = records(PrepareSource(kind="voc", paths=[str(root)], fit="crop"))
+    got, rejected = records(PrepareSource(kind="voc", paths=[str(root)], fit="crop"))
     assert [r.key for r in got] == ["cat_0001:cat"]  # the dog is right of the centre square
     assert got[0].mask.shape == (300, 300) and got[0].mask.sum() == (label == 1).sum()
+    assert rejected == {"cropped_away": 1}  # the dog's document, counted
 
 
 def test_voc_classes_phrase_split_and_bad_labels(voc):
@@ -221,3 +222,20 @@ def test_prepare_voc_documents_read_segment_the_class(voc, tmp_path, real_data):
         assert [s[0] for s in spans] == ["text", "image", "mask"]
         assert spans[0][1] == f"segment the {name}"
         assert (doc.tokens[0], doc.tokens[-1]) == (BOS, EOS)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # numpy 2
+def test_coco_crop_counts_a_category_outside_the_square(tmp_path, real_data):
+    path, _ = coco_json(tmp_path, real_data)
+    coco = json.loads(path.read_text())
+    coco["categories"].append({"id": 9, "name": "bird"})
+    coco["annotations"].append(
+        {"id": 5, "image_id": 7, "category_id": 9, "iscrowd": 0,
+         "segmentation": [[420.0, 50.0, 450.0, 50.0, 450.0, 80.0, 420.0, 80.0]]}
+    )  # fmt: skip
+    path.write_text(json.dumps(coco))
+    got, rejected = records(PrepareSource(kind="coco", paths=[str(path)], fit="crop"))
+    assert [r.key for r in got] == ["c:cat", "c:dog"]  # the bird is right of the centre square
+    assert rejected == {"no_image": 1, "cropped_away": 1}
+    got, rejected = records(PrepareSource(kind="coco", paths=[str(path)]))  # letterbox
+    assert [r.key for r in got] == ["c:cat", "c:dog", "c:bird"] and rejected == {"no_image": 1}

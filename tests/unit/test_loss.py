@@ -17,6 +17,7 @@ from mmfm.train.loss import (
     StepLoss,
     count_modality_targets,
     count_targets,
+    modality_losses,
     modality_sums,
     split_totals,
     token_cross_entropy,
@@ -62,12 +63,43 @@ def test_modality_sums_are_unweighted_and_weighted_sums_per_target_modality():
     b = batch()
     ce = torch.rand(2, 6)
     sums = modality_sums(ce, b)
-    has = b.labels != IGNORE_INDEX
+    has = b.loss_weights > 0
     for m in (Modality.TEXT, Modality.DNA):
         sel = has & (b.modality == m)
         assert sums[m, 0].item() == pytest.approx(ce[sel].sum().item())
         assert sums[m, 1].item() == sel.sum().item()
         assert sums[m, 2].item() == pytest.approx((ce * b.loss_weights)[sel].sum().item())
+
+
+def prompt_response_rows() -> Batch:
+    """Completion-only rows by hand: a text + image prompt (labelled, weight 0) and a DNA
+    response (weight 1, one token 0.5); the rows end in padding (IGNORE_INDEX)."""
+    T, M, D = Modality.TEXT, Modality.IMAGE, Modality.DNA
+    modality = torch.tensor([[T, T, M, M, M, D, D, D, T], [T, M, M, D, D, D, D, T, T]])
+    weights = torch.tensor(
+        [[0, 0, 0, 0, 0, 1, 1, 0.5, 0], [0, 0, 0, 1, 1, 1, 1, 0, 0]], dtype=torch.float32
+    )
+    labels = torch.tensor([[3, 4, 9, 10, 11, 5, 6, 7, -100], [2, 9, 12, 5, 7, 6, 8, -100, -100]])
+    zeros = torch.zeros_like(labels)
+    return Batch(zeros, labels, zeros, zeros, weights, modality)
+
+
+def test_a_modality_loss_is_the_mean_over_its_targets_and_prompt_only_modalities_are_absent():
+    b, logits = prompt_response_rows(), torch.randn(2, 9, 13, generator=torch.Generator())
+    step = StepLoss(count_modality_targets([b]))
+    step(logits, b, key=0)
+    _, _, columns = split_totals(step.totals().tolist())
+    losses = modality_losses(columns)
+    assert set(losses) == {"loss/dna"}  # text and image only appear in the prompts
+    dna = b.modality == Modality.DNA
+    want = F.cross_entropy(logits[dna], b.labels[dna])  # unweighted mean over the DNA targets
+    assert losses["loss/dna"] == pytest.approx(want.item(), rel=1e-5)
+    result = EvalResult()  # held-out evaluation reports the same per modality
+    for name, (ce, targets, _) in columns.items():
+        result.ce[name], result.targets[name] = ce, targets
+    assert set(result.summary()["modalities"]) == {"dna"}
+    assert result.metrics()["val/loss/dna"] == pytest.approx(want.item(), rel=1e-5)
+    assert result.loss_unweighted == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
