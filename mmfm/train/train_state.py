@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfm.data.stream import deal, shard_sizes
+from mmfm.data.stream import EMPTY_EPOCHS_LIMIT, deal, shard_sizes
 from mmfm.train.dcp_reader import DamagedCheckpointError
 
 STATE_KEYS = ("step", "scheduler", "loader", "nonfinite")
@@ -148,7 +148,12 @@ def _check_snapshot(file, field, snap, stream, loader, sizes) -> None:
         where = f"{field}.readers[{i}]"
         if not isinstance(cursor, list) or len(cursor) != 3:
             raise _bad(file, where, f"is {_shown(cursor)}, not [epoch, unit, document]")
-        cap = sources[i].max_epochs or None
+        # An epoch gives a document (a token drawn at least) or is one of fewer than
+        # EMPTY_EPOCHS_LIMIT empty ones in a row; a capped source stops at its cap.
+        drawn = snap["drawn"][i] if i < len(snap["drawn"]) else 0
+        cap = EMPTY_EPOCHS_LIMIT * (drawn + 1) if _is_count(drawn) else None
+        if sources[i].max_epochs:
+            cap = min(cap or sources[i].max_epochs, sources[i].max_epochs)
         epoch = _count(file, f"{where} epoch", cursor[0], cap)
         mine = units(i, epoch)
         unit = _count(file, f"{where} unit", cursor[1], len(mine))

@@ -21,13 +21,12 @@ import pytest
 import torch
 import yaml
 from conftest import TINY
-from test_sec_checkpoint import FAST, PROTO4, POP, STOP, _stack_global, _str, _train_args
+from test_sec_checkpoint import FAST, POP, PROTO4, STOP, _stack_global, _str, _train_args
 
 from mmfm.cli import main as cli
 from mmfm.config import load_config
 from mmfm.train.checkpoint import (
     Checkpointer,
-    CheckpointError,
     DamagedCheckpointError,
     UnsafeCheckpointError,
     load_checkpoint_model,
@@ -199,7 +198,7 @@ TYPE_DAMAGE = {
 
 @pytest.mark.parametrize("kind", list(TYPE_DAMAGE))
 def test_wrongly_typed_metadata_is_one_line(kind, run_copy, capsys):
-    run, step = run_copy()
+    _, step = run_copy()
     change, field = TYPE_DAMAGE[kind]
     _rewrite_metadata(step, change)
     with pytest.raises(SystemExit) as exit_info:
@@ -316,3 +315,129 @@ def test_a_huge_config_is_refused_before_anything_is_allocated(command, run_copy
     assert exit_info.value.code == 1
     line = _one_line(capsys)
     assert "config.yaml" in line and re.search(r"tok_embeddings\.weight has shape", line), line
+
+
+# -- a train_state.json that lies or has wrong types (defect 4, §5) ----------------------------
+
+
+def _set(*path_and_value) -> Callable[[dict], None]:
+    """`_set("a", "b", 0, value)`: state["a"]["b"][0] = value."""
+    *path, last, value = path_and_value
+
+    def change(state: dict) -> None:
+        target = state
+        for key in path:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+def _other_stream(state: dict) -> None:
+    state["loader"]["streams"]["99"] = state["loader"]["streams"]["0"]
+
+
+STREAM = ("loader", "streams", "0")
+STATE_LIES = {
+    "step_huge": (_set("step", 10**12), r"step is 1000000000000, but the checkpoint is step_1"),
+    "step_negative": (_set("step", -5), r"step is -5, not a count"),
+    "step_string": (_set("step", "1"), r"step is '1', not a count"),
+    "step_float": (_set("step", 1.0), r"step is 1\.0, not a count"),
+    "scheduler_list": (_set("scheduler", [1]), r"scheduler is a list, not an object"),
+    "scheduler_lr_string": (
+        _set("scheduler", "_last_lr", 0, "x"),
+        r"scheduler\._last_lr\[0\] is 'x', not a finite number",
+    ),
+    "scheduler_foreign_key": (_set("scheduler", "optimizer", 1), r"scheduler is a dict, not an"),
+    "scheduler_last_epoch": (_set("scheduler", "last_epoch", 7), r"scheduler\.last_epoch is not"),
+    "nonfinite_string": (_set("nonfinite", "0"), r"nonfinite is '0', not an object"),
+    "nonfinite_negative": (_set("nonfinite", "total", -1), r"nonfinite\.total is -1"),
+    "world_size_string": (_set("world_size", "1"), r"world_size is '1', not a count"),
+    "loader_list": (_set("loader", []), r"loader lacks one of format"),
+    "streams_list": (_set("loader", "streams", []), r"loader lacks one of format"),
+    "foreign_stream": (_other_stream, r"loader\.streams has stream '99' of 4"),
+    "epoch_string": (
+        _set(*STREAM, "readers", 0, 0, "0"),
+        r"loader\.streams\.0\.readers\[0\] epoch is '0', not a count",
+    ),
+    "epoch_huge": (
+        _set(*STREAM, "readers", 0, 0, 10**12),
+        r"loader\.streams\.0\.readers\[0\] epoch is 1000000000000, more than \d+",
+    ),
+    "unit_past_the_epoch": (
+        _set(*STREAM, "readers", 0, 1, 50),
+        r"loader\.streams\.0\.readers\[0\] unit is 50, more than \d+",
+    ),
+    "cursor_past_the_unit": (
+        _set(*STREAM, "readers", 0, 2, 10**6),
+        r"loader\.streams\.0\.readers\[0\] document is 1000000, more than \d+",
+    ),
+    "buffered_document_past_the_unit": (
+        _set(*STREAM, "shuffle", 0, 3, 10**6),
+        r"loader\.streams\.0\.shuffle document is 1000000, more than \d+",
+    ),
+    "rng_garbage": (_set(*STREAM, "rng", {"state": 1}), r"loader\.streams\.0\.rng is not"),
+    "skipped_string": (_set(*STREAM, "skipped", "x"), r"loader\.streams\.0\.skipped"),
+}
+
+
+def _edit_state(step: Path, change: Callable[[dict], None]) -> None:
+    file = step / "train_state.json"
+    state = json.loads(file.read_text())
+    change(state)
+    file.write_text(json.dumps(state))
+
+
+def test_the_lies_start_from_a_state_that_resumes(run_copy, demo_cache):
+    """The genuine state passes every check (the lies below change one field each)."""
+    run, step = run_copy()
+    state = json.loads((step / "train_state.json").read_text())
+    assert state["step"] == 1 and len(state["loader"]["streams"]) == 4
+    assert state["loader"]["streams"]["0"]["shuffle"]
+    cli(_train_args(run, demo_cache, "train.steps=2", f"train.resume={step}"))
+    assert f"resumed from {step} at step 1" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("kind", list(STATE_LIES))
+def test_a_lying_train_state_is_one_line_before_training(kind, run_copy, demo_cache, capsys):
+    run, step = run_copy()
+    change, message = STATE_LIES[kind]
+    _edit_state(step, change)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(_train_args(run, demo_cache, "train.steps=2", f"train.resume={step}"))
+    assert exit_info.value.code == 1
+    line = _one_line(capsys)
+    assert line.startswith(f"mmfm: checkpoint error: {step}/train_state.json: "), line
+    assert re.search(message, line), line
+    assert not (run / "checkpoints" / "step_2").exists()
+
+
+def test_init_data_checks_the_data_state_too(run_copy, demo_cache, tmp_path, capsys):
+    _, step = run_copy()
+    _edit_state(step, _set(*STREAM, "readers", 0, 2, 10**6))
+    options = (f"train.init_from={step}", "train.init_data=true", "train.steps=1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(_train_args(tmp_path / "other", demo_cache, *options))
+    assert exit_info.value.code == 1
+    assert re.search(r"readers\[0\] document is 1000000", _one_line(capsys))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b'{"step": "x"}', r"step is 'x', not a count"), (b"[1]", r"holds a list, not an object")],
+)
+def test_eval_checks_the_train_state_before_it_evaluates(
+    content, message, run_copy, capsys, monkeypatch
+):
+    _, step = run_copy()
+    (step / "train_state.json").write_bytes(content)
+    from mmfm.train import eval_main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(eval_main, "parallelize", never)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["eval", str(step), "builtin:demo"])
+    assert exit_info.value.code == 1
+    assert re.search(message, _one_line(capsys))
