@@ -116,8 +116,8 @@ class _MetadataUnpickler(pickle._Unpickler):
     named (not an enum member) or a dict, list or set; never on a class, a function or a
     singleton, where a change would outlive the load (`_get_layout.cache`, `__qualname__`).
 
-    The pure-Python `pickle._Unpickler`, because the C one has no hook per opcode; a checkpoint's
-    metadata is small (about 20 MB/s here: a fraction of a second for a large model)."""
+    The pure-Python `pickle._Unpickler`, because the C one has no hook per opcode: 3-4x its
+    time (1.3 s for the 2.3 MB metadata of 2000 tensors in 8 shards, against 0.4 s)."""
 
     extra: ClassVar[dict[tuple[str, str], Any]] = {}
 

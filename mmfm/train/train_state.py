@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mmfm.data.raw_stream import POSITIONS
 from mmfm.data.stream import EMPTY_EPOCHS_LIMIT, deal, shard_sizes
 from mmfm.train.dcp_reader import DamagedCheckpointError
 
@@ -137,8 +138,11 @@ def _check_snapshot(file, field, snap, stream, loader, sizes) -> None:
         return shares[stream]
 
     def documents(source: int, unit) -> int | None:
+        """Positions in the unit: its samples (raw samples: POSITIONS documents each)."""
         held = sizes[source].get(unit.url, -1)
-        return len(range(unit.j, held, unit.k)) if held >= 0 else None
+        if held < 0:
+            return None
+        return len(range(unit.j, held, unit.k)) * (POSITIONS if sources[source].tokenize else 1)
 
     readers = snap["readers"]
     if len(readers) != len(sources):
