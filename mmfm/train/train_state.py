@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mmfm.data.loader import STATE_FORMAT
 from mmfm.data.raw_stream import POSITIONS
 from mmfm.data.stream import EMPTY_EPOCHS_LIMIT, deal, shard_sizes
 from mmfm.train.dcp_reader import DamagedCheckpointError
@@ -102,20 +103,27 @@ _SNAPSHOT = {"readers": list, "rng": dict, "shuffle": list, "pack": list, "drawn
 
 def check_loader_state(file: Path, state: Any, loader: Any) -> None:
     """The data streams' state: typed, and every cursor where the data has a document. A
-    state made with other streams or sources is left to the loader to refuse by name."""
+    state of another format, other streams or sources is left to the loader to refuse by
+    name; a stream not started yet has no state."""
     if not isinstance(state, dict) or not all(
         isinstance(state.get(k), t)
         for k, t in (("format", str), ("n_streams", int), ("sources", list), ("streams", dict))
     ):
         raise _bad(file, "loader", "lacks one of format, n_streams, sources, streams")
     n_streams = state["n_streams"]
-    if n_streams != loader.settings.n_streams or state["sources"] != loader.fingerprint():
+    if (state["format"], n_streams, state["sources"]) != (
+        STATE_FORMAT,
+        loader.settings.n_streams,
+        loader.fingerprint(),
+    ):
         return
     sizes = [_samples(spec) for spec in loader.sources]
     for key, snap in state["streams"].items():
         field = f"loader.streams.{key}"
         if not (key.isdigit() and int(key) < n_streams):
             raise _bad(file, "loader.streams", f"has stream {key!r} of {n_streams}")
+        if snap is None:  # a stream that has not started
+            continue
         if not isinstance(snap, dict) or not all(
             isinstance(snap.get(k), t) for k, t in _SNAPSHOT.items()
         ):
