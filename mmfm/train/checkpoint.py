@@ -189,8 +189,7 @@ class Checkpointer:
         `whole_model` (not one pipeline stage's share), also that the checkpoint holds no
         weight the model lacks."""
         path = Path(path)
-        if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+        require_weights(path)
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         check_entries(path, stored, {"model": model_state}, whole_model)
@@ -234,16 +233,22 @@ class Checkpointer:
         return state
 
 
+def require_weights(path: Path) -> None:
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+
+
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config saved with checkpoint `path`, checked against its weights first: the model it
     describes, built on the meta device (no memory), must have the checkpoint's tensor names
     and shapes, so a damaged `config.yaml` (`dim: 4194304`) is refused before 70 TB are
-    allocated for it."""
+    allocated for it. (Without weights there is nothing to compare: `require_weights` refuses
+    the directory before a model is made.)"""
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint")
     cfg = load_config(path / CONFIG_FILE, list(overrides))
     if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+        return cfg
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     model = build_model(cfg.model, "meta")
     found = entry_problems(stored, {"model": model.state_dict()}, whole_model=True).get("model")
@@ -259,6 +264,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, config) of a checkpoint in one process, whatever layout saved it."""
     path = Path(path)
     cfg = checkpoint_config(path, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    require_weights(path)
     model = build_model(cfg.model, device)
     model.to_empty(device=device)
     state = model.state_dict()

@@ -38,6 +38,7 @@ from mmfm.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     checkpoint_config,
+    require_weights,
 )
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
 from mmfm.train.steps import build_steps
@@ -120,6 +121,7 @@ def evaluate_checkpoint(
     for item in data:  # before the model is built
         if item.endswith(".txt") and not Path(item).is_file():
             raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")
+    require_weights(checkpoint)  # before a model is made for them
     step = _saved_step(checkpoint)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
