@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import pickletools
 import re
 import shutil
 from collections.abc import Callable
@@ -58,17 +59,18 @@ def run_copy(trained_run, tmp_path) -> Callable[[], tuple[Path, Path]]:
     return make
 
 
-NESTED = "nested-100000-deep"
-"""A value that `_rewrite_metadata` writes as a list nested 100000 deep (too deep to pickle)."""
+NESTED = "nested-10000-deep"
+"""A value that `_rewrite_metadata` writes as a list nested 10000 deep (too deep to pickle)."""
 
 
 def _rewrite_metadata(step: Path, change: Callable) -> None:
     """Unpickle the genuine metadata, `change(metadata)` in place, pickle it back as DCP does."""
     metadata = _unpickle_metadata(step / ".metadata")
     change(metadata)
-    depth = 100_000  # EMPTY_LIST n times, APPEND n - 1 times: [[[...]]]
+    depth = 10_000  # EMPTY_LIST n times, APPEND n - 1 times: [[[...]]]
     nested = b"]" * depth + b"a" * (depth - 1)
-    (step / ".metadata").write_bytes(pickle.dumps(metadata).replace(_str(NESTED), nested))
+    data = pickle.dumps(metadata).replace(_str(NESTED), nested)
+    (step / ".metadata").write_bytes(pickletools.optimize(data))  # frames sized anew
 
 
 def _one_line(capsys) -> str:
@@ -140,11 +142,11 @@ def test_chunks_must_cover_every_tensor_exactly(kind, run_copy, tmp_path):
 
 
 def test_no_chunks_does_not_load_uninitialised_memory(run_copy, capsys):
-    """Through `mmfm convert hf`: the weights would be whatever the allocator held."""
+    """Through `mmfm generate`: the weights would be whatever the allocator held."""
     _, step = run_copy()
     _rewrite_metadata(step, _set_chunks("model.layers.0.attention.wq.weight", lambda e: []))
     with pytest.raises(SystemExit) as exit_info:
-        cli(["convert", "hf", str(step), str(step.parent / "hf")])
+        cli(["generate", str(step), "--prompt", "a", "--max-new-tokens", "1"])
     assert exit_info.value.code == 1
     assert re.search(r"wq\.weight .*chunks cover 0 of 4096 elements", _one_line(capsys))
 
@@ -315,6 +317,26 @@ def test_a_huge_config_is_refused_before_anything_is_allocated(command, run_copy
     assert exit_info.value.code == 1
     line = _one_line(capsys)
     assert "config.yaml" in line and re.search(r"tok_embeddings\.weight has shape", line), line
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_huge_config_without_weights_is_refused_before_anything_is_allocated(
+    command, tmp_path, run_copy, capsys
+):
+    _, step = run_copy()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = yaml.safe_load((step / "config.yaml").read_text())
+    config["model"]["dim"] = 4194304
+    (bare / "config.yaml").write_text(yaml.safe_dump(config))
+    args = {
+        "generate": ["generate", str(bare), "--prompt", "a", "--max-new-tokens", "1"],
+        "eval": ["eval", str(bare), "builtin:demo"],
+    }[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    assert exit_info.value.code == 1
+    assert "is not a checkpoint directory (no .metadata)" in _one_line(capsys)
 
 
 # -- a train_state.json that lies or has wrong types (defect 4, §5) ----------------------------
