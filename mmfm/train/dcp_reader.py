@@ -13,6 +13,7 @@ be seen from the metadata.
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import pickle
@@ -319,6 +320,17 @@ def _check_storage(path: Path, metadata: Metadata) -> None:
             )
 
 
+@functools.lru_cache(maxsize=2)
+def _checked_metadata(path: Path, version: tuple | None) -> Metadata:
+    """The checked metadata of checkpoint `path`, read once per version of the file: a
+    command reads it for the config check, then to load (the pure-Python unpickler is slow)."""
+    metadata = _unpickle_metadata(path / ".metadata")
+    _check_storage(path, metadata)
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
 class SafeFileSystemReader(FileSystemReader):
     """`FileSystemReader` without arbitrary unpickling, and with errors that name the file
     (see the module docstring)."""
@@ -327,10 +339,12 @@ class SafeFileSystemReader(FileSystemReader):
         metadata = getattr(self, "_checked_metadata", None)
         if metadata is None:
             path = Path(self.path)
-            metadata = _unpickle_metadata(path / ".metadata")
-            _check_storage(path, metadata)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
+            try:
+                stat = (path / ".metadata").stat()
+                version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                version = None  # missing: _unpickle_metadata says so
+            metadata = _checked_metadata(path, version)
             self._checked_metadata = metadata
         metadata.storage_meta.load_id = self.load_id
         return metadata
