@@ -312,10 +312,6 @@ class _MegatronUnpickler(dcp_reader._MetadataUnpickler):
             dcp_planner.TensorWriteData,
         )
     }
-    watched: ClassVar[list] = [*extra.values(), *dcp_planner.WriteItemType]
-
-    def find_class(self, module: str, name: str):
-        return self.extra.get((module, name)) or super().find_class(module, name)
 
 
 class MegatronReader(SafeFileSystemReader):

@@ -20,13 +20,14 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mmfm.config import load_config
+from mmfm.config import Config, load_config
 from mmfm.core.errors import CheckpointError
 from mmfm.model import build_model
 from mmfm.train.dcp_reader import (
@@ -35,7 +36,9 @@ from mmfm.train.dcp_reader import (
     UnsafeCheckpointError,
     _single_process_quiet,
     check_entries,
+    entry_problems,
     error_line,
+    listed,
     load_tensors,
 )
 
@@ -186,8 +189,7 @@ class Checkpointer:
         `whole_model` (not one pipeline stage's share), also that the checkpoint holds no
         weight the model lacks."""
         path = Path(path)
-        if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+        require_weights(path)
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         check_entries(path, stored, {"model": model_state}, whole_model)
@@ -199,12 +201,17 @@ class Checkpointer:
         return _read_state(Path(path))
 
     @staticmethod
-    def load(path: str | Path, tensors: dict, whole_model: bool = False) -> dict:
+    def load(
+        path: str | Path,
+        tensors: dict,
+        whole_model: bool = False,
+        check_state: Callable[[Path, dict], None] | None = None,
+    ) -> dict:
         """Fill `tensors` (a state dict of the right structure) in place; return the JSON state.
 
         Everything that can be checked without reading the tensors is checked first: the
-        marker, the metadata (safely), the JSON state, the data files, every name and shape
-        (`whole_model`: as in `load_model`).
+        marker, the metadata (safely), the JSON state (`check_state(file, state)`), the data
+        files, every name and shape (`whole_model`: as in `load_model`).
         """
         path = Path(path)
         if not is_complete(path):
@@ -219,18 +226,45 @@ class Checkpointer:
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         state = _read_state(path)
+        if check_state is not None:
+            check_state(path / STATE_FILE, state)
         check_entries(path, stored, tensors, whole_model)
         load_tensors(tensors, reader)
         return state
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, config) of a checkpoint in one process, whatever layout saved it."""
+def require_weights(path: Path) -> None:
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
 
-    path = Path(path)
+
+def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config saved with checkpoint `path`, checked against its weights first: the model it
+    describes, built on the meta device (no memory), must have the checkpoint's tensor names
+    and shapes, so a damaged `config.yaml` (`dim: 4194304`) is refused before 70 TB are
+    allocated for it. (Without weights there is nothing to compare: `require_weights` refuses
+    the directory before a model is made.)"""
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint")
-    cfg = load_config(path / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    cfg = load_config(path / CONFIG_FILE, list(overrides))
+    if not (path / ".metadata").is_file():
+        return cfg
+    stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    model = build_model(cfg.model, "meta")
+    found = entry_problems(stored, {"model": model.state_dict()}, whole_model=True).get("model")
+    if found:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} does not describe the weights in {path} ({listed(found)}): "
+            f"the file was changed or damaged; restore the {CONFIG_FILE} saved with them"
+        )
+    return cfg
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, config) of a checkpoint in one process, whatever layout saved it."""
+    path = Path(path)
+    cfg = checkpoint_config(path, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    require_weights(path)
     model = build_model(cfg.model, device)
     model.to_empty(device=device)
     state = model.state_dict()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from mmfm.config import Config, ConfigError, load_config, load_structured
+from mmfm.config import Config, ConfigError, load_structured
 from mmfm.config.layout import resolve_layout
 from mmfm.config.schema import ParallelConfig, SourceConfig
 from mmfm.core.errors import DataError, InputNotFound
@@ -33,10 +33,17 @@ from mmfm.parallel.env import ParallelEnv, process_ranks
 from mmfm.parallel.parallelize import parallelize
 from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
-from mmfm.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, CheckpointError
+from mmfm.train.checkpoint import (
+    STATE_FILE,
+    Checkpointer,
+    CheckpointError,
+    checkpoint_config,
+    require_weights,
+)
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
 from mmfm.train.main import check_sources_vocab
 from mmfm.train.steps import build_steps
+from mmfm.train.train_state import saved_step
 
 log = logging.getLogger("mmfm")
 
@@ -44,11 +51,9 @@ log = logging.getLogger("mmfm")
 def eval_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
     """The checkpoint's config with `overrides`; the layout comes only from the overrides."""
     path = Path(checkpoint)
-    if not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint directory")
     layout = [o.removeprefix("parallel.") for o in overrides if o.startswith("parallel.")]
     rest = [o for o in overrides if not o.startswith("parallel.")]
-    cfg = load_config(path / CONFIG_FILE, rest)
+    cfg = checkpoint_config(path, rest)  # checked against the weights before the model is built
     parallel = load_structured(ParallelConfig, None, layout)
     try:
         return dataclasses.replace(cfg, parallel=parallel)
@@ -119,6 +124,8 @@ def evaluate_checkpoint(
         if item.endswith(".txt") and not Path(item).is_file():
             raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")
     _check_data_vocab(checkpoint, data)
+    require_weights(checkpoint)  # before a model is made for them
+    step = _saved_step(checkpoint)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)
@@ -133,7 +140,7 @@ def evaluate_checkpoint(
             evaluator = Evaluator(cfg, env, runner, sources, steps, table)
             result = evaluator.run(progress=progress)
         if env.is_main:
-            _report(checkpoint, data, cfg, result, json_path)
+            _report(checkpoint, step, data, cfg, result, json_path)
         return result
     finally:
         env.close()
@@ -168,11 +175,21 @@ def _check_data_vocab(checkpoint: Path, data: Sequence[str]) -> None:
         log.info(note)
 
 
+def _saved_step(checkpoint: Path) -> int | None:
+    """The step of the checkpoint's `train_state.json` (checked), None without one."""
+    if not (checkpoint / STATE_FILE).is_file():
+        return None
+    return saved_step(checkpoint / STATE_FILE, Checkpointer.load_state(checkpoint))
+
+
 def _report(
-    checkpoint: Path, data: Sequence[str], cfg: Config, result: EvalResult, json_path
+    checkpoint: Path,
+    step: int | None,
+    data: Sequence[str],
+    cfg: Config,
+    result: EvalResult,
+    json_path,
 ) -> None:
-    state_file = checkpoint / STATE_FILE
-    step = json.loads(state_file.read_text()).get("step") if state_file.is_file() else None
     print(
         f"{checkpoint} (step {step}) on {', '.join(data)}: {result.rows} rows of "
         f"{cfg.data.seq_len} tokens in {result.steps} batches",

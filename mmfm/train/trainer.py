@@ -45,17 +45,16 @@ from mmfm.data.tario import Interrupted
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.train.callbacks import Callback
-from mmfm.train.checkpoint import STATE_FILE, Checkpointer, DamagedCheckpointError
+from mmfm.train.checkpoint import STATE_FILE, Checkpointer
 from mmfm.train.evaluate import BestCheckpoint, Evaluator
 from mmfm.train.loss import StepLoss, count_modality_targets, modality_losses, split_totals
 from mmfm.train.steps import StepRunner
+from mmfm.train.train_state import check_loader_state, check_state
 
 log = logging.getLogger("mmfm")
 
 # Optimizer state keyed by parameter name, so that it reshards across layouts.
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-_STATE_KEYS = ("step", "scheduler", "loader", "nonfinite")
-"""What `load` reads from train_state.json."""
 
 
 class NonFiniteLossError(TrainingError):
@@ -379,19 +378,18 @@ class Trainer:
         self.checkpointer.load_model(path, state, whole_model=self.env.dims.pp == 1)
         set_model_state_dict(self.model, state)
         if data:
-            self.loader.load_state_dict(self.checkpointer.load_state(path)["loader"])
+            loader = self.checkpointer.load_state(path).get("loader")
+            check_loader_state(Path(path) / STATE_FILE, loader, self.loader)
+            self.loader.load_state_dict(loader)
         log.info("initialised the model%s from %s", " and the data" if data else "", path)
+
+    def _check_state(self, file: Path, state: dict) -> None:
+        check_state(file, state, self.scheduler.state_dict(), self.loader)
 
     def load(self, path: str | Path) -> None:
         optim = self._optimizer_state()
         tensors = self._tensors(optim)
-        state = self.checkpointer.load(path, tensors, whole_model=self.env.dims.pp == 1)
-        missing = [key for key in _STATE_KEYS if key not in state]
-        if missing:
-            raise DamagedCheckpointError(
-                f"{Path(path) / STATE_FILE} lacks {', '.join(missing)}: the checkpoint is "
-                "damaged or not written by mmfm train; use another checkpoint"
-            )
+        state = self.checkpointer.load(path, tensors, self.env.dims.pp == 1, self._check_state)
         set_model_state_dict(self.model, tensors["model"])
         optim.update(tensors["optim"])
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=_OPTIM_OPTIONS)
