@@ -296,17 +296,20 @@ def _total_length(response, position: int) -> int | None:
 
 class _File(_Source):
     def __init__(self, f):
-        self.f = f
+        self.f, self.position = f, 0
+        status = os.fstat(f.fileno())
+        self.size = status.st_size if stat.S_ISREG(status.st_mode) else None
+        """A regular file's size, taken once (shards are not written while read)."""
 
     def read(self, n: int) -> bytes:
         out = self.f.read(n)
         while len(out) < n and (more := self.f.read(n - len(out))):
             out += more
+        self.position += len(out)
         return out
 
     def left(self) -> int | None:
-        status = os.fstat(self.f.fileno())
-        return status.st_size - self.f.tell() if stat.S_ISREG(status.st_mode) else None
+        return None if self.size is None else self.size - self.position
 
     def skip(self, n: int) -> int:
         left = self.left()
@@ -314,6 +317,7 @@ class _File(_Source):
             return super().skip(n)
         n = min(n, left)
         self.f.seek(n, os.SEEK_CUR)
+        self.position += n
         return n
 
     def close(self) -> None:
@@ -324,11 +328,8 @@ class _Gzip(_File):
     """A gzip stream, inflated as it is read (its size is not known before)."""
 
     def __init__(self, source):
-        super().__init__(gzip.GzipFile(fileobj=source, mode="rb"))
-        self.source = source
-
-    def left(self) -> None:
-        return None
+        self.f, self.position = gzip.GzipFile(fileobj=source, mode="rb"), 0
+        self.source, self.size = source, None
 
     def read(self, n: int) -> bytes:
         try:
@@ -512,13 +513,14 @@ def _samples(walk: _Walk) -> Iterator[dict | Damage]:
             yield from _flush(sample)
             yield walk.truncated(at)
             return
-        if block == ZERO or header_size(block) is None:
+        size = None if block == ZERO else header_size(block)
+        if size is None:
             yield from _flush(sample)
             sample = {}
             block = yield from _past_damage(walk, block, at)
             if block is None:
                 return
-        size = header_size(block)
+            size = header_size(block)
         kind = block[156:157]
         name = long_name or _member_name(block)
         long_name = None
