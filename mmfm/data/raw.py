@@ -7,7 +7,8 @@ field mapping names are kept), and a `RawDecoder` turns one sample into the reco
 so that it can run where the work is cheapest to spread: `mmfm prepare` decodes in the workers
 that tokenize (a JPEG's decode costs more than reading its bytes). Every sample that cannot
 become a record goes to `reject(reason, where, detail)` with its shard and key, and reading
-goes on.
+goes on. A caption is a member's text, never the sample's key (`000123` says nothing); a
+mapping entry the record never reads is warned about (`warn_ignored`), not silently dropped.
 """
 
 from __future__ import annotations
