@@ -7,7 +7,6 @@ record type ignores is warned about (issue 30)."""
 
 import io
 import logging
-from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -27,7 +26,6 @@ from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.shaping import Shaping, shape
 from mmfm.tokenization.tokenizers import Tokenizers
 
-REPO = Path(__file__).resolve().parents[2]
 SEED = 7
 ICON_FIELDS = {"record": "svg", "svg": ["svg"], "text": ["txt"]}
 """The user's mapping of the report: the caption in `000000.txt`, the code in `000000.svg`."""
