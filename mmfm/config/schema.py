@@ -173,6 +173,22 @@ class SourceConfig:
     max_length: int = 0
     """With `tokenize` and fields.record dna: windows of at most this many bases, cut as
     mmfm prepare's max_length cuts them (0: whole sequences)."""
+    uncond_ratio: float = 0.0
+    """With `tokenize`, captioned pictures (fields.record image-text, image-mask, video): the
+    share of records whose caption is dropped (condition dropout), as a prepare recipe's
+    sources[].uncond_ratio. Drawn per record from (train.seed, this source's name, the
+    sample's key): the documents `mmfm prepare` makes with that seed and source name."""
+    order: str = "text_first"
+    """With `tokenize`, captioned pictures: text_first (the caption, then the picture),
+    image_first (the picture, then the caption) or both (each record image_first with
+    probability `reverse_ratio`), as a prepare recipe's sources[].order."""
+    reverse_ratio: float = 0.5
+    """order: both: the share of records put image_first."""
+    completion_only: bool = False
+    """With `tokenize`: each record with a condition becomes a prompt / response task whose
+    prompt is never a target, as a prepare recipe's sources[].completion_only: caption ->
+    picture (picture -> caption when image_first), image and caption -> mask, caption -> SVG.
+    Records without a condition (no caption member) keep every target."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "data.sources: every source needs a name")
@@ -196,6 +212,22 @@ class SourceConfig:
             self.tokenize_device == "cpu" or self.tokenize_device.startswith("cuda"),
             f"data.sources: {self.name!r}: tokenize_device must be cpu or cuda[:N], "
             f"not {self.tokenize_device!r}",
+        )
+        self._check_shaping()
+
+    def _check_shaping(self) -> None:
+        where = f"data.sources: {self.name!r}:"
+        shaped = self.uncond_ratio > 0 or self.order != "text_first"
+        _require(
+            bool(self.tokenize) or not (shaped or self.completion_only),
+            f"{where} uncond_ratio, order and completion_only shape raw shards tokenized in the "
+            "stream (tokenize); shards of mmfm prepare are shaped already: set them in its recipe",
+        )
+        check_shaping(f"{where} ", self.order, self.uncond_ratio, self.reverse_ratio)
+        _require(
+            self.fields.record in CAPTIONED_RECORDS or not shaped,
+            f"{where} uncond_ratio and order apply to captioned pictures (fields.record "
+            f"{', '.join(CAPTIONED_RECORDS)}), not to record {self.fields.record}: remove them",
         )
 
 
@@ -881,6 +913,17 @@ class Config:
 RAW_RECORDS = ("image-text", "image-mask", "text", "svg", "dna", "video")
 """What one raw WebDataset sample becomes (`RawFields.record`)."""
 RAW_FIELDS = ("image", "text", "mask", "video", "svg", "dna")
+CAPTIONED_RECORDS = ("image-text", "image-mask", "video")
+"""Raw records of a picture (or clip) and its caption: condition dropout and caption order."""
+ORDERS = ("text_first", "image_first", "both")
+"""Where a caption goes (sources[].order): before its picture, after it, or drawn per record."""
+
+
+def check_shaping(prefix: str, order: str, uncond_ratio: float, reverse_ratio: float) -> None:
+    """A source's caption order and shares (a prepare recipe's or a data.sources[] entry's)."""
+    _require_choice(f"{prefix}order", order, ORDERS)
+    for name, value in (("uncond_ratio", uncond_ratio), ("reverse_ratio", reverse_ratio)):
+        _require(0 <= value <= 1, f"{prefix}{name} must be in [0, 1], got {value}")
 
 
 @dataclass
@@ -892,13 +935,14 @@ class RawFields:
 
     record: str = "image-text"
     """What a sample becomes: image-text (a picture and its caption), image-mask (a picture,
-    its mask and, if any, a caption), text, svg, dna (one record per sequence of a FASTA /
-    FASTQ / GenBank member) or video (a clip's frames and its caption)."""
+    its mask and, if any, a caption), text, svg (its code and, if any, a caption), dna (one
+    record per sequence of a FASTA / FASTQ / GenBank member) or video (a clip's frames and
+    its caption)."""
     image: str | list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     """image-text, image-mask: the picture."""
     text: str | list[str] = field(default_factory=lambda: ["txt", "json:caption"])
-    """The caption (image-text, image-mask, video; stripped of surrounding white space) or
-    the document (text, kept as it is)."""
+    """The caption (image-text, image-mask, video, svg: before the code; stripped of
+    surrounding white space) or the document (text, kept as it is)."""
     mask: str | list[str] = field(default_factory=lambda: ["mask.png"])
     """image-mask: the mask picture, nonzero = 1, of the image's size."""
     video: str | list[str] = field(
@@ -914,7 +958,8 @@ class RawFields:
     through: fasta.gz)."""
     require_text: bool = True
     """image-text, image-mask, video: a sample without any `text` member is rejected
-    (missing_text); false: it becomes a record without a caption."""
+    (missing_text); false: it becomes a record without a caption. An svg sample's caption
+    is optional (without one: the code alone, with a warning)."""
 
     def __post_init__(self) -> None:
         _require_choice("fields.record", self.record, RAW_RECORDS)
@@ -936,10 +981,19 @@ class RawFields:
             "image-text": ("image", "text"),
             "image-mask": ("image", "mask", "text"),
             "text": ("text",),
-            "svg": ("svg",),
+            "svg": ("svg", "text"),
             "dna": ("dna",),
             "video": ("video", "text"),
         }[self.record]
+
+    def ignored(self) -> list[str]:
+        """The fields set away from their defaults that a sample of this `record` never
+        reads (`image: png` on a text record): a mapping that does nothing."""
+        default = RawFields(record=self.record)
+        unread = [f for f in RAW_FIELDS if f not in self.used()]
+        if self.record not in CAPTIONED_RECORDS:
+            unread.append("require_text")
+        return [f for f in unread if getattr(self, f) != getattr(default, f)]
 
     def members(self) -> tuple[str, ...]:
         """The member extensions a sample of this `record` is read with (others are skipped

@@ -153,6 +153,8 @@ class SvgRecord:
     key: str
     svg: str
     source: str = ""
+    text: str | None = None
+    """A caption, before the code (text -> SVG): a raw sample's caption member."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from mmfm.data import orphans
 from mmfm.data.demo import ensure_demo_shards
 from mmfm.data.megatron import unit_urls
 from mmfm.data.packing import RowStats, modality_weight_table
+from mmfm.data.raw import warn_ignored
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.stream import (
     SKIP_REASONS,
@@ -58,6 +59,7 @@ from mmfm.data.stream import (
     natural_odds,
 )
 from mmfm.data.tario import Interrupted, set_stop_check
+from mmfm.tokenization.shaping import Shaping
 
 STATE_FORMAT = "mmfm-streams/1"
 WORKER_DEATH_FIX = (
@@ -457,10 +459,19 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
             "tokenize_batch": source.tokenize_batch,
             "tokenize_device": source.tokenize_device,
             "max_length": source.max_length,
+            "shaping": _shaping(source),
         }
+        if source.tokenize:
+            warn_ignored(source.fields, f"data source {source.name!r}")
         spec = (source.name, tuple(urls), source.weight, source.max_epochs)
         specs.append(SourceSpec(*spec, **raw, ordered=source.ordered))
     return specs
+
+
+def _shaping(source: SourceConfig) -> Shaping | None:
+    """The shaping rule of a raw source, None when it shapes nothing."""
+    rule = Shaping(source.uncond_ratio, source.order, source.reverse_ratio, source.completion_only)
+    return rule if rule.draws or rule.completion_only else None
 
 
 def build_loader(

@@ -7,7 +7,8 @@ field mapping names are kept), and a `RawDecoder` turns one sample into the reco
 so that it can run where the work is cheapest to spread: `mmfm prepare` decodes in the workers
 that tokenize (a JPEG's decode costs more than reading its bytes). Every sample that cannot
 become a record goes to `reject(reason, where, detail)` with its shard and key, and reading
-goes on.
+goes on. A caption is a member's text, never the sample's key (`000123` says nothing); a
+mapping entry the record never reads is warned about (`warn_ignored`), not silently dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -39,6 +41,8 @@ from mmfm.tokenization.dna import read_dna
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import PictureError
 
+log = logging.getLogger("mmfm")
+
 Reject = Callable[[str, str, str], None]
 """`reject(reason, where, detail)`: told of a sample (or a shard's region) that is skipped."""
 
@@ -60,6 +64,24 @@ def raw_samples(
                 reject(item.reason, url, item.detail)
             else:
                 yield url, item
+
+
+_UNCAPTIONED: set[str] = set()
+"""Sources whose uncaptioned svg samples were warned about in this process."""
+
+
+def warn_ignored(fields: RawFields, source: str) -> None:
+    """Warn about the `fields` entries a sample of its record never reads (`image: png` on a
+    text record): set away from their defaults, they say the user expects what does not
+    happen."""
+    if ignored := fields.ignored():
+        log.warning(
+            "%s: record %s ignores %s (it reads %s): remove them, or set fields.record",
+            source,
+            fields.record,
+            ", ".join(f"fields.{f}" for f in ignored),
+            ", ".join(f"fields.{f}" for f in fields.used()),
+        )
 
 
 class _Skip(Exception):
@@ -113,7 +135,7 @@ class RawDecoder:
         if record == "text":
             yield TextRecord(key, self._text(sample, "text"), self.source)
         elif record == "svg":
-            yield SvgRecord(key, self._text(sample, "svg"), self.source)
+            yield SvgRecord(key, self._text(sample, "svg"), self.source, self._svg_caption(sample))
         elif record == "dna":
             yield from self._dna(sample, where, reject)
         else:
@@ -145,6 +167,23 @@ class RawDecoder:
         if found is None and self.fields.require_text:
             raise self._missing(sample, "text")
         return None if found is None else _utf8(found).strip()
+
+    def _svg_caption(self, sample: dict) -> str | None:
+        """An svg sample's caption; without one its code alone, as an SVG file's (never the
+        key: `000123` says nothing), which is said once per source and process."""
+        found = self._find(sample, "text")
+        if found is None:
+            if self.source not in _UNCAPTIONED:
+                _UNCAPTIONED.add(self.source)
+                log.warning(
+                    "%s: raw svg sample %s has no caption (no member %s): such samples are "
+                    "tokenized without one; set the source's fields.text to their caption member",
+                    self.source or "raw shards",
+                    sample["__key__"],
+                    ", ".join(self.fields.text),
+                )
+            return None
+        return _utf8(found).strip() or None
 
     def _dna(self, sample: dict, where: str, reject: Reject) -> Iterator[DnaRecord]:
         ext, data = self._bytes(sample, "dna")

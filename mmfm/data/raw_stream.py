@@ -7,8 +7,9 @@ of them) is decoded by the source's field mapping (`RawDecoder`, the same as `mm
 uses) and tokenized by the recipe's `Tokenizers`, loaded once per process (every loader
 worker loads its own: the models are not sent to it). The window's pictures go through each
 visual tokenizer in one batched call, on `tokenize_device`. What `mmfm prepare` would reject
-is skipped and counted under the stream's skip reasons, so a raw source and its prepared
-shards give the same documents.
+is skipped and counted under the stream's skip reasons, and records are shaped (condition
+dropout, caption order, completion-only: tokenization/shaping.py) by the same per-record
+draws, so a raw source and its prepared shards give the same documents.
 
 A sample may give several documents (a FASTA member: one per sequence), so a document's
 position in its unit (what the reader's cursor and the buffers' references hold) is
@@ -37,6 +38,7 @@ from mmfm.core.types import (
 )
 from mmfm.data.raw import RawDecoder, tar_sample_sizes
 from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.shaping import Shaping, shape
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.records import Spans
 
@@ -89,6 +91,9 @@ class RawTokenizer:
     """Where the visual tokenizers run."""
     max_length: int = 0
     """DNA windows of at most this many bases (0: whole sequences)."""
+    shaping: Shaping | None = None
+    """Condition dropout, caption order, completion-only (tokenization/shaping.py), drawn
+    from (seed, source, key) as mmfm prepare draws them: the same documents."""
 
     def window(self, url: str, samples: Sequence[dict]) -> list[tuple[list[Document], Skipped]]:
         """Every sample's documents and skips (of shard `url`); the pictures of the samples
@@ -101,6 +106,7 @@ class RawTokenizer:
         for sample in samples:
             skips: Skipped = []
             records = decoder(url, sample, self._reject(url, sample["__key__"], skips))
+            records = [shape(r, self.shaping, self.seed)[0] for r in records]
             chunk.append((sample, records, skips))
             held += sum(_picture_bytes(r) for r in records)
             if held >= PICTURE_BYTES:

@@ -69,6 +69,7 @@ from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, RowStats
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer, raw_sizes
 from mmfm.data.shards import ShardError, decode_sample, held_samples, shard_record
 from mmfm.data.tario import MAX_MEMBER, Damage, read_tar
+from mmfm.tokenization.shaping import Shaping
 
 log = logging.getLogger("mmfm.data")
 
@@ -116,6 +117,9 @@ class SourceSpec:
     """Raw shards: where the visual tokenizers run."""
     max_length: int = 0
     """Raw DNA: windows of at most this many bases (as mmfm prepare's max_length)."""
+    shaping: Shaping | None = None
+    """Raw shards: condition dropout, caption order and completion-only of the records, as
+    mmfm prepare's sources shape them (drawn from the settings' seed, the name and the key)."""
     ordered: bool = False
     """Give this source's documents out of the shuffle buffer oldest first (`_pull`)."""
 
@@ -427,6 +431,7 @@ def read_raw_unit(
         settings.vocab_size,
         spec.tokenize_device,
         spec.max_length,
+        spec.shaping,
     )
     first, first_document = divmod(skip, POSITIONS)
     batch = max(1, spec.tokenize_batch)

@@ -4,7 +4,8 @@
 records (one reader per source kind, every reject counted; raw WebDataset samples are decoded
 later, in the workers), `run.py` tokenizes chunks of records into shards in a pool of workers
 and writes the manifest, `fingerprint.py` says what an output was made from, `shaping.py`
-drops captions and orders them (condition dropout, caption order), `tasks.py` reads prompt /
+holds the sources' rules (condition dropout, caption order, completion-only: applied by
+mmfm/tokenization/shaping.py) and counts their realised shares, `tasks.py` reads prompt /
 response tasks.
 """
 

@@ -36,7 +36,7 @@ def record_size(record) -> int:
     elif isinstance(record, DnaRecord):
         texts = [record.sequence, record.output or ""]
     elif isinstance(record, SvgRecord):
-        texts = [record.svg]
+        texts = [record.svg, record.text or ""]
     elif isinstance(record, TaskRecord):
         texts = [p.value for p in (*record.prompt, *record.response) if isinstance(p.value, str)]
     else:

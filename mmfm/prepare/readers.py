@@ -16,7 +16,14 @@ from mmfm.core.errors import InputNotFound
 from mmfm.core.files import iter_files
 from mmfm.core.modalities import kind_spec
 from mmfm.core.types import DnaRecord, ModalityRecord, Record, SvgRecord, TextRecord
-from mmfm.data.raw import RawDecoder, Reject, count_samples, raw_samples, windows
+from mmfm.data.raw import (
+    RawDecoder,
+    Reject,
+    count_samples,
+    raw_samples,
+    warn_ignored,
+    windows,
+)
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.tario import MAX_MEMBER
 from mmfm.prepare.limits import lines, too_large, within
@@ -24,6 +31,7 @@ from mmfm.prepare.recipe import PrepareRecipe, PrepareSource
 from mmfm.prepare.segmentation import coco_records, voc_records
 from mmfm.prepare.tasks import task_records
 from mmfm.tokenization.dna import read_dna, read_function_pairs
+from mmfm.tokenization.shaping import svg_caption
 from mmfm.tokenization.visual.records import PictureError, visual_records
 
 log = logging.getLogger("mmfm")
@@ -102,7 +110,9 @@ def _svg_records(path: Path, source: PrepareSource, rejects: Rejects) -> Iterato
     if not _small(path, source, rejects):
         return
     try:
-        yield SvgRecord(path.stem, path.read_bytes().decode("utf-8"), source.name or "svg")
+        code = path.read_bytes().decode("utf-8")
+        caption = svg_caption(path.stem) if source.completion_only else None  # its prompt
+        yield SvgRecord(path.stem, code, source.name or "svg", caption)
     except UnicodeDecodeError as e:
         rejects.add("invalid_utf8", str(path), str(e))
 
@@ -216,6 +226,7 @@ def shard_urls(source: PrepareSource) -> list[str]:
 
 def _raw_samples(source: PrepareSource, rejects: Rejects) -> Iterator[tuple[str, RawSample]]:
     name = source.name or source.kind
+    warn_ignored(source.fields, f"sources: {name}")
     decoder = RawDecoder(
         source.fields, name, source.fps, source.max_frames, source.max_pixels, source.fit
     )

@@ -6,7 +6,13 @@ import logging
 from dataclasses import dataclass, field
 
 from mmfm.config.loading import load_structured
-from mmfm.config.schema import RawFields, _require, _require_choice, _require_positive
+from mmfm.config.schema import (
+    RawFields,
+    _require,
+    _require_choice,
+    _require_positive,
+    check_shaping,
+)
 from mmfm.core.modalities import registered
 from mmfm.prepare.segmentation import check_source
 from mmfm.tokenization.visual.data import FITS
@@ -21,7 +27,6 @@ KINDS = (
 """The built-in kinds; `source_kinds()` adds those of registered modalities."""
 CAPTIONED = ("image-text", "image-mask", "video", "voc", "coco", "webdataset")
 """Kinds whose records are a picture (or clip) and its caption: condition dropout and order."""
-ORDERS = ("text_first", "image_first", "both")
 COMPLETION_KINDS = ("dna-pairs", "svg", *CAPTIONED)
 PICTURES = {
     "image-text": ("image",), "image-mask": ("image", "mask"), "voc": ("image", "mask"),
@@ -150,10 +155,7 @@ class PrepareSource:
         return PICTURES.get(self.fields.record if self.kind == "webdataset" else self.kind, ())
 
     def _check_shaping(self) -> None:
-        _require_choice("sources[].order", self.order, ORDERS)
-        for name in ("uncond_ratio", "reverse_ratio"):
-            value = getattr(self, name)
-            _require(0 <= value <= 1, f"sources[].{name} must be in [0, 1], got {value}")
+        check_shaping("sources[].", self.order, self.uncond_ratio, self.reverse_ratio)
         shaped = self.uncond_ratio > 0 or self.order != "text_first"
         captioned = self.kind in CAPTIONED and (
             self.kind != "webdataset" or self.fields.record in CAPTIONED

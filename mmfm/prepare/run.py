@@ -45,9 +45,10 @@ from mmfm.prepare.order import related_fingerprint, staging, write_related
 from mmfm.prepare.pool import WORKER_DIED, Job, Progress, WorkerPool
 from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
-from mmfm.prepare.shaping import log_realised, realised, rules, shape
+from mmfm.prepare.shaping import log_realised, realised, rules
 from mmfm.tokenization.dna import DnaError
 from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.shaping import shape
 from mmfm.tokenization.svg import SvgError
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab

@@ -7,7 +7,7 @@ reads it back. `encode(record)` is the interface `mmfm prepare` calls for every 
 
     TextRecord       ->  <s> text </s>
     DnaRecord        ->  <s> <dna> dna </dna> [<sep> output text] </s>
-    SvgRecord        ->  <s> <svg> svg code </svg> </s>
+    SvgRecord        ->  <s> [text] <svg> svg code </svg> </s>
     ImageRecord      ->  <s> [text] <img> 32 image codes </img> </s>
     ImageMaskRecord  ->  <s> [text] <img> image codes </img> <mask> mask codes </mask> </s>
     VideoRecord      ->  <s> [text] <vision> f1 <eof> f2 ... <eof> fn <eov> </vision> </s>
@@ -153,6 +153,7 @@ class Tokenizers:
                     [self.vocab.special("<sep>"), *self.text.encode(record.output)], Modality.TEXT
                 )
         elif isinstance(record, SvgRecord):
+            doc.add(self.text.encode(record.text) if record.text else [], Modality.TEXT)
             self._framed(doc, Modality.SVG, self.svg.encode(record.svg, record.key))
         elif isinstance(record, ImageRecord | ImageMaskRecord | VideoRecord):
             self._captioned(doc, record, spans)
