@@ -42,7 +42,14 @@ from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
 from mmfm.prepare.megatron_out import with_related_order, write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
-from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
+from mmfm.prepare.readers import (
+    RawSample,
+    Rejects,
+    count_inputs,
+    iter_records,
+    list_inputs,
+    require_decoders,
+)
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.prepare.shaping import log_realised, realised, rules, shape
 from mmfm.tokenization.dna import DnaError
@@ -195,6 +202,7 @@ def prepare(
     tokenizer_recipe = load_recipe(recipe.tokenizer)
     tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained
     inputs = list_inputs(recipe)
+    require_decoders(recipe, inputs)
     fingerprint = fingerprint_of(recipe, tokenizer_recipe, inputs)
     _check_output(out, fingerprint, overwrite)
     out.mkdir(parents=True, exist_ok=True)

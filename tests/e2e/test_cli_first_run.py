@@ -1,0 +1,88 @@
+"""A newcomer's first commands (issue 30): a missing optional extra is named before any work,
+`| head` ends quietly, a refused run leaves nothing behind, shards of another vocabulary are
+named, and the parameter count says what it counts.
+
+The CLI cases run `mmfm.cli.main` in this process, as tests/e2e/test_cli_errors.py does; the
+pipe case runs `python -m mmfm` for a real pipe closed early.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmfm import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def refused(capsys, *args) -> tuple[int, str]:
+    """(exit code, the one stderr line) of `mmfm ARGS`; fails on a traceback or other lines."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmfm: "), err
+    return stop.value.code, lines[0]
+
+
+# -- 1. a missing optional extra ----------------------------------------------------------------
+
+
+def test_visual_tokenizer_without_pyav_names_the_extra_before_any_work(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    out, cache = tmp_path / "seed", tmp_path / "cache"
+    code, line = refused(
+        capsys,
+        "tokenizer",
+        "train",
+        REPO / "tokenizers/seed_image.yaml",
+        f"output_dir={out}",
+        f"cache_dir={cache}",
+    )
+    assert code == 3 and line.startswith("mmfm: environment error:"), line
+    assert "pip install 'mmfm[video]'" in line, line
+    assert not out.exists() and not cache.exists()  # nothing fetched, nothing written
+
+
+def test_mask_tokenizer_without_cairosvg_names_the_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cairosvg", None)
+    icons = tmp_path / "icons"
+    icons.mkdir()
+    (icons / "a.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    code, line = refused(
+        capsys,
+        "tokenizer",
+        "train",
+        REPO / "tokenizers/himtok_mask.yaml",
+        f"data=[{icons}]",
+        f"output_dir={tmp_path / 'mask'}",
+    )
+    assert code == 3 and "pip install 'mmfm[svg]'" in line, line
+
+
+def test_prepare_video_without_pyav_names_the_extra_before_writing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "a.mp4").write_bytes(b"\0" * 64)
+    recipe = tmp_path / "prepare.yaml"
+    recipe.write_text(
+        f"name: v\noutput: {tmp_path / 'shards'}\ntokenizer: {REPO / 'tokenizers/base.yaml'}\n"
+        f"sources:\n  - {{kind: video, paths: ['{clips}']}}\n"
+    )
+    code, line = refused(capsys, "prepare", recipe, "--workers", "1")
+    assert code == 3 and "pip install 'mmfm[video]'" in line, line
+    assert not (tmp_path / "shards").exists()
+
+
+def test_hf_tokenizer_without_tokenizers_names_the_extra(tmp_path, monkeypatch):
+    from mmfm.core.errors import LaunchError
+    from mmfm.tokenization.text import HfTextTokenizer
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(LaunchError, match=r"pip install 'mmfm\[hf\]'"):
+        HfTextTokenizer(b"{}", 1, 2)
