@@ -6,6 +6,7 @@ The CLI cases run `mmfm.cli.main` in this process, as tests/e2e/test_cli_errors.
 pipe case runs `python -m mmfm` for a real pipe closed early.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +87,26 @@ def test_hf_tokenizer_without_tokenizers_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(LaunchError, match=r"pip install 'mmfm\[hf\]'"):
         HfTextTokenizer(b"{}", 1, 2)
+
+
+# -- 2. a pipe closed early ---------------------------------------------------------------------
+
+
+def test_decode_into_a_pipe_closed_after_one_line_exits_quietly():
+    """`mmfm tokenizer decode ... | head -1`: the reader goes after one line, with far more
+    than a pipe's buffer (64 KiB) still to come; no traceback, exit 141 as for SIGPIPE."""
+    ids = " ".join(["630"] * 40_000)  # "▁one": 160 KB of text
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmfm", "tokenizer", "decode", "tokenizers/base.yaml"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdin.write(ids.encode())
+    proc.stdin.close()
+    assert proc.stdout.readline() == b"[text]\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == "", err
