@@ -32,7 +32,7 @@ from mmfm.train.callbacks import (
     terminal_filter,
     trackers,
 )
-from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
+from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError, require_checkpoint
 from mmfm.train.evaluate import build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.steps import build_steps
@@ -304,8 +304,12 @@ def train(cfg: Config) -> FitResult:
     """`mmfm train`: build, resume if asked, fit."""
     if cfg.train.stages:
         raise ConfigError("train.stages: a run of stages is trained by mmfm.train.stages")
-    # Decided before build_trainer writes into the run dir.
+    # Decided, and the checkpoint named checked, before build_trainer creates the run dir.
     resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
+    if cfg.train.resume not in ("none", "auto"):
+        require_checkpoint(Path(cfg.train.resume))
+    elif not resume_from and cfg.train.init_from is not None:
+        require_checkpoint(Path(cfg.train.init_from), model_only=not cfg.train.init_data)
     trainer = build_trainer(cfg)
     try:
         if resume_from:

@@ -18,14 +18,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def refused(capsys, *args) -> tuple[int, str]:
-    """(exit code, the one stderr line) of `mmfm ARGS`; fails on a traceback or other lines."""
+    """(exit code, the last stderr line) of `mmfm ARGS`; fails on a traceback or a last line
+    that is not `mmfm: ...` (a command may log before it is refused)."""
     with pytest.raises(SystemExit) as stop:
         cli.main([str(a) for a in args])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmfm: "), err
-    return stop.value.code, lines[0]
+    assert lines and lines[-1].startswith("mmfm: "), err
+    return stop.value.code, lines[-1]
 
 
 # -- 1. a missing optional extra ----------------------------------------------------------------
@@ -110,3 +111,41 @@ def test_decode_into_a_pipe_closed_after_one_line_exits_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == "", err
+
+
+# -- 3. a refused command leaves nothing behind -------------------------------------------------
+
+DEMO = REPO / "launch/demo.yaml"
+
+
+def test_slurm_submit_without_sbatch_creates_nothing(capsys, tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    run = tmp_path / "run"
+    code, line = refused(capsys, "slurm", "submit", DEMO, f"train.run_dir={run}")
+    assert code == 3 and "sbatch is not installed here" in line, line
+    assert not run.exists()
+
+
+def test_slurm_submit_that_sbatch_refuses_leaves_no_run_dir(capsys, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'invalid partition specified' >&2\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    run = tmp_path / "run"
+    code, line = refused(capsys, "slurm", "submit", DEMO, f"train.run_dir={run}")
+    assert code == 3 and "invalid partition specified" in line, line
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("start", ["train.init_from", "train.resume"])
+def test_train_from_a_folder_that_is_no_checkpoint_creates_no_run_dir(capsys, tmp_path, start):
+    from conftest import TINY
+
+    (tmp_path / "notes").mkdir()
+    run = tmp_path / "run"
+    overrides = [*TINY, f"train.run_dir={run}", f"{start}={tmp_path / 'notes'}"]
+    code, line = refused(capsys, "train", DEMO, *overrides)
+    assert code == 1 and line.startswith("mmfm: checkpoint error:") and "notes" in line, line
+    assert not run.exists()
