@@ -149,3 +149,43 @@ def test_train_from_a_folder_that_is_no_checkpoint_creates_no_run_dir(capsys, tm
     code, line = refused(capsys, "train", DEMO, *overrides)
     assert code == 1 and line.startswith("mmfm: checkpoint error:") and "notes" in line, line
     assert not run.exists()
+
+
+# -- 4. what the commands write is ignored by git -----------------------------------------------
+
+
+def _default_outputs() -> list[str]:
+    """Every folder a command writes into the checkout by default: the --out folders, the
+    default run dir, and the run dirs and outputs the bundled recipes name."""
+    import yaml
+
+    from mmfm.config.schema import TrainConfig
+
+    parser = cli._parser()
+    outputs = [
+        parser.parse_args(["generate", "ckpt", "--prompt", "x"]).out,
+        parser.parse_args(["tokenizer", "decode", "recipe.yaml"]).out,
+        TrainConfig().run_dir,
+    ]
+    for recipe in sorted(REPO.glob("launch/*.yaml")):
+        run_dir = ((yaml.safe_load(recipe.read_text()) or {}).get("train") or {}).get("run_dir")
+        outputs += [run_dir.replace("${now:%Y%m%d-%H%M%S}", "20260101-000000")] if run_dir else []
+    for recipe in sorted([*REPO.glob("data_pipelines/*.yaml"), *REPO.glob("tokenizers/*.yaml")]):
+        raw = yaml.safe_load(recipe.read_text()) or {}
+        outputs += [raw[key] for key in ("output", "output_dir") if key in raw]
+    return sorted(set(outputs))
+
+
+def test_what_the_commands_write_by_default_is_ignored_by_git():
+    if subprocess.run(["git", "-C", REPO, "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "-C", REPO, "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    outputs = [o for o in _default_outputs() if not any(t.startswith(f"{o}/") for t in tracked)]
+    assert {"generations", "decoded", "runs/default"} <= set(outputs), outputs
+    for output in outputs:
+        probe = subprocess.run(
+            ["git", "-C", REPO, "check-ignore", "-q", "--no-index", f"{output}/a-file"]
+        )
+        assert probe.returncode == 0, f"{output}/ is not in .gitignore"
