@@ -228,15 +228,19 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
     sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
     if cfg.eval.sources or cfg.eval.paths:
         sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
-    return vocab, check_sources_vocab(sources, reference)
+    return vocab, check_sources_vocab(sources, reference, cfg.model.vocab_size)
 
 
 def check_sources_vocab(
-    sources: list[SourceConfig], reference: tuple[str, Path] | None
+    sources: list[SourceConfig],
+    reference: tuple[str, Path] | None,
+    model_size: int | None = None,
 ) -> list[str]:
     """Refuse a prepared source made with another vocabulary than `reference` (fingerprint,
-    the file it is read from) or, without one, than the other sources; notes for the log on
-    sources whose vocabulary is unknown. `mmfm eval` checks its held-out data with it too."""
+    the file it is read from) or, without one, than the other sources, and then one whose
+    vocabulary has more ids than `model_size` (the model's embedding rows); notes for the
+    log on sources whose vocabulary is unknown. `mmfm eval` checks its held-out data with it
+    too."""
     notes = []
     for name, directory in _source_dirs(sources):
         found = None if directory is None else dataset_vocab(directory)
@@ -248,6 +252,8 @@ def check_sources_vocab(
             )
         elif reference is None:
             reference = found  # no data.vocab or checkpoint: the sources must agree
+            if model_size is not None and (directory / VOCAB_FILE).is_file():
+                _check_fits(name, directory / VOCAB_FILE, model_size)
         elif found[0] != reference[0]:
             raise VocabError(
                 f"data source {name!r}: {found[1]} says its shards were prepared with "
@@ -257,6 +263,19 @@ def check_sources_vocab(
                 "were made with"
             )
     return notes
+
+
+def _check_fits(name: str, vocab_file: Path, model_size: int) -> None:
+    """Without data.vocab, the vocabulary of the sources is the one their vocab.json names:
+    refuse one with more ids than the model has rows (each document would be a bad sample)."""
+    size = Vocab.load(vocab_file).size
+    if size > model_size:
+        raise ConfigError(
+            f"data source {name!r}: its tokens are ids of the vocabulary {vocab_file} ({size} "
+            f"ids), more than the model's rows, model.vocab_size ({model_size}), and no "
+            f"data.vocab is set. Train a model of that vocabulary (data.vocab={vocab_file} "
+            f"model.vocab_size={size} or more), or prepare the data with the model's tokenizers"
+        )
 
 
 def _start_checkpoint(cfg: Config) -> Path | None:

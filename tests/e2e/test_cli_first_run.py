@@ -189,3 +189,27 @@ def test_what_the_commands_write_by_default_is_ignored_by_git():
             ["git", "-C", REPO, "check-ignore", "-q", "--no-index", f"{output}/a-file"]
         )
         assert probe.returncode == 0, f"{output}/ is not in .gitignore"
+
+
+# -- 5. shards of another vocabulary than the model's -------------------------------------------
+
+
+def test_demo_model_on_shards_of_a_larger_vocabulary_is_refused_naming_both(capsys, tmp_path):
+    """The demo recipe (no data.vocab: the demo's own 384 ids) on shards prepared with
+    tokenizers/base.yaml (their vocab.json beside them, as mmfm prepare leaves it): refused
+    at start-up, naming the shards' vocabulary and the model's size, instead of every
+    document counted as a bad sample up to data.max_error_rate."""
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(REPO / "tokenizers/base/vocab.json", shards / "vocab.json")
+    tarfile.open(shards / "notes-000000.tar", "w").close()
+    run = tmp_path / "run"
+    overrides = [f"data.paths=[{shards}]", f"train.run_dir={run}", "train.steps=1"]
+    code, line = refused(capsys, "train", REPO / "launch/demo.yaml", *overrides)
+    assert code == 2 and line.startswith("mmfm: config error:"), line
+    assert f"{shards / 'vocab.json'}" in line and "model.vocab_size (384)" in line, line
+    assert "data.vocab=" in line, line
+    assert not run.exists()
