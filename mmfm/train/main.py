@@ -137,6 +137,7 @@ def build_trainer(cfg: Config) -> Trainer:
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
+    _check_start(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
@@ -278,6 +279,17 @@ def _check_fits(name: str, vocab_file: Path, model_size: int) -> None:
         )
 
 
+def _check_start(cfg: Config) -> None:
+    """Refuse, before the run dir is created, a start from a folder that is no checkpoint
+    (its files checked, not read): the weights alone for train.init_from, unless
+    train.init_data continues its data too."""
+    start = _start_checkpoint(cfg)
+    if start is None:
+        return
+    weights = cfg.train.resume in ("none", "auto") and start == Path(cfg.train.init_from or "")
+    require_checkpoint(start, model_only=weights and not cfg.train.init_data)
+
+
 def _start_checkpoint(cfg: Config) -> Path | None:
     """The checkpoint `train` will load: the one resumed from, else train.init_from."""
     if cfg.train.resume == "auto":
@@ -323,12 +335,8 @@ def train(cfg: Config) -> FitResult:
     """`mmfm train`: build, resume if asked, fit."""
     if cfg.train.stages:
         raise ConfigError("train.stages: a run of stages is trained by mmfm.train.stages")
-    # Decided, and the checkpoint named checked, before build_trainer creates the run dir.
+    # Decided before build_trainer writes into the run dir.
     resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
-    if cfg.train.resume not in ("none", "auto"):
-        require_checkpoint(Path(cfg.train.resume))
-    elif not resume_from and cfg.train.init_from is not None:
-        require_checkpoint(Path(cfg.train.init_from), model_only=not cfg.train.init_data)
     trainer = build_trainer(cfg)
     try:
         if resume_from:
