@@ -18,7 +18,7 @@ from mmfm.data.loader import build_loader
 from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv, log_rank_table, process_ranks
-from mmfm.parallel.parallelize import parallelize
+from mmfm.parallel.parallelize import parallelize, parameter_counts
 from mmfm.prepare import dataset_vocab
 from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.recipe import load_recipe
@@ -157,15 +157,17 @@ def build_trainer(cfg: Config) -> Trainer:
 
     steps = build_steps(cfg, env, parallelize(cfg, env))
     model = steps.model
-    n_params = sum(p.numel() for p in model.parameters())
+    total, held = parameter_counts(cfg.model, env.device, model)
     if restart_count() is not None:
         log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
     log.info(
-        "run dir %s | %d process(es), layout %s | %.2fM parameters on rank 0 | device %s",
+        "run dir %s | %d process(es), layout %s | %.2fM parameters, %.2fM of them held by "
+        "rank 0 | device %s",
         run_dir,
         env.world_size,
         _layout(cfg),
-        n_params / 1e6,
+        total / 1e6,
+        held / 1e6,
         env.device,
     )
     optimizer = build_optimizer(model, cfg.optim)

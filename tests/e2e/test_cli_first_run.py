@@ -213,3 +213,45 @@ def test_demo_model_on_shards_of_a_larger_vocabulary_is_refused_naming_both(caps
     assert f"{shards / 'vocab.json'}" in line and "model.vocab_size (384)" in line, line
     assert "data.vocab=" in line, line
     assert not run.exists()
+
+
+# -- 6. the parameter count of the start-up line ------------------------------------------------
+
+
+def test_parameter_counts_give_the_whole_model_and_the_share_each_rank_holds():
+    """Split as tp=2 (each matrix sharded over 2 ranks) and as pp=2 (each stage a part of the
+    layers): the total is the whole model's every time; a rank's share is its shards, or its
+    stage, and the stages' shares add up to the total. tp=2 runs on a fake 2-rank group in
+    this process (torch's test backend: sharding only, nothing is sent)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mmfm.config import load_config
+    from mmfm.config.schema import ParallelConfig
+    from mmfm.model import build_model
+    from mmfm.parallel.parallelize import parameter_counts
+    from mmfm.parallel.pipeline import stage_layer_counts, stage_module
+    from mmfm.parallel.tensor_parallel import apply_tensor_parallel
+    from mmfm.testing import tiny_demo_model
+
+    cfg = load_config(None, [*tiny_demo_model(n_layers=3), "model.tie_embeddings=false"])
+    whole = sum(p.numel() for p in build_model(cfg.model).parameters())
+    assert parameter_counts(cfg.model, "cpu", build_model(cfg.model)) == (whole, whole)
+
+    counts = stage_layer_counts(cfg.model.n_layers, ParallelConfig(pp=2))
+    stages = [stage_module(build_model(cfg.model), s, counts) for s in range(2)]
+    shares = [parameter_counts(cfg.model, "cpu", stage) for stage in stages]
+    assert [total for total, _ in shares] == [whole, whole]
+    assert 0 < shares[0][1] < whole and shares[0][1] + shares[1][1] == whole
+
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        model = build_model(cfg.model)
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=False)
+        total, mine = parameter_counts(cfg.model, "cpu", model)
+    finally:
+        dist.destroy_process_group()
+    norms = sum(p.numel() for n, p in build_model(cfg.model).named_parameters() if "norm" in n)
+    assert total == whole and mine == (whole - norms) // 2 + norms  # norms are replicated
