@@ -49,10 +49,10 @@ EXAMPLES = """examples:
 
 
 EXIT_CODES = """exit codes:
-  0  done
-  1  a data, checkpoint, conversion, tokenizer or training error (the input must change)
-  2  a configuration or command-line mistake (the recipe, an override or an option)
-  3  the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
+  0    done
+  1    a data, checkpoint, conversion, tokenizer or training error (the input must change)
+  2    a configuration or command-line mistake (the recipe, an override or an option)
+  3    the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
   141  the output's reader went first (mmfm ... | head), as for any Unix tool
 """
 
