@@ -90,6 +90,21 @@ def test_hf_tokenizer_without_tokenizers_names_the_extra(tmp_path, monkeypatch):
         HfTextTokenizer(b"{}", 1, 2)
 
 
+def test_a_raw_clip_without_pyav_stops_the_stream_rather_than_counting_a_reject(monkeypatch):
+    """A raw video shard read while training (or prepared): without PyAV no clip decodes, so
+    the first one stops the run naming the extra; it is not counted as undecodable."""
+    from mmfm.config.schema import RawFields
+    from mmfm.core.errors import LaunchError
+    from mmfm.data.raw import RawDecoder
+
+    monkeypatch.setitem(sys.modules, "av", None)
+    decode, rejects = RawDecoder(RawFields(record="video")), []
+    sample = {"__key__": "clip", "mp4": b"\0" * 64, "txt": b"a clip"}
+    with pytest.raises(LaunchError, match=r"pip install 'mmfm\[video\]'"):
+        decode("s.tar", sample, lambda *reject: rejects.append(reject))
+    assert rejects == []
+
+
 # -- 2. a pipe closed early ---------------------------------------------------------------------
 
 
