@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from mmfm.core.errors import InputNotFound
+from mmfm.core.errors import InputNotFound, LaunchError
 from mmfm.core.extras import require_extra
 from mmfm.core.files import iter_files
 from mmfm.core.modalities import kind_spec
@@ -207,6 +207,8 @@ def _guarded(reader, path: Path, source: PrepareSource, rejects: Rejects) -> Ite
         for record in reader(path, source, rejects):
             n += 1
             yield record
+    except LaunchError:  # a missing extra: the other files would fail the same way
+        raise
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         rejects.add("unreadable", str(path), f"after {n} records: {type(e).__name__}: {first_line}")

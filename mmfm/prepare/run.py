@@ -215,19 +215,18 @@ def prepare(
         for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size, sizes))
     )
     todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
-    bar = _progress_bar(recipe, inputs, progress)
     shards, skipped, paths, read = [], 0, [], 0
     init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
     work = _results(todo_or_done, workers, init)
-    for path, (stats, was_done, notes) in work:
-        skipped += was_done
-        for note in notes:
-            rejects.log(*note)
-        shards.append(stats)
-        paths.append(path)
-        read += sizes.popleft()
-        bar.update(read + rejects.total - bar.n)
-    bar.close()
+    with _progress_bar(recipe, inputs, progress) as bar:  # closed on an error too: its line ends
+        for path, (stats, was_done, notes) in work:
+            skipped += was_done
+            for note in notes:
+                rejects.log(*note)
+            shards.append(stats)
+            paths.append(path)
+            read += sizes.popleft()
+            bar.update(read + rejects.total - bar.n)
     # Other array tasks' shards, looked at again now that this task's own are all written:
     # whichever task looks last sees every shard and writes the manifest.
     shards = [s or _finished_stats(Path(p)) for s, p in zip(shards, paths, strict=True)]

@@ -105,6 +105,22 @@ def test_a_raw_clip_without_pyav_stops_the_stream_rather_than_counting_a_reject(
     assert rejects == []
 
 
+def test_a_task_with_a_clip_without_pyav_stops_the_prepare(capsys, tmp_path, monkeypatch):
+    """A prompt-response record whose prompt holds a clip: the reader meets it first, and
+    stops the prepare naming the extra instead of rejecting each such record."""
+    monkeypatch.setitem(sys.modules, "av", None)
+    (tmp_path / "a.mp4").write_bytes(b"\0" * 64)
+    line = '{"prompt": [{"video": "a.mp4"}, "What happens?"], "response": "a clip"}'
+    (tmp_path / "tasks.jsonl").write_text(line + "\n")
+    recipe = tmp_path / "prepare.yaml"
+    recipe.write_text(
+        f"name: t\noutput: {tmp_path / 'shards'}\ntokenizer: {REPO / 'tokenizers/base.yaml'}\n"
+        f"sources:\n  - {{kind: prompt-response, paths: ['{tmp_path / 'tasks.jsonl'}']}}\n"
+    )
+    code, line = refused(capsys, "prepare", recipe, "--workers", "1")
+    assert code == 3 and "pip install 'mmfm[video]'" in line, line
+
+
 # -- 2. a pipe closed early ---------------------------------------------------------------------
 
 
