@@ -52,10 +52,11 @@ EXAMPLES = """examples:
 
 
 EXIT_CODES = """exit codes:
-  0  done
-  1  a data, checkpoint, conversion, tokenizer or training error (the input must change)
-  2  a configuration or command-line mistake (the recipe, an override or an option)
-  3  the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
+  0    done
+  1    a data, checkpoint, conversion, tokenizer or training error (the input must change)
+  2    a configuration or command-line mistake (the recipe, an override or an option)
+  3    the environment: no MASTER_ADDR, no CUDA device, no sbatch, a world size that does not fit
+  141  the output's reader went first (mmfm ... | head), as for any Unix tool
 """
 
 
@@ -427,9 +428,35 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         _run(args)
+        sys.stdout.flush()  # a reader gone shows here, not as a warning at exit
     except MmfmError as e:
         print(f"mmfm: {e.area} error: {_one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        _quit_quietly()
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`mmfm ... | head`): poll reports
+    an error on the write end of a pipe without readers."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
+
+
+def _quit_quietly() -> NoReturn:
+    """Exit as a Unix tool killed by SIGPIPE does (128 + 13), without a traceback: stdout is
+    pointed at /dev/null first, so the flush at exit has nowhere to fail (Python's recipe,
+    docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def _one_line(error: Exception) -> str:

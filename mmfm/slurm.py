@@ -13,10 +13,12 @@ the characters sbatch reads as one word, and shell-line values are quoted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -235,7 +237,7 @@ def _sbatch(script: Path) -> str:
     except FileNotFoundError:
         raise SlurmError("sbatch is not installed here: run on a SLURM login node") from None
     except subprocess.CalledProcessError as e:
-        raise SlurmError(f"sbatch {script} failed: {e.stderr.strip()}") from None
+        raise SlurmError(f"sbatch refused {script.name}: {e.stderr.strip()}") from None
     return out.stdout.strip().split(";")[0]
 
 
@@ -293,9 +295,19 @@ def _write_and_submit(script: str, path: Path, dry_run: bool, log_dir: Path, pat
     if dry_run:  # prints only: no run dir or output folder is made for a job never submitted
         print(script, end="")
         return None
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch is not installed here: run on a SLURM login node")
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
-    job = _sbatch(path)
+    try:
+        job = _sbatch(path)
+    except SlurmError:  # a job never submitted leaves no run dir or output folder behind
+        path.unlink()
+        for folder in made:
+            with contextlib.suppress(OSError):  # unless another process wrote there meanwhile
+                folder.rmdir()
+        raise
     print(f"submitted job {job}")
     print(f"log: {log_dir / ('slurm-' + pattern.replace('%j', job).replace('%A', job) + '.out')}")
     print(f"run dir: {log_dir}")

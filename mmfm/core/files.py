@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mmfm.core.errors import ConfigError, InputNotFound
-from mmfm.core.examples import fetch
+from mmfm.core.examples import SOURCES, fetch
 
 
 def iter_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
@@ -30,6 +30,21 @@ def iter_files(sources: Iterable[str], cache_dir: str) -> Iterator[Path]:
             if not matches:
                 raise InputNotFound(f"{source!r} matches no file")
             yield from (Path(m) for m in matches if Path(m).is_file())
+
+
+def suffixes_of(sources: Iterable[str], cache_dir: str) -> set[str]:
+    """The lower-case suffixes of the files `sources` name, found without reading or fetching
+    any (a `real:<name>` by its pinned file patterns): what a command checks before work."""
+    suffixes = set()
+    for source in sources:
+        if source.startswith("real:") and source[5:] in SOURCES:
+            names = SOURCES[source[5:]].patterns
+        elif source.startswith(("real:", "builtin:")):
+            continue  # an unknown name is refused by fetch; the builtin is Python files
+        else:
+            names = tuple(str(p) for p in iter_files([source], cache_dir))
+        suffixes |= {Path(n).suffix.lower() for n in names}
+    return suffixes
 
 
 def make_folder(path: Path, field: str) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfm.config.schema import Config, SourceConfig
-from mmfm.core.errors import CheckpointError, ConfigError, DataError
+from mmfm.core.errors import CheckpointError, ConfigError, DataError, LaunchError
 from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
     dataloader_failure,
@@ -103,10 +103,12 @@ class _Row:
 
 @dataclass
 class _Failure:
-    """Bad or too little data in a worker: the message says what to change, so the trainer
-    raises it as it is (a DataLoader would re-raise it with the worker's traceback)."""
+    """Bad or too little data, or a missing extra, in a worker: the message says what to
+    change, so the trainer raises it as it is (a DataLoader would re-raise it with the
+    worker's traceback)."""
 
     message: str
+    error: type[DataError | LaunchError] = DataError
 
 
 def _produce(stream: VirtualStream, names: Sequence[str]) -> _Row:
@@ -149,10 +151,10 @@ class StreamRows(IterableDataset):
                     self.streams[-1].restore(self.snapshots[str(i)])
             while True:
                 yield [_produce(stream, names) for stream in self.streams]
-        except DataError as e:
+        except (DataError, LaunchError) as e:
             if info is None:
                 raise
-            yield _Failure(str(e))
+            yield _Failure(str(e), LaunchError if isinstance(e, LaunchError) else DataError)
 
 
 def _signal_name(number: int) -> str:
@@ -273,7 +275,7 @@ class StreamingLoader:
                 if failure != "timeout":
                     raise
         if isinstance(item, _Failure):
-            raise DataError(item.message)
+            raise item.error(item.message)
         return item
 
     def _worker_death(self, error: RuntimeError) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from mmfm.config.schema import RawFields
+from mmfm.core.errors import LaunchError
 from mmfm.core.types import (
     DnaRecord,
     ImageMaskRecord,
@@ -126,6 +127,8 @@ class RawDecoder:
             return list(self._records(sample, where, reject))
         except (_Skip, PictureError) as e:
             reject(e.reason, where, str(e))
+        except LaunchError:  # a missing extra (PyAV): no sample of the kind would decode
+            raise
         except Exception as e:  # Pillow / PyAV / Biopython decode errors: one sample, not the run
             reject("undecodable", where, f"{type(e).__name__}: {_first_line(e)}")
         return []
@@ -270,7 +273,7 @@ def _temporary(data: bytes, ext: str, name: str) -> Iterator[Path]:
         path.write_bytes(data)
         try:
             yield path
-        except _Skip:
+        except (_Skip, LaunchError):
             raise
         except PictureError as e:
             raise _Skip(e.reason, str(e).replace(str(path), name)) from None

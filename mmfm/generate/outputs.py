@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmfm.core.errors import LaunchError
 from mmfm.core.modalities import modality_spec
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import COLORS
@@ -162,7 +163,7 @@ class SpanWriter:
         path = stem.with_suffix(".svg")
         path.write_text(code, encoding="utf-8")
         # A render only when cairosvg is installed and can draw it; the .svg is the output.
-        with contextlib.suppress(SvgError, OSError, ValueError):
+        with contextlib.suppress(SvgError, LaunchError, OSError, ValueError):
             Image.fromarray(render_svg(code)).save(stem.with_suffix(".svg.png"))
         return path
 

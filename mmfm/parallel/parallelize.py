@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from mmfm.config.schema import Config, ParallelConfig
+from mmfm.config.schema import Config, ModelConfig, ParallelConfig
 from mmfm.core.torch_compat import checkpoint_wrapper, compute_local_shape_and_global_offset
 from mmfm.model import build_model, init_weights
 from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
@@ -34,6 +34,17 @@ class ParallelModel:
     """The modules this rank runs: the whole model, or its pipeline stages."""
     stage_ids: list[int]
     """The pipeline stage of each part ([0] without pipeline parallelism)."""
+
+
+def parameter_counts(
+    cfg: ModelConfig, device: torch.device | str, held: nn.Module
+) -> tuple[int, int]:
+    """(parameters of the whole model, elements of them this rank holds): `held` is this
+    rank's model, its pipeline stages only, and of a parameter sharded by tensor or data
+    parallelism (a DTensor, whose `numel` is the global one) only the local shard."""
+    total = sum(p.numel() for p in build_model(cfg, device).parameters())
+    mine = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in held.parameters())
+    return total, mine
 
 
 def materialize_shard(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from mmfm.core.errors import InputNotFound
+from mmfm.core.errors import InputNotFound, LaunchError
+from mmfm.core.extras import require_extra
 from mmfm.core.files import iter_files
 from mmfm.core.modalities import kind_spec
 from mmfm.core.types import DnaRecord, ModalityRecord, Record, SvgRecord, TextRecord
@@ -32,6 +33,7 @@ from mmfm.prepare.segmentation import coco_records, voc_records
 from mmfm.prepare.tasks import task_records
 from mmfm.tokenization.dna import read_dna, read_function_pairs
 from mmfm.tokenization.shaping import svg_caption
+from mmfm.tokenization.visual.data import PYAV_SUFFIXES
 from mmfm.tokenization.visual.records import PictureError, visual_records
 
 log = logging.getLogger("mmfm")
@@ -259,6 +261,8 @@ def _guarded(reader, path: Path, source: PrepareSource, rejects: Rejects) -> Ite
         for record in reader(path, source, rejects):
             n += 1
             yield record
+    except LaunchError:  # a missing extra: the other files would fail the same way
+        raise
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         rejects.add("unreadable", str(path), f"after {n} records: {type(e).__name__}: {first_line}")
@@ -271,6 +275,18 @@ def list_inputs(recipe: PrepareRecipe) -> list[list[str]]:
         shard_urls(s) if s.kind == "webdataset" else [str(p) for p in paths]
         for s, paths in zip(recipe.sources, files, strict=True)
     ]
+
+
+def require_decoders(recipe: PrepareRecipe, inputs: list[list[str]]) -> None:
+    """Refuse, before anything is written, sources of clips when PyAV (the `video` extra) is
+    missing: otherwise every clip would be rejected as undecodable, one by one."""
+    for i, (source, urls) in enumerate(zip(recipe.sources, inputs, strict=True)):
+        if source.kind == "webdataset" and source.fields.record == "video":
+            clips = [f".{alt.partition(':')[0]}" for alt in source.fields.video]
+        else:
+            clips = [Path(u).suffix for u in urls] if source.kind == "video" else []
+        if {c.lower() for c in clips} & PYAV_SUFFIXES:
+            require_extra("av", "video", f"sources[{i}] ({source.name or source.kind}): its clips")
 
 
 def count_inputs(recipe: PrepareRecipe, inputs: list[list[str]]) -> int | None:

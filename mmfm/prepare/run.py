@@ -42,8 +42,19 @@ from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
 from mmfm.prepare.megatron_out import with_related_order, write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
+<<<<<<< HEAD
 from mmfm.prepare.pool import WORKER_DIED, Job, Progress, WorkerPool
 from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
+=======
+from mmfm.prepare.readers import (
+    RawSample,
+    Rejects,
+    count_inputs,
+    iter_records,
+    list_inputs,
+    require_decoders,
+)
+>>>>>>> w4
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.prepare.shaping import log_realised, realised, rules
 from mmfm.tokenization.dna import DnaError
@@ -214,6 +225,7 @@ def prepare(
     tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained
     _check_visual(recipe, tokenizers)
     inputs = list_inputs(recipe)
+    require_decoders(recipe, inputs)
     fingerprint = fingerprint_of(recipe, tokenizer_recipe, inputs)
     _check_output(out, fingerprint, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +237,7 @@ def prepare(
         (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed, i % parts == index)
         for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size, sizes))
     )
+<<<<<<< HEAD
     todo_or_done = (
         Job(*job[:3]) if job[3] and not Path(job[0]).exists() else job[0] for job in jobs
     )
@@ -241,6 +254,21 @@ def prepare(
         read += sizes.popleft()
         bar.update(read + rejects.total - bar.n)
     bar.close()
+=======
+    todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
+    shards, skipped, paths, read = [], 0, [], 0
+    init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
+    work = _results(todo_or_done, workers, init)
+    with _progress_bar(recipe, inputs, progress) as bar:  # closed on an error too: its line ends
+        for path, (stats, was_done, notes) in work:
+            skipped += was_done
+            for note in notes:
+                rejects.log(*note)
+            shards.append(stats)
+            paths.append(path)
+            read += sizes.popleft()
+            bar.update(read + rejects.total - bar.n)
+>>>>>>> w4
     # Other array tasks' shards, looked at again now that this task's own are all written:
     # whichever task looks last sees every shard and writes the manifest.
     shards = [s or _finished_stats(Path(p)) for s, p in zip(shards, paths, strict=True)]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfm.core.errors import LaunchError
 from mmfm.core.types import TASK_PARTS, TaskPart, TaskRecord
 from mmfm.prepare.limits import lines, too_large
 from mmfm.tokenization.visual import data as vdata
@@ -65,6 +66,8 @@ def task_records(path: Path, source, rejects) -> Iterator[TaskRecord]:
                 rejects.add("bad_json", where, f"{type(e).__name__}: {e}")
             except (TaskError, PictureError) as e:
                 rejects.add(e.reason, where, str(e))
+            except LaunchError:  # a missing extra (PyAV): no record of the kind would read
+                raise
             except (OSError, ValueError, RuntimeError, SyntaxError) as e:  # Pillow / PyAV
                 rejects.add("undecodable", where, f"{type(e).__name__}: {e}")
 

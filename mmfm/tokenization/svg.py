@@ -35,6 +35,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from mmfm.core.errors import TokenizerError
+from mmfm.core.extras import require_extra
 from mmfm.tokenization.recipe import SvgRecipe
 
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -294,11 +295,8 @@ class SvgTokenizer:
 
 
 def render_svg(svg: str, size: int = 128) -> np.ndarray:
-    """`[size, size, 3]` uint8 RGB rendering on white (cairosvg; `pip install cairosvg`)."""
-    try:
-        import cairosvg
-    except ImportError as e:  # optional: only rendering needs the cairo library
-        raise SvgError("rendering SVG needs cairosvg: pip install cairosvg") from e
+    """`[size, size, 3]` uint8 RGB rendering on white (cairosvg: `pip install 'mmfm[svg]'`)."""
+    cairosvg = require_extra("cairosvg", "svg", "rendering SVG")
     from io import BytesIO
 
     from PIL import Image

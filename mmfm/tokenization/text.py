@@ -25,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mmfm.core.errors import TokenizerError
+from mmfm.core.extras import require_extra
 from mmfm.core.files import iter_files
 from mmfm.tokenization.recipe import TextRecipe
 
@@ -120,13 +121,7 @@ class HfTextTokenizer:
     kind = "hf"
 
     def __init__(self, model: bytes, bos_id: int, eos_id: int, source: str = "tokenizer.json"):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise TokenizerError(
-                f"{source}: reading a tokenizer.json needs the tokenizers package "
-                "(pip install 'mmfm[hf]')"
-            ) from None
+        Tokenizer = require_extra("tokenizers", "hf", f"{source}: reading it").Tokenizer
         self.proto, self.bos_id, self.eos_id = model, bos_id, eos_id
         try:
             self.tk = Tokenizer.from_str(model.decode("utf-8"))

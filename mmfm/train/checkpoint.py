@@ -65,6 +65,25 @@ def is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in (COMPLETE_FILE, STATE_FILE, ".metadata"))
 
 
+def require_checkpoint(path: Path, model_only: bool = False) -> None:
+    """The files a load reads first, checked without reading them (so that `mmfm train`
+    refuses a bad start before it creates its run dir): the metadata, and unless
+    `model_only` (the weights alone, train.init_from) the state and the marker."""
+    if model_only:
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
+        return
+    if not is_complete(path):
+        have = (path / STATE_FILE).is_file() and (path / ".metadata").is_file()
+        raise CheckpointError(
+            f"{path} has no {COMPLETE_FILE} marker: it was not written to the end or was "
+            "being removed; use another checkpoint"
+            if have
+            else f"{path} is not a complete mmfm checkpoint (needs .metadata, {STATE_FILE} "
+            f"and {COMPLETE_FILE})"
+        )
+
+
 def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))  # type: ignore[union-attr]
 
@@ -189,7 +208,11 @@ class Checkpointer:
         `whole_model` (not one pipeline stage's share), also that the checkpoint holds no
         weight the model lacks."""
         path = Path(path)
+<<<<<<< HEAD
         require_weights(path)
+=======
+        require_checkpoint(path, model_only=True)
+>>>>>>> w4
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         check_entries(path, stored, {"model": model_state}, whole_model)
@@ -214,15 +237,7 @@ class Checkpointer:
         files, every name and shape (`whole_model`: as in `load_model`).
         """
         path = Path(path)
-        if not is_complete(path):
-            have = (path / STATE_FILE).is_file() and (path / ".metadata").is_file()
-            raise CheckpointError(
-                f"{path} has no {COMPLETE_FILE} marker: it was not written to the end or was "
-                "being removed; use another checkpoint"
-                if have
-                else f"{path} is not a complete mmfm checkpoint (needs .metadata, {STATE_FILE} "
-                f"and {COMPLETE_FILE})"
-            )
+        require_checkpoint(path)
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         state = _read_state(path)

@@ -18,7 +18,7 @@ from mmfm.data.loader import build_loader
 from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv, log_rank_table, process_ranks
-from mmfm.parallel.parallelize import parallelize
+from mmfm.parallel.parallelize import parallelize, parameter_counts
 from mmfm.prepare import dataset_vocab
 from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.recipe import load_recipe
@@ -32,7 +32,7 @@ from mmfm.train.callbacks import (
     terminal_filter,
     trackers,
 )
-from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError
+from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError, require_checkpoint
 from mmfm.train.evaluate import build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.steps import build_steps
@@ -137,6 +137,7 @@ def build_trainer(cfg: Config) -> Trainer:
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
+    _check_start(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
@@ -156,15 +157,17 @@ def build_trainer(cfg: Config) -> Trainer:
 
     steps = build_steps(cfg, env, parallelize(cfg, env))
     model = steps.model
-    n_params = sum(p.numel() for p in model.parameters())
+    total, held = parameter_counts(cfg.model, env.device, model)
     if restart_count() is not None:
         log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
     log.info(
-        "run dir %s | %d process(es), layout %s | %.2fM parameters on rank 0 | device %s",
+        "run dir %s | %d process(es), layout %s | %.2fM parameters, %.2fM of them held by "
+        "rank 0 | device %s",
         run_dir,
         env.world_size,
         _layout(cfg),
-        n_params / 1e6,
+        total / 1e6,
+        held / 1e6,
         env.device,
     )
     optimizer = build_optimizer(model, cfg.optim)
@@ -228,15 +231,19 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
     sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
     if cfg.eval.sources or cfg.eval.paths:
         sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
-    return vocab, check_sources_vocab(sources, reference)
+    return vocab, check_sources_vocab(sources, reference, cfg.model.vocab_size)
 
 
 def check_sources_vocab(
-    sources: list[SourceConfig], reference: tuple[str, Path] | None
+    sources: list[SourceConfig],
+    reference: tuple[str, Path] | None,
+    model_size: int | None = None,
 ) -> list[str]:
     """Refuse a prepared source made with another vocabulary than `reference` (fingerprint,
-    the file it is read from) or, without one, than the other sources; notes for the log on
-    sources whose vocabulary is unknown. `mmfm eval` checks its held-out data with it too."""
+    the file it is read from) or, without one, than the other sources, and then one whose
+    vocabulary has more ids than `model_size` (the model's embedding rows); notes for the
+    log on sources whose vocabulary is unknown. `mmfm eval` checks its held-out data with it
+    too."""
     notes = []
     for name, directory in _source_dirs(sources):
         found = None if directory is None else dataset_vocab(directory)
@@ -248,6 +255,8 @@ def check_sources_vocab(
             )
         elif reference is None:
             reference = found  # no data.vocab or checkpoint: the sources must agree
+            if model_size is not None and (directory / VOCAB_FILE).is_file():
+                _check_fits(name, directory / VOCAB_FILE, model_size)
         elif found[0] != reference[0]:
             raise VocabError(
                 f"data source {name!r}: {found[1]} says its shards were prepared with "
@@ -257,6 +266,30 @@ def check_sources_vocab(
                 "were made with"
             )
     return notes
+
+
+def _check_fits(name: str, vocab_file: Path, model_size: int) -> None:
+    """Without data.vocab, the vocabulary of the sources is the one their vocab.json names:
+    refuse one with more ids than the model has rows (each document would be a bad sample)."""
+    size = Vocab.load(vocab_file).size
+    if size > model_size:
+        raise ConfigError(
+            f"data source {name!r}: its tokens are ids of the vocabulary {vocab_file} ({size} "
+            f"ids), more than the model's rows, model.vocab_size ({model_size}), and no "
+            f"data.vocab is set. Train a model of that vocabulary (data.vocab={vocab_file} "
+            f"model.vocab_size={size} or more), or prepare the data with the model's tokenizers"
+        )
+
+
+def _check_start(cfg: Config) -> None:
+    """Refuse, before the run dir is created, a start from a folder that is no checkpoint
+    (its files checked, not read): the weights alone for train.init_from, unless
+    train.init_data continues its data too."""
+    start = _start_checkpoint(cfg)
+    if start is None:
+        return
+    weights = cfg.train.resume in ("none", "auto") and start == Path(cfg.train.init_from or "")
+    require_checkpoint(start, model_only=weights and not cfg.train.init_data)
 
 
 def _start_checkpoint(cfg: Config) -> Path | None:

@@ -148,7 +148,7 @@ def test_a_raw_source_is_configured_and_its_vocabulary_checked(shards, tmp_path)
         f"{{name: verses, paths: {json.dumps(shards['raw']['text'])}, tokenize: {shards['tok']}, "
         "fields: {record: text, text: txt}}"
     )
-    cfg = load_config(None, [f"data.sources=[{source}]"])
+    cfg = load_config(None, [f"data.sources=[{source}]", "model.vocab_size=45056"])
     (spec,) = source_specs(cfg)
     assert spec.tokenize == shards["tok"] and spec.fields.record == "text"
     assert _check_vocab(cfg)[1] == []  # the recipe's vocabulary is known: no "not checked"

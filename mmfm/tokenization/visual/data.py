@@ -1,7 +1,7 @@
 """Real pictures for the visual tokenizers: photos, masks derived from them, video frames.
 
 Images are read with Pillow; video with Pillow for GIF / APNG and with PyAV (`pip install
-av`, the `video` extra) for mp4 and the rest. A picture or frame of more than `max_pixels`
+'mmfm[video]'`) for mp4 and the rest. A picture or frame of more than `max_pixels`
 pixels (default 64M, e.g. 8192 x 8192: 192 MiB as RGB) is refused from its header, before
 it is decoded, and so is a decompression bomb (Pillow's own limit, about 179M pixels). A
 clip is decoded frame by frame and only up to its last kept frame, holding only the frames
@@ -24,10 +24,13 @@ import torch
 from PIL import Image, ImageSequence
 
 from mmfm.core.errors import TokenizerError
+from mmfm.core.extras import require_extra
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PILLOW_VIDEO = {".gif", ".apng", ".png", ".webp"}
 VIDEO_SUFFIXES = {".gif", ".apng", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
+PYAV_SUFFIXES = VIDEO_SUFFIXES - PILLOW_VIDEO
+"""The clips decoded with PyAV (the `video` extra); Pillow reads the others."""
 MAX_PIXELS = 1 << 26
 """Default limit on the pixels of one picture or video frame (64M)."""
 
@@ -85,10 +88,7 @@ def read_video(
         with open_picture(path, max_pixels) as im:
             frames = pick_frames(_pillow_frames(im), fps, max_frames)
     else:
-        try:
-            import av
-        except ImportError as e:
-            raise RuntimeError(f"{path}: decoding {path.suffix} needs PyAV: pip install av") from e
+        av = require_extra("av", "video", f"{path}: decoding {path.suffix}")
         with av.open(str(path)) as container:
             frames = pick_frames(_av_frames(container, max_pixels, path), fps, max_frames)
     if not frames:

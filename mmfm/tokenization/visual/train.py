@@ -44,7 +44,8 @@ from tqdm import tqdm
 from mmfm.config.loading import load_structured
 from mmfm.config.schema import _require, _require_choice, _require_positive
 from mmfm.core.errors import ConfigError, TokenizerError
-from mmfm.core.files import iter_files
+from mmfm.core.extras import require_extra
+from mmfm.core.files import iter_files, suffixes_of
 from mmfm.tokenization.svg import render_svg
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.models import MODELS, config_dict
@@ -133,6 +134,17 @@ def _model(kind: str, config: dict[str, Any]) -> nn.Module:
 # -- data ---------------------------------------------------------------------------------------
 
 
+def require_decoders(recipe: VisualRecipe) -> None:
+    """Refuse, before anything is fetched or trained, data whose files need a missing extra:
+    PyAV for clips (video, and seed_image's extra frames), cairosvg for mask icons."""
+    suffixes = suffixes_of(recipe.data, recipe.cache_dir)
+    clips = sorted(suffixes & vdata.PYAV_SUFFIXES)
+    if clips and recipe.kind in ("video", "seed_image"):
+        require_extra("av", "video", f"{recipe.kind}: decoding the {'/'.join(clips)} clips of data")
+    if ".svg" in suffixes and recipe.kind == "himtok_mask":
+        require_extra("cairosvg", "svg", f"{recipe.kind}: rendering the .svg icons of data")
+
+
 def pictures(recipe: VisualRecipe, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(training pictures, held-out pictures) of the recipe's kind."""
     files = list(iter_files(recipe.data, recipe.cache_dir))
@@ -195,6 +207,7 @@ def held_out_batch(recipe: VisualRecipe, held: list[np.ndarray], size: int) -> t
 
 
 def train_visual(recipe: VisualRecipe, progress: bool = True) -> dict[str, Any]:
+    require_decoders(recipe)
     model = build(recipe)
     size = item_size(model)
     train, held = pictures(recipe, size)
