@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 
 .PHONY: demo test lint bench
 
-demo:  ## install mmfm and train the demo model (about a minute on 2 CPU cores)
+demo:  ## install mmfm and train the demo model (about a minute on 2 idle CPU cores)
 	$(PIP) install -e .
 	$(PYTHON) -m mmfm train launch/demo.yaml
 

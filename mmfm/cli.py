@@ -230,8 +230,8 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "data",
         nargs="+",
-        help="held-out shards (directories, files, patterns, builtin:demo) or raw .txt files; "
-        "dotted overrides (parallel.tp=2, train.device=cuda) may follow",
+        help="held-out shards (directories, files, patterns, builtin:demo:held_out) or raw "
+        ".txt files; dotted overrides (parallel.tp=2, train.device=cuda) may follow",
     )
     ev.add_argument("--steps", type=int, default=0, help="global batches (0: a whole pass)")
     ev.add_argument("--json", dest="json_path", help="also write the results to this file")

@@ -143,8 +143,9 @@ class SourceConfig:
     """Name of the source in the metrics (data/mix/<name>)."""
     paths: list[str] = field(default_factory=list)
     """Its shards: directories, files, brace patterns (`web-{000000..000099}.tar`),
-    `http(s)://` URLs, `pipe:` commands, or `builtin:demo`; with kind megatron: prefixes of
-    .bin/.idx pairs (`/data/corpus_text_document`), directories of them or globs."""
+    `http(s)://` URLs, `pipe:` commands, or `builtin:demo` (`builtin:demo:held_out`: its
+    held-out shard); with kind megatron: prefixes of .bin/.idx pairs
+    (`/data/corpus_text_document`), directories of them or globs."""
     kind: str = "webdataset"
     """webdataset (tar shards) or megatron (Megatron-LM indexed datasets, read by megatron-core:
     pip install 'mmfm[megatron]'; text unless written by mmfm prepare with format: megatron)."""
@@ -240,7 +241,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Shards of one source (shorthand for a single entry in `sources`): directories,
     files, brace patterns (`shards-{000000..000009}.tar`), `http(s)://`, `pipe:` or
-    `builtin:demo` (the generated demo corpus)."""
+    `builtin:demo` (the generated demo corpus; `builtin:demo:held_out`, its held-out shard)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several sources mixed by weight (instead of `paths`)."""
     seq_len: int = 2048

@@ -1,7 +1,9 @@
 """The built-in demo corpus (`builtin:demo`): three modalities with learnable structure.
 
 Generated from a seed (nothing downloaded), written as ordinary shards and then read through
-the same shard reader as real data. Until the unified vocabulary lands, it uses its own small
+the same shard reader as real data. `builtin:demo:held_out` is one more shard of the same
+generator drawn with another seed, for validation: none of its documents is a training
+document (tested). Until the unified vocabulary lands, it uses its own small
 layout (`DEMO_VOCAB`): bytes for text, 64 image codes, 4 nucleotides.
 
 - text: sentences from a small grammar;
@@ -31,6 +33,8 @@ SPECIAL = {name: i for i, name in enumerate(SPECIALS)}
 VERSION = 2
 NUM_SHARDS = 4
 DOCS_PER_SHARD = 600
+HELD_OUT_SEED = 1
+HELD_OUT_SHARDS = 1
 
 COLORS = ("black", "white", "red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("square", "cross", "stripe", "dot")
@@ -121,23 +125,33 @@ def _dna_doc(rng: np.random.Generator, key: str) -> Document:
     return doc.build(key)
 
 
-def demo_documents(shard: int, seed: int = 0) -> list[Document]:
+def demo_documents(shard: int, seed: int = 0, split: str = "") -> list[Document]:
     rng = np.random.default_rng([seed, shard])
     makers = (_text_doc, _image_doc, _dna_doc)
+    prefix = f"demo-{split}-" if split else "demo-"
     return [
-        makers[rng.integers(len(makers))](rng, f"demo-{shard:06d}-{i:06d}")
+        makers[rng.integers(len(makers))](rng, f"{prefix}{shard:06d}-{i:06d}")
         for i in range(DOCS_PER_SHARD)
     ]
 
 
-def ensure_demo_shards(cache_dir: str | os.PathLike) -> list[str]:
-    """Generate the demo shards under `cache_dir` once; return their paths."""
-    root = Path(cache_dir).expanduser() / f"demo-v{VERSION}"
+def _ensure(root: Path, stem: str, shards: int, seed: int, split: str = "") -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard in range(NUM_SHARDS):
-        path = root / f"demo-{shard:06d}.tar"
+    for shard in range(shards):
+        path = root / f"{stem}-{shard:06d}.tar"
         if not path.exists():
-            write_shard(path, demo_documents(shard))
+            write_shard(path, demo_documents(shard, seed, split))
         paths.append(str(path))
     return paths
+
+
+def ensure_demo_shards(cache_dir: str | os.PathLike) -> list[str]:
+    """Generate the demo's training shards under `cache_dir` once; return their paths."""
+    return _ensure(Path(cache_dir).expanduser() / f"demo-v{VERSION}", "demo", NUM_SHARDS, 0)
+
+
+def ensure_demo_held_out(cache_dir: str | os.PathLike) -> list[str]:
+    """Generate the demo's held-out shard (`builtin:demo:held_out`) once; return its path."""
+    root = Path(cache_dir).expanduser() / f"demo-v{VERSION}" / "held_out"
+    return _ensure(root, "demo-held_out", HELD_OUT_SHARDS, HELD_OUT_SEED, "held_out")

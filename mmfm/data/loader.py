@@ -45,7 +45,7 @@ from mmfm.core.torch_compat import (
 from mmfm.core.types import Batch
 from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
-from mmfm.data.demo import ensure_demo_shards
+from mmfm.data.demo import ensure_demo_held_out, ensure_demo_shards
 from mmfm.data.megatron import unit_urls
 from mmfm.data.packing import RowStats, modality_weight_table
 from mmfm.data.raw import warn_ignored
@@ -430,7 +430,7 @@ class StreamingLoader:
 def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
     """Shard URLs of a source's paths; `builtin:<name>` entries are generated on first use."""
 
-    builtin = {"builtin:demo": ensure_demo_shards}
+    builtin = {"builtin:demo": ensure_demo_shards, "builtin:demo:held_out": ensure_demo_held_out}
     urls: list[str] = []
     for path in paths:
         if path.startswith("builtin:"):

@@ -1,5 +1,6 @@
 """The trainer end to end on the demo corpus: logging, overfitting, exact resume, signals."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -25,28 +26,59 @@ def final_weights(run_dir, cfg) -> dict:
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_demo_recipe_trains_and_reports(tmp_path, demo_cache):
-    run_dir = tmp_path / "demo"
-    cfg = load_config(
-        REPO / "launch/demo.yaml",
-        [
-            "train.steps=4",
-            f"train.run_dir={run_dir}",
-            f"data.cache_dir={demo_cache}",
-            "logging.progress=false",
-        ],
-    )
-    assert train(cfg).step == 4
+DEMO_STEPS = 20
+"""The demo recipe's first steps, trained once for this module: all inside its warmup, so
+the same steps as the 200-step run (the decay after warmup depends on train.steps)."""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_cache):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    overrides = [f"train.steps={DEMO_STEPS}", f"train.run_dir={run_dir}"]
+    overrides += [f"data.cache_dir={demo_cache}", "logging.progress=false", "eval.steps=1"]
+    cfg = load_config(REPO / "launch/demo.yaml", overrides)
+    assert cfg.optim.warmup_steps >= DEMO_STEPS  # else the 20 steps are not the demo's
+    return cfg, train(cfg), run_dir
+
+
+def test_demo_recipe_trains_and_reports(demo_run):
+    cfg, result, run_dir = demo_run
+    assert result.step == DEMO_STEPS
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, DEMO_STEPS + 1))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "data/padding", "data/mix/data"):
         assert all(r[key] is not None for r in rows), key
     for key in ("loss/text", "loss/image", "loss/dna"):  # each modality shows up
         assert any(key in r for r in rows), key
+    assert "val/loss" in rows[-1]  # its held-out split, evaluated after the last step
     assert load_config(run_dir / "config.yaml") == cfg  # the resolved config, reloadable
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
-    assert (run_dir / "checkpoints" / "step_4" / "train_state.json").is_file()
-    assert "data: data (4 shards)" in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints" / f"step_{DEMO_STEPS}" / "train_state.json").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert "data: data (4 shards)" in log and "validation: val (1 shards)" in log
+
+
+def readme_demo_steps() -> dict[int, dict[str, float]]:
+    """The step lines the README's quick start shows as the demo's output, by step."""
+    section = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ")[0]
+    line = r"step (\d+)/\d+ \| loss ([\d.]+) \| text ([\d.]+) \| image ([\d.]+) \| dna ([\d.]+)"
+    keys = ("loss", "loss/text", "loss/image", "loss/dna")
+    return {
+        int(m[0]): dict(zip(keys, map(float, m[1:]), strict=True))
+        for m in re.findall(line, section)
+    }
+
+
+def test_the_readme_shows_the_losses_the_demo_trains_to(demo_run):
+    """The quick start's output at steps 1 and 20 is this code's: a change to the model, the
+    data or the optimizer that moves the demo's losses fails here until the README is rerun."""
+    shown = readme_demo_steps()
+    assert {1, DEMO_STEPS} <= shown.keys(), shown
+    rows = {r["step"]: r for r in read_metrics(demo_run[2])}
+    for step in (1, DEMO_STEPS):
+        for key, want in shown[step].items():
+            printed = 1e-4 if key == "loss" else 1e-3  # 4 decimals shown, 3 per modality
+            assert rows[step][key] == pytest.approx(want, abs=printed), (step, key)
 
 
 def test_tiny_model_overfits_a_fixed_batch(tiny_config):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmfm.core.types import Document, Modality
-from mmfm.data.demo import ensure_demo_shards
+from mmfm.data.demo import NUM_SHARDS, demo_documents, ensure_demo_shards
 from mmfm.data.loader import StreamingLoader, resolve_paths
 from mmfm.data.shards import ShardError, expand_paths, read_shard, write_shard
 from mmfm.data.stream import SourceSpec, StreamSettings
@@ -57,6 +57,20 @@ def test_demo_corpus_is_deterministic(tmp_path):
             d.tokens.tolist() for d in read_shard(y)
         ]
     kinds = {tuple(sorted(set(d.modality.tolist()))) for d in read_shard(a[0])}
+    assert (Modality.TEXT, Modality.IMAGE) in kinds and (Modality.TEXT, Modality.DNA) in kinds
+
+
+def test_demo_held_out_split_holds_no_training_document(tmp_path):
+    """`builtin:demo:held_out` (the demo recipe's eval data) is one shard of the same
+    generator drawn with another seed: other keys, and not one document the model trains on."""
+    held_out = resolve_paths(["builtin:demo:held_out"], str(tmp_path))
+    assert len(held_out) == 1 and held_out[0].startswith(str(tmp_path))
+    docs = list(read_shard(held_out[0]))
+    train = [d for shard in range(NUM_SHARDS) for d in demo_documents(shard)]
+    assert len(docs) == len(train) // NUM_SHARDS
+    assert not {d.key for d in docs} & {d.key for d in train}
+    assert not {d.tokens.tobytes() for d in docs} & {d.tokens.tobytes() for d in train}
+    kinds = {tuple(sorted(set(d.modality.tolist()))) for d in docs}
     assert (Modality.TEXT, Modality.IMAGE) in kinds and (Modality.TEXT, Modality.DNA) in kinds
 
 
