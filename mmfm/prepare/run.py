@@ -42,10 +42,7 @@ from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
 from mmfm.prepare.megatron_out import with_related_order, write_megatron
 from mmfm.prepare.order import related_fingerprint, staging, write_related
-<<<<<<< HEAD
 from mmfm.prepare.pool import WORKER_DIED, Job, Progress, WorkerPool
-from mmfm.prepare.readers import RawSample, Rejects, count_inputs, iter_records, list_inputs
-=======
 from mmfm.prepare.readers import (
     RawSample,
     Rejects,
@@ -54,7 +51,6 @@ from mmfm.prepare.readers import (
     list_inputs,
     require_decoders,
 )
->>>>>>> w4
 from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
 from mmfm.prepare.shaping import log_realised, realised, rules
 from mmfm.tokenization.dna import DnaError
@@ -237,28 +233,12 @@ def prepare(
         (str(out / f"{recipe.name}-{i:06d}.tar"), chunk, recipe.seed, i % parts == index)
         for i, chunk in enumerate(_chunks(iter_records(recipe, rejects), recipe.shard_size, sizes))
     )
-<<<<<<< HEAD
     todo_or_done = (
         Job(*job[:3]) if job[3] and not Path(job[0]).exists() else job[0] for job in jobs
     )
-    bar = _progress_bar(recipe, inputs, progress)
     shards, skipped, paths, read = [], 0, [], 0
     init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
     work = WorkerPool(workers, _run_or_skip, _init_worker, init).results(todo_or_done)
-    for path, (stats, was_done, notes) in work:
-        skipped += was_done
-        for note in notes:
-            rejects.log(*note)
-        shards.append(stats)
-        paths.append(path)
-        read += sizes.popleft()
-        bar.update(read + rejects.total - bar.n)
-    bar.close()
-=======
-    todo_or_done = (job[:3] if job[3] and not Path(job[0]).exists() else job[0] for job in jobs)
-    shards, skipped, paths, read = [], 0, [], 0
-    init = (recipe.tokenizer, fingerprint, rules(recipe), registered())
-    work = _results(todo_or_done, workers, init)
     with _progress_bar(recipe, inputs, progress) as bar:  # closed on an error too: its line ends
         for path, (stats, was_done, notes) in work:
             skipped += was_done
@@ -268,7 +248,6 @@ def prepare(
             paths.append(path)
             read += sizes.popleft()
             bar.update(read + rejects.total - bar.n)
->>>>>>> w4
     # Other array tasks' shards, looked at again now that this task's own are all written:
     # whichever task looks last sees every shard and writes the manifest.
     shards = [s or _finished_stats(Path(p)) for s, p in zip(shards, paths, strict=True)]

@@ -208,11 +208,7 @@ class Checkpointer:
         `whole_model` (not one pipeline stage's share), also that the checkpoint holds no
         weight the model lacks."""
         path = Path(path)
-<<<<<<< HEAD
-        require_weights(path)
-=======
         require_checkpoint(path, model_only=True)
->>>>>>> w4
         reader = SafeFileSystemReader(path)
         stored = reader.read_metadata().state_dict_metadata
         check_entries(path, stored, {"model": model_state}, whole_model)
@@ -248,16 +244,11 @@ class Checkpointer:
         return state
 
 
-def require_weights(path: Path) -> None:
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no .metadata)")
-
-
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config saved with checkpoint `path`, checked against its weights first: the model it
     describes, built on the meta device (no memory), must have the checkpoint's tensor names
     and shapes, so a damaged `config.yaml` (`dim: 4194304`) is refused before 70 TB are
-    allocated for it. (Without weights there is nothing to compare: `require_weights` refuses
+    allocated for it. (Without weights there is nothing to compare: `require_checkpoint` refuses
     the directory before a model is made.)"""
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint")
@@ -279,7 +270,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, config) of a checkpoint in one process, whatever layout saved it."""
     path = Path(path)
     cfg = checkpoint_config(path, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
-    require_weights(path)
+    require_checkpoint(path, model_only=True)
     model = build_model(cfg.model, device)
     model.to_empty(device=device)
     state = model.state_dict()

@@ -38,7 +38,7 @@ from mmfm.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     checkpoint_config,
-    require_weights,
+    require_checkpoint,
 )
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
 from mmfm.train.main import check_sources_vocab
@@ -124,7 +124,7 @@ def evaluate_checkpoint(
         if item.endswith(".txt") and not Path(item).is_file():
             raise InputNotFound(f"{item}: no such file (held-out text for mmfm eval)")
     _check_data_vocab(checkpoint, data)
-    require_weights(checkpoint)  # before a model is made for them
+    require_checkpoint(checkpoint, model_only=True)  # before a model is made for them
     step = _saved_step(checkpoint)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
