@@ -217,11 +217,11 @@ def prepare(
         ordered = write_related(recipe, staged, related_fingerprint(staged))
         return with_related_order(recipe, ordered)  # format: megatron from the ordered shards
     out = Path(recipe.output)
+    inputs = list_inputs(recipe)
+    require_decoders(recipe, inputs)  # the environment first: a missing extra names itself
     tokenizer_recipe = load_recipe(recipe.tokenizer)
     tokenizers = Tokenizers.load(tokenizer_recipe)  # fails early if untrained
     _check_visual(recipe, tokenizers)
-    inputs = list_inputs(recipe)
-    require_decoders(recipe, inputs)
     fingerprint = fingerprint_of(recipe, tokenizer_recipe, inputs)
     _check_output(out, fingerprint, overwrite)
     out.mkdir(parents=True, exist_ok=True)
