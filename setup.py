@@ -52,6 +52,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-xdist",  # `make test` runs the suite on two workers
+            "pytest-timeout",  # pyproject.toml's timeout: a hung test fails, the suite goes on
             "hypothesis",  # the fuzz tests of tests/security
             "transformers>=4.45",
             "protobuf",
