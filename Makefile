@@ -2,21 +2,26 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test lint bench
+.PHONY: demo test test-fast lint bench
 
 demo:  ## install mmfm and train the demo model (about a minute on 2 idle CPU cores)
 	$(PIP) install -e .
 	$(PYTHON) -m mmfm train launch/demo.yaml
 
-# Test processes (pytest-xdist); a test file stays on one worker (--dist loadfile), so its
-# module fixtures (the SLURM cluster of tests/e2e/test_slurm.py) start once.
+# Test processes (pytest-xdist). --dist loadgroup spreads the tests one by one over the
+# workers, except a file marked `pytestmark = pytest.mark.xdist_group(...)`: it stays on one
+# worker, so its expensive module fixtures (the SLURM cluster of tests/e2e/test_slurm.py, a
+# shared training run) are built once.
 TEST_WORKERS ?= 2
 
 test:  ## install the test dependencies, check lint/format, run the whole suite
 	$(PIP) install -e ".[test]"
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+
+test-fast:  ## the quick tier: unit and security tests without the slow ones (under 3 minutes)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" tests/unit tests/security
 
 lint:  ## lint and format check only
 	$(PYTHON) -m ruff check .

@@ -54,7 +54,8 @@ setup(
         # passed); the next major release is a deliberate upgrade.
         "test": [
             "pytest>=9.0,<10",
-            "pytest-xdist>=3.8,<4",  # `make test` runs the suite on two workers (--dist loadfile)
+            "pytest-xdist>=3.8,<4",  # `make test` runs the suite on two workers (--dist loadgroup)
+            "pytest-timeout>=2.3,<3",  # pyproject.toml's timeout: a hung test fails, the rest goes on
             "hypothesis>=6.155,<7",  # the fuzz tests of tests/security
             "transformers>=4.45",
             "protobuf",

@@ -25,6 +25,9 @@ from mmfm.testing import tiny_shape, tiny_visual_recipe
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import _single_process_quiet
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_generate_cli")
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
 SHAPE = tiny_shape(n_layers=2, seq_len=128, max_seq_len=1024)

@@ -33,6 +33,9 @@ from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import load_checkpoint_model
 from mmfm.train.main import build_trainer
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_hf")
+
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["In the beginning God created the heaven and the earth.", "def f(x):\n\treturn x  # ok"]
 TEXTS += ["漢字 😀 naïve café", "  spaces   and\nnewlines\n", "<svg> is text to mmfm"]

@@ -17,6 +17,9 @@ from mmfm.data.shards import read_shard
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.testing import read_metrics, tiny_shape, tiny_visual_recipe, train_metrics, voc_export
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_paper_recipes")
+
 REPO = Path(__file__).resolve().parents[2]
 PAPERS = ("lwm", "seed_llama", "omni_dna", "himtok", "starvector", "icp")
 LIMIT = 8  # records per source

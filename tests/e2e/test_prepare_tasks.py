@@ -23,6 +23,9 @@ from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_prepare_tasks")
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = {"image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
          "qformer_layers": 1, "decoder_layers": 1, "tokens": 8, "codebook_size": 64}  # fmt: skip

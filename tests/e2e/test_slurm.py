@@ -25,6 +25,9 @@ import pytest
 from mmfm.cli import main
 from mmfm.testing import free_port, read_metrics, tiny_shape, train_metrics
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_slurm")
+
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 

@@ -20,6 +20,9 @@ from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.vocab import VocabError
 from mmfm.train.main import _check_vocab
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_stream_raw")
+
 REPO = Path(__file__).resolve().parents[2]
 PER_SHARD = 40
 TEXT = RawFields(record="text", text=["txt"])

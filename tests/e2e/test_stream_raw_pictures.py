@@ -22,6 +22,9 @@ from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_u
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_stream_raw_pictures")
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_IMAGE = {
     "image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,

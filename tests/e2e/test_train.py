@@ -18,6 +18,10 @@ from mmfm.train.main import build_trainer, train
 from mmfm.train.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
+# Runs whose loader is not under test read in-process: a loader worker is a fresh Python that
+# imports torch and mmfm (5-15 s on 2 loaded cores). The runs that resume, stop on a signal or
+# crash, and the demo recipe, keep the worker of the default tiny config, as users run.
+NO_WORKER = "data.num_workers=0"
 
 
 def final_weights(run_dir, cfg) -> dict:
@@ -82,7 +86,7 @@ def test_the_readme_shows_the_losses_the_demo_trains_to(demo_run):
 
 
 def test_tiny_model_overfits_a_fixed_batch(tiny_config):
-    cfg = tiny_config("optim.lr=3e-3", "optim.decay=constant", "optim.weight_decay=0")
+    cfg = tiny_config("optim.lr=3e-3", "optim.decay=constant", "optim.weight_decay=0", NO_WORKER)
     trainer = build_trainer(cfg)
     batch = trainer.loader.next_step()
     losses = [trainer.train_step(batch)["loss"] for _ in range(80)]
@@ -91,7 +95,7 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_config):
 
 def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config):
     def losses(micro):
-        trainer = build_trainer(tiny_config(f"train.micro_batch_size={micro}"))
+        trainer = build_trainer(tiny_config(f"train.micro_batch_size={micro}", NO_WORKER))
         return [trainer.train_step(trainer.loader.next_step())["loss"] for _ in range(3)]
 
     for a, b in zip(losses(4), losses(1), strict=True):
@@ -100,31 +104,32 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config):
 
 def test_resume_is_exact(tiny_config, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight = tiny_config("train.steps=20", f"train.run_dir={straight_dir}")
+    straight = tiny_config("train.steps=8", f"train.run_dir={straight_dir}")
     train(straight)
 
-    # 10 steps, interrupted by SIGUSR1, then resumed for the other 10.
-    interrupted = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}")
+    # 4 steps, interrupted by SIGUSR1, then resumed for the other 4 (past the 2 warmup steps).
+    interrupted = tiny_config("train.steps=8", f"train.run_dir={resumed_dir}")
     trainer = build_trainer(interrupted)
-    trainer.callbacks.append(SignalAt(10, signal.SIGUSR1))
+    trainer.callbacks.append(SignalAt(4, signal.SIGUSR1))
     result = trainer.fit()
-    assert (result.step, result.stopped_by) == (10, "SIGUSR1")
-    resumed = tiny_config("train.steps=20", f"train.run_dir={resumed_dir}", "train.resume=auto")
-    assert train(resumed).step == 20
+    assert (result.step, result.stopped_by) == (4, "SIGUSR1")
+    resumed = tiny_config("train.steps=8", f"train.run_dir={resumed_dir}", "train.resume=auto")
+    assert train(resumed).step == 8
 
     a, b = read_metrics(straight_dir), read_metrics(resumed_dir)
-    assert [r["step"] for r in b] == list(range(1, 21))
+    assert [r["step"] for r in b] == list(range(1, 9))
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-6, (x["step"], x["loss"], y["loss"])
-    wa, wb = final_weights(straight_dir, resumed), final_weights(resumed_dir, resumed)
+    loading = tiny_config("train.steps=8", f"train.run_dir={tmp_path / 'load'}", NO_WORKER)
+    wa, wb = final_weights(straight_dir, loading), final_weights(resumed_dir, loading)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
 
 
 def test_resume_none_refuses_a_run_dir_with_checkpoints(tiny_config):
-    train(tiny_config("train.steps=2"))
+    train(tiny_config("train.steps=2", NO_WORKER))
     with pytest.raises(ConfigError, match=r"set train\.resume=auto"):
-        train(tiny_config("train.steps=4"))
+        train(tiny_config("train.steps=4", NO_WORKER))
 
 
 def test_crash_while_writing_leaves_no_pickable_checkpoint(tiny_config, monkeypatch, tmp_path):
@@ -157,7 +162,7 @@ def _nan_on_steps(trainer, steps):
 
 
 def test_nonfinite_step_is_skipped_and_counted(tiny_config):
-    trainer = build_trainer(tiny_config("train.steps=4", "train.max_nonfinite_steps=2"))
+    trainer = build_trainer(tiny_config("train.steps=4", "train.max_nonfinite_steps=2", NO_WORKER))
     _nan_on_steps(trainer, {2})
     trainer.train_step(trainer.loader.next_step())
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -170,7 +175,7 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_config):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(tiny_config):
-    trainer = build_trainer(tiny_config("train.steps=10", "train.max_nonfinite_steps=3"))
+    trainer = build_trainer(tiny_config("train.steps=10", "train.max_nonfinite_steps=3", NO_WORKER))
     _nan_on_steps(trainer, set(range(1, 11)))
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .* lower optim\.lr"):
         trainer.fit()
@@ -183,7 +188,7 @@ def test_bf16_autocast_trains(tiny_config, tmp_path):
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         run = [f"train.precision={precision}", f"train.run_dir={tmp_path / precision}"]
-        trainer = build_trainer(tiny_config(*run, "optim.lr=3e-3"))
+        trainer = build_trainer(tiny_config(*run, "optim.lr=3e-3", NO_WORKER))
         steps = [trainer.train_step(trainer.loader.next_step()) for _ in range(10)]
         trainer.loader.close()
         losses[precision] = [step["loss"] for step in steps]
@@ -220,8 +225,9 @@ def test_vocabulary_travels_with_the_run_and_checkpoints(tiny_config, tmp_path):
     vocab = Vocab.build(300, codebooks=[("image", 16)])
     vocab.save(tmp_path / "v.json")
     with pytest.raises(ConfigError, match=r"model.vocab_size \(320\) is smaller"):
-        train(tiny_config(f"data.vocab={tmp_path / 'v.json'}", "model.vocab_size=320"))
-    cfg = tiny_config(f"data.vocab={tmp_path / 'v.json'}", "train.steps=2", "model.vocab_size=384")
+        train(tiny_config(f"data.vocab={tmp_path / 'v.json'}", "model.vocab_size=320", NO_WORKER))
+    vocab_run = [f"data.vocab={tmp_path / 'v.json'}", "model.vocab_size=384", NO_WORKER]
+    cfg = tiny_config(*vocab_run, "train.steps=2")
     train(cfg)
     run = Path(cfg.train.run_dir)
     assert Vocab.load(run / "vocab.json") == vocab

@@ -35,6 +35,9 @@ from mmfm.train.checkpoint import (
 )
 from mmfm.train.main import train
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_checkpoint")
+
 REPO = Path(__file__).resolve().parents[2]
 DCP_METADATA = "torch.distributed.checkpoint.metadata"  # the module the old unpickler trusted
 FAST = ["data.num_workers=0", "logging.tensorboard=false"]  # no worker process to start

@@ -20,6 +20,9 @@ from mmfm.cli import main
 from mmfm.convert.hf import import_hf
 from mmfm.train.checkpoint import load_checkpoint_model
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_convert")
+
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
 SMALL |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

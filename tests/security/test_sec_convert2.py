@@ -25,6 +25,9 @@ from mmfm.testing import tiny_shape
 from mmfm.tokenization.visual.weights import read_weights
 from mmfm.train.checkpoint import _single_process_quiet
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_convert2")
+
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=1)
 SMALL |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 HUGE_ROWS = 10**9  # 64e9 parameters: allocating the claim would need 256 GB

@@ -22,6 +22,9 @@ from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import _single_process_quiet
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_generate")
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
 MAX_SEQ_LEN = 128

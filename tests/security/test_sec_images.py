@@ -23,6 +23,9 @@ from mmfm.prepare.readers import _visual_records
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.records import PictureError
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_images")
+
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

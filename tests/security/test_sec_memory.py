@@ -15,6 +15,9 @@ import pytest
 from mmfm.core.types import Document
 from mmfm.data.shards import write_shard
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_memory")
+
 DOCS, TOKENS = 3, 2_000_000  # 18 MB each once decoded (int64 ids, uint8 modality)
 SEQ = 1 << 16
 ROWS = 200  # about two epochs of the three documents

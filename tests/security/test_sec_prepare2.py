@@ -23,6 +23,9 @@ from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_prepare2")
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tokenizers/base.yaml")
 TINY_IMAGE = {

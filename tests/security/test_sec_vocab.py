@@ -14,6 +14,9 @@ from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import RESERVED_CODEBOOKS, Vocab, VocabError
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_sec_vocab")
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tokenizers/base.yaml")
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"

@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Each test starts a Python that imports torch and runs a script: ~10-30 s on 2 loaded cores.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "512"]
 

@@ -24,6 +24,9 @@ from mmfm.train.evaluate import Evaluator, text_byte_table
 from mmfm.train.main import build_trainer, train
 from mmfm.train.steps import build_steps
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_eval")
+
 REL = 1e-5
 
 

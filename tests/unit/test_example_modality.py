@@ -35,6 +35,9 @@ from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers, build_vocab
 from mmfm.tokenization.vocab import FIXED_SPECIALS, Vocab, VocabError
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_example_modality")
+
 
 @pytest.fixture(scope="module")
 def protein():

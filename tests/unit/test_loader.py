@@ -59,6 +59,7 @@ def rows_of(batches):
     return np.concatenate([b.tokens.numpy() for b in batches])
 
 
+@pytest.mark.slow  # a run with 0, 1 and 3 loader workers: 40 s on 2 loaded cores
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker:UserWarning")
 def test_exact_resume_with_any_number_of_workers(tmp_path):
     urls = corpus(tmp_path / "c")

@@ -16,6 +16,9 @@ from mmfm.tokenization.text import load_pretrained
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import FIXED_SPECIALS, Vocab
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_pretrained_text")
+
 REPO = Path(__file__).resolve().parents[2]
 HARD = ["漢字 😀 naïve café", "  spaces   and\nnewlines\n\t", "<|endoftext|> is text", "\u2581 x"]
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><path d="M1 1h14v14z"/></svg>'

@@ -38,6 +38,9 @@ from mmfm.tokenization.shaping import Shaping, shape, svg_caption
 from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_record_shaping")
+
 REPO = Path(__file__).resolve().parents[2]
 RULE = Shaping(uncond_ratio=0.1, order="both", reverse_ratio=0.5)
 PICTURE = np.full((32, 32, 3), 200, np.uint8)

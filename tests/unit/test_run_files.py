@@ -15,6 +15,9 @@ from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.main import build_trainer, train
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_run_files")
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
 

@@ -80,6 +80,7 @@ def test_bad_frontends_are_refused_by_name():
         SeedImageTokenizer(SeedImageConfig(**{**PCA, "feature_loss": 0.5}))
 
 
+@pytest.mark.slow  # fits and evaluates on the real photos: 37 s on 2 loaded cores
 def test_pca_tokenizer_beats_its_same_bits_baseline_on_held_out_photos(tmp_path, real_data):
     """32 x 32 crops, 8 tokens of 64 codes (48 bits: the baseline is the picture's mean
     colour, a 1 x 1 thumbnail): in 150 steps the pca frontend codes more than that. The

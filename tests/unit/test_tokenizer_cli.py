@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mmfm.core.types import TextRecord
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -26,6 +28,7 @@ def test_committed_base_tokenizers_match_their_recipe():
     assert tok.decode(doc.tokens) == [("text", "In the beginning")]
 
 
+@pytest.mark.slow  # trains a tokenizer through three CLI processes: 49 s on 2 loaded cores
 def test_train_encode_decode_commands(tmp_path):
     out = tmp_path / "tok"
     trained = mmfm(

@@ -15,6 +15,9 @@ from mmfm.tokenization.svg import SvgError, normalize_svg, parse_svg, render_svg
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import Vocab
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_tokenizers")
+
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory, real_data):

@@ -311,12 +311,15 @@ def test_dataloader_worker_shims_see_the_workers_and_their_failures(then):
     assert tc.dataloader_workers(iter(torch.utils.data.DataLoader([1, 2]))) == []
 
 
-def test_an_iterator_without_the_sigchld_handler_leaves_none_installed():
+def test_an_iterator_without_the_sigchld_handler_leaves_none_installed(monkeypatch):
     import signal
 
     def torchs(handler) -> bool:
         return getattr(handler, "__module__", "") == "torch.utils.data._utils.signal_handling"
 
+    # As in a fresh process: torch sets its handler once (a module flag), so a worker that ran
+    # mmfm's loader earlier (which takes the handler away) would not get it back below.
+    monkeypatch.setattr(torch.utils.data._utils.signal_handling, "_SIGCHLD_handler_set", False)
     loader = torch.utils.data.DataLoader([1, 2], batch_size=None, num_workers=1)
     plain = iter(loader)  # torch installs its handler here, once per process
     assert torchs(signal.getsignal(signal.SIGCHLD)) or torch.utils.data._utils.IS_WINDOWS

@@ -29,6 +29,9 @@ from mmfm.tokenization.visual.train import (
 )
 from mmfm.tokenization.vocab import VocabError
 
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_visual_tokenizers")
+
 TINY = {
     "seed_image": {
         "image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
