@@ -55,7 +55,7 @@ setup(
         "test": [
             "pytest>=9.0,<10",
             "pytest-xdist>=3.8,<4",  # `make test` runs the suite on two workers (--dist loadgroup)
-            "pytest-timeout>=2.3,<3",  # pyproject.toml's timeout: a hung test fails, the rest goes on
+            "pytest-timeout>=2.3,<3",  # pyproject.toml's timeout: a hung test fails, not the run
             "hypothesis>=6.155,<7",  # the fuzz tests of tests/security
             "transformers>=4.45",
             "protobuf",
