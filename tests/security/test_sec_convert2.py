@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mmfm.cli import main
@@ -77,10 +78,16 @@ def edit_config(folder: Path, **fields) -> None:
 
 
 def claim(folder: Path, key: str, size: tuple[int, ...]) -> None:
-    """Make `.metadata` claim `size` for tensor `key`; its stored chunks stay as they are."""
+    """Make `.metadata` claim `size` for tensor `key`, as one chunk from its first one's
+    stored bytes: a lie the chunks agree with (so the checkpoint reader's coverage check
+    passes and the conversion's own size checks are what refuse it)."""
     file = folder / ".metadata"
     metadata = pickle.loads(file.read_bytes())  # the test's own file
-    metadata.state_dict_metadata[key].size = torch.Size(size)
+    entry = metadata.state_dict_metadata[key]
+    entry.size = torch.Size(size)
+    first = entry.chunks[0]
+    assert not any(first.offsets), first
+    entry.chunks = [ChunkStorageMetadata(first.offsets, torch.Size(size))]
     file.write_bytes(pickle.dumps(metadata))
 
 

@@ -37,8 +37,9 @@ def docs(n=6, big=None, tokens=5):
     ]
 
 
-def read(url, timeout=10.0, **settings):
-    """(documents, skip counts) of a shard, in a thread that must end within `timeout`."""
+def read(url, timeout=60.0, **settings):
+    """(documents, skip counts) of a shard, in a thread that must end within `timeout` (a
+    guard against a hang, generous for loaded machines: the cases bound their reads otherwise)."""
     skips, out = Skips(1.0), []
     s = StreamSettings(1, 64, 0, (1.0,) * 6, **settings)
 
@@ -147,14 +148,14 @@ def test_an_endless_stream_of_zeros_or_garbage_is_given_up_and_counted(tmp_path,
     assert keys(got) == ([f"d{i}" for i in range(6)] if "s.tar" in source else [])
 
 
-def test_a_1_gib_all_zero_file_is_counted_and_not_read_whole(tmp_path):
+def test_a_1_gib_all_zero_file_is_counted_and_not_read_whole(tmp_path, caplog):
     path = tmp_path / "zeros.tar"
     with open(path, "wb") as f:
         f.truncate(1 << 30)  # sparse
-    start = time.monotonic()
-    got, counts = read(path)
+    with caplog.at_level(logging.WARNING, "mmfm.data"):
+        got, counts = read(path)
     assert got == [] and counts == {"corrupt_shard": 1}
-    assert time.monotonic() - start < 5  # ZERO_RUN_LIMIT bytes read, not a GiB
+    assert f"more than {ZERO_RUN_LIMIT} zero bytes from byte 0" in caplog.text  # not a GiB
 
 
 def test_an_empty_archive_and_tar_padding_are_not_damage(tmp_path):
@@ -226,11 +227,9 @@ def test_a_pipe_that_drips_a_byte_at_a_time_is_counted_after_the_read_timeout(tm
     path = tmp_path / "s.tar"
     write_shard(path, docs())
     (tmp_path / "drip.py").write_text(_DRIP)
-    start = time.monotonic()
-    with caplog.at_level(logging.WARNING, "mmfm.data"):
+    with caplog.at_level(logging.WARNING, "mmfm.data"):  # the whole drip would take ~4 min
         got, counts = read(f"pipe:{sys.executable} {tmp_path / 'drip.py'} {path}", read_timeout_s=1)
     assert got == [] and counts == {"timeout_shard": 1}
-    assert time.monotonic() - start < 5
     assert "bytes in 1 s of waiting" in caplog.text and "data.read_timeout_s" in caplog.text
 
 
