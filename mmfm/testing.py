@@ -10,8 +10,9 @@ The other helpers are the tests' one copy of what many files need: the tiny mode
 (`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`), the rows of a
 run's metrics.jsonl (`read_metrics`, `train_metrics`), tiny untrained visual tokenizers
 (`tiny_visual_recipe`), a small VOC-style segmentation export (`voc_export`), a callback
-that signals the trainer at a step (`SignalAt`) and megatron-core or a module skip
-(`megatron_indexed_or_skip`).
+that signals the trainer at a step (`SignalAt`), megatron-core or a module skip
+(`megatron_indexed_or_skip`) and an untrained model saved as a checkpoint
+(`random_checkpoint`).
 """
 
 from __future__ import annotations
@@ -256,3 +257,25 @@ def megatron_indexed_or_skip():
         pytest.skip(
             "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
         )
+
+
+def random_checkpoint(path: Path, overrides: Sequence[str], vocab: Path | None = None) -> Path:
+    """An untrained model of the config `overrides` make, saved at `path` as an mmfm checkpoint
+    (weights and config.yaml; vocab.json from `vocab` when given), without a training run."""
+    import torch.distributed.checkpoint as dcp
+
+    from mmfm.config import load_config, save_config
+    from mmfm.model import build_model, init_weights
+    from mmfm.tokenization.vocab import Vocab
+    from mmfm.train.checkpoint import _single_process_quiet
+
+    cfg = load_config(None, list(overrides))
+    model = build_model(cfg.model)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg.model, 0)
+    with _single_process_quiet():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
+    save_config(cfg, Path(path) / "config.yaml")
+    if vocab is not None:
+        Vocab.load(vocab).save(Path(path) / "vocab.json")
+    return Path(path)

@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from PIL import Image
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from mmfm import testing
 from mmfm.cli import main
-from mmfm.config import load_config, save_config
 from mmfm.convert.hf import export_hf, import_hf
 from mmfm.data.demo import DEMO_VOCAB_SIZE
 from mmfm.generate.engine import generate
 from mmfm.generate.load import load_model
 from mmfm.generate.sampling import Sampling
-from mmfm.model import build_model, init_weights
 from mmfm.testing import tiny_shape, tiny_visual_recipe
 from mmfm.tokenization.vocab import Vocab
-from mmfm.train.checkpoint import _single_process_quiet
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_generate_cli")
@@ -34,17 +31,8 @@ SHAPE = tiny_shape(n_layers=2, seq_len=128, max_seq_len=1024)
 
 
 def random_checkpoint(path: Path, overrides: list[str], vocab: Path | None = None) -> Path:
-    """An untrained model saved as an mmfm checkpoint (weights, config.yaml, vocab.json)."""
-    cfg = load_config(None, [*SHAPE, *overrides])
-    model = build_model(cfg.model)
-    model.to_empty(device="cpu")
-    init_weights(model, cfg.model, 0)
-    with _single_process_quiet():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
-    save_config(cfg, path / "config.yaml")
-    if vocab is not None:
-        Vocab.load(vocab).save(path / "vocab.json")
-    return path
+    """An untrained model of this file's shape saved as an mmfm checkpoint."""
+    return testing.random_checkpoint(path, [*SHAPE, *overrides], vocab)
 
 
 def test_greedy_on_an_exported_model_equals_transformers_generate(tmp_path):

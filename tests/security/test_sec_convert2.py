@@ -14,17 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mmfm.cli import main
-from mmfm.config import load_config, save_config
 from mmfm.core.errors import TokenizerError
-from mmfm.model import build_model, init_weights
-from mmfm.testing import tiny_shape
+from mmfm.testing import random_checkpoint, tiny_shape
 from mmfm.tokenization.visual.weights import read_weights
-from mmfm.train.checkpoint import _single_process_quiet
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_convert2")
@@ -51,14 +47,7 @@ def hf(saved, tmp_path) -> Path:
 def ckpt(tmp_path_factory) -> Path:
     """A tiny mmfm checkpoint of 384 ids (1 layer)."""
     path = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(None, [*tiny_shape(n_layers=1), "model.vocab_size=384"])
-    model = build_model(cfg.model)
-    model.to_empty(device="cpu")
-    init_weights(model, cfg.model, 0)
-    with _single_process_quiet():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
-    save_config(cfg, path / "config.yaml")
-    return path
+    return random_checkpoint(path, [*tiny_shape(n_layers=1), "model.vocab_size=384"])
 
 
 def cli(capsys, *args) -> tuple[int, str]:

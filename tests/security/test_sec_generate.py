@@ -10,17 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mmfm.cli import main
-from mmfm.config import load_config, save_config
 from mmfm.data.demo import demo_documents
 from mmfm.data.shards import write_shard
-from mmfm.model import build_model, init_weights
-from mmfm.testing import tiny_shape
+from mmfm.testing import random_checkpoint, tiny_shape
 from mmfm.tokenization.vocab import Vocab
-from mmfm.train.checkpoint import _single_process_quiet
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_generate")
@@ -37,15 +33,7 @@ def ckpt(tmp_path_factory) -> Path:
     size = -(-Vocab.load(BASE_VOCAB).size // 64) * 64
     overrides = [*tiny_shape(n_layers=1, seq_len=64, max_seq_len=MAX_SEQ_LEN)]
     overrides += [f"model.vocab_size={size}", f"data.vocab={BASE_VOCAB}"]
-    cfg = load_config(None, overrides)
-    model = build_model(cfg.model)
-    model.to_empty(device="cpu")
-    init_weights(model, cfg.model, 0)
-    with _single_process_quiet():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
-    save_config(cfg, path / "config.yaml")
-    shutil.copyfile(BASE_VOCAB, path / "vocab.json")
-    return path
+    return random_checkpoint(path, overrides, BASE_VOCAB)
 
 
 def cli(capsys, *args) -> tuple[int, str]:
