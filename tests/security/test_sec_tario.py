@@ -9,6 +9,9 @@ import gzip
 import http.server
 import io
 import logging
+import os
+import re
+import subprocess
 import sys
 import tarfile
 import threading
@@ -26,6 +29,22 @@ from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
 from mmfm.data.tario import MIN_PROGRESS, ZERO_RUN_LIMIT
 
 MIB = 1 << 20
+
+IN_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+FRESH = pytest.mark.skipif(IN_XDIST, reason="run by test_pipe_cases_in_a_fresh_interpreter")
+"""The `pipe:` cases. In the full suite's long-lived xdist workers their reads never ended
+(alone they take seconds; the cause is not found yet: README, known limits), so under xdist
+they run in a fresh interpreter, all of them, by the test below."""
+
+
+@pytest.mark.skipif(not IN_XDIST, reason="the pipe: cases run directly here")
+def test_pipe_cases_in_a_fresh_interpreter():
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run(
+        [*command, __file__, "-k", "pipe"], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0 and re.search(r"(^|\s)5 passed", done.stdout), done.stdout[-3000:]
 
 
 def docs(n=6, big=None, tokens=5):
@@ -60,7 +79,7 @@ def keys(got):
 # -- large members ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["file", "pipe:cat", "gzip"])
+@pytest.mark.parametrize("how", ["file", pytest.param("pipe:cat", marks=FRESH), "gzip"])
 def test_a_member_over_the_limit_costs_its_sample_counted_too_large(tmp_path, how, caplog):
     path = tmp_path / "s.tar"
     write_shard(path, docs(big=2))  # 0000002.tokens.npy: 1.2 MB
@@ -138,6 +157,7 @@ def test_a_gzip_member_claiming_2_gib_is_truncated_not_too_large(tmp_path):
 # -- endless or zero-filled streams ----------------------------------------------------------
 
 
+@FRESH
 @pytest.mark.parametrize(
     "source", ["pipe:cat /dev/zero", "pipe:cat s.tar /dev/zero", "pipe:cat /dev/urandom"]
 )
@@ -223,6 +243,7 @@ _DRIP = "import sys, time\nfor b in open(sys.argv[1], 'rb').read():\n"
 _DRIP += "    sys.stdout.buffer.write(bytes([b])); sys.stdout.flush(); time.sleep(0.05)"
 
 
+@FRESH
 def test_a_pipe_that_drips_a_byte_at_a_time_is_counted_after_the_read_timeout(tmp_path, caplog):
     path = tmp_path / "s.tar"
     write_shard(path, docs())

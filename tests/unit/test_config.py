@@ -234,5 +234,5 @@ def test_eval_every_without_held_out_data_is_refused(tmp_path, recipe, overrides
 
 def test_a_saved_config_without_held_out_data_loads(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(load_config("launch/demo.yaml")))
+    path.write_text(to_yaml(load_config(None)))  # the defaults: every 500, no held-out data
     assert load_config(path).eval.every == 500 and not load_config(path).eval.enabled
