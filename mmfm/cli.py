@@ -4,6 +4,7 @@ mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm eval CKPT DATA... [--steps N] [--json F]       held-out loss, perplexity, bits per byte
 mmfm config --doc [prepare|tokenizer|...]          every field with its type, default and doc
+mmfm config --doc-markdown                         all of them as one Markdown page
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
