@@ -19,8 +19,8 @@ from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv, log_rank_table, process_ranks
 from mmfm.parallel.parallelize import parallelize, parameter_counts
+from mmfm.parallel.requeue import requeue_after_stop, restart_count
 from mmfm.prepare import dataset_vocab
-from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
 from mmfm.train.callbacks import (
