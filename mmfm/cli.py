@@ -524,15 +524,18 @@ def _convert_command(args: argparse.Namespace) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> None:
-    from mmfm.config import load_config
+    from mmfm.config.layout import resolve_layout
+    from mmfm.config.loading import load_asked_config
 
     launch = args.nproc is not None and "LOCAL_RANK" not in os.environ
     world = args.nproc if launch else _world_size()
     job = f"--nproc {args.nproc} starts {args.nproc}" if launch else None
-    cfg = load_config(args.recipe, args.overrides, world, job)  # fail fast, before any launch
+    # Loaded and resolved once, here (fail fast, before any launch); train() takes it as is.
+    asked = load_asked_config(args.recipe, args.overrides, world, job)
+    cfg = resolve_layout(asked, world, job)
     stages = _stage_configs(args, cfg, world, job)
     if args.dry_run:
-        _print_plan(cfg, load_config(args.recipe, args.overrides).parallel.dp_shard == -1)
+        _print_plan(cfg, asked.parallel.dp_shard == -1)
         return
     if launch:
         _launch_local(args.nproc, ["train", args.recipe, *args.overrides])

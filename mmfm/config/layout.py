@@ -225,7 +225,10 @@ def resolve_layout(cfg: Config, world_size: int, job: str | None = None) -> Conf
     """`cfg` with parallel.dp_shard=-1 filled for `world_size` processes, once every layout
     rule holds. Otherwise one error names every broken rule and a layout that fits: a
     LaunchError when only the number of started processes is wrong (no `job`), else a
-    ConfigError (the recipe, an override or the job size must change)."""
+    ConfigError (the recipe, an override or the job size must change). A config already
+    resolved for `world_size` is returned as it is: it was checked when it was built."""
+    if cfg.parallel.dp_shard != -1 and cfg.parallel.world_size == world_size:
+        return cfg
     problems = problems_on(cfg, world_size, job)
     if problems:
         only_count = problems == _count_problems(cfg.parallel, world_size, job)

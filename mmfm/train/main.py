@@ -133,7 +133,8 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share (the layout
-    resolved for the processes started: parallel.dp_shard=-1 filled)."""
+    resolved for the processes started: parallel.dp_shard=-1 filled; a config the command
+    resolved is taken as it is)."""
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
