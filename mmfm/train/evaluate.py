@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from mmfm.data.stream import SKIP_REASONS, VirtualStream
 from mmfm.parallel.env import ParallelEnv
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
+from mmfm.train.callbacks import Callback
+from mmfm.train.checkpoint import Checkpointing
 from mmfm.train.loss import StepLoss, count_modality_targets, modality_scales, split_totals
 from mmfm.train.steps import StepRunner
 
@@ -387,3 +390,43 @@ class BestCheckpoint:
             shutil.rmtree(old, ignore_errors=True)
             log.info("step %d: val/loss %.4f is the best so far: kept as %s", step, loss, self.path)
         self.env.barrier()
+
+
+class Validation(Callback):
+    """Every `every` steps and at the last: the held-out loss (val/*) added to the step's
+    metrics, before the reporters see them; with `checkpointing`, the best checkpoint kept
+    (eval.keep_best) in `<checkpoints>/best`."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        every: int,
+        checkpointing: Checkpointing | None = None,
+        root: Path | None = None,
+    ):
+        self.evaluator, self.every = evaluator, every
+        self.checkpointing, self.root = checkpointing, root
+
+    def on_fit_start(self, start_step: int, total_steps: int) -> None:
+        self.total = total_steps
+        # Read after a resume: a resumed run goes on comparing against its best.
+        keep = self.checkpointing is not None and self.root is not None
+        self.best = BestCheckpoint(self.root, self.evaluator.env) if keep else None
+
+    def wants_metrics(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if self.wants_metrics(step):
+            metrics.update(self.validate())
+
+    def validate(self) -> dict[str, float]:
+        """val/* metrics of the held-out data now; the best checkpoint kept if it is."""
+        start = time.perf_counter()
+        result = self.evaluator.run()
+        metrics = result.metrics("val/")
+        metrics["val/seconds"] = time.perf_counter() - start
+        if self.best is not None and self.best.improves(result.loss):
+            assert self.checkpointing is not None
+            self.best.keep(self.checkpointing.save_once(), self.trainer.step, result.loss)
+        return metrics

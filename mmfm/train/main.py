@@ -32,10 +32,15 @@ from mmfm.train.callbacks import (
     terminal_filter,
     trackers,
 )
-from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError, require_checkpoint
-from mmfm.train.evaluate import build_evaluator
+from mmfm.train.checkpoint import (
+    Checkpointer,
+    Checkpointing,
+    DamagedCheckpointError,
+    require_checkpoint,
+)
+from mmfm.train.evaluate import Validation, build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
-from mmfm.train.steps import build_steps
+from mmfm.train.steps import StepRunner, build_steps
 from mmfm.train.trainer import FitResult, Trainer
 
 log = logging.getLogger("mmfm")
@@ -190,18 +195,35 @@ def build_trainer(cfg: Config) -> Trainer:
     checkpointer = Checkpointer(
         checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
     )
-    callbacks = _callbacks(cfg, run_dir) if env.is_main else []
+    # In this order: validation adds val/* before the reporters see the step's metrics.
+    checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
+    callbacks = [*_validation(cfg, env, steps, vocab, checkpointing, checkpointer)]
+    callbacks += _callbacks(cfg, run_dir) if env.is_main else []
+    callbacks.append(checkpointing)
+    return Trainer(cfg, env, steps, optimizer, scheduler, loader, checkpointer, callbacks)
+
+
+def _validation(
+    cfg: Config,
+    env: ParallelEnv,
+    steps: StepRunner,
+    vocab: Vocab | None,
+    checkpointing: Checkpointing,
+    checkpointer: Checkpointer,
+) -> list[Callback]:
+    """The validation callback of `cfg.eval` (none without held-out data)."""
     evaluator = build_evaluator(cfg, env, steps, vocab)
-    if evaluator is not None:
-        log.info(
-            "validation: %s | every %d steps | %s",
-            evaluator.data.describe(),
-            cfg.eval.every,
-            f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
-        )
-    return Trainer(
-        cfg, env, steps, optimizer, scheduler, loader, checkpointer, callbacks, evaluator
+    if evaluator is None:
+        return []
+    log.info(
+        "validation: %s | every %d steps | %s",
+        evaluator.data.describe(),
+        cfg.eval.every,
+        f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
     )
+    if not cfg.eval.keep_best:
+        return [Validation(evaluator, cfg.eval.every)]
+    return [Validation(evaluator, cfg.eval.every, checkpointing, checkpointer.root)]
 
 
 def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
@@ -340,8 +362,7 @@ def train(cfg: Config) -> FitResult:
         raise ConfigError("train.stages: a run of stages is trained by mmfm.train.stages")
     # Decided before build_trainer writes into the run dir.
     resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
-    trainer = build_trainer(cfg)
-    try:
+    with build_trainer(cfg) as trainer:
         if resume_from:
             _resume(trainer, resume_from)
         elif cfg.train.init_from is not None:
@@ -351,6 +372,3 @@ def train(cfg: Config) -> FitResult:
         if result.stopped_by and trainer.env.is_main:
             requeue_after_stop(cfg.train.max_requeues)
         return result
-    finally:
-        trainer.loader.close()
-        trainer.env.close()
