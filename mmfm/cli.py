@@ -540,7 +540,7 @@ def _train_command(args: argparse.Namespace) -> None:
     if launch:
         _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
         return
-    from mmfm.train.main import train
+    from mmfm.train.command import train
     from mmfm.train.stages import train_stages
 
     result = train_stages(stages) if stages else train(cfg)
@@ -576,8 +576,9 @@ def _print_plan(cfg, filled: bool) -> None:
     t = cfg.train
     print(f"layout: {describe_layout(cfg.parallel, filled)}")
     print(
-        f"batch: {t.global_batch_size} rows per step = {cfg.grad_accum_steps} micro-batch(es) "
-        f"of {t.micro_batch_size} rows x {cfg.parallel.dp_size} data-parallel rank(s)"
+        f"batch: {t.global_batch_size} rows per step = {cfg.micro_batches_per_step} "
+        f"micro-batch(es) of {t.micro_batch_size} rows x {cfg.parallel.dp_size} "
+        "data-parallel rank(s)"
     )
     print(f"run dir: {t.run_dir} (not created by a dry run)")
 
@@ -619,14 +620,14 @@ def _slurm_command(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_command(args: argparse.Namespace) -> None:
-    from mmfm.tokenization import commands
+    from mmfm.tokenization import command
 
     if args.action == "train":
-        commands.train(args.recipe, args.overrides)
+        command.train(args.recipe, args.overrides)
     elif args.action == "encode":
-        commands.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
+        command.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
     else:
-        commands.decode(args.recipe, args.ids, args.out)
+        command.decode(args.recipe, args.ids, args.out)
 
 
 def _generate_command(args: argparse.Namespace) -> None:
@@ -696,7 +697,7 @@ def _eval_command(args: argparse.Namespace) -> None:
     import re
 
     from mmfm.config import ConfigError
-    from mmfm.train.eval_main import check_json_path, eval_config, evaluate_checkpoint
+    from mmfm.train.eval_command import check_json_path, eval_config, evaluate_checkpoint
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0 (0: a whole pass), got {args.steps}")

@@ -92,15 +92,15 @@ def _batch_problems(cfg: Config) -> list[str]:
     interleaved = p.pp_schedule in ("interleaved_1f1b", "interleaved_zb")
     return _failed(
         (
-            cfg.grad_accum_steps >= p.pp,
-            f"pipeline parallelism runs the {cfg.grad_accum_steps} micro-batches of a "
+            cfg.micro_batches_per_step >= p.pp,
+            f"pipeline parallelism runs the {cfg.micro_batches_per_step} micro-batches of a "
             f"step through {p.pp} ranks and needs at least {p.pp}: lower "
             "train.micro_batch_size or raise train.global_batch_size",
         ),
         (
-            not interleaved or cfg.grad_accum_steps % p.pp == 0,
+            not interleaved or cfg.micro_batches_per_step % p.pp == 0,
             f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
-            f"({cfg.grad_accum_steps}) to be a multiple of parallel.pp ({p.pp})",
+            f"({cfg.micro_batches_per_step}) to be a multiple of parallel.pp ({p.pp})",
         ),
     )
 

@@ -748,7 +748,10 @@ class Config:
             raise LayoutError(problems, self)
 
     @property
-    def grad_accum_steps(self) -> int:
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (gradient
+        accumulation; the pipeline's micro-batches). A step is one optimizer step
+        (`train.steps` of them); `train/step_runner.py` runs one."""
         return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp_size)
 
 

@@ -52,7 +52,7 @@ from mmfm.train.stateful import (
     save_states,
     state_dicts,
 )
-from mmfm.train.steps import StepRunner
+from mmfm.train.step_runner import StepRunner
 from mmfm.train.train_state import check_loader_state, check_state
 
 log = logging.getLogger("mmfm")
@@ -109,7 +109,7 @@ class Trainer:
         self,
         cfg: Config,
         env: ParallelEnv,
-        steps: StepRunner,
+        runner: StepRunner,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loader: Loader,
@@ -117,7 +117,7 @@ class Trainer:
         callbacks: list[Callback],
     ):
         self.cfg, self.env = cfg, env
-        self.model, self.steps = steps.model, steps
+        self.model, self.runner = runner.model, runner
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loader, self.checkpointer = loader, checkpointer
         self.callbacks = _Callbacks(self, callbacks)
@@ -215,7 +215,7 @@ class Trainer:
         # Per modality in the same one all_reduce: loss.normalize=modality_mean needs them.
         targets = self._on_device(count_modality_targets(micro_batches))
         step_loss = StepLoss(self.env.all_reduce(targets, "dp_cp"), self.cfg.loss)
-        self.steps.run(micro_batches, step_loss)
+        self.runner.run(micro_batches, step_loss)
         finalize_gradients(self.model.parameters())
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)

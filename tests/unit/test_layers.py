@@ -179,7 +179,7 @@ def test_the_checks_catch_an_upward_edge_a_lazy_import_and_a_cycle():
     assert len(upward) == 1 and "layer config may import ['core']" in upward[0]
     lazy = _violations("mmfm.data.loader", [("mmfm.tokenization.vocab", True, 9)])
     assert len(lazy) == 1 and "inside a function" in lazy[0]
-    assert _violations("mmfm.cli", [("mmfm.train.main", True, 1)]) == []
+    assert _violations("mmfm.cli", [("mmfm.train.command", True, 1)]) == []
     # The runtime requeues through mmfm.parallel.requeue, never the job-submission code.
     submit = _violations("mmfm.train.trainer", [("mmfm.slurm", False, 1)])
     assert len(submit) == 1 and "layer train may import" in submit[0]

@@ -40,7 +40,7 @@ from mmfm.train.checkpoint import (
 )
 from mmfm.train.evaluate import Validation, build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
-from mmfm.train.steps import StepRunner, build_steps
+from mmfm.train.step_runner import StepRunner, build_step_runner
 from mmfm.train.trainer import FitResult, Trainer
 
 log = logging.getLogger("mmfm")
@@ -161,8 +161,8 @@ def build_trainer(cfg: Config) -> Trainer:
         log.info("%s", note)
     torch.manual_seed(cfg.train.seed)
 
-    steps = build_steps(cfg, env, parallelize(cfg, env))
-    model = steps.model
+    runner = build_step_runner(cfg, env, parallelize(cfg, env))
+    model = runner.model
     total, held = parameter_counts(cfg.model, env.device, model)
     if restart_count() is not None:
         log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
@@ -188,7 +188,7 @@ def build_trainer(cfg: Config) -> Trainer:
         sources,
         cfg.train.global_batch_size,
         cfg.data.seq_len,
-        cfg.grad_accum_steps,
+        cfg.micro_batches_per_step,
         cfg.train.micro_batch_size,
     )
     extra = (run_dir / VOCAB_FILE,) if vocab is not None else ()
@@ -197,22 +197,22 @@ def build_trainer(cfg: Config) -> Trainer:
     )
     # In this order: validation adds val/* before the reporters see the step's metrics.
     checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
-    callbacks = [*_validation(cfg, env, steps, vocab, checkpointing, checkpointer)]
+    callbacks = [*_validation(cfg, env, runner, vocab, checkpointing, checkpointer)]
     callbacks += _callbacks(cfg, run_dir) if env.is_main else []
     callbacks.append(checkpointing)
-    return Trainer(cfg, env, steps, optimizer, scheduler, loader, checkpointer, callbacks)
+    return Trainer(cfg, env, runner, optimizer, scheduler, loader, checkpointer, callbacks)
 
 
 def _validation(
     cfg: Config,
     env: ParallelEnv,
-    steps: StepRunner,
+    runner: StepRunner,
     vocab: Vocab | None,
     checkpointing: Checkpointing,
     checkpointer: Checkpointer,
 ) -> list[Callback]:
     """The validation callback of `cfg.eval` (none without held-out data)."""
-    evaluator = build_evaluator(cfg, env, steps, vocab)
+    evaluator = build_evaluator(cfg, env, runner, vocab)
     if evaluator is None:
         return []
     log.info(

@@ -40,9 +40,9 @@ from mmfm.train.checkpoint import (
     checkpoint_config,
     require_checkpoint,
 )
+from mmfm.train.command import check_sources_vocab
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
-from mmfm.train.main import check_sources_vocab
-from mmfm.train.steps import build_steps
+from mmfm.train.step_runner import build_step_runner
 from mmfm.train.train_state import saved_step
 
 log = logging.getLogger("mmfm")
@@ -129,7 +129,7 @@ def evaluate_checkpoint(
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)
-        runner = build_steps(cfg, env, parallelize(cfg, env))
+        runner = build_step_runner(cfg, env, parallelize(cfg, env))
         state = get_model_state_dict(runner.model)
         Checkpointer.load_model(checkpoint, state)
         set_model_state_dict(runner.model, state)
