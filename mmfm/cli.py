@@ -707,13 +707,13 @@ def _eval_command(args: argparse.Namespace) -> None:
     overrides = [*dotted, *args.overrides]
     if not data:
         raise ConfigError("mmfm eval needs held-out data after the checkpoint")
-    eval_config(args.checkpoint, overrides)  # fail fast, before any launch
+    cfg = eval_config(args.checkpoint, overrides)  # fail fast, before any launch; loaded once
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         options = ["--steps", str(args.steps)]
         options += ["--json", args.json_path] if args.json_path else []
         _launch_local(args.nproc, ["eval", args.checkpoint, *data, *overrides, *options])
         return
-    evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path)
+    evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path, cfg=cfg)
 
 
 _CLEAN_EXITS = "MMFM_CLEAN_EXITS"
