@@ -392,3 +392,7 @@ class _Callbacks(list):
     def extend(self, callbacks) -> None:
         for callback in callbacks:
             self.append(callback)
+
+    def __iadd__(self, callbacks):
+        self.extend(callbacks)
+        return self
