@@ -16,7 +16,7 @@ from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
 from mmfm.testing import packed_batch
 from mmfm.train.optim import build_optimizer, build_scheduler
-from mmfm.train.steps import build_steps
+from mmfm.train.step_runner import build_step_runner
 from mmfm.train.trainer import Trainer
 
 
@@ -78,7 +78,7 @@ def fixed_batch_trainer(
         logging=LoggingConfig(tensorboard=False, progress=False),
     )
     env = ParallelEnv.from_config(cfg.parallel, device)
-    steps = build_steps(cfg, env, parallelize(cfg, env))
-    optimizer = build_optimizer(steps.model, cfg.optim)
+    runner = build_step_runner(cfg, env, parallelize(cfg, env))
+    optimizer = build_optimizer(runner.model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    return Trainer(cfg, env, steps, optimizer, scheduler, FixedRows(), None, [])
+    return Trainer(cfg, env, runner, optimizer, scheduler, FixedRows(), None, [])

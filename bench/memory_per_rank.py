@@ -52,13 +52,13 @@ def _local_bytes(t: torch.Tensor) -> int:
 def measure(overrides: list[str]) -> dict[str, int]:
     from mmfm.config import load_config
     from mmfm.parallel.grads import finalize_gradients
+    from mmfm.train.command import build_trainer
     from mmfm.train.loss import StepLoss, count_targets
-    from mmfm.train.main import build_trainer
 
     trainer = build_trainer(load_config(None, overrides))
     micro_batches = trainer.loader.next_step()
     targets = trainer.env.all_reduce(count_targets(micro_batches), "dp_cp")
-    trainer.steps.run(micro_batches, StepLoss(targets))
+    trainer.runner.run(micro_batches, StepLoss(targets))
     finalize_gradients(trainer.model.parameters())
     params = list(trainer.model.parameters())
     grads = sum(_local_bytes(p.grad) for p in params if p.grad is not None)

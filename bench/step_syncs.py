@@ -120,7 +120,7 @@ def measure(mode: str, cfg_overrides: list[str]) -> dict:
     with the logged metrics on rank 0."""
     from mmfm.config import load_config
     from mmfm.train.callbacks import Callback
-    from mmfm.train.main import build_trainer
+    from mmfm.train.command import build_trainer
 
     cfg = load_config(None, cfg_overrides)
     trainer = build_trainer(cfg)

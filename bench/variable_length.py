@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from mmfm.config.loading import load_config
+from mmfm.train.command import build_trainer
 from mmfm.train.loss import StepLoss, count_targets
-from mmfm.train.main import build_trainer
 from mmfm.train.trainer import Trainer
 
 

@@ -578,20 +578,23 @@ def _convert_command(args: argparse.Namespace) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> None:
-    from mmfm.config import load_config
+    from mmfm.config.layout import resolve_layout
+    from mmfm.config.loading import load_asked_config
 
     launch = args.nproc is not None and "LOCAL_RANK" not in os.environ
     world = args.nproc if launch else _world_size()
     job = f"--nproc {args.nproc} starts {args.nproc}" if launch else None
-    cfg = load_config(args.recipe, args.overrides, world, job)  # fail fast, before any launch
+    # Loaded and resolved once, here (fail fast, before any launch); train() takes it as is.
+    asked = load_asked_config(args.recipe, args.overrides, world, job)
+    cfg = resolve_layout(asked, world, job)
     stages = _stage_configs(args, cfg, world, job)
     if args.dry_run:
-        _print_plan(cfg, load_config(args.recipe, args.overrides).parallel.dp_shard == -1)
+        _print_plan(cfg, asked.parallel.dp_shard == -1)
         return
     if launch:
         _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
         return
-    from mmfm.train.main import train
+    from mmfm.train.command import train
     from mmfm.train.stages import train_stages
 
     result = train_stages(stages) if stages else train(cfg)
@@ -627,8 +630,9 @@ def _print_plan(cfg, filled: bool) -> None:
     t = cfg.train
     print(f"layout: {describe_layout(cfg.parallel, filled)}")
     print(
-        f"batch: {t.global_batch_size} rows per step = {cfg.grad_accum_steps} micro-batch(es) "
-        f"of {t.micro_batch_size} rows x {cfg.parallel.dp_size} data-parallel rank(s)"
+        f"batch: {t.global_batch_size} rows per step = {cfg.micro_batches_per_step} "
+        f"micro-batch(es) of {t.micro_batch_size} rows x {cfg.parallel.dp_size} "
+        "data-parallel rank(s)"
     )
     print(f"run dir: {t.run_dir} (not created by a dry run)")
 
@@ -670,14 +674,14 @@ def _slurm_command(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_command(args: argparse.Namespace) -> None:
-    from mmfm.tokenization import commands
+    from mmfm.tokenization import command
 
     if args.action == "train":
-        commands.train(args.recipe, args.overrides)
+        command.train(args.recipe, args.overrides)
     elif args.action == "encode":
-        commands.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
+        command.encode(args.recipe, args.files, args.show, args.pairs, args.limit)
     else:
-        commands.decode(args.recipe, args.ids, args.out)
+        command.decode(args.recipe, args.ids, args.out)
 
 
 def _generate_command(args: argparse.Namespace) -> None:
@@ -747,7 +751,7 @@ def _eval_command(args: argparse.Namespace) -> None:
     import re
 
     from mmfm.config import ConfigError
-    from mmfm.train.eval_main import check_json_path, eval_config, evaluate_checkpoint
+    from mmfm.train.eval_command import check_json_path, eval_config, evaluate_checkpoint
 
     if args.steps < 0:
         raise ConfigError(f"--steps must be >= 0 (0: a whole pass), got {args.steps}")
@@ -757,13 +761,13 @@ def _eval_command(args: argparse.Namespace) -> None:
     overrides = [*dotted, *args.overrides]
     if not data:
         raise ConfigError("mmfm eval needs held-out data after the checkpoint")
-    eval_config(args.checkpoint, overrides)  # fail fast, before any launch
+    cfg = eval_config(args.checkpoint, overrides)  # fail fast, before any launch; loaded once
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         options = ["--steps", str(args.steps)]
         options += ["--json", args.json_path] if args.json_path else []
         _launch_local(args.nproc, ["eval", args.checkpoint, *data, *overrides, *options])
         return
-    evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path)
+    evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path, cfg=cfg)
 
 
 _CLEAN_EXITS = "MMFM_CLEAN_EXITS"

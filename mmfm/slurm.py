@@ -3,7 +3,7 @@
 Templates are bash with `{{name}}` placeholders (bash's own `${...}` stays untouched). The
 training job runs one task per GPU and resumes itself: the script passes a fixed run dir and
 `train.resume=auto`, the trainer checkpoints on the pre-timeout SIGUSR1 (or SIGTERM) and then
-asks SLURM to requeue the job (`requeue_after_stop`), which resumes from that checkpoint.
+asks SLURM to requeue the job (`mmfm/parallel/requeue.py`), which resumes from that checkpoint.
 Every job script `cd`s to the directory it was submitted from and runs the site's own set-up
 (`Site`: sbatch lines, shell lines, a pyxis or apptainer container) before `srun`. Every
 value rendered into a script is checked first: none may hold a control character (a line
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -388,28 +387,3 @@ def submit_convert(
         },
     )
     return _write_and_submit(script, out_dir / "slurm" / "convert.sbatch", dry_run, out_dir, "%j")
-
-
-def restart_count() -> int | None:
-    """How often SLURM restarted this job (None outside SLURM)."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-
-
-def requeue_after_stop(max_requeues: int) -> bool:
-    """After a signal-triggered checkpoint under SLURM: requeue this job (it resumes from the
-    checkpoint). Only this path requeues: a job that fails with an error does not."""
-    count = restart_count()
-    if count is None:
-        return False
-    if count >= max_requeues:
-        log.warning("not requeueing: the job restarted %d times (train.max_requeues)", count)
-        return False
-    job = os.environ["SLURM_JOB_ID"]
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if done.returncode != 0:
-        log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
-        return False
-    log.info("requeued SLURM job %s (restart %d); it resumes from the checkpoint", job, count + 1)
-    return True

@@ -155,7 +155,7 @@ def train_metrics(overrides: Sequence[str], recipe: str | Path | None = None) ->
     """Train `recipe` (None: the defaults) with `overrides` (on this process's share) and
     return the rows of metrics.jsonl on the main rank, None on the others."""
     from mmfm.config import load_config
-    from mmfm.train.main import train
+    from mmfm.train.command import train
 
     cfg = load_config(recipe, overrides)
     train(cfg)

@@ -1,5 +1,8 @@
-"""The parallel layout against the size of the job: `parallel.dp_shard=-1` filled, and every
-broken rule reported at once, with one layout that fits.
+"""Whether a parallel layout is valid: its rules (`layout_problems`: the product of the
+dimensions, heads vs tp, the global batch vs micro-batch x data-parallel size, pipeline
+stages vs layers, ...), which `Config` checks when it is built; the layout against the size of
+the job (`parallel.dp_shard=-1` filled); and every broken rule reported at once, with one
+layout that fits.
 
 Scaling a recipe to another job usually breaks several rules together (the product of the
 dimensions, heads vs tp, the global batch vs micro-batch x data-parallel size); one error per
@@ -16,12 +19,180 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from mmfm.config.schema import Config, LayoutError, ParallelConfig
 from mmfm.core.errors import ConfigError, LaunchError
+
+if TYPE_CHECKING:  # annotations only: schema.py imports this module to check a Config
+    from mmfm.config.schema import Config, ParallelConfig
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 """The dimensions of the layout, in the order of the messages (`pp` outermost in the mesh)."""
+
+
+class LayoutError(ConfigError):
+    """The parallel layout breaks one or more rules; `problems` lists each, and `cfg` is the
+    config that broke them, from which `suggest_layout` finds a layout that fits."""
+
+    def __init__(self, problems: list[str], cfg: object, context: str | None = None) -> None:
+        self.problems, self.cfg, self.context = problems, cfg, context
+        body = problems[0] if len(problems) == 1 else _numbered(problems)
+        super().__init__(f"{context}: {body}" if context else body)
+
+    def __reduce__(self):  # crosses processes as the plain ConfigError its message is
+        return ConfigError, (str(self),)
+
+
+def _numbered(problems: list[str]) -> str:
+    items = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+    return f"the parallel layout breaks {len(problems)} rules: {items}"
+
+
+def _failed(*rules: tuple[bool, str]) -> list[str]:
+    """The messages of the rules whose condition is false."""
+    return [message for ok, message in rules if not ok]
+
+
+def layout_problems(cfg: Config) -> list[str]:
+    """Every rule of the parallel layout `cfg` breaks, all at once (scaling a
+    recipe to another job usually breaks several). While parallel.dp_shard is -1 the
+    rules on the data-parallel size wait for the world size (`problems_on`)."""
+    p = cfg.parallel
+    split = p.cp > 1 or (p.tp > 1 and p.sequence_parallel)
+    problems = _batch_problems(cfg) if p.dp_shard != -1 else []
+    problems += _tensor_parallel_problems(cfg)
+    problems += _decompose_problems(cfg)
+    problems += _pipeline_problems(cfg)
+    return problems + _failed(
+        (
+            not (cfg.model.neftune_alpha and split),
+            "model.neftune_alpha draws the noise for the whole row each rank holds: it "
+            "needs parallel.cp=1 and, with parallel.tp > 1, parallel.sequence_parallel=false",
+        ),
+        (
+            cfg.data.seq_len % (2 * p.cp) == 0,
+            f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 x parallel.cp "
+            f"({2 * p.cp}): context parallelism splits every row into 2 x cp equal chunks",
+        ),
+    )
+
+
+def _batch_problems(cfg: Config) -> list[str]:
+    """The rules on the data-parallel size: rows per step and pipeline micro-batches."""
+    p, t = cfg.parallel, cfg.train
+    rows_per_pass = t.micro_batch_size * p.dp_size
+    if t.global_batch_size % rows_per_pass:
+        return [
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x "
+            f"{p.dp_size} = {rows_per_pass})"
+        ]
+    if p.pp == 1:
+        return []
+    interleaved = p.pp_schedule in ("interleaved_1f1b", "interleaved_zb")
+    return _failed(
+        (
+            cfg.micro_batches_per_step >= p.pp,
+            f"pipeline parallelism runs the {cfg.micro_batches_per_step} micro-batches of a "
+            f"step through {p.pp} ranks and needs at least {p.pp}: lower "
+            "train.micro_batch_size or raise train.global_batch_size",
+        ),
+        (
+            not interleaved or cfg.micro_batches_per_step % p.pp == 0,
+            f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
+            f"({cfg.micro_batches_per_step}) to be a multiple of parallel.pp ({p.pp})",
+        ),
+    )
+
+
+def _tensor_parallel_problems(cfg: Config) -> list[str]:
+    tp, m = cfg.parallel.tp, cfg.model
+    if tp == 1:
+        return []
+    rules = [
+        (
+            value % tp == 0,
+            f"{name} ({value}) must be divisible by parallel.tp ({tp}): change one of them",
+        )
+        for name, value in (
+            ("model.n_heads", m.n_heads),
+            ("model.n_kv_heads", m.num_kv_heads),
+            ("model.vocab_size", m.vocab_size),
+            ("the MLP size (model.ffn_dim)", m.hidden_dim),
+        )
+    ]
+    if cfg.parallel.sequence_parallel:
+        local = cfg.data.seq_len // cfg.parallel.cp
+        rules.append(
+            (
+                local % tp == 0,
+                f"the tokens per rank (data.seq_len / parallel.cp = {local}) must be "
+                f"divisible by parallel.tp ({tp}) with sequence parallelism (or set "
+                "parallel.sequence_parallel=false)",
+            )
+        )
+    rules.append(
+        (
+            not m.tie_embeddings,
+            "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
+        )
+    )
+    return _failed(*rules)
+
+
+def _decompose_problems(cfg: Config) -> list[str]:
+    """Every bucket length must split as data.seq_len must (CP chunks, SP shards)."""
+    p = cfg.parallel
+    if cfg.data.packing != "decompose":
+        return []
+    rules = [
+        (
+            p.pp == 1,
+            "data.packing=decompose changes the micro-batch shape every step, and a "
+            "pipeline schedule is built for one shape: set parallel.pp=1 (or use packing "
+            "best_fit)",
+        )
+    ]
+    for b in cfg.data.buckets:
+        rules.append(
+            (
+                b % (2 * p.cp) == 0,
+                f"data.buckets: bucket {b} must be divisible by 2 x parallel.cp "
+                f"({2 * p.cp}): context parallelism splits every row into 2 x cp chunks; "
+                "drop the bucket",
+            )
+        )
+        rules.append(
+            (
+                p.tp == 1 or not p.sequence_parallel or (b // p.cp) % p.tp == 0,
+                f"data.buckets: bucket {b} / parallel.cp ({p.cp}) must be divisible by "
+                f"parallel.tp ({p.tp}) with sequence parallelism: drop the bucket or set "
+                "parallel.sequence_parallel=false",
+            )
+        )
+    return _failed(*rules)
+
+
+def _pipeline_problems(cfg: Config) -> list[str]:
+    p, m = cfg.parallel, cfg.model
+    if p.pp == 1:
+        return []
+    return _failed(
+        (
+            m.n_layers >= p.num_stages,
+            f"parallel.pp x parallel.pp_virtual_stages = {p.num_stages} stages, but "
+            f"model.n_layers is {m.n_layers}: every stage needs at least one block",
+        ),
+        (
+            not p.pp_layers or sum(p.pp_layers) == m.n_layers,
+            f"parallel.pp_layers sums to {sum(p.pp_layers)}, model.n_layers is {m.n_layers}",
+        ),
+        (
+            not m.tie_embeddings,
+            "model.tie_embeddings is not supported with parallel.pp > 1 yet (the embedding "
+            "and the output live on different stages): set it to false",
+        ),
+    )
 
 
 def filled_dp_shard(p: ParallelConfig, world_size: int) -> int | None:
@@ -47,14 +218,17 @@ def problems_on(cfg: Config, world_size: int, job: str | None = None) -> list[st
     problems = _count_problems(cfg.parallel, world_size, job)
     fill = filled_dp_shard(cfg.parallel, world_size)
     checked = cfg if fill is None else _variant(cfg, {"dp_shard": fill})
-    return problems + checked.layout_problems()
+    return problems + layout_problems(checked)
 
 
 def resolve_layout(cfg: Config, world_size: int, job: str | None = None) -> Config:
     """`cfg` with parallel.dp_shard=-1 filled for `world_size` processes, once every layout
     rule holds. Otherwise one error names every broken rule and a layout that fits: a
     LaunchError when only the number of started processes is wrong (no `job`), else a
-    ConfigError (the recipe, an override or the job size must change)."""
+    ConfigError (the recipe, an override or the job size must change). A config already
+    resolved for `world_size` is returned as it is: it was checked when it was built."""
+    if cfg.parallel.dp_shard != -1 and cfg.parallel.world_size == world_size:
+        return cfg
     problems = problems_on(cfg, world_size, job)
     if problems:
         only_count = problems == _count_problems(cfg.parallel, world_size, job)
@@ -103,7 +277,7 @@ def suggest_layout(cfg: Config, world_size: int) -> list[str] | None:
     ]
     candidates.sort(key=lambda c: _distance(cfg, *c))
     for dims, batch in candidates:
-        if not _variant(cfg, dims, batch).layout_problems() and _builds(cfg, dims, batch):
+        if not layout_problems(_variant(cfg, dims, batch)) and _builds(cfg, dims, batch):
             return _overrides(cfg, dims, batch)
     return None
 

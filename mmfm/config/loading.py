@@ -159,12 +159,24 @@ def load_config(
     With `world_size` (and `job`, where that number comes from) the layout is checked against
     it and parallel.dp_shard=-1 filled; layout errors list every broken rule and a layout
     that fits (config/layout.py)."""
+    cfg = load_asked_config(recipe, overrides, world_size, job)
+    return cfg if world_size is None else resolve_layout(cfg, world_size, job)
+
+
+def load_asked_config(
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    world_size: int | None = None,
+    job: str | None = None,
+) -> Config:
+    """`load_config` before the layout is resolved (parallel.dp_shard=-1 still -1): for a
+    caller that resolves it itself and shows what was asked (`mmfm train --dry-run`)."""
     try:
         cfg = load_structured(Config, recipe, overrides)
     except LayoutError as e:
         raise explain(e, world_size, job) from None
     _check_eval_every(cfg, recipe, overrides)
-    return cfg if world_size is None else resolve_layout(cfg, world_size, job)
+    return cfg
 
 
 def _check_eval_every(cfg: Config, recipe: str | Path | None, overrides: Sequence[str]) -> None:

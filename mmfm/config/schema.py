@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mmfm.config.layout import LayoutError, layout_problems
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import MODALITY_NAMES
 
@@ -23,29 +24,6 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def _failed(*rules: tuple[bool, str]) -> list[str]:
-    """The messages of the rules whose condition is false."""
-    return [message for ok, message in rules if not ok]
-
-
-class LayoutError(ConfigError):
-    """The parallel layout breaks one or more rules; `problems` lists each, and `cfg` is the
-    config that broke them, from which config/layout.py suggests a layout that fits."""
-
-    def __init__(self, problems: list[str], cfg: object, context: str | None = None) -> None:
-        self.problems, self.cfg, self.context = problems, cfg, context
-        body = problems[0] if len(problems) == 1 else _numbered(problems)
-        super().__init__(f"{context}: {body}" if context else body)
-
-    def __reduce__(self):  # crosses processes as the plain ConfigError its message is
-        return ConfigError, (str(self),)
-
-
-def _numbered(problems: list[str]) -> str:
-    items = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-    return f"the parallel layout breaks {len(problems)} rules: {items}"
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -765,149 +743,15 @@ class Config:
             f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
             f"({self.model.max_seq_len}): raise model.max_seq_len or lower data.seq_len",
         )
-        problems = self.layout_problems()
+        problems = layout_problems(self)
         if problems:
             raise LayoutError(problems, self)
 
-    def layout_problems(self) -> list[str]:
-        """Every rule of the parallel layout this config breaks, all at once (scaling a
-        recipe to another job usually breaks several). While parallel.dp_shard is -1 the
-        rules on the data-parallel size wait for the world size (config/layout.py)."""
-        p = self.parallel
-        split = p.cp > 1 or (p.tp > 1 and p.sequence_parallel)
-        problems = self._batch_problems() if p.dp_shard != -1 else []
-        problems += self._tensor_parallel_problems()
-        problems += self._decompose_problems()
-        problems += self._pipeline_problems()
-        return problems + _failed(
-            (
-                not (self.model.neftune_alpha and split),
-                "model.neftune_alpha draws the noise for the whole row each rank holds: it "
-                "needs parallel.cp=1 and, with parallel.tp > 1, parallel.sequence_parallel=false",
-            ),
-            (
-                self.data.seq_len % (2 * p.cp) == 0,
-                f"data.seq_len ({self.data.seq_len}) must be divisible by 2 x parallel.cp "
-                f"({2 * p.cp}): context parallelism splits every row into 2 x cp equal chunks",
-            ),
-        )
-
-    def _batch_problems(self) -> list[str]:
-        """The rules on the data-parallel size: rows per step and pipeline micro-batches."""
-        p, t = self.parallel, self.train
-        rows_per_pass = t.micro_batch_size * p.dp_size
-        if t.global_batch_size % rows_per_pass:
-            return [
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x "
-                f"{p.dp_size} = {rows_per_pass})"
-            ]
-        if p.pp == 1:
-            return []
-        interleaved = p.pp_schedule in ("interleaved_1f1b", "interleaved_zb")
-        return _failed(
-            (
-                self.grad_accum_steps >= p.pp,
-                f"pipeline parallelism runs the {self.grad_accum_steps} micro-batches of a "
-                f"step through {p.pp} ranks and needs at least {p.pp}: lower "
-                "train.micro_batch_size or raise train.global_batch_size",
-            ),
-            (
-                not interleaved or self.grad_accum_steps % p.pp == 0,
-                f"parallel.pp_schedule={p.pp_schedule} needs the micro-batch count "
-                f"({self.grad_accum_steps}) to be a multiple of parallel.pp ({p.pp})",
-            ),
-        )
-
-    def _tensor_parallel_problems(self) -> list[str]:
-        tp, m = self.parallel.tp, self.model
-        if tp == 1:
-            return []
-        rules = [
-            (
-                value % tp == 0,
-                f"{name} ({value}) must be divisible by parallel.tp ({tp}): change one of them",
-            )
-            for name, value in (
-                ("model.n_heads", m.n_heads),
-                ("model.n_kv_heads", m.num_kv_heads),
-                ("model.vocab_size", m.vocab_size),
-                ("the MLP size (model.ffn_dim)", m.hidden_dim),
-            )
-        ]
-        if self.parallel.sequence_parallel:
-            local = self.data.seq_len // self.parallel.cp
-            rules.append(
-                (
-                    local % tp == 0,
-                    f"the tokens per rank (data.seq_len / parallel.cp = {local}) must be "
-                    f"divisible by parallel.tp ({tp}) with sequence parallelism (or set "
-                    "parallel.sequence_parallel=false)",
-                )
-            )
-        rules.append(
-            (
-                not m.tie_embeddings,
-                "model.tie_embeddings is not supported with parallel.tp > 1 yet: set it to false",
-            )
-        )
-        return _failed(*rules)
-
-    def _decompose_problems(self) -> list[str]:
-        """Every bucket length must split as data.seq_len must (CP chunks, SP shards)."""
-        p = self.parallel
-        if self.data.packing != "decompose":
-            return []
-        rules = [
-            (
-                p.pp == 1,
-                "data.packing=decompose changes the micro-batch shape every step, and a "
-                "pipeline schedule is built for one shape: set parallel.pp=1 (or use packing "
-                "best_fit)",
-            )
-        ]
-        for b in self.data.buckets:
-            rules.append(
-                (
-                    b % (2 * p.cp) == 0,
-                    f"data.buckets: bucket {b} must be divisible by 2 x parallel.cp "
-                    f"({2 * p.cp}): context parallelism splits every row into 2 x cp chunks; "
-                    "drop the bucket",
-                )
-            )
-            rules.append(
-                (
-                    p.tp == 1 or not p.sequence_parallel or (b // p.cp) % p.tp == 0,
-                    f"data.buckets: bucket {b} / parallel.cp ({p.cp}) must be divisible by "
-                    f"parallel.tp ({p.tp}) with sequence parallelism: drop the bucket or set "
-                    "parallel.sequence_parallel=false",
-                )
-            )
-        return _failed(*rules)
-
-    def _pipeline_problems(self) -> list[str]:
-        p, m = self.parallel, self.model
-        if p.pp == 1:
-            return []
-        return _failed(
-            (
-                m.n_layers >= p.num_stages,
-                f"parallel.pp x parallel.pp_virtual_stages = {p.num_stages} stages, but "
-                f"model.n_layers is {m.n_layers}: every stage needs at least one block",
-            ),
-            (
-                not p.pp_layers or sum(p.pp_layers) == m.n_layers,
-                f"parallel.pp_layers sums to {sum(p.pp_layers)}, model.n_layers is {m.n_layers}",
-            ),
-            (
-                not m.tie_embeddings,
-                "model.tie_embeddings is not supported with parallel.pp > 1 yet (the embedding "
-                "and the output live on different stages): set it to false",
-            ),
-        )
-
     @property
-    def grad_accum_steps(self) -> int:
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (gradient
+        accumulation; the pipeline's micro-batches). A step is one optimizer step
+        (`train.steps` of them); `train/step_runner.py` runs one."""
         return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp_size)
 
 

@@ -6,7 +6,7 @@ meta-device model with the other layers removed, so parameter names stay global 
 checkpoint reshards across layouts. The schedule runs the step's micro-batches through the
 stages; positions and document ids reach every stage as keyword inputs, and the loss sees
 which rows of the step's batch a micro-batch holds (the schedule's "target"). The step
-runner that drives the schedule, with the loss, lives in `mmfm.train.steps`.
+runner that drives the schedule, with the loss, lives in `mmfm.train.step_runner`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Trainer callbacks: metrics.jsonl, TensorBoard, and the progress bar.
 
-The trainer owns the loop and calls `on_fit_start`, `on_step_end` (with the step's scalars)
-and `on_fit_end`; everything that reports lives here. The scalars are `loss` (the
+The trainer owns the loop and calls `on_fit_start`, `on_step_end` (with the step's scalars),
+`on_train_end` and `on_fit_end` (`Callback`); everything that reports lives here, checkpointing
+and validation are callbacks of their own modules. The scalars are `loss` (the
 normalised cross-entropy), `loss/z` (the z-loss, when loss.z_loss is on), loss/<modality>,
 lr, grad_norm, tokens_per_s and data/*. A step that ran validation carries its val/*
 scalars too: they are written even when the step is not a logging step. The trainer
@@ -34,12 +35,15 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from mmfm.config import Config, ConfigError
 from mmfm.config.schema import LoggingConfig, MlflowConfig, WandbConfig
 from mmfm.core.errors import LaunchError, TrainingError
+
+if TYPE_CHECKING:
+    from mmfm.train.trainer import Trainer
 
 log = logging.getLogger("mmfm")
 
@@ -55,14 +59,29 @@ the terminal (it would break the bar), train.log still gets it."""
 
 
 class Callback:
+    """A hook of `Trainer.fit`, as OLMo-core's: the reporters here run on the main rank;
+    checkpointing (`train/checkpoint.py`) and validation (`train/evaluate.py`) run on every
+    rank. `trainer` is set when the trainer takes the callback."""
+
+    trainer: Trainer
+
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         pass
 
+    def wants_metrics(self, step: int) -> bool:
+        """Whether `step` must reduce its metrics for this callback (every rank must agree:
+        only callbacks present on every rank may say yes)."""
+        return False
+
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        pass
+        """After the optimizer step; earlier callbacks may have added to `metrics`."""
+
+    def on_train_end(self, stopped_by: str | None) -> None:
+        """The loop ended without an error: at the last step, or stopped by signal
+        `stopped_by` (its name)."""
 
     def on_fit_end(self) -> None:
-        pass
+        """Always, last, also when an error is on its way out: close what was opened."""
 
 
 def _finite_or_none(value: float) -> float | None:

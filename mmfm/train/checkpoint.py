@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mmfm.config import Config, load_config
 from mmfm.core.errors import CheckpointError
 from mmfm.model import build_model
+from mmfm.train.callbacks import Callback
 from mmfm.train.dcp_reader import (
     DamagedCheckpointError,
     SafeFileSystemReader,
@@ -242,6 +243,39 @@ class Checkpointer:
         check_entries(path, stored, tensors, whole_model)
         load_tensors(tensors, reader)
         return state
+
+
+class Checkpointing(Callback):
+    """Saves the trainer's state every `every` steps (not at the last step: `at_end` decides),
+    after a stop signal, and with `at_end` when the run ends; never twice at one step (the
+    best checkpoint may have written it, `save_once`)."""
+
+    def __init__(self, every: int, at_end: bool):
+        self.every, self.at_end = every, at_end
+        self._saved: tuple[int, Path] | None = None
+
+    def on_fit_start(self, start_step: int, total_steps: int) -> None:
+        self.total = total_steps
+
+    def save_once(self) -> Path:
+        """A checkpoint of this step, unless one was already written."""
+        step = self.trainer.step
+        if self._saved is None or self._saved[0] != step:
+            self._saved = step, self.trainer.save()
+        return self._saved[1]
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if self.every and step % self.every == 0 and step < self.total:
+            self.save_once()
+
+    def on_train_end(self, stopped_by: str | None) -> None:
+        if stopped_by is not None:
+            path = self.save_once()
+            log.info(
+                "%s received: saved %s at step %d, exiting", stopped_by, path, self.trainer.step
+            )
+        elif self.at_end:
+            self.save_once()
 
 
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,10 @@ from mmfm.data.stream import SKIP_REASONS, VirtualStream
 from mmfm.parallel.env import ParallelEnv
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
+from mmfm.train.callbacks import Callback
+from mmfm.train.checkpoint import Checkpointing
 from mmfm.train.loss import StepLoss, count_modality_targets, modality_scales, split_totals
-from mmfm.train.steps import StepRunner
+from mmfm.train.step_runner import StepRunner
 
 log = logging.getLogger("mmfm")
 
@@ -221,7 +224,7 @@ class HeldOutRows:
     def describe(self) -> str:
         return ", ".join(f"{s.name} ({len(s.urls)} shards)" for s in self.sources)
 
-    def steps(self, max_steps: int, skipped: dict[str, int]) -> Iterator[tuple[list[Batch], int]]:
+    def batches(self, max_steps: int, skipped: dict[str, int]) -> Iterator[tuple[list[Batch], int]]:
         """(micro-batches, global rows read) per global batch, at most `max_steps` (0: all);
         skips counted by the readers are added to `skipped`."""
         streams = [VirtualStream(i, self.sources, self.settings) for i in self.stream_ids]
@@ -265,13 +268,13 @@ class Evaluator:
         self,
         cfg: Config,
         env: ParallelEnv,
-        steps: StepRunner,
+        runner: StepRunner,
         sources: list[SourceConfig],
         max_steps: int,
         byte_table: torch.Tensor | None,
     ):
         self.env, self.max_steps, self.loss_config = env, max_steps, cfg.loss
-        self.model, self.steps = steps.model, steps
+        self.model, self.runner = runner.model, runner
         self.data = HeldOutRows(cfg, sources, env)
         self.byte_table = byte_table  # on the host, like the batches the reader makes
 
@@ -291,7 +294,7 @@ class Evaluator:
             dynamic_ncols=True,
         )
         try:
-            for micro_batches, rows in self.data.steps(self.max_steps, result.skipped):
+            for micro_batches, rows in self.data.batches(self.max_steps, result.skipped):
                 self._accumulate(micro_batches, result)
                 result.steps += 1
                 result.rows += rows
@@ -309,7 +312,7 @@ class Evaluator:
         device = self.env.device
         # A loss normalised by 1: the raw weighted sum, divided by the global count at the end.
         step_loss = StepLoss(torch.tensor(1.0, device=device))
-        self.steps.run(micro_batches, step_loss, forward_only=True)
+        self.runner.run(micro_batches, step_loss, forward_only=True)
         weighted_ce, _, sums = split_totals(
             self.env.all_reduce(step_loss.totals(), "dp_cp", "pp").tolist()
         )
@@ -339,14 +342,14 @@ class Evaluator:
 
 
 def build_evaluator(
-    cfg: Config, env: ParallelEnv, steps: StepRunner, vocab: Vocab | None
+    cfg: Config, env: ParallelEnv, runner: StepRunner, vocab: Vocab | None
 ) -> Evaluator | None:
     """The validation of `cfg.eval` (None when it names no held-out data)."""
     if not cfg.eval.enabled:
         return None
     sources = list(cfg.eval.sources) or [SourceConfig(name="val", paths=list(cfg.eval.paths))]
     table = text_byte_table(vocab, cfg.model.vocab_size)
-    return Evaluator(cfg, env, steps, sources, cfg.eval.steps, table)
+    return Evaluator(cfg, env, runner, sources, cfg.eval.steps, table)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -387,3 +390,43 @@ class BestCheckpoint:
             shutil.rmtree(old, ignore_errors=True)
             log.info("step %d: val/loss %.4f is the best so far: kept as %s", step, loss, self.path)
         self.env.barrier()
+
+
+class Validation(Callback):
+    """Every `every` steps and at the last: the held-out loss (val/*) added to the step's
+    metrics, before the reporters see them; with `checkpointing`, the best checkpoint kept
+    (eval.keep_best) in `<checkpoints>/best`."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        every: int,
+        checkpointing: Checkpointing | None = None,
+        root: Path | None = None,
+    ):
+        self.evaluator, self.every = evaluator, every
+        self.checkpointing, self.root = checkpointing, root
+
+    def on_fit_start(self, start_step: int, total_steps: int) -> None:
+        self.total = total_steps
+        # Read after a resume: a resumed run goes on comparing against its best.
+        keep = self.checkpointing is not None and self.root is not None
+        self.best = BestCheckpoint(self.root, self.evaluator.env) if keep else None
+
+    def wants_metrics(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if self.wants_metrics(step):
+            metrics.update(self.validate())
+
+    def validate(self) -> dict[str, float]:
+        """val/* metrics of the held-out data now; the best checkpoint kept if it is."""
+        start = time.perf_counter()
+        result = self.evaluator.run()
+        metrics = result.metrics("val/")
+        metrics["val/seconds"] = time.perf_counter() - start
+        if self.best is not None and self.best.improves(result.loss):
+            assert self.checkpointing is not None
+            self.best.keep(self.checkpointing.save_once(), self.trainer.step, result.loss)
+        return metrics

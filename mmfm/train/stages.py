@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mmfm.config import Config, ConfigError
 from mmfm.train.checkpoint import is_complete
-from mmfm.train.main import checkpoint_dir, train
+from mmfm.train.command import checkpoint_dir, train
 from mmfm.train.trainer import FitResult
 
 log = logging.getLogger("mmfm")

@@ -4,10 +4,11 @@
 non-finite steps in a row. One step consumes one global batch: this rank's share arrives as
 micro-batches, the loss is normalised by the global target counts (per modality, for
 `loss.normalize`), the step runner (whole model or pipeline) accumulates gradients, then
-gradients are clipped across all shards and AdamW steps. Every `eval.every` steps an
-`Evaluator` adds the held-out loss (val/*) to the step's metrics, optionally keeping the best
-checkpoint. Reporting is done by callbacks on the main rank; state goes to and comes from
-`Checkpointer`.
+gradients are clipped across all shards and AdamW steps. Everything else is a callback
+(`Callback`): validation (`evaluate.Validation`: val/* every `eval.every` steps, the best
+checkpoint), checkpointing (`checkpoint.Checkpointing`), and the reporters on the main rank.
+What a checkpoint holds is the trainer's list of stateful components (`stateful.py`). The
+trainer is a context manager: leaving it closes the loader's workers and the process group.
 
 Communication per step, kept as low as torchtitan and OLMo-core keep it: the target counts
 (one vector, a count per modality) are reduced before the loss and the gradient norm before
@@ -29,13 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from mmfm.config import Config, to_yaml
 from mmfm.core.errors import TrainingError
@@ -46,15 +40,22 @@ from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.train.callbacks import Callback
 from mmfm.train.checkpoint import STATE_FILE, Checkpointer
-from mmfm.train.evaluate import BestCheckpoint, Evaluator
 from mmfm.train.loss import StepLoss, count_modality_targets, modality_losses, split_totals
-from mmfm.train.steps import StepRunner
+from mmfm.train.stateful import (
+    LoaderState,
+    ModelState,
+    OptimizerState,
+    RngState,
+    SchedulerState,
+    Stateful,
+    load_states,
+    save_states,
+    state_dicts,
+)
+from mmfm.train.step_runner import StepRunner
 from mmfm.train.train_state import check_loader_state, check_state
 
 log = logging.getLogger("mmfm")
-
-# Optimizer state keyed by parameter name, so that it reshards across layouts.
-_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class NonFiniteLossError(TrainingError):
@@ -108,30 +109,48 @@ class Trainer:
         self,
         cfg: Config,
         env: ParallelEnv,
-        steps: StepRunner,
+        runner: StepRunner,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loader: Loader,
         checkpointer: Checkpointer,
         callbacks: list[Callback],
-        evaluator: Evaluator | None = None,
     ):
         self.cfg, self.env = cfg, env
-        self.model, self.steps = steps.model, steps
+        self.model, self.runner = runner.model, runner
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.loader, self.checkpointer, self.callbacks = loader, checkpointer, callbacks
-        self.evaluator = evaluator
+        self.loader, self.checkpointer = loader, checkpointer
+        self.callbacks = _Callbacks(self, callbacks)
         self.device = env.device
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.stop_agreed = False
         """Whether some rank had a stop signal at the last step's `StepFlags`."""
-        self._saved_step: int | None = None
         # One rank per distinct copy adds a value to `StepFlags` (see `_agree`).
         replicas = ("cp", "tp", "pp")
         self._adds_data_counts = all(env.coordinate(d) == 0 for d in replicas)
         self._adds_loss_stats = env.coordinate("tp") == 0
+        self.states: list[Stateful] = [
+            ModelState(self.model),
+            OptimizerState(self.model, optimizer),
+            RngState(),
+            SchedulerState(scheduler),
+            LoaderState(loader, env),
+            _Counters(self),
+        ]
+        """What a checkpoint holds, loaded in this order (stateful.py)."""
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The loader's workers stop and the process group ends (trackers are closed when
+        `fit` returns or raises)."""
+        try:
+            self.loader.close()
+        finally:
+            self.env.close()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -140,7 +159,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self.step, total)
         stopped_by = None
-        best = BestCheckpoint(self.checkpointer.root, self.env) if self._keep_best else None
         try:
             with StopSignal() as stop:
                 # One process: a stop also ends a wait for stalled data (with several ranks the
@@ -154,64 +172,31 @@ class Trainer:
                         break
                     report = self._reports(self.step + 1, first, total)
                     metrics = self.train_step(batches, report, stop)
-                    if self.evaluator is not None and self._eval_due(total):
-                        metrics.update(self.validate(best))
                     for cb in self.callbacks:
                         cb.on_step_end(self.step, metrics)
                     if self._stop_requested(stop):
                         stopped_by = signal.Signals(stop.received or signal.SIGTERM).name
                         break
-                    every = self.cfg.checkpoint.every
-                    if every and self.step % every == 0 and self.step < total:
-                        self._save_once()
-            if stopped_by is not None:
-                path = self._save_once()
-                log.info("%s received: saved %s at step %d, exiting", stopped_by, path, self.step)
-            elif self.cfg.checkpoint.at_end:
-                self._save_once()
+            for cb in self.callbacks:
+                cb.on_train_end(stopped_by)
         finally:
             for cb in self.callbacks:
                 cb.on_fit_end()
         return FitResult(self.step, stopped_by)
 
-    @property
-    def _keep_best(self) -> bool:
-        return self.evaluator is not None and self.cfg.eval.keep_best
-
-    def _eval_due(self, total: int, step: int | None = None) -> bool:
-        step = self.step if step is None else step
-        return step % self.cfg.eval.every == 0 or step == total
-
     def _reports(self, step: int, first: int, total: int) -> bool:
         """Whether `step` reduces and returns its metrics: metrics.jsonl and TensorBoard log it
         (`logging.every`), the progress line prints it (`print_every`, the first and the last
-        step) or it validates. Decided from the config, so that every rank agrees (the
-        callbacks live on the main rank only)."""
+        step) or a callback on every rank reads them (validation). Decided from the config
+        and those callbacks, so that every rank agrees (the reporters live on the main rank
+        only)."""
         log_cfg = self.cfg.logging
         return (
             step % log_cfg.every == 0
             or step % log_cfg.print_every == 0
             or step in (first, total)
-            or (self.evaluator is not None and self._eval_due(total, step))
+            or any(cb.wants_metrics(step) for cb in self.callbacks)
         )
-
-    def validate(self, best: BestCheckpoint | None = None) -> dict[str, float]:
-        """val/* metrics of the held-out data now; with `best`, keep the best checkpoint."""
-        assert self.evaluator is not None
-        start = time.perf_counter()
-        result = self.evaluator.run()
-        metrics = result.metrics("val/")
-        metrics["val/seconds"] = time.perf_counter() - start
-        if best is not None and best.improves(result.loss):
-            best.keep(self._save_once(), self.step, result.loss)
-        return metrics
-
-    def _save_once(self) -> Path:
-        """A checkpoint of this step, unless one was already written (e.g. as the best)."""
-        if self._saved_step != self.step:
-            self._saved_path = self.save()
-            self._saved_step = self.step
-        return self._saved_path
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         """Whether to stop after this step. All ranks agree through the step's `StepFlags`,
@@ -230,7 +215,7 @@ class Trainer:
         # Per modality in the same one all_reduce: loss.normalize=modality_mean needs them.
         targets = self._on_device(count_modality_targets(micro_batches))
         step_loss = StepLoss(self.env.all_reduce(targets, "dp_cp"), self.cfg.loss)
-        self.steps.run(micro_batches, step_loss)
+        self.runner.run(micro_batches, step_loss)
         finalize_gradients(self.model.parameters())
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)
@@ -338,45 +323,20 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _optimizer_state(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=_OPTIM_OPTIONS)
-
-    def _tensors(self, optim: dict) -> dict:
-        return {
-            "model": get_model_state_dict(self.model),
-            "optim": {k: v for k, v in optim.items() if k.startswith("state.")},
-            "rng": {"cpu": torch.get_rng_state()},
-        }
-
     def state(self) -> tuple[dict, dict]:
-        """(tensors for DCP, JSON-able state) of everything a resume needs.
-
-        Optimizer hyper-parameters are not saved: they come from the config, and the
-        learning rate from the scheduler state.
-        """
-        tensors = self._tensors(self._optimizer_state())
-        state = {
-            "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
-            # Each data-parallel rank holds the state of its own data streams.
-            "loader": self.loader.merge_states(
-                self.env.all_gather_object(self.loader.state_dict(), "dp")
-            ),
-            "nonfinite": {"total": self.nonfinite_total, "in_a_row": self.nonfinite_in_a_row},
-            "world_size": self.env.world_size,
-        }
-        return tensors, state
+        """(tensors for DCP, JSON-able state) of everything a resume needs (`states`)."""
+        return state_dicts(self.states)
 
     def save(self) -> Path:
-        tensors, state = self.state()
-        return self.checkpointer.save(self.step, tensors, state, to_yaml(self.cfg))
+        return save_states(self.checkpointer, self.step, self.states, to_yaml(self.cfg))
 
     def load_model(self, path: str | Path, data: bool = False) -> None:
         """Model weights only (train.init_from): optimizer, schedule and data start fresh,
         but with `data` (train.init_data) the data streams continue from the checkpoint's."""
-        state = get_model_state_dict(self.model)
-        self.checkpointer.load_model(path, state, whole_model=self.env.dims.pp == 1)
-        set_model_state_dict(self.model, state)
+        model = ModelState(self.model)
+        tensors = model.state_dict()
+        self.checkpointer.load_model(path, tensors["model"], whole_model=self.env.dims.pp == 1)
+        model.load_state_dict(tensors)
         if data:
             loader = self.checkpointer.load_state(path).get("loader")
             check_loader_state(Path(path) / STATE_FILE, loader, self.loader)
@@ -387,20 +347,52 @@ class Trainer:
         check_state(file, state, self.scheduler.state_dict(), self.loader)
 
     def load(self, path: str | Path) -> None:
-        optim = self._optimizer_state()
-        tensors = self._tensors(optim)
-        state = self.checkpointer.load(path, tensors, self.env.dims.pp == 1, self._check_state)
-        set_model_state_dict(self.model, tensors["model"])
-        optim.update(tensors["optim"])
-        set_optimizer_state_dict(self.model, self.optimizer, optim, options=_OPTIM_OPTIONS)
-        torch.set_rng_state(tensors["rng"]["cpu"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(
-            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
-        ):
-            group["lr"] = lr
-        self.loader.load_state_dict(state["loader"])
-        self.step = state["step"]
-        self.nonfinite_total = state["nonfinite"]["total"]
-        self.nonfinite_in_a_row = state["nonfinite"]["in_a_row"]
+        whole_model = self.env.dims.pp == 1
+        load_states(self.checkpointer, path, self.states, whole_model, self._check_state)
         log.info("resumed from %s at step %d", path, self.step)
+
+
+class _Counters:
+    """The trainer's own state: its step and non-finite step counts (and, for the record,
+    the world size that saved it)."""
+
+    tensors = False
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {
+            "step": t.step,
+            "nonfinite": {"total": t.nonfinite_total, "in_a_row": t.nonfinite_in_a_row},
+            "world_size": t.env.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.step = state["step"]
+        t.nonfinite_total = state["nonfinite"]["total"]
+        t.nonfinite_in_a_row = state["nonfinite"]["in_a_row"]
+
+
+class _Callbacks(list):
+    """The trainer's callbacks: each one appended (as tests and benchmarks add theirs) is
+    told its trainer."""
+
+    def __init__(self, trainer: Trainer, callbacks: list[Callback]):
+        self.trainer = trainer
+        super().__init__()
+        self.extend(callbacks)
+
+    def append(self, callback: Callback) -> None:
+        callback.trainer = self.trainer
+        super().append(callback)
+
+    def extend(self, callbacks) -> None:
+        for callback in callbacks:
+            self.append(callback)
+
+    def __iadd__(self, callbacks):
+        self.extend(callbacks)
+        return self

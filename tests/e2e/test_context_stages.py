@@ -13,8 +13,8 @@ from mmfm.config import load_config
 from mmfm.core.errors import ConfigError
 from mmfm.data.loader import build_loader
 from mmfm.testing import SignalAt, read_metrics
-from mmfm.train import main as main_module
-from mmfm.train.main import build_trainer, train
+from mmfm.train import command as main_module
+from mmfm.train.command import build_trainer, train
 from mmfm.train.stages import stage_configs, train_stages
 
 REPO = Path(__file__).resolve().parents[2]

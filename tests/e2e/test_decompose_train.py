@@ -5,7 +5,7 @@ import torch
 
 from mmfm.testing import SignalAt, read_metrics
 from mmfm.train.checkpoint import Checkpointer
-from mmfm.train.main import build_trainer, train
+from mmfm.train.command import build_trainer, train
 
 DECOMPOSE = [
     "data.packing=decompose",

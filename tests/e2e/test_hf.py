@@ -31,7 +31,7 @@ from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.checkpoint import load_checkpoint_model
-from mmfm.train.main import build_trainer
+from mmfm.train.command import build_trainer
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_hf")

@@ -16,7 +16,7 @@ from mmfm.data.stream import Skips
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.testing import megatron_indexed_or_skip, tiny_shape, train_metrics
 from mmfm.tokenization.vocab import Vocab, VocabError
-from mmfm.train.main import build_trainer
+from mmfm.train.command import build_trainer
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 

@@ -18,7 +18,7 @@ from mmfm.data.raw_stream import POSITIONS
 from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit, read_unit
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.vocab import VocabError
-from mmfm.train.main import _check_vocab
+from mmfm.train.command import _check_vocab
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_stream_raw")

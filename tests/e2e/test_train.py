@@ -14,7 +14,7 @@ from mmfm.config import ConfigError, load_config
 from mmfm.testing import SignalAt, read_metrics
 from mmfm.train import checkpoint as checkpoint_module
 from mmfm.train.checkpoint import Checkpointer
-from mmfm.train.main import build_trainer, train
+from mmfm.train.command import build_trainer, train
 from mmfm.train.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -33,7 +33,7 @@ from mmfm.train.checkpoint import (
     UnsafeCheckpointError,
     load_checkpoint_model,
 )
-from mmfm.train.main import train
+from mmfm.train.command import train
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_checkpoint")

@@ -32,8 +32,8 @@ from mmfm.train.checkpoint import (
     UnsafeCheckpointError,
     load_checkpoint_model,
 )
+from mmfm.train.command import train
 from mmfm.train.dcp_reader import _unpickle_metadata
-from mmfm.train.main import train
 
 STEP = "step_1"
 
@@ -453,12 +453,12 @@ def test_eval_checks_the_train_state_before_it_evaluates(
 ):
     _, step = run_copy()
     (step / "train_state.json").write_bytes(content)
-    from mmfm.train import eval_main
+    from mmfm.train import eval_command
 
     def never(*args, **kwargs):
         raise AssertionError("the evaluation ran")
 
-    monkeypatch.setattr(eval_main, "parallelize", never)
+    monkeypatch.setattr(eval_command, "parallelize", never)
     with pytest.raises(SystemExit) as exit_info:
         cli(["eval", str(step), "builtin:demo"])
     assert exit_info.value.code == 1

@@ -154,12 +154,12 @@ def test_eval_on_shards_of_another_vocabulary_is_refused(ckpt, held_out, capsys)
 def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(
     where, ckpt, tmp_path, capsys, monkeypatch
 ):
-    import mmfm.train.eval_main as eval_main
+    import mmfm.train.eval_command as eval_command
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated before the output was checked")
 
-    monkeypatch.setattr(eval_main, "build_steps", never)
+    monkeypatch.setattr(eval_command, "build_step_runner", never)
     (tmp_path / "a_file").write_text("")
     parent = tmp_path / ("a_file" if where == "inside_a_file" else "no/such")
     out = parent / "eval.json"

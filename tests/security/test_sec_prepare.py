@@ -10,8 +10,8 @@ import pytest
 
 from mmfm.core.types import DnaRecord, TextRecord
 from mmfm.data.shards import read_shard
+from mmfm.prepare import command as prep
 from mmfm.prepare import load_prepare_recipe, prepare
-from mmfm.prepare import run as prep
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 

@@ -151,7 +151,7 @@ def test_sources_of_two_vocabularies_are_refused(prepared, tmp_path, capsys):
 
 
 def test_shards_without_a_manifest_are_accepted_with_a_note(tiny_config):
-    from mmfm.train.main import build_trainer
+    from mmfm.train.command import build_trainer
 
     trainer = build_trainer(tiny_config())  # the built-in demo corpus
     trainer.loader.close()

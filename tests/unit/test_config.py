@@ -9,7 +9,7 @@ from mmfm.config import ConfigError, field_docs, load_config, to_yaml
 def test_defaults_are_valid():
     cfg = load_config()
     assert cfg.model.num_kv_heads == cfg.model.n_heads
-    assert cfg.grad_accum_steps == 1
+    assert cfg.micro_batches_per_step == 1
 
 
 def test_recipe_and_overrides_merge(tmp_path):

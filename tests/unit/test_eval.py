@@ -20,9 +20,9 @@ from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.callbacks import MetricsFile, Progress, format_metrics
 from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.command import build_trainer, train
 from mmfm.train.evaluate import Evaluator, text_byte_table
-from mmfm.train.main import build_trainer, train
-from mmfm.train.steps import build_steps
+from mmfm.train.step_runner import build_step_runner
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_eval")
@@ -72,7 +72,7 @@ def test_a_whole_pass_sees_every_held_out_target_once_and_the_same_each_time(tin
     path, targets, text_bytes = held_out
     cfg = tiny_config("data.seq_len=64")  # documents longer than a row are split
     env = ParallelEnv.from_config(cfg.parallel, "cpu")
-    model = build_steps(cfg, env, parallelize(cfg, env))
+    model = build_step_runner(cfg, env, parallelize(cfg, env))
     table = text_byte_table(None, cfg.model.vocab_size)
     evaluator = Evaluator(cfg, env, model, [SourceConfig("v", [str(path)])], 0, table)
     first, second = evaluator.run(), evaluator.run()

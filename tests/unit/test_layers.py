@@ -21,7 +21,7 @@ LAYERS: dict[str, set[str]] = {
     "parallel": {"core", "config", "model"},
     "prepare": {"core", "config", "tokenization", "data"},
     "slurm": {"core", "config", "prepare"},
-    "train": {"core", "config", "tokenization", "data", "model", "parallel", "prepare", "slurm"},
+    "train": {"core", "config", "tokenization", "data", "model", "parallel", "prepare"},
     "convert": {"core", "config", "tokenization", "model", "train"},
     "generate": {"core", "config", "tokenization", "data", "model", "train", "convert"},
     "testing": {"core", "config", "tokenization", "data", "model", "parallel", "train"},
@@ -51,13 +51,16 @@ def _layer(module: str) -> str:
 
 
 def _imports(path: Path) -> list[tuple[str, bool, int]]:
-    """(imported mmfm module, inside a function, line) of every import in `path`."""
+    """(imported mmfm module, inside a function, line) of every import in `path`; imports
+    under `if TYPE_CHECKING:` (annotations only) are in `_annotation_imports`."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found: list[tuple[str, bool, int]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                continue
             nested = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             if isinstance(child, ast.ImportFrom):
                 base = child.module or ""
@@ -75,6 +78,25 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
             visit(child, nested)
 
     visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "TYPE_CHECKING",
+        "typing.TYPE_CHECKING",
+    )
+
+
+def _annotation_imports(path: Path) -> list[tuple[str, int]]:
+    """(mmfm module, line) of the imports under `if TYPE_CHECKING:` in `path`: never run, so
+    they make no import cycle, but they still point down the layers."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if _is_type_checking(node):
+            for child in ast.walk(node):
+                if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("mmfm"):
+                    found.append((child.module, child.lineno))
     return found
 
 
@@ -143,6 +165,8 @@ def test_imports_point_down_the_layers(module):
     for target, _, line in GRAPH[module]:
         assert _path_of(target), f"{module}:{line} imports {target}, which does not exist"
     assert _violations(module, GRAPH[module]) == []
+    annotations = [(t, False, line) for t, line in _annotation_imports(MODULES[module])]
+    assert _violations(module, annotations) == []
 
 
 def test_no_import_cycles():
@@ -155,7 +179,15 @@ def test_the_checks_catch_an_upward_edge_a_lazy_import_and_a_cycle():
     assert len(upward) == 1 and "layer config may import ['core']" in upward[0]
     lazy = _violations("mmfm.data.loader", [("mmfm.tokenization.vocab", True, 9)])
     assert len(lazy) == 1 and "inside a function" in lazy[0]
-    assert _violations("mmfm.cli", [("mmfm.train.main", True, 1)]) == []
+    assert _violations("mmfm.cli", [("mmfm.train.command", True, 1)]) == []
+    # The runtime requeues through mmfm.parallel.requeue, never the job-submission code.
+    submit = _violations("mmfm.train.trainer", [("mmfm.slurm", False, 1)])
+    assert len(submit) == 1 and "layer train may import" in submit[0]
     cycle = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycle(cycle) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+    # config/layout.py names Config in annotations only: no edge back to schema.py.
+    assert "mmfm.config.schema" in {
+        m for m, _ in _annotation_imports(ROOT / "config" / "layout.py")
+    }
+    assert "mmfm.config.schema" not in {t for t, _, _ in GRAPH["mmfm.config.layout"]}

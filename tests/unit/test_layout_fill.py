@@ -38,7 +38,7 @@ def test_minus_one_fills_what_the_other_dimensions_leave(world, tp):
     assert asked.parallel.dp_shard == -1  # resolved only where the world size is known
     cfg = load_config(None, overrides, world_size=world)
     assert cfg.parallel.dp_shard == world // tp and cfg.parallel.world_size == world
-    assert cfg.grad_accum_steps == 32 // (world // tp)
+    assert cfg.micro_batches_per_step == 32 // (world // tp)
     dims = ParallelDims.from_config(asked.parallel, world)
     assert (dims.dp_shard, dims.tp, dims.dp) == (world // tp, tp, world // tp)
     assert resolve_layout(cfg, world) is cfg  # a resolved layout stays as it is
@@ -49,7 +49,7 @@ def test_minus_one_with_replicas_pipeline_and_context():
     overrides += ["parallel.pp=2", "parallel.cp=2"]
     cfg = load_config(None, overrides, world_size=32)
     assert cfg.parallel.dp_shard == 4 and cfg.parallel.dp_size == 8
-    assert cfg.grad_accum_steps == 4
+    assert cfg.micro_batches_per_step == 4
 
 
 def test_only_dp_shard_may_be_minus_one():

@@ -13,7 +13,7 @@ from mmfm.config import load_config
 from mmfm.convert.hf import export_hf
 from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
-from mmfm.train.main import build_trainer, train
+from mmfm.train.command import build_trainer, train
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_run_files")

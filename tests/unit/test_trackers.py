@@ -16,7 +16,7 @@ from mmfm.core.errors import LaunchError
 from mmfm.testing import read_metrics
 from mmfm.train import callbacks
 from mmfm.train.callbacks import TRACKERS_FILE, flat_params, mlflow_name
-from mmfm.train.main import train
+from mmfm.train.command import train
 
 TRACKED = [
     "data.num_workers=0",

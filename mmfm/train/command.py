@@ -19,8 +19,8 @@ from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
 from mmfm.parallel.env import ParallelEnv, log_rank_table, process_ranks
 from mmfm.parallel.parallelize import parallelize, parameter_counts
+from mmfm.parallel.requeue import requeue_after_stop, restart_count
 from mmfm.prepare import dataset_vocab
-from mmfm.slurm import requeue_after_stop, restart_count
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab, VocabError
 from mmfm.train.callbacks import (
@@ -32,10 +32,15 @@ from mmfm.train.callbacks import (
     terminal_filter,
     trackers,
 )
-from mmfm.train.checkpoint import Checkpointer, DamagedCheckpointError, require_checkpoint
-from mmfm.train.evaluate import build_evaluator
+from mmfm.train.checkpoint import (
+    Checkpointer,
+    Checkpointing,
+    DamagedCheckpointError,
+    require_checkpoint,
+)
+from mmfm.train.evaluate import Validation, build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
-from mmfm.train.steps import build_steps
+from mmfm.train.step_runner import StepRunner, build_step_runner
 from mmfm.train.trainer import FitResult, Trainer
 
 log = logging.getLogger("mmfm")
@@ -133,7 +138,8 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: Config) -> Trainer:
     """Every component of a run, built from the config, on this process's share (the layout
-    resolved for the processes started: parallel.dp_shard=-1 filled)."""
+    resolved for the processes started: parallel.dp_shard=-1 filled; a config the command
+    resolved is taken as it is)."""
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
@@ -155,8 +161,8 @@ def build_trainer(cfg: Config) -> Trainer:
         log.info("%s", note)
     torch.manual_seed(cfg.train.seed)
 
-    steps = build_steps(cfg, env, parallelize(cfg, env))
-    model = steps.model
+    runner = build_step_runner(cfg, env, parallelize(cfg, env))
+    model = runner.model
     total, held = parameter_counts(cfg.model, env.device, model)
     if restart_count() is not None:
         log.info("SLURM job %s, restart %d", os.environ["SLURM_JOB_ID"], restart_count())
@@ -182,25 +188,42 @@ def build_trainer(cfg: Config) -> Trainer:
         sources,
         cfg.train.global_batch_size,
         cfg.data.seq_len,
-        cfg.grad_accum_steps,
+        cfg.micro_batches_per_step,
         cfg.train.micro_batch_size,
     )
     extra = (run_dir / VOCAB_FILE,) if vocab is not None else ()
     checkpointer = Checkpointer(
         checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
     )
-    callbacks = _callbacks(cfg, run_dir) if env.is_main else []
-    evaluator = build_evaluator(cfg, env, steps, vocab)
-    if evaluator is not None:
-        log.info(
-            "validation: %s | every %d steps | %s",
-            evaluator.data.describe(),
-            cfg.eval.every,
-            f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
-        )
-    return Trainer(
-        cfg, env, steps, optimizer, scheduler, loader, checkpointer, callbacks, evaluator
+    # In this order: validation adds val/* before the reporters see the step's metrics.
+    checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
+    callbacks = [*_validation(cfg, env, runner, vocab, checkpointing, checkpointer)]
+    callbacks += _callbacks(cfg, run_dir) if env.is_main else []
+    callbacks.append(checkpointing)
+    return Trainer(cfg, env, runner, optimizer, scheduler, loader, checkpointer, callbacks)
+
+
+def _validation(
+    cfg: Config,
+    env: ParallelEnv,
+    runner: StepRunner,
+    vocab: Vocab | None,
+    checkpointing: Checkpointing,
+    checkpointer: Checkpointer,
+) -> list[Callback]:
+    """The validation callback of `cfg.eval` (none without held-out data)."""
+    evaluator = build_evaluator(cfg, env, runner, vocab)
+    if evaluator is None:
+        return []
+    log.info(
+        "validation: %s | every %d steps | %s",
+        evaluator.data.describe(),
+        cfg.eval.every,
+        f"{cfg.eval.steps} global batches" if cfg.eval.steps else "a whole pass",
     )
+    if not cfg.eval.keep_best:
+        return [Validation(evaluator, cfg.eval.every)]
+    return [Validation(evaluator, cfg.eval.every, checkpointing, checkpointer.root)]
 
 
 def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
@@ -339,8 +362,7 @@ def train(cfg: Config) -> FitResult:
         raise ConfigError("train.stages: a run of stages is trained by mmfm.train.stages")
     # Decided before build_trainer writes into the run dir.
     resume_from = _resume_candidates(cfg, Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.keep))
-    trainer = build_trainer(cfg)
-    try:
+    with build_trainer(cfg) as trainer:
         if resume_from:
             _resume(trainer, resume_from)
         elif cfg.train.init_from is not None:
@@ -350,6 +372,3 @@ def train(cfg: Config) -> FitResult:
         if result.stopped_by and trainer.env.is_main:
             requeue_after_stop(cfg.train.max_requeues)
         return result
-    finally:
-        trainer.loader.close()
-        trainer.env.close()

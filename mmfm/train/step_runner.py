@@ -1,7 +1,7 @@
 """Forward and backward of one step's micro-batches, on a whole model or through the pipeline.
 
-`build_steps` turns the parallelised model of `mmfm.parallel.parallelize` into a step runner:
-`LocalSteps` when the model runs whole, `PipelineSteps` when it is cut into pipeline stages.
+`build_step_runner` turns the parallelised model of `mmfm.parallel.parallelize` into a step
+runner: `LocalSteps` when the model runs whole, `PipelineSteps` when it is cut into pipeline stages.
 Both have the same contract (`StepRunner`): `run` accumulates the gradients of every
 micro-batch of the step (`forward_only`, for validation, records the loss alone), and `model`
 holds every parameter this rank owns. The loss, autocast and the loss-parallel context (the
@@ -39,7 +39,7 @@ class StepRunner(Protocol):
     ) -> None: ...
 
 
-def build_steps(cfg: Config, env: ParallelEnv, parallel: ParallelModel) -> StepRunner:
+def build_step_runner(cfg: Config, env: ParallelEnv, parallel: ParallelModel) -> StepRunner:
     """The step runner of `parallel` under `cfg`'s precision and layout."""
     loss_context = loss_parallel if cfg.parallel.tp > 1 else contextlib.nullcontext
     autocast: ContextFactory = contextlib.nullcontext
@@ -89,7 +89,12 @@ class PipelineSteps:
     ):
         self.model = parallel.model
         self.schedule = build_schedule(
-            parallel.parts, parallel.stage_ids, cfg.parallel, env, cfg.grad_accum_steps, self._loss
+            parallel.parts,
+            parallel.stage_ids,
+            cfg.parallel,
+            env,
+            cfg.micro_batches_per_step,
+            self._loss,
         )
         self.parts = parallel.parts
         self.has_first = 0 in parallel.stage_ids

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from mmfm.config import Config, ConfigError, load_structured
 from mmfm.config.layout import resolve_layout
@@ -40,9 +39,10 @@ from mmfm.train.checkpoint import (
     checkpoint_config,
     require_checkpoint,
 )
+from mmfm.train.command import check_sources_vocab
 from mmfm.train.evaluate import EvalResult, Evaluator, text_byte_table
-from mmfm.train.main import check_sources_vocab
-from mmfm.train.steps import build_steps
+from mmfm.train.stateful import ModelState
+from mmfm.train.step_runner import build_step_runner
 from mmfm.train.train_state import saved_step
 
 log = logging.getLogger("mmfm")
@@ -114,11 +114,14 @@ def evaluate_checkpoint(
     steps: int = 0,
     json_path: str | Path | None = None,
     progress: bool = True,
+    cfg: Config | None = None,
 ) -> EvalResult:
     """Evaluate `checkpoint` on `data` (`steps` global batches, 0: a whole pass); the main
-    rank prints the table and writes `json_path`."""
+    rank prints the table and writes `json_path`. `cfg`: its `eval_config` with `overrides`,
+    when the caller has loaded it already."""
     checkpoint = Path(checkpoint)
-    cfg = resolve_layout(eval_config(checkpoint, overrides), process_ranks(os.environ)[1])
+    cfg = eval_config(checkpoint, overrides) if cfg is None else cfg
+    cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     check_json_path(json_path)  # before the model is built
     for item in data:
         if item.endswith(".txt") and not Path(item).is_file():
@@ -129,10 +132,11 @@ def evaluate_checkpoint(
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)
-        runner = build_steps(cfg, env, parallelize(cfg, env))
-        state = get_model_state_dict(runner.model)
-        Checkpointer.load_model(checkpoint, state)
-        set_model_state_dict(runner.model, state)
+        runner = build_step_runner(cfg, env, parallelize(cfg, env))
+        model = ModelState(runner.model)
+        tensors = model.state_dict()
+        Checkpointer.load_model(checkpoint, tensors["model"])
+        model.load_state_dict(tensors)
         vocab = _checkpoint_vocab(checkpoint)
         table = text_byte_table(vocab, cfg.model.vocab_size)
         with tempfile.TemporaryDirectory(prefix="mmfm-eval-") as scratch:
