@@ -40,7 +40,8 @@ def _save(kind: str, folder: Path) -> str:
         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, num_vq_embeddings=48,
         vq_embed_dim=4, layers_per_block=1, sample_size=SIZE, lookup_from_codebook=True,
     ).save_pretrained(folder / "vqvae")  # fmt: skip
-    return f"{{library: diffusers, class: VQModel, path: {folder}, subfolder: vqvae}}"
+    where = f"path: {folder}, subfolder: vqvae, resolution: {SIZE}"
+    return f"{{library: diffusers, class: VQModel, {where}}}"
 
 
 @pytest.mark.slow  # about 50 s each on 2 loaded cores: text model, prepare, train, generate

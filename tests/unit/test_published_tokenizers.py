@@ -72,7 +72,7 @@ def saved(tmp_path_factory):
         specs[name] = {"library": library, "class": name, "path": str(folder)}
         if library == "diffusers":
             specs[name]["subfolder"] = "vqvae"
-        if name == "Emu3VQVAE":  # no native resolution in its config
+        if name in ("Emu3VQVAE", "VQModel"):  # no native resolution in their configs
             specs[name]["resolution"] = SIZE
     full = root / "janus-full"
     full.mkdir()
@@ -177,6 +177,9 @@ def test_pickles_auto_map_hub_ids_offline_and_unknown_classes_are_refused(
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(TokenizerError, match="auto_map"):
         load_published(parse_spec(spec, "image_tokenizer"))
+    no_size = {k: v for k, v in saved[1]["VQModel"].items() if k != "resolution"}
+    with pytest.raises(TokenizerError, match="set resolution in the recipe"):
+        load_published(parse_spec(no_size, "image_tokenizer"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TokenizerError, match="HF_HUB_OFFLINE is set"):
         load_published(parse_spec({**spec, "path": "deepseek-community/Janus-Pro-1B"}, "x"))

@@ -342,9 +342,13 @@ def _factor(spec: PublishedSpec, config: dict) -> int:
 
 
 def _native(spec: PublishedSpec, config: dict, factor: int) -> int:
+    """The size the config records (Janus: its grid, Chameleon: `resolution`); 0 for Emu3
+    (any size) and VQModel (`sample_size` is not the picture's: aMUSEd's says 32)."""
     if spec.class_name == "JanusVQVAE":
         return int(config.get("num_patches", 0)) * factor
-    return int(config.get("resolution") or config.get("sample_size") or 0)
+    if spec.class_name == "ChameleonVQVAE":
+        return int(config.get("resolution", 0))
+    return 0
 
 
 class PublishedTokenizer(nn.Module):
