@@ -128,8 +128,11 @@ class TokenizerRecipe:
     (docs/published_tokenizers.md); None: no images."""
     mask_tokenizer: str | None = None
     """Folder of a trained mask tokenizer (tokenizers/himtok_mask.yaml); None: no masks."""
-    video_tokenizer: str | None = None
-    """Folder of a trained video tokenizer (tokenizers/video.yaml); None: no video."""
+    video_tokenizer: Any = None
+    """Folder of a trained video tokenizer (tokenizers/video.yaml), or a published image
+    tokenizer applied to every frame with LWM's framing (the same mapping as
+    image_tokenizer, e.g. aMUSEd's VQGAN: {library: diffusers, class: VQModel, ...});
+    None: no video."""
     cache_dir: str = "~/.cache/mmfm"
     """Where `real:` corpora are fetched to."""
 
@@ -141,6 +144,7 @@ class TokenizerRecipe:
                 f"task_tokens: {token!r} must look like <name>",
             )
         parse_spec(self.image_tokenizer, "image_tokenizer")  # a published one: checked here
+        parse_spec(self.video_tokenizer, "video_tokenizer")
         for name in self.modalities:
             _require(
                 modality_spec(name) is not None,

@@ -326,14 +326,16 @@ def build_vocab(recipe: TokenizerRecipe, text: AnyTextTokenizer, dna: DnaTokeniz
 
 
 def reserved_codebooks(recipe: TokenizerRecipe) -> list[tuple]:
-    """Image, mask and video ranges: reserved at their defaults, or (a published image
-    tokenizer) its own codebook, named by its `source`, so its changes change the fingerprint."""
+    """Image, mask and video ranges: reserved at their defaults, or (a published image or
+    per-frame video tokenizer) its own codebook, named by its `source`, so that its changes
+    change the fingerprint."""
     books: list[tuple] = list(RESERVED_CODEBOOKS)
-    spec = parse_spec(recipe.image_tokenizer, "image_tokenizer")
-    if spec is not None:
-        model = load_published(spec)
-        books[0] = ("image", model.num_codes, (), model.source)
-        log.info("image codes: %d of %s", model.num_codes, model.source)
+    for i, (name, _) in enumerate(RESERVED_CODEBOOKS):
+        spec = parse_spec(getattr(recipe, f"{name}_tokenizer"), f"{name}_tokenizer")
+        if spec is not None:
+            model = load_published(spec)
+            books[i] = (name, model.num_codes, (), model.source)
+            log.info("%s codes: %d of %s", name, model.num_codes, model.source)
     return books
 
 

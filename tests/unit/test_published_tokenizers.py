@@ -165,7 +165,7 @@ def vars_of(spec) -> dict:
     return {"library": spec.library, "class": spec.class_name, "path": spec.path}
 
 
-def test_pickles_auto_map_hub_ids_offline_and_unknown_classes_are_refused(
+def test_pickles_auto_map_escaping_indexes_hub_ids_offline_and_unknown_classes_are_refused(
     saved, tmp_path, monkeypatch
 ):
     models, _ = saved
@@ -177,6 +177,12 @@ def test_pickles_auto_map_hub_ids_offline_and_unknown_classes_are_refused(
     (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(TokenizerError, match="auto_map"):
         load_published(parse_spec(spec, "image_tokenizer"))
+    index = {"weight_map": {"encoder.conv_in.weight": "../elsewhere.safetensors"}}
+    (tmp_path / "config.json").write_text(json.dumps(models["JanusVQVAE"].config.to_dict()))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(TokenizerError, match="outside its folder"):
+        load_published(parse_spec(spec, "image_tokenizer"))
+    (tmp_path / "model.safetensors.index.json").unlink()
     no_size = {k: v for k, v in saved[1]["VQModel"].items() if k != "resolution"}
     with pytest.raises(TokenizerError, match="set resolution in the recipe"):
         load_published(parse_spec(no_size, "image_tokenizer"))
@@ -223,3 +229,27 @@ def _image_record():
 
     picture = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
     return ImageRecord("x", picture, "a caption", "test")
+
+
+def test_a_published_tokenizer_codes_every_frame_of_a_clip_with_lwm_framing(saved, photos):
+    from mmfm.core.types import Modality, VideoRecord
+
+    models, specs = saved
+    recipe = TokenizerRecipe(video_tokenizer=specs["VQModel"])
+    vocab = Vocab.build(300, [], reserved_codebooks(recipe))
+    book = vocab.codebook("video")
+    assert book.size == 64 and book.source.startswith("diffusers VQModel 32px")
+    visual = VisualTokenizers(recipe, vocab)
+    clip = np.stack(photos)  # three 32 x 32 frames
+    (ids, modality), *_ = visual.encode_many([VideoRecord("clip", clip, None, "test")])[0]
+    assert modality == Modality.VIDEO
+    eof, eov = vocab.special("<eof>"), vocab.special("<eov>")
+    body = ids[1:-1]
+    assert [i for i in body if i in (eof, eov)] == [eof, eof, eov]
+    library = models["VQModel"].eval()
+    with torch.no_grad():
+        theirs = library.quantize(library.encode(vdata.to_tensor(photos)).latents)[2][2]
+    codes = [i - book.offset for i in body if i not in (eof, eov)]
+    assert codes == theirs.tolist()
+    frames = visual.decode(Modality.VIDEO, body)
+    assert frames.shape == (3, SIZE, SIZE, 3) and frames.dtype == np.uint8

@@ -44,7 +44,7 @@ class VisualTokenizers:
         if name not in self._models:
             if not self._paths[name]:
                 raise VocabError(f"a {name} record needs {name}_tokenizer in the tokenizer recipe")
-            spec = parse_spec(self._paths[name], f"{name}_tokenizer")
+            spec = None if name == "mask" else parse_spec(self._paths[name], f"{name}_tokenizer")
             model = load_published(spec) if spec else load_visual(self._paths[name])
             if spec is None and model.kind != KIND_OF[name]:
                 raise VocabError(
