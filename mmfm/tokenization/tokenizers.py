@@ -334,7 +334,7 @@ def reserved_codebooks(recipe: TokenizerRecipe) -> list[tuple]:
         spec = parse_spec(getattr(recipe, f"{name}_tokenizer"), f"{name}_tokenizer")
         if spec is not None:
             model = load_published(spec)
-            books[i] = (name, model.num_codes, (), model.source)
+            books[i] = (name, model.num_codes, (), model.source, spec.describe())
             log.info("%s codes: %d of %s", name, model.num_codes, model.source)
     return books
 

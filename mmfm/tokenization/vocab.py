@@ -89,6 +89,10 @@ class Codebook:
     source: str = ""
     """The tokenizer whose codes these are, where the vocabulary depends on it (a published
     visual tokenizer: class, resolution, config and weights digests); in the fingerprint."""
+    where: str = ""
+    """Where that tokenizer was read from (a published one's recipe mapping as JSON: library,
+    class, path, prefix, ...), so that a checkpoint or an HF export says how to load it; not
+    in the fingerprint (the same tensors elsewhere are the same tokenizer)."""
 
     def piece(self, code: int) -> str:
         if self.pieces:
@@ -136,9 +140,10 @@ class Vocab:
             name, size = entry[0], entry[1]
             pieces = tuple(entry[2]) if len(entry) > 2 else ()
             source = entry[3] if len(entry) > 3 else ""
+            where = entry[4] if len(entry) > 4 else ""
             if pieces and len(pieces) != size:
                 raise VocabError(f"codebook {name}: {len(pieces)} pieces for {size} codes")
-            books.append(Codebook(name, offset, size, pieces, source))
+            books.append(Codebook(name, offset, size, pieces, source, where))
             offset += size
         return cls(
             text_size,
@@ -253,6 +258,7 @@ class Vocab:
                     "size": b.size,
                     "pieces": list(b.pieces),
                     **({"source": b.source} if b.source else {}),
+                    **({"tokenizer": json.loads(b.where)} if b.where else {}),
                 }
                 for b in self.codebooks
             ],
@@ -267,7 +273,14 @@ class Vocab:
             text["size"],
             tuple(data["specials"]),
             tuple(
-                Codebook(b["name"], b["offset"], b["size"], tuple(b["pieces"]), b.get("source", ""))
+                Codebook(
+                    b["name"],
+                    b["offset"],
+                    b["size"],
+                    tuple(b["pieces"]),
+                    b.get("source", ""),
+                    json.dumps(b["tokenizer"], sort_keys=True) if "tokenizer" in b else "",
+                )
                 for b in data["codebooks"]
             ),
             text["kind"],

@@ -203,6 +203,11 @@ def test_the_vocabulary_reserves_the_codebook_and_refuses_another_tokenizer(save
     assert vocab.codebook("image").size == 64
     assert vocab.codebook("image").source.startswith("transformers JanusVQVAE 32px")
     assert Vocab.from_json(json.loads(json.dumps(vocab.to_json()))) == vocab
+    recorded = vocab.to_json()["codebooks"][0]["tokenizer"]  # how to load it, e.g. after export
+    assert recorded == {**specs["JanusVQVAE"], "fit": "crop"}
+    path = specs["JanusVQVAE"]["path"]
+    moved = [(*b[:4], b[4].replace(path, "/elsewhere")) if len(b) > 4 else b for b in books]
+    assert Vocab.build(300, [], moved).fingerprint == vocab.fingerprint  # where is not what
     visual = VisualTokenizers(recipe, vocab)
     spans = visual.encode_many([_image_record()])
     assert len(spans[0][0][0]) == 2 + 64  # <img> 8 x 8 codes </img>

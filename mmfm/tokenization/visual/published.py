@@ -56,6 +56,13 @@ class PublishedSpec:
     def entry(self) -> LibraryClass:
         return CLASSES[(self.library, self.class_name)]
 
+    def describe(self) -> str:
+        """The recipe mapping as JSON (recorded in vocab.json, so exports say how to load it)."""
+        value = {"library": self.library, "class": self.class_name, "path": self.path}
+        value.update(prefix=self.prefix, subfolder=self.subfolder, resolution=self.resolution)
+        value["fit"] = self.fit
+        return json.dumps({k: v for k, v in value.items() if v}, sort_keys=True)
+
 
 def parse_spec(value, where: str) -> PublishedSpec | None:
     """The published tokenizer a recipe slot names (a mapping), or None for a folder of
