@@ -102,3 +102,50 @@ def test_prepare_train_generate_with_a_published_tokenizer(
     assert span["modality"] == "image" and span["length"] == GRID * GRID, span
     with Image.open(span["path"]) as im:
         assert im.size == (SIZE, SIZE)
+
+
+@pytest.mark.slow  # about a minute on 2 loaded cores
+def test_a_clip_per_frame_through_a_published_vqgan_end_to_end(tmp_path, real_data, monkeypatch):
+    """LWM's framing with aMUSEd's class: prepare a real clip, train, generate a GIF."""
+    monkeypatch.chdir(tmp_path)
+    slot = _save("VQModel", tmp_path / "VQModel")
+    (tmp_path / "tok.yaml").write_text(
+        f"name: pub\noutput_dir: {tmp_path / 'tok'}\n"
+        "text: {vocab_size: 400, corpus: [real:kjv], max_corpus_mb: 0.05}\n"
+        f"video_tokenizer: {slot}\n"
+    )
+    main(["tokenizer", "train", "tok.yaml"])
+    vocab = Vocab.load(tmp_path / "tok" / "vocab.json")
+    assert vocab.codebook("video").size == 48
+    clip = real_data("gif") / "no_time_for_that_tiny.gif"
+    (tmp_path / "prep.yaml").write_text(
+        f"name: pub\noutput: {tmp_path / 'shards'}\ntokenizer: tok.yaml\nshard_size: 10\n"
+        f"sources:\n  - {{kind: video, name: clip, paths: [{clip}], max_frames: 2}}\n"
+    )
+    main(["prepare", "prep.yaml", "--workers", "1"])
+    (doc,) = [d for p in sorted((tmp_path / "shards").glob("*.tar")) for d in read_shard(str(p))]
+    ids = doc.tokens.tolist()
+    eof, eov = vocab.special("<eof>"), vocab.special("<eov>")
+    assert [i for i in ids if i in (eof, eov)] == [eof, eov]
+    assert ids.index(eof) - ids.index(vocab.special("<vision>")) == GRID * GRID + 1
+
+    size = -(-vocab.size // 64) * 64
+    run = tmp_path / "run"
+    main(
+        [
+            "train", str(REPO / "launch/demo.yaml"), *tiny_shape(2, 256),
+            f"model.vocab_size={size}", f"data.paths=[{tmp_path / 'shards'}]",
+            f"data.vocab={tmp_path / 'tok' / 'vocab.json'}", "data.num_workers=0",
+            "train.steps=2", "train.global_batch_size=1", "train.micro_batch_size=1",
+            "optim.warmup_steps=1", f"train.run_dir={run}", "logging.progress=false",
+            "logging.tensorboard=false",
+        ]
+    )  # fmt: skip
+    out = tmp_path / "out"
+    args = ["generate", str(run / "checkpoints" / "step_2"), "--prompt", "a clip"]
+    args += ["--modality", "video", "--tokenizers", "tok.yaml", "--out", str(out)]
+    main([*args, "--max-new-tokens", str(2 * (GRID * GRID + 1) + 1), "--seed", "1"])
+    span = json.loads((out / "generations.jsonl").read_text())["spans"][0]
+    assert span["modality"] == "video" and span["path"].endswith(".gif"), span
+    with Image.open(span["path"]) as im:
+        assert im.size == (SIZE, SIZE)
