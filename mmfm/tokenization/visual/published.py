@@ -413,11 +413,14 @@ def load_published(spec: PublishedSpec) -> PublishedTokenizer:
     if spec.class_name == "JanusVQVAE" and spec.resolution:  # its decoder's fixed grid
         built["num_patches"] = spec.resolution // _factor(spec, config)
     try:
-        if entry.library == "diffusers":
-            model = cls.from_config({k: v for k, v in built.items() if not k.startswith("_")})
-        else:
-            model = cls(cls.config_class.from_dict(built))
-        model.load_state_dict(tensors, strict=True)
+        with torch.device("meta"):  # no random init of weights the file replaces
+            if entry.library == "diffusers":
+                model = cls.from_config({k: v for k, v in built.items() if not k.startswith("_")})
+            else:
+                model = cls(cls.config_class.from_dict(built))
+        model.load_state_dict(tensors, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise RuntimeError("tensors that are neither in the file nor rebuilt by the class")
     except (RuntimeError, TypeError, ValueError) as e:
         detail = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         under = f" under {spec.prefix!r}" if spec.prefix else ""
