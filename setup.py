@@ -41,6 +41,9 @@ setup(
         "svg": ["cairosvg"],
         "hf": ["transformers>=4.45", "protobuf"],
         "video": ["av>=12"],
+        # published visual tokenizers (image_tokenizer: {library: ...}): transformers' Janus,
+        # Emu3 and Chameleon VQ-VAEs (JanusVQVAE since 4.52) and diffusers' VQModel
+        "visual": ["transformers>=4.52", "diffusers>=0.25"],
         "coco": ["pycocotools"],
         # Megatron-LM indexed datasets in and out (mmfm/data/megatron.py); 0.16 is the last
         # megatron-core for Python 3.11, later ones need 3.12
@@ -57,7 +60,8 @@ setup(
             "pytest-xdist>=3.8,<4",  # `make test` runs the suite on two workers (--dist loadgroup)
             "pytest-timeout>=2.3,<3",  # pyproject.toml's timeout: a hung test fails, not the run
             "hypothesis>=6.155,<7",  # the fuzz tests of tests/security
-            "transformers>=4.45",
+            "transformers>=4.52",
+            "diffusers>=0.25",
             "protobuf",
             "ruff==0.17.6",
             "cairosvg",

@@ -49,13 +49,15 @@ def _tokenizer_contents(recipe: TokenizerRecipe) -> dict:
     """What the encoded ids depend on: the encoding options and the trained files."""
     files = sorted(p for p in Path(recipe.output_dir).glob("*") if p.is_file())
     for slot in (recipe.image_tokenizer, recipe.mask_tokenizer, recipe.video_tokenizer):
-        if slot:
+        if isinstance(slot, str):  # a published one counts by its source, in vocab.json
             files += [Path(slot) / "config.json", Path(slot) / "model.safetensors"]
+    published = isinstance(recipe.image_tokenizer, dict)  # e.g. its fit, besides vocab.json
     return {
         "dna": non_default_options(recipe.dna),
         "svg": non_default_options(recipe.svg),
         "task_tokens": recipe.task_tokens,
         "files": [[p.name, _file_digest(p)] for p in files],
+        **({"image_tokenizer": recipe.image_tokenizer} if published else {}),
     }
 
 

@@ -9,10 +9,12 @@ valid one, dotted overrides accepted). The trained files go to `output_dir`: `te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmfm.config.loading import load_structured
 from mmfm.config.schema import _require, _require_choice, _require_positive
 from mmfm.core.modalities import modality_spec
+from mmfm.tokenization.visual.published import parse_spec
 
 
 @dataclass
@@ -119,12 +121,18 @@ class TokenizerRecipe:
     """Registered modalities (docs/adding_a_modality.md) the vocabulary lays out after the
     built-in ones, in this order: their delimiters after the task tokens, their codebooks
     after DNA's."""
-    image_tokenizer: str | None = None
-    """Folder of a trained image tokenizer (tokenizers/seed_image.yaml); None: no images."""
+    image_tokenizer: Any = None
+    """Folder of a trained image tokenizer (tokenizers/seed_image.yaml), or a published one:
+    {library: transformers, class: JanusVQVAE | Emu3VQVAE | ChameleonVQVAE, path, prefix,
+    resolution, fit} or {library: diffusers, class: VQModel, path, subfolder, ...}
+    (docs/published_tokenizers.md); None: no images."""
     mask_tokenizer: str | None = None
     """Folder of a trained mask tokenizer (tokenizers/himtok_mask.yaml); None: no masks."""
-    video_tokenizer: str | None = None
-    """Folder of a trained video tokenizer (tokenizers/video.yaml); None: no video."""
+    video_tokenizer: Any = None
+    """Folder of a trained video tokenizer (tokenizers/video.yaml), or a published image
+    tokenizer applied to every frame with LWM's framing (the same mapping as
+    image_tokenizer, e.g. aMUSEd's VQGAN: {library: diffusers, class: VQModel, ...});
+    None: no video."""
     cache_dir: str = "~/.cache/mmfm"
     """Where `real:` corpora are fetched to."""
 
@@ -135,6 +143,8 @@ class TokenizerRecipe:
                 token.startswith("<") and token.endswith(">"),
                 f"task_tokens: {token!r} must look like <name>",
             )
+        parse_spec(self.image_tokenizer, "image_tokenizer")  # a published one: checked here
+        parse_spec(self.video_tokenizer, "video_tokenizer")
         for name in self.modalities:
             _require(
                 modality_spec(name) is not None,

@@ -58,6 +58,7 @@ from mmfm.tokenization.text import (
     load_pretrained,
     load_text_tokenizer,
 )
+from mmfm.tokenization.visual.published import load_published, parse_spec
 from mmfm.tokenization.visual.records import Spans, VisualTokenizers
 from mmfm.tokenization.vocab import (
     RESERVED_CODEBOOKS,
@@ -315,13 +316,27 @@ def build_vocab(recipe: TokenizerRecipe, text: AnyTextTokenizer, dna: DnaTokeniz
     return Vocab.build(
         text.size,
         [*recipe.task_tokens, *delimiters],
-        [*RESERVED_CODEBOOKS, ("dna", dna.size, dna.pieces), *books],
+        [*reserved_codebooks(recipe), ("dna", dna.size, dna.pieces), *books],
         text_kind=text.kind,
         text_pieces=text.pieces(),
         text_model=text.proto,
         text_bos=None if own else text.bos_id,
         text_eos=None if own else text.eos_id,
     )
+
+
+def reserved_codebooks(recipe: TokenizerRecipe) -> list[tuple]:
+    """Image, mask and video ranges: reserved at their defaults, or (a published image or
+    per-frame video tokenizer) its own codebook, named by its `source`, so that its changes
+    change the fingerprint."""
+    books: list[tuple] = list(RESERVED_CODEBOOKS)
+    for i, (name, _) in enumerate(RESERVED_CODEBOOKS):
+        spec = parse_spec(getattr(recipe, f"{name}_tokenizer"), f"{name}_tokenizer")
+        if spec is not None:
+            model = load_published(spec)
+            books[i] = (name, model.num_codes, (), model.source, spec.describe())
+            log.info("%s codes: %d of %s", name, model.num_codes, model.source)
+    return books
 
 
 def _dna_records(sources: Iterable[str], recipe: TokenizerRecipe):

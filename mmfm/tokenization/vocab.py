@@ -86,6 +86,13 @@ class Codebook:
     size: int
     pieces: tuple[str, ...] = ()
     """Readable names of the codes (e.g. DNA k-mers); empty: numbered names."""
+    source: str = ""
+    """The tokenizer whose codes these are, where the vocabulary depends on it (a published
+    visual tokenizer: class, resolution, config and weights digests); in the fingerprint."""
+    where: str = ""
+    """Where that tokenizer was read from (a published one's recipe mapping as JSON: library,
+    class, path, prefix, ...), so that a checkpoint or an HF export says how to load it; not
+    in the fingerprint (the same tensors elsewhere are the same tokenizer)."""
 
     def piece(self, code: int) -> str:
         if self.pieces:
@@ -118,7 +125,7 @@ class Vocab:
         cls,
         text_size: int,
         extra_specials: Sequence[str] = (),
-        codebooks: Sequence[tuple[str, int] | tuple[str, int, Sequence[str]]] = (),
+        codebooks: Sequence[tuple] = (),
         text_kind: str = "sentencepiece",
         text_pieces: Sequence[str] = (),
         text_model: bytes | None = None,
@@ -132,9 +139,11 @@ class Vocab:
         for entry in codebooks:
             name, size = entry[0], entry[1]
             pieces = tuple(entry[2]) if len(entry) > 2 else ()
+            source = entry[3] if len(entry) > 3 else ""
+            where = entry[4] if len(entry) > 4 else ""
             if pieces and len(pieces) != size:
                 raise VocabError(f"codebook {name}: {len(pieces)} pieces for {size} codes")
-            books.append(Codebook(name, offset, size, pieces))
+            books.append(Codebook(name, offset, size, pieces, source, where))
             offset += size
         return cls(
             text_size,
@@ -214,7 +223,10 @@ class Vocab:
         layout = {
             "text": [self.text_kind, self.text_size, text],
             "specials": self.specials,
-            "codebooks": [[b.name, b.offset, b.size, b.pieces] for b in self.codebooks],
+            "codebooks": [
+                [b.name, b.offset, b.size, b.pieces, *([b.source] if b.source else [])]
+                for b in self.codebooks
+            ],
         }
         if (self.text_bos, self.text_eos) != (None, None):  # absent: same hash as before
             layout["frame"] = [self.text_bos, self.text_eos]
@@ -240,7 +252,14 @@ class Vocab:
             },
             "specials": list(self.specials),
             "codebooks": [
-                {"name": b.name, "offset": b.offset, "size": b.size, "pieces": list(b.pieces)}
+                {
+                    "name": b.name,
+                    "offset": b.offset,
+                    "size": b.size,
+                    "pieces": list(b.pieces),
+                    **({"source": b.source} if b.source else {}),
+                    **({"tokenizer": json.loads(b.where)} if b.where else {}),
+                }
                 for b in self.codebooks
             ],
         }
@@ -254,7 +273,14 @@ class Vocab:
             text["size"],
             tuple(data["specials"]),
             tuple(
-                Codebook(b["name"], b["offset"], b["size"], tuple(b["pieces"]))
+                Codebook(
+                    b["name"],
+                    b["offset"],
+                    b["size"],
+                    tuple(b["pieces"]),
+                    b.get("source", ""),
+                    json.dumps(b["tokenizer"], sort_keys=True) if "tokenizer" in b else "",
+                )
                 for b in data["codebooks"]
             ),
             text["kind"],

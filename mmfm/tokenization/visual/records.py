@@ -16,6 +16,7 @@ import torch
 from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, Record, VideoRecord
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import VIDEO_SUFFIXES, PictureError
+from mmfm.tokenization.visual.published import PublishedTokenizer, load_published, parse_spec
 from mmfm.tokenization.visual.train import load_visual
 from mmfm.tokenization.vocab import VocabError
 
@@ -43,16 +44,26 @@ class VisualTokenizers:
         if name not in self._models:
             if not self._paths[name]:
                 raise VocabError(f"a {name} record needs {name}_tokenizer in the tokenizer recipe")
-            model = load_visual(self._paths[name])
-            if model.kind != KIND_OF[name]:
+            spec = None if name == "mask" else parse_spec(self._paths[name], f"{name}_tokenizer")
+            model = load_published(spec) if spec else load_visual(self._paths[name])
+            if spec is None and model.kind != KIND_OF[name]:
                 raise VocabError(
                     f"{name}_tokenizer {self._paths[name]} is a {model.kind} tokenizer; "
                     f"train one with tokenizers/{KIND_OF[name]}.yaml"
                 )
-            if model.num_codes > self.vocab.codebook(name).size:
+            what = f"{spec.class_name} {spec.path}" if spec else self._paths[name]
+            book = self.vocab.codebook(name)
+            if model.num_codes > book.size:
                 raise VocabError(
-                    f"{self._paths[name]}: {model.num_codes} codes, but the vocabulary reserves "
-                    f"{self.vocab.codebook(name).size} for {name}"
+                    f"{what}: its codebook of {model.num_codes} codes does not fit the "
+                    f"vocabulary, which reserves {book.size} for {name}: run mmfm tokenizer "
+                    "train with this recipe (it reserves the tokenizer's own codebook)"
+                )
+            if (model.source if spec else "") != book.source:
+                raise VocabError(
+                    f"{what} is not the {name} tokenizer the vocabulary was made with "
+                    f"({book.source or 'one of mmfm own'}): run mmfm tokenizer train with this "
+                    "recipe again, and prepare the data again with it"
                 )
             self._models[name] = model
         return self._models[name]
@@ -87,6 +98,12 @@ class VisualTokenizers:
         if not pictures:
             return np.zeros((0, 0), dtype=np.int64)
         model = self.model(name).to(device)
+        if isinstance(model, PublishedTokenizer):
+            squares = [
+                vdata.square(vdata.fit_square(p, model.spec.fit), model.resolution)
+                for p in pictures
+            ]
+            return model.encode(vdata.to_tensor(squares).to(device)).cpu().numpy()
         if name == "mask":
             squares = [vdata.square(m.astype(np.uint8), model.cfg.mask_size) for m in pictures]
             x = torch.from_numpy(np.stack(squares))
