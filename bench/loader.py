@@ -52,7 +52,7 @@ from mmfm.core.examples import fetch
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.megatron import megatron_indexed, unit_urls
 from mmfm.data.raw_stream import load_tokenizers
-from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.prepare.megatron_out import write_megatron
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual

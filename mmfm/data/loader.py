@@ -47,17 +47,13 @@ from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
 from mmfm.data.demo import ensure_demo_held_out, ensure_demo_shards
 from mmfm.data.megatron import unit_urls
+from mmfm.data.odds import natural_odds
 from mmfm.data.packing import RowStats, modality_weight_table
 from mmfm.data.raw import warn_ignored
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, expand_paths
-from mmfm.data.stream import (
-    SKIP_REASONS,
-    SourcesExhausted,
-    SourceSpec,
-    StreamSettings,
-    VirtualStream,
-    natural_odds,
-)
+from mmfm.data.skips import SKIP_REASONS
+from mmfm.data.stream import SourcesExhausted, VirtualStream
 from mmfm.data.tario import Interrupted, set_stop_check
 from mmfm.tokenization.shaping import Shaping
 

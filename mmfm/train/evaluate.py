@@ -36,7 +36,8 @@ from mmfm.core.zigzag import zigzag_slice
 from mmfm.data.demo import TEXT_OFFSET
 from mmfm.data.loader import build_loader, collate
 from mmfm.data.packing import Exhausted, RowBuilder
-from mmfm.data.stream import SKIP_REASONS, VirtualStream
+from mmfm.data.skips import SKIP_REASONS
+from mmfm.data.stream import VirtualStream
 from mmfm.parallel.env import ParallelEnv
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab

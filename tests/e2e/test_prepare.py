@@ -13,8 +13,8 @@ import pytest
 from mmfm.core.errors import DataError
 from mmfm.data.decompose import length_digits
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
 
 REPO = Path(__file__).resolve().parents[2]

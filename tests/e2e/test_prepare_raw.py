@@ -22,9 +22,12 @@ from PIL import Image
 from mmfm.cli import main
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
+from mmfm.data.deal import Unit
 from mmfm.data.raw import RawDecoder, count_samples
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 

@@ -15,8 +15,8 @@ from PIL import Image
 from mmfm.core.errors import DataError
 from mmfm.core.types import Modality
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import BOS, EOS

@@ -16,10 +16,13 @@ from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
 from mmfm.core.modalities import Modality
+from mmfm.data.deal import Unit
 from mmfm.data.loader import source_specs
 from mmfm.data.raw import RawDecoder
+from mmfm.data.settings import StreamSettings
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_raw_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
 from mmfm.prepare import PrepareRecipe, PrepareSource, prepare
 from mmfm.testing import tiny_visual_recipe
 from mmfm.tokenization.recipe import load_recipe

@@ -13,9 +13,12 @@ import webdataset as wds
 from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader, source_specs
 from mmfm.data.raw_stream import POSITIONS
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit, read_unit
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit, read_unit
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.tokenization.vocab import VocabError
 from mmfm.train.main import _check_vocab

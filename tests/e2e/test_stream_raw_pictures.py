@@ -16,9 +16,12 @@ from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
 from mmfm.data import raw_stream
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.raw_stream import POSITIONS
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 

@@ -12,8 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
+from mmfm.data.settings import StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_unit
 
 N = 12
 

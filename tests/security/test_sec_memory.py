@@ -28,7 +28,8 @@ copies, 1.7 GB) do not fit, three documents (54 MB) fit many times over."""
 CHILD = """
 import json, resource, sys
 import numpy as np
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.stream import VirtualStream
 
 url, seq, headroom, rows = sys.argv[1], *map(int, sys.argv[2:5])
 tokens_limit = sys.argv[5]

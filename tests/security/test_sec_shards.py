@@ -24,10 +24,13 @@ import numpy as np
 import pytest
 
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
 from mmfm.data.tario import Interrupted
+from mmfm.data.units import read_unit
 from mmfm.train.trainer import StopSignal
 
 N = 20
@@ -289,7 +292,7 @@ def test_sigterm_ends_a_wait_for_a_stalled_shard(tmp_path, workers):
 _ORPHAN = """
 import sys, time
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.data.settings import SourceSpec, StreamSettings
 ld = StreamingLoader([SourceSpec("a", tuple(sys.argv[1:]), 1.0)],
                      StreamSettings(4, 64, 0, (1.0,) * 6), 1, num_workers=2)
 ld._start()

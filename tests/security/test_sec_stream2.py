@@ -19,10 +19,14 @@ import webdataset as wds
 
 from mmfm.core.errors import InputNotFound
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.megatron import expand_prefixes
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, encode_sample, expand_paths, write_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit, shard_sizes
+from mmfm.data.sizing import shard_sizes
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_unit
 
 WEIGHTS = (1.0,) * 6
 

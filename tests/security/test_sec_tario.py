@@ -23,10 +23,13 @@ import pytest
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import build_loader
+from mmfm.data.settings import StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
 from mmfm.data.tario import MIN_PROGRESS, ZERO_RUN_LIMIT
+from mmfm.data.units import read_unit
 
 MIB = 1 << 20
 

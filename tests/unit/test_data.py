@@ -9,8 +9,8 @@ import pytest
 from mmfm.core.types import Document, Modality
 from mmfm.data.demo import NUM_SHARDS, demo_documents, ensure_demo_shards
 from mmfm.data.loader import StreamingLoader, resolve_paths
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, expand_paths, read_shard, write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
 
 
 def doc(key, tokens, modality=None):

@@ -17,8 +17,10 @@ from mmfm.config import ConfigError, load_config
 from mmfm.core.types import Document
 from mmfm.data.decompose import bucket_mass, bucket_pieces, length_digits, step_length
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.odds import natural_odds
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import SourcesExhausted, SourceSpec, StreamSettings, natural_odds
+from mmfm.data.stream import SourcesExhausted
 from mmfm.model.attention import DocumentSdpa, SdpaMasked, document_layout
 
 SEQ, BUCKETS, STREAMS = 64, (8, 16, 32, 64), 8

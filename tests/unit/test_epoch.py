@@ -11,9 +11,11 @@ import pytest
 
 from mmfm.core.errors import DataError
 from mmfm.core.types import Document
+from mmfm.data.deal import EXTRA_UNITS, deal
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import EXTRA_UNITS, SourceSpec, StreamSettings, deal, shard_sizes
+from mmfm.data.sizing import shard_sizes
 
 SEQ = 64
 STREAMS = 8

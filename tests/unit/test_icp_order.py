@@ -16,11 +16,13 @@ import torch
 from mmfm.config import ModelConfig, load_config
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import Document
+from mmfm.data.deal import deal
 from mmfm.data.decompose import length_digits
 from mmfm.data.loader import build_loader
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, modality_weight_table
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import read_shard, write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream, deal
+from mmfm.data.stream import VirtualStream
 from mmfm.model import build_model, init_weights
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.prepare import order as icp

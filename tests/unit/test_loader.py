@@ -21,8 +21,9 @@ import pytest
 from mmfm.core.errors import CheckpointError, DataError
 from mmfm.core.types import Document
 from mmfm.data.loader import Loader, StreamingLoader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
+from mmfm.data.stream import VirtualStream
 
 SEQ = 64
 

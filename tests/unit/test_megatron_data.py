@@ -16,11 +16,13 @@ import pytest
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import DataError, LaunchError
 from mmfm.core.types import Document, Modality
+from mmfm.data import deal as mdeal
 from mmfm.data import megatron as mdata
-from mmfm.data import stream as mstream
 from mmfm.data.loader import StreamingLoader, build_loader
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.source_reader import SourceReader
 from mmfm.prepare.megatron_out import write_megatron
 from mmfm.testing import megatron_indexed_or_skip
 
@@ -190,7 +192,7 @@ def test_a_rank_reads_only_its_share_of_the_index(tmp_path, monkeypatch):
     full = np.array(reference.document_indices)
     mine = []
     for rank in range(2):
-        for cache in (mdata._open, mdata._units, mstream.deal):
+        for cache in (mdata._open, mdata._units, mdeal.deal):
             cache.cache_clear()
         source = spec(prefix, max_epochs=1)
         units = [mdata._parse(u)[1:] for u in source.urls]
