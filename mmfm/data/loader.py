@@ -72,6 +72,7 @@ class Loader(Protocol):
 
     def next_step(self, stop: Callable[[], bool] | None = None) -> list[Batch]: ...
     def step_counts(self) -> list[float]: ...
+    def note_totals(self, counts: Sequence[float]) -> None: ...
     def describe(self, counts: Sequence[float]) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -364,11 +365,16 @@ class StreamingLoader:
     def step_counts(self) -> list[float]:
         return [self._counts.get(k, 0.0) for k in self.count_keys()]
 
+    def note_totals(self, counts: Sequence[float]) -> None:
+        """Take in the step's counters summed over data-parallel ranks: streams done with
+        their last pass give empty rows, and once every stream on every rank is, the next
+        step raises `SourcesExhausted`."""
+        c = dict(zip(self.count_keys(), counts, strict=True))
+        self._all_dry = c["dry_streams"] == self.settings.n_streams
+
     def describe(self, counts: Sequence[float]) -> dict[str, float]:
         """Metrics from the step's counters summed over data-parallel ranks."""
         c = dict(zip(self.count_keys(), counts, strict=True))
-        # streams done with one pass give empty rows; once all are, the next step stops
-        self._all_dry = c["dry_streams"] == self.settings.n_streams
         total = self.settings.n_streams * self.settings.seq_len
         metrics = {"data/padding": c["pad_tokens"] / total, "data/split_docs": c["split_docs"]}
         metrics["data/dropped_docs"] = c["dropped_docs"]

@@ -91,7 +91,7 @@ def _run_dry(loaders):
             return steps
         summed = np.sum([ld.step_counts() for ld in loaders], axis=0).tolist()
         for ld in loaders:
-            ld.describe(summed)
+            ld.note_totals(summed)
     raise AssertionError("the sources never ran out")
 
 

@@ -129,7 +129,7 @@ def ranks_run(urls, dp, max_epochs, steps, state=None):
             break
         counts = np.sum([ld.step_counts() for ld in ranks], axis=0).tolist()
         for ld in ranks:
-            ld.describe(counts)
+            ld.note_totals(counts)
         out.append(np.concatenate(rows))
     return out, StreamingLoader.merge_states([ld.state_dict() for ld in ranks])
 
