@@ -42,6 +42,15 @@ log = logging.getLogger("mmfm.data")
 class ShardError(DataError):
     """A shard or one of its samples cannot be read; the message names the shard and key."""
 
+    reason = "bad_sample"
+    """The skip reason (skips.py) a stream counts it under."""
+
+
+class MissingMembers(ShardError):
+    """A sample without the members of a prepared document (tokens.npy and json)."""
+
+    reason = "missing_field"
+
 
 def encode_sample(doc: Document, sample_key: str | None = None) -> dict:
     """The tar members of `doc`; `sample_key` names them (default: the document id, which
@@ -169,7 +178,7 @@ def decode_sample(sample: dict, url: str, vocab_size: int = 0) -> Document:
     try:
         raw_tokens, raw_meta = sample["tokens.npy"], sample["json"]
     except KeyError:
-        raise ShardError(
+        raise MissingMembers(
             f"shard {url}, sample {key!r}: needs members tokens.npy and json, has "
             f"{sorted(k for k in sample if k != '__key__')}"
         ) from None

@@ -19,10 +19,6 @@ from mmfm.data.skips import Skips
 from mmfm.data.tario import MAX_MEMBER, Damage, read_tar
 
 
-def _reason(error: ShardError) -> str:
-    return "missing_field" if "needs members" in str(error) else "bad_sample"
-
-
 def read_unit(
     unit: Unit, skip: int, skips: Skips, settings: StreamSettings | None = None
 ) -> Iterator[tuple[int, Document]]:
@@ -50,7 +46,7 @@ def read_unit(
         try:
             doc = decode_sample(item, unit.url, vocab_size)
         except ShardError as e:
-            skips.skip(_reason(e), unit.url, key, str(e))
+            skips.skip(e.reason, unit.url, key, str(e))
             continue
         if len(doc.tokens) == 0:
             skips.skip("empty", unit.url, key, "a document without tokens")
