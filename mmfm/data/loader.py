@@ -48,14 +48,13 @@ from mmfm.data import orphans
 from mmfm.data.demo import ensure_demo_held_out, ensure_demo_shards
 from mmfm.data.megatron import unit_urls
 from mmfm.data.odds import natural_odds
-from mmfm.data.packing import RowStats, modality_weight_table
+from mmfm.data.packing import RowStats
 from mmfm.data.raw import warn_ignored
 from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, expand_paths
 from mmfm.data.skips import SKIP_REASONS
 from mmfm.data.stream import SourcesExhausted, VirtualStream
 from mmfm.data.tario import Interrupted, set_stop_check
-from mmfm.tokenization.shaping import Shaping
 
 STATE_FORMAT = "mmfm-streams/1"
 WORKER_DEATH_FIX = (
@@ -457,51 +456,22 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
             urls = resolve_paths(source.paths, cfg.data.cache_dir)
         if not urls:
             raise ShardError(f"data source {source.name!r}: its paths match no shards")
-        raw = {  # raw shards
-            "tokenize": source.tokenize,
-            "fields": source.fields,
-            "tokenize_batch": source.tokenize_batch,
-            "tokenize_device": source.tokenize_device,
-            "max_length": source.max_length,
-            "shaping": _shaping(source),
-        }
         if source.tokenize:
             warn_ignored(source.fields, f"data source {source.name!r}")
-        spec = (source.name, tuple(urls), source.weight, source.max_epochs)
-        specs.append(SourceSpec(*spec, **raw, ordered=source.ordered))
+        specs.append(SourceSpec.from_config(source, urls))
     return specs
-
-
-def _shaping(source: SourceConfig) -> Shaping | None:
-    """The shaping rule of a raw source, None when it shapes nothing."""
-    rule = Shaping(source.uncond_ratio, source.order, source.reverse_ratio, source.completion_only)
-    return rule if rule.draws or rule.completion_only else None
 
 
 def build_loader(
     cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
 ) -> StreamingLoader:
     d = cfg.data
-    settings = StreamSettings(
+    settings = StreamSettings.from_config(
+        d,
         n_streams=cfg.train.global_batch_size,
-        seq_len=d.seq_len,
         seed=cfg.train.seed,
-        weights=tuple(modality_weight_table(d.loss_weights).tolist()),
-        shuffle_buffer=d.shuffle_buffer,
-        shuffle_buffer_tokens=d.shuffle_buffer_tokens,
-        packing=d.packing,
-        pack_buffer=d.pack_buffer,
-        long_docs=d.long_docs,
-        max_error_rate=d.max_error_rate,
+        steps=cfg.train.steps,
         vocab_size=cfg.model.vocab_size,
-        read_timeout_s=d.read_timeout_s,
-        max_member=int(d.max_member_mb * 2**20),
-        attention=d.attention,
-        buckets=tuple(d.buckets),
-        remainder=d.remainder,
-        curriculum=d.curriculum,
-        num_cycles=d.num_cycles,
-        curriculum_steps=cfg.train.steps,
     )
     return StreamingLoader(
         source_specs(cfg),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from mmfm.config.schema import RawFields
 from mmfm.core.types import Document
 from mmfm.data.deal import Unit
 from mmfm.data.megatron import is_unit
@@ -16,11 +15,11 @@ from mmfm.data.raw_stream import POSITIONS, RawTokenizer
 from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, decode_sample, held_samples
 from mmfm.data.skips import Skips
-from mmfm.data.tario import MAX_MEMBER, Damage, read_tar
+from mmfm.data.tario import Damage, read_tar
 
 
 def read_unit(
-    unit: Unit, skip: int, skips: Skips, settings: StreamSettings | None = None
+    unit: Unit, skip: int, skips: Skips, settings: StreamSettings
 ) -> Iterator[tuple[int, Document]]:
     """(kept index, document) of a unit from the `skip`-th kept sample on; bad ones counted.
 
@@ -28,11 +27,8 @@ def read_unit(
     damaged, cut or stalled shard by the documents it lost (the shard's `manifest.json` says
     how many it holds; without one, at least one each time).
     """
-    vocab_size = settings.vocab_size if settings else 0
-    timeout_s = settings.read_timeout_s if settings else 300.0
-    max_member = settings.max_member if settings else MAX_MEMBER
     seen, damage = 0, []  # samples read (all units of the shard), damage reports
-    for item in read_tar(unit.url, timeout_s, max_member=max_member):
+    for item in read_tar(unit.url, settings.read_timeout_s, max_member=settings.max_member):
         if _shard_damage(item):
             damage.append(item)
             continue
@@ -44,7 +40,7 @@ def read_unit(
             continue
         key = item.get("__key__", "?")
         try:
-            doc = decode_sample(item, unit.url, vocab_size)
+            doc = decode_sample(item, unit.url, settings.vocab_size)
         except ShardError as e:
             skips.skip(e.reason, unit.url, key, str(e))
             continue
@@ -64,7 +60,7 @@ def read_raw_unit(
     counted as `read_unit` counts them, each sample's skips when its turn comes."""
     tokenizer = RawTokenizer(
         spec.tokenize,
-        spec.fields or RawFields(),
+        spec.fields,
         spec.name,
         settings.seed,
         settings.vocab_size,

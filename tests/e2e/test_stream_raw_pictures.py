@@ -22,6 +22,7 @@ from mmfm.data.raw_stream import POSITIONS
 from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.skips import Skips
 from mmfm.data.units import read_raw_unit
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
@@ -66,11 +67,18 @@ def photos(tmp_path_factory, real_data) -> dict:
 
 
 def spec(photos, batch: int = 4, device: str = "cpu") -> SourceSpec:
-    return SourceSpec("photos", photos["urls"], 1.0, 0, photos["tok"], RawFields(), batch, device)
+    return source_spec(
+        "photos",
+        photos["urls"],
+        tokenize=photos["tok"],
+        fields=RawFields(),
+        tokenize_batch=batch,
+        tokenize_device=device,
+    )
 
 
 def settings(n_streams: int) -> StreamSettings:
-    return StreamSettings(n_streams, 64, 5, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=4)
+    return stream_settings(n_streams, seed=5, seq_len=64, shuffle_buffer=8, pack_buffer=4)
 
 
 def as_lists(read) -> list[tuple]:

@@ -21,9 +21,9 @@ import pytest
 from mmfm.core.errors import CheckpointError, DataError
 from mmfm.core.types import Document
 from mmfm.data.loader import Loader, StreamingLoader
-from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
 from mmfm.data.stream import VirtualStream
+from mmfm.testing import source_spec, stream_settings
 
 SEQ = 64
 
@@ -46,11 +46,11 @@ def corpus(root, n_docs=600, n_shards=6, seed=0, start=0):
 
 def settings(n_streams=8, **kw):
     kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
-    return StreamSettings(n_streams, SEQ, 0, tuple([1.0] * 6), **kw)
+    return stream_settings(n_streams, seq_len=SEQ, **kw)
 
 
 def loader(urls, dp_rank=0, dp_size=1, n_streams=8, workers=0, max_epochs=0, **kw):
-    sources = [SourceSpec("a", urls, 1.0, max_epochs)]
+    sources = [source_spec("a", urls, max_epochs=max_epochs)]
     return StreamingLoader(
         sources, settings(n_streams, **kw), 2, dp_rank, dp_size, num_workers=workers
     )
@@ -152,7 +152,7 @@ def test_mixing_follows_the_weights(tmp_path):
     # Weights are shares of tokens; b's documents are 4x longer than a's.
     a = corpus(tmp_path / "a", n_docs=300, n_shards=3)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000, seed=1)
-    sources = [SourceSpec("a", a, 0.7), SourceSpec("b", b, 0.3)]
+    sources = [source_spec("a", a, 0.7), source_spec("b", b, 0.3)]
     stream = VirtualStream(0, sources, settings(1))
     tokens = Counter()
     for _ in range(20_000):
@@ -165,7 +165,7 @@ def test_mixing_follows_the_weights(tmp_path):
 def test_repetition_cap_stops_a_source(tmp_path):
     a = corpus(tmp_path / "a", n_docs=50, n_shards=1)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000)
-    sources = [SourceSpec("a", a, 0.9, max_epochs=1), SourceSpec("b", b, 0.1)]
+    sources = [source_spec("a", a, 0.9, max_epochs=1), source_spec("b", b, 0.1)]
     stream = VirtualStream(0, sources, settings(1))
     drawn = Counter(stream._draw().source for _ in range(2000))
     assert drawn[0] == 50  # a's one pass, then only b
@@ -174,7 +174,7 @@ def test_repetition_cap_stops_a_source(tmp_path):
 def test_a_source_too_small_for_the_streams_is_a_clear_error(tmp_path):
     small = corpus(tmp_path / "small", n_docs=3, n_shards=1)  # 3 documents, 8 streams
     big = corpus(tmp_path / "big", n_docs=300, n_shards=3, start=1000)
-    sources = [SourceSpec("small", small, 0.5), SourceSpec("big", big, 0.5)]
+    sources = [source_spec("small", small, 0.5), source_spec("big", big, 0.5)]
     assert VirtualStream(2, sources, settings(8))._draw().source == 0  # stream 2 gets one
     starved = VirtualStream(5, sources, settings(8))
     with pytest.raises(DataError, match="source 'small' gave stream 5 no document in 8 epochs"):
@@ -189,7 +189,7 @@ def test_a_source_too_small_for_the_streams_is_a_clear_error(tmp_path):
 def test_mixing_is_reported_in_the_metrics(tmp_path):
     a = corpus(tmp_path / "a", n_docs=300, n_shards=3)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000)
-    ld = StreamingLoader([SourceSpec("a", a, 3.0), SourceSpec("b", b, 1.0)], settings(8), 2)
+    ld = StreamingLoader([source_spec("a", a, 3.0), source_spec("b", b)], settings(8), 2)
     mix, padding = [], []
     for _ in range(30):
         ld.next_step()
@@ -266,7 +266,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     records = _Records()
     logging.getLogger("mmfm.data").addHandler(records)
     urls = bad_corpus(tmp_path / "c")
-    source = SourceSpec("a", urls, 1.0, max_epochs=1)  # one pass: each bad item once
+    source = source_spec("a", urls, max_epochs=1)  # one pass: each bad item once
     ld = StreamingLoader([source], settings(1, max_error_rate=0.5), 1)
     totals = Counter()
     with pytest.raises(DataError, match="every source reached its max_epochs"):
@@ -292,7 +292,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
 def test_too_many_bad_documents_stop_with_a_clear_error(tmp_path):
     bad_corpus(tmp_path / "c")
     many = tuple([str(tmp_path / "c" / "bad-000000.tar")] * 40)
-    ld = StreamingLoader([SourceSpec("a", many, 1.0)], settings(1), 1)
+    ld = StreamingLoader([source_spec("a", many)], settings(1), 1)
     with pytest.raises(DataError, match=r"over data.max_error_rate=0.01.*raise data.max_error"):
         for _ in range(100):
             ld.next_step()
@@ -313,7 +313,7 @@ def test_documents_lost_in_a_cut_shard_count_toward_max_error_rate(tmp_path):
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({"shards": shards}))
     data = (tmp_path / "c" / "part-000001.tar").read_bytes()
     (tmp_path / "c" / "part-000001.tar").write_bytes(data[: len(data) // 5 // 512 * 512])
-    stream = VirtualStream(0, [SourceSpec("a", urls, 1.0, max_epochs=1)], settings(1))
+    stream = VirtualStream(0, [source_spec("a", urls, max_epochs=1)], settings(1))
     with pytest.raises(DataError, match=r"over data.max_error_rate=0.01"):
         for _ in range(300):
             stream._draw()

@@ -19,12 +19,11 @@ from mmfm.core.types import Document, Modality
 from mmfm.data import deal as mdeal
 from mmfm.data import megatron as mdata
 from mmfm.data.loader import StreamingLoader, build_loader
-from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import write_shard
 from mmfm.data.skips import Skips
 from mmfm.data.source_reader import SourceReader
 from mmfm.prepare.megatron_out import write_megatron
-from mmfm.testing import megatron_indexed_or_skip
+from mmfm.testing import megatron_indexed_or_skip, source_spec, stream_settings
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 
@@ -62,11 +61,11 @@ def _torch(array):
 
 def settings(n_streams=8, **kw):
     kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
-    return StreamSettings(n_streams, SEQ, 0, tuple([1.0] * 6), **kw)
+    return stream_settings(n_streams, seq_len=SEQ, **kw)
 
 
 def spec(prefix, name="m", weight=1.0, max_epochs=0):
-    return SourceSpec(name, tuple(mdata.unit_urls([prefix])), weight, max_epochs)
+    return source_spec(name, tuple(mdata.unit_urls([prefix])), weight, max_epochs=max_epochs)
 
 
 def rows_of(batches):
@@ -111,7 +110,7 @@ def test_mixing_with_webdataset_holds_the_shares(tmp_path):
         Document(np.full(n, i + 10), np.zeros(n, np.uint8), f"d{i}") for i, n in wds_docs.items()
     ]
     write_shard(tmp_path / "w-000000.tar", docs)
-    sources = [spec(prefix), SourceSpec("w", (str(tmp_path / "w-000000.tar"),), 1.0)]
+    sources = [spec(prefix), source_spec("w", (str(tmp_path / "w-000000.tar"),))]
     ld = StreamingLoader(sources, settings(), 2)
     mix = []
     for _ in range(20):
