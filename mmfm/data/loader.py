@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmfm.config.schema import Config, SourceConfig
+from mmfm.config.schema import Config
 from mmfm.core.errors import CheckpointError, ConfigError, DataError, LaunchError
 from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
@@ -447,9 +447,8 @@ def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
 
 def source_specs(cfg: Config) -> list[SourceSpec]:
     """`data.sources`, or `data.paths` as one source named `data`."""
-    configs = list(cfg.data.sources) or [SourceConfig(name="data", paths=list(cfg.data.paths))]
     specs = []
-    for source in configs:
+    for source in cfg.data.source_list():
         if source.kind == "megatron":  # .bin/.idx prefixes: units of their index
             urls = unit_urls(source.paths)
         else:

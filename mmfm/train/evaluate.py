@@ -345,7 +345,7 @@ def build_evaluator(
     """The validation of `cfg.eval` (None when it names no held-out data)."""
     if not cfg.eval.enabled:
         return None
-    sources = list(cfg.eval.sources) or [SourceConfig(name="val", paths=list(cfg.eval.paths))]
+    sources = cfg.eval.source_list()
     table = text_byte_table(vocab, cfg.model.vocab_size)
     return Evaluator(cfg, env, steps, sources, cfg.eval.steps, table)
 
