@@ -19,6 +19,8 @@ State: `{stream id: stream state}` for all streams, gathered from every rank at 
 time; any data-parallel size (and any number of workers) can resume from it. The state lives
 in this process (the last row of each stream), not in the DataLoader, so a resume starts
 fresh workers from it.
+
+A loader is a context manager: `with build_loader(cfg) as loader:` ends its workers on exit.
 """
 
 from __future__ import annotations
@@ -351,6 +353,12 @@ class StreamingLoader:
         self._abandon()
         shutdown_dataloader_workers(self._items)
         self._items, self._stop_workers, self._stale = None, None, False
+
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- metrics -----------------------------------------------------------------------------
 

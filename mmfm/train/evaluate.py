@@ -207,16 +207,16 @@ class HeldOutRows:
         )
         # The training loader's factory resolves the paths and the packing settings; only
         # its sources, settings and stream ids are used (it never starts).
-        loader = build_loader(
+        with build_loader(
             dataclasses.replace(cfg, data=data),
             env.dp_rank,
             env.dims.dp,
             cp_rank=env.coordinate("cp"),
             cp_size=env.dims.cp,
-        )
-        self.sources, self.settings = loader.sources, loader.settings
-        self.stream_ids, self.micro_batch_size = loader.stream_ids, loader.micro_batch_size
-        self.cp_rank, self.cp_size = loader.cp_rank, loader.cp_size
+        ) as loader:
+            self.sources, self.settings = loader.sources, loader.settings
+            self.stream_ids, self.micro_batch_size = loader.stream_ids, loader.micro_batch_size
+            self.cp_rank, self.cp_size = loader.cp_rank, loader.cp_size
         self.env = env
 
     def describe(self) -> str:

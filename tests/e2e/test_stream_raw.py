@@ -141,10 +141,9 @@ def test_raw_resume_mid_epoch_is_exact_with_and_without_workers(shards):
     state = straight.state_dict()
     want = batches(straight, 10)  # long enough for documents read after the restore
     for workers in (0, 2):
-        resumed = StreamingLoader(raw_specs(shards), settings(4), 2, num_workers=workers)
-        resumed.load_state_dict(state)
-        got = batches(resumed, 10)
-        resumed.close()
+        with StreamingLoader(raw_specs(shards), settings(4), 2, num_workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = batches(resumed, 10)
         assert same(got, want), workers
 
 

@@ -142,10 +142,9 @@ def test_raw_pictures_resume_mid_window_exactly_with_and_without_workers(photos)
     want = batches(straight, 6)
     assert len({tuple(s[0]["tokens"][0]) for s in want}) == 6  # rows differ
     for workers in (0, 2):
-        resumed = StreamingLoader([spec(photos)], settings(2), 1, num_workers=workers)
-        resumed.load_state_dict(state)
-        got = batches(resumed, 6)
-        resumed.close()
+        with StreamingLoader([spec(photos)], settings(2), 1, num_workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = batches(resumed, 6)
         assert same(got, want), workers
 
 

@@ -278,15 +278,14 @@ def test_http_shards_served_whole_read_without_loss(tmp_path):
 def test_sigterm_ends_a_wait_for_a_stalled_shard(tmp_path, workers):
     good = shard(tmp_path / "good")
     sources = [source_spec("a", ("pipe:sleep 600", str(good)))]
-    ld = StreamingLoader(sources, stream_settings(2, seq_len=64), 1, num_workers=workers)
-    before = ld.state_dict()
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    start = time.monotonic()
-    with StopSignal() as stop, pytest.raises(Interrupted):
-        ld.next_step(lambda: stop.received is not None)
-    assert time.monotonic() - start < 5
-    assert ld.state_dict() == before  # nothing of the unfinished step is kept
-    ld.close()
+    with StreamingLoader(sources, stream_settings(2, seq_len=64), 1, num_workers=workers) as ld:
+        before = ld.state_dict()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        start = time.monotonic()
+        with StopSignal() as stop, pytest.raises(Interrupted):
+            ld.next_step(lambda: stop.received is not None)
+        assert time.monotonic() - start < 5
+        assert ld.state_dict() == before  # nothing of the unfinished step is kept
 
 
 _ORPHAN = """

@@ -275,9 +275,9 @@ def test_a_too_large_member_is_reported_in_the_step_metrics(tmp_path):
     write_shard(tmp_path / "s-000000.tar", docs(n=40, big=2, tokens=60))  # a row: one pass
     over = ["data.max_member_mb=1", "data.max_error_rate=0.5", "train.global_batch_size=1"]
     cfg = load_config(None, [f"data.paths=[{tmp_path}]", "train.micro_batch_size=1", *over])
-    loader = build_loader(cfg)
-    loader.next_step()
-    assert loader.describe(loader.step_counts())["data/skipped/too_large"] == 1
+    with build_loader(cfg) as loader:
+        loader.next_step()
+        assert loader.describe(loader.step_counts())["data/skipped/too_large"] == 1
 
 
 def test_a_too_large_sample_is_counted_by_its_own_unit_only(tmp_path):

@@ -70,10 +70,9 @@ def test_exact_resume_with_any_number_of_workers(tmp_path):
     state = straight.state_dict()
     want = [rows_of(straight.next_step()) for _ in range(4)]
     for workers in (0, 3):  # 3 DataLoader workers for 8 streams: shares of 3, 3 and 2
-        resumed = loader(urls, workers=workers)
-        resumed.load_state_dict(state)
-        got = [rows_of(resumed.next_step()) for _ in range(4)]
-        resumed.close()
+        with loader(urls, workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = [rows_of(resumed.next_step()) for _ in range(4)]
         assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), workers
 
 
@@ -91,15 +90,14 @@ def test_a_checkpoint_of_another_run_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_dead_worker_is_one_data_error_not_a_hang_nor_a_traceback(tmp_path):
-    ld = loader(corpus(tmp_path / "c"), workers=1)
-    ld.next_step()
-    (worker,) = ld.workers
-    os.kill(worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
-    time.sleep(0.5)  # torch's SIGCHLD handler would raise its RuntimeError in whatever runs here
-    with pytest.raises(DataError) as e:  # found at the next wait for the worker
-        for _ in range(20):
-            ld.next_step()
-    ld.close()
+    with loader(corpus(tmp_path / "c"), workers=1) as ld:
+        ld.next_step()
+        (worker,) = ld.workers
+        os.kill(worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        time.sleep(0.5)  # torch's SIGCHLD handler would raise its RuntimeError in whatever runs
+        with pytest.raises(DataError) as e:  # found at the next wait for the worker
+            for _ in range(20):
+                ld.next_step()
     message = str(e.value)
     assert f"loader worker 0 (pid {worker.pid}) was killed by SIGKILL" in message
     assert "out-of-memory killer" in message and "lower data.num_workers" in message
@@ -181,8 +179,11 @@ def test_a_source_too_small_for_the_streams_is_a_clear_error(tmp_path):
         for _ in range(100):
             starved._draw()
     # through a loader worker the message arrives as it is, without a traceback
-    with pytest.raises(DataError, match=r"^source 'a' gave stream 3 no document") as info:
-        loader(small, workers=1).next_step()
+    with (
+        loader(small, workers=1) as ld,
+        pytest.raises(DataError, match=r"^source 'a' gave stream 3 no document") as info,
+    ):
+        ld.next_step()
     assert "Traceback" not in str(info.value)
 
 
