@@ -11,9 +11,9 @@ import numpy as np
 from mmfm.core.errors import DataError
 from mmfm.data.deal import Unit
 from mmfm.data.decompose import LENGTH_DIGITS, bucket_mass, length_digits
+from mmfm.data.manifest import shard_record
 from mmfm.data.megatron import is_unit
 from mmfm.data.settings import SourceSpec, StreamSettings
-from mmfm.data.shards import shard_record
 from mmfm.data.skips import Skips
 from mmfm.data.units import read_source_unit
 

@@ -8,15 +8,14 @@ headers; Megatron indexed datasets from their index."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from mmfm.data.manifest import shard_record
 from mmfm.data.megatron import is_unit, unit_sizes
 from mmfm.data.raw_stream import raw_sizes
 
@@ -72,14 +71,13 @@ def _tar_size(path: str, size: int, mtime_ns: int) -> ShardSize:
     return ShardSize(len(sizes), float(per_sample.sum()), per_sample)
 
 
-@functools.lru_cache(maxsize=256)
-def _manifest_sizes(path: str, mtime_ns: int) -> dict[str, ShardSize]:
-    """{shard file name: size} of a `manifest.json` written by `mmfm prepare`."""
+def _listed(url: str) -> ShardSize | None:
+    """The size of a shard by the manifest beside it, None where it lists none."""
+    entry = shard_record(url)
     try:
-        shards = json.loads(Path(path).read_bytes())["shards"]
-        return {s["file"]: ShardSize(int(s["samples"]), float(s["tokens"])) for s in shards}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return ShardSize(int(entry["samples"]), float(entry["tokens"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[ShardSize]:
@@ -101,10 +99,7 @@ def shard_sizes(urls: Sequence[str], members: tuple[str, ...] = ()) -> list[Shar
         return [ShardSize(len(s), float(s.sum()), s) for s in raw_sizes(urls, members)]
     listed = []
     for url in urls:
-        manifest = os.path.join(os.path.dirname(url), "manifest.json")
-        if not os.path.isfile(manifest):
-            break
-        entry = _manifest_sizes(manifest, os.stat(manifest).st_mtime_ns).get(os.path.basename(url))
+        entry = _listed(url)
         if entry is None:
             break
         listed.append(entry)

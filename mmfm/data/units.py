@@ -9,11 +9,12 @@ from collections.abc import Iterator, Sequence
 
 from mmfm.core.types import Document
 from mmfm.data.deal import Unit
+from mmfm.data.manifest import held_samples
 from mmfm.data.megatron import is_unit
 from mmfm.data.megatron import read_unit as read_megatron_unit
 from mmfm.data.raw_stream import POSITIONS, RawTokenizer
 from mmfm.data.settings import SourceSpec, StreamSettings
-from mmfm.data.shards import ShardError, decode_sample, held_samples
+from mmfm.data.shards import ShardError, decode_sample
 from mmfm.data.skips import Skips
 from mmfm.data.tario import Damage, read_tar
 
