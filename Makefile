@@ -1,4 +1,4 @@
-# The two quick-start commands (README): `make demo` and `make test`.
+# The two quick-start commands (README.md, docs/getting_started.md): `make demo` and `make test`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 

@@ -68,6 +68,9 @@ setup(
             "psutil",
             "wandb>=0.31",
             "mlflow-skinny>=3.17",
+            # the documentation site (mkdocs.yml); tests/unit/test_docs.py builds it --strict
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.5,<10",
         ],
     },
     entry_points={"console_scripts": ["mmfm = mmfm.cli:main"]},

@@ -4,6 +4,7 @@ mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm eval CKPT DATA... [--steps N] [--json F]       held-out loss, perplexity, bits per byte
 mmfm config --doc [prepare|tokenizer|...]          every field with its type, default and doc
+mmfm config --doc-markdown                         all of them as one Markdown page
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
 mmfm convert hf CKPT OUT [--dtype bf16]            checkpoint -> Hugging Face folder
 mmfm convert from-hf HF_DIR OUT [--extend-vocab R] Llama / Mistral / Qwen2 -> checkpoint
@@ -120,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         help="list every field with its type, default and doc, nested ones too (data.sources[]."
         "kind): of the training config (train, the default) or of the recipes of mmfm prepare "
         "(prepare), mmfm tokenizer train (tokenizer) or a visual tokenizer (visual-tokenizer)",
+    )
+    config.add_argument(
+        "--doc-markdown",
+        action="store_true",
+        help="write the fields of every recipe kind as one Markdown page (the configuration "
+        "reference: mmfm config --doc-markdown > docs/reference/configuration.md)",
     )
     prepare = sub.add_parser("prepare", help="tokenize raw corpora into WebDataset shards")
     prepare.add_argument("recipe", help="data recipe, e.g. data_pipelines/text-kjv.yaml")
@@ -413,6 +420,51 @@ def _print_field_docs(schema: str) -> None:
         print(f"{key} ({type_name}{shown})\n    {doc}", flush=True)
 
 
+DOC_TITLES = {
+    "train": "Training config: `mmfm train`, `mmfm config`, `mmfm eval`, `mmfm slurm`",
+    "prepare": "Prepare recipe: `mmfm prepare`",
+    "tokenizer": "Tokenizer recipe: `mmfm tokenizer train`, `mmfm tokenizer encode`",
+    "visual-tokenizer": "Visual tokenizer recipe: `tokenizers/seed_image.yaml`, ...",
+}
+
+
+def config_reference_markdown() -> str:
+    """docs/reference/configuration.md: `mmfm config --doc` of every schema as Markdown, a
+    heading per section and a bullet per field (tests/unit/test_docs.py keeps the page current)."""
+    import dataclasses
+    import importlib
+    import re
+
+    from mmfm.config import field_docs
+
+    def text(doc: str) -> str:  # `<run_dir>` outside code spans would be read as an HTML tag
+        parts = re.split(r"(`[^`]*`)", doc)
+        return "".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+    out = [
+        "# Configuration reference",
+        "",
+        "Every field of every recipe kind, with its type, default and docstring, nested ones too",
+        "(`data.sources[].kind`). Generated from the config dataclasses by",
+        "`mmfm config --doc-markdown > docs/reference/configuration.md` (the same text as",
+        "`mmfm config --doc [train|prepare|tokenizer|visual-tokenizer]`); do not edit it by hand:",
+        "`tests/unit/test_docs.py` fails when it is out of date. How recipes and dotted overrides",
+        "work: [Configuration](../configuration.md).",
+    ]
+    for schema, spec in DOC_SCHEMAS.items():
+        module, name = spec.split(":")
+        out += ["", f"## {DOC_TITLES[schema]}", "", f"`mmfm config --doc {schema}`: `{spec}`.", ""]
+        fields = list(field_docs(getattr(importlib.import_module(module), name)))
+        for i, (key, type_name, default, doc) in enumerate(fields):
+            nxt = fields[i + 1][0] if i + 1 < len(fields) else ""
+            if default is dataclasses.MISSING and nxt.startswith(key + "."):  # a section
+                out += [*([""] if out[-1] else []), f"### `{key}`", "", text(doc), ""]
+                continue
+            shown = "required" if default is dataclasses.MISSING else f"default `{default!r}`"
+            out.append(f"- `{key}` (`{type_name}`, {shown}): {text(doc)}")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -482,7 +534,9 @@ def _config_command(args: argparse.Namespace) -> None:
     from mmfm.config import load_config, to_yaml
 
     try:
-        if args.doc:
+        if args.doc_markdown:
+            print(config_reference_markdown(), end="", flush=True)
+        elif args.doc:
             _print_field_docs(args.doc)
         else:
             print(to_yaml(load_config(args.recipe, args.overrides)), end="", flush=True)

@@ -106,7 +106,8 @@ KERNELS = {k.name: k for k in (MathKernel, CpuFlashKernel)}
 
 
 def build_kernel(name: str, device: torch.device):
-    """`auto`: the fused CPU kernel on CPU; the math kernel elsewhere (see the README)."""
+    """`auto`: the fused CPU kernel on CPU; the math kernel elsewhere (docs/parallelism.md,
+    "The ring")."""
     if name == "auto":
         name = "sdpa" if device.type == "cpu" else "math"
     return KERNELS[name]()

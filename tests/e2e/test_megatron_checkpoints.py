@@ -2,7 +2,7 @@
 (CPU, gloo, fp32).
 
 megatron-core 0.16.0 cannot run `GPTModel.forward` or `dist_checkpointing.save` whole on a
-CPU-only torch; the README's "Coming from Megatron-LM: checkpoints" says where. The
+CPU-only torch; docs/checkpoints.md's "Coming from Megatron-LM: checkpoints" says where. The
 megatron side here therefore runs GPTModel's own stages (`embedding`, `decoder`,
 `output_layer`) and megatron-core's own torch_dist writer, stepping only around those calls.
 """
