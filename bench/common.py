@@ -39,6 +39,9 @@ class FixedRows:
     def step_counts(self) -> list[float]:
         return []
 
+    def note_totals(self, counts) -> None:
+        pass
+
     def describe(self, counts) -> dict[str, float]:
         return {}
 

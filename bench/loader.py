@@ -52,9 +52,10 @@ from mmfm.core.examples import fetch
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.megatron import megatron_indexed, unit_urls
 from mmfm.data.raw_stream import load_tokenizers
-from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.data.settings import SourceSpec
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.prepare.megatron_out import write_megatron
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
@@ -84,7 +85,7 @@ def loader_pass(
     sources: list[SourceSpec], workers: int = 0, clock=time.perf_counter
 ) -> tuple[float, int]:
     """(seconds of `clock`, tokens) of one pass of one stream over `sources`."""
-    settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
+    settings = stream_settings(1, seq_len=4096)
     loader = StreamingLoader(sources, settings, micro_batch_size=1, num_workers=workers)
     if workers:
         loader.next_step()  # the worker's start-up (spawn, imports) and its first row: untimed
@@ -121,7 +122,7 @@ def prepared_section(repeats: int) -> dict:
         "raw tar read (webdataset)": n_tokens
         / statistics.median(tar_read(urls) for _ in range(repeats)),
     }
-    whole = [SourceSpec("mixed", tuple(urls), 1.0, max_epochs=1)]
+    whole = [source_spec("mixed", tuple(urls), max_epochs=1)]
     rows["loader, 1 source"] = rate(repeats, whole)["tokens_per_s"]
     by_modality = zip(urls, manifest["shards"], strict=True)
     text = tuple(
@@ -130,7 +131,10 @@ def prepared_section(repeats: int) -> dict:
         if s["tokens_by_modality"]["text"] > s["tokens_by_modality"]["svg"]
     )
     svg = tuple(u for u in urls if u not in text)
-    mixed = [SourceSpec("text", text, 0.7, max_epochs=1), SourceSpec("svg", svg, 0.3, max_epochs=1)]
+    mixed = [
+        source_spec("text", text, 0.7, max_epochs=1),
+        source_spec("svg", svg, 0.3, max_epochs=1),
+    ]
     rows["loader, 2 sources mixed 0.7 / 0.3"] = rate(repeats, mixed)["tokens_per_s"]
     rows["loader, 1 source, in 1 worker process"] = rate(repeats, whole, 1)["tokens_per_s"]
     megatron, cpu_ratio = megatron_rows(repeats, out, urls, n_tokens)
@@ -169,8 +173,8 @@ def megatron_rows(
         return time.perf_counter() - start
 
     units = tuple(unit_urls([str(out / "indexed")]))
-    indexed = [SourceSpec("indexed", units, 1.0, max_epochs=1)]
-    shards = [SourceSpec("mixed", tuple(urls), 1.0, max_epochs=1)]
+    indexed = [source_spec("indexed", units, max_epochs=1)]
+    shards = [source_spec("mixed", tuple(urls), max_epochs=1)]
     # Wall time moves with the load of a shared machine: the CPU time of passes taken in turn
     cpu = [
         loader_pass(shards, clock=time.process_time)[0]
@@ -229,13 +233,25 @@ def raw_section(repeats: int, verses: int, photos: int) -> dict:
     pictures = tuple(photo_shards(root, photos))
     verse = RawFields("text", text="txt")
     sources = {
-        "prepared text": SourceSpec("text", prepared, 1.0, 1),
-        "raw text (BPE in the stream)": SourceSpec("text", tuple(text), 1.0, 1, str(tok), verse),
-        "raw image-text, 1 picture per call": SourceSpec(
-            "photos", pictures, 1.0, 1, str(tok), RawFields(), tokenize_batch=1
+        "prepared text": source_spec("text", prepared, max_epochs=1),
+        "raw text (BPE in the stream)": source_spec(
+            "text", tuple(text), max_epochs=1, tokenize=str(tok), fields=verse
         ),
-        "raw image-text, 16 pictures per call": SourceSpec(
-            "photos", pictures, 1.0, 1, str(tok), RawFields(), tokenize_batch=16
+        "raw image-text, 1 picture per call": source_spec(
+            "photos",
+            pictures,
+            max_epochs=1,
+            tokenize=str(tok),
+            fields=RawFields(),
+            tokenize_batch=1,
+        ),
+        "raw image-text, 16 pictures per call": source_spec(
+            "photos",
+            pictures,
+            max_epochs=1,
+            tokenize=str(tok),
+            fields=RawFields(),
+            tokenize_batch=16,
         ),
     }
     load_tokenizers(str(tok)).visual.model("image")  # loaded once per worker: untimed

@@ -11,8 +11,9 @@ The other helpers are the tests' one copy of what many files need: the tiny mode
 run's metrics.jsonl (`read_metrics`, `train_metrics`), tiny untrained visual tokenizers
 (`tiny_visual_recipe`), a small VOC-style segmentation export (`voc_export`), a callback
 that signals the trainer at a step (`SignalAt`), megatron-core or a module skip
-(`megatron_indexed_or_skip`) and an untrained model saved as a checkpoint
-(`random_checkpoint`).
+(`megatron_indexed_or_skip`), an untrained model saved as a checkpoint
+(`random_checkpoint`), and streams' settings and sources built from the configuration, so
+with a user's defaults (`stream_settings`, `source_spec`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mmfm.config.schema import DataConfig, SourceConfig
 from mmfm.core.errors import LaunchError
 from mmfm.core.types import IGNORE_INDEX, Batch
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.train.callbacks import Callback
 
 
@@ -279,3 +282,19 @@ def random_checkpoint(path: Path, overrides: Sequence[str], vocab: Path | None =
     if vocab is not None:
         Vocab.load(vocab).save(Path(path) / "vocab.json")
     return Path(path)
+
+
+def stream_settings(
+    n_streams: int, seed: int = 0, steps: int = 1, vocab_size: int = 0, **data: Any
+) -> StreamSettings:
+    """The `StreamSettings` of `DataConfig(**data)` for `n_streams` streams, as `build_loader`
+    makes them (token ids unchecked unless `vocab_size`)."""
+    return StreamSettings.from_config(
+        DataConfig(**data), n_streams=n_streams, seed=seed, steps=steps, vocab_size=vocab_size
+    )
+
+
+def source_spec(name: str, urls: Sequence[str], weight: float = 1.0, **source: Any) -> SourceSpec:
+    """The `SourceSpec` of `SourceConfig(name, urls, weight, **source)` whose paths are `urls`."""
+    config = SourceConfig(name=name, paths=list(urls), weight=weight, **source)
+    return SourceSpec.from_config(config, urls)

@@ -210,6 +210,16 @@ class SourceConfig:
         )
 
 
+TRAINING_SOURCE = "data"
+"""The name of the one source of `data.paths`."""
+HELD_OUT_SOURCE = "eval"
+"""The name of the one held-out source of `eval.paths` (and of `mmfm eval`'s data)."""
+
+
+def _source_list(paths: list[str], sources: list[SourceConfig], name: str) -> list[SourceConfig]:
+    return list(sources) or [SourceConfig(name=name, paths=list(paths))]
+
+
 @dataclass
 class DataConfig:
     ALTERNATIVES: ClassVar[tuple[str, ...]] = ("paths", "sources")
@@ -332,6 +342,10 @@ class DataConfig:
             "data.attention=row joins the documents of a row, and data.packing=decompose "
             "puts one document in each: use data.attention=document",
         )
+
+    def source_list(self) -> list[SourceConfig]:
+        """`sources`, or `paths` as one source named `data` (`TRAINING_SOURCE`)."""
+        return _source_list(self.paths, self.sources, TRAINING_SOURCE)
 
 
 STAGE_SET_KEYS = ("train.run_dir", "train.steps", "train.init_from", "train.init_data",
@@ -689,6 +703,10 @@ class EvalConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.paths or self.sources)
+
+    def source_list(self) -> list[SourceConfig]:
+        """`sources`, or `paths` as one source named `eval` (`HELD_OUT_SOURCE`)."""
+        return _source_list(self.paths, self.sources, HELD_OUT_SOURCE)
 
 
 @dataclass

@@ -19,6 +19,8 @@ State: `{stream id: stream state}` for all streams, gathered from every rank at 
 time; any data-parallel size (and any number of workers) can resume from it. The state lives
 in this process (the last row of each stream), not in the DataLoader, so a resume starts
 fresh workers from it.
+
+A loader is a context manager: `with build_loader(cfg) as loader:` ends its workers on exit.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmfm.config.schema import Config, SourceConfig
+from mmfm.config.schema import Config
 from mmfm.core.errors import CheckpointError, ConfigError, DataError, LaunchError
 from mmfm.core.modalities import registered, restore
 from mmfm.core.torch_compat import (
@@ -47,19 +49,14 @@ from mmfm.core.zigzag import zigzag_slice
 from mmfm.data import orphans
 from mmfm.data.demo import ensure_demo_held_out, ensure_demo_shards
 from mmfm.data.megatron import unit_urls
-from mmfm.data.packing import RowStats, modality_weight_table
+from mmfm.data.odds import natural_odds
+from mmfm.data.packing import RowStats
 from mmfm.data.raw import warn_ignored
+from mmfm.data.settings import SourceSpec, StreamSettings
 from mmfm.data.shards import ShardError, expand_paths
-from mmfm.data.stream import (
-    SKIP_REASONS,
-    SourcesExhausted,
-    SourceSpec,
-    StreamSettings,
-    VirtualStream,
-    natural_odds,
-)
+from mmfm.data.skips import SKIP_REASONS
+from mmfm.data.stream import SourcesExhausted, VirtualStream
 from mmfm.data.tario import Interrupted, set_stop_check
-from mmfm.tokenization.shaping import Shaping
 
 STATE_FORMAT = "mmfm-streams/1"
 WORKER_DEATH_FIX = (
@@ -76,6 +73,7 @@ class Loader(Protocol):
 
     def next_step(self, stop: Callable[[], bool] | None = None) -> list[Batch]: ...
     def step_counts(self) -> list[float]: ...
+    def note_totals(self, counts: Sequence[float]) -> None: ...
     def describe(self, counts: Sequence[float]) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -356,6 +354,12 @@ class StreamingLoader:
         shutdown_dataloader_workers(self._items)
         self._items, self._stop_workers, self._stale = None, None, False
 
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- metrics -----------------------------------------------------------------------------
 
     def count_keys(self) -> list[str]:
@@ -368,11 +372,16 @@ class StreamingLoader:
     def step_counts(self) -> list[float]:
         return [self._counts.get(k, 0.0) for k in self.count_keys()]
 
+    def note_totals(self, counts: Sequence[float]) -> None:
+        """Take in the step's counters summed over data-parallel ranks: streams done with
+        their last pass give empty rows, and once every stream on every rank is, the next
+        step raises `SourcesExhausted`."""
+        c = dict(zip(self.count_keys(), counts, strict=True))
+        self._all_dry = c["dry_streams"] == self.settings.n_streams
+
     def describe(self, counts: Sequence[float]) -> dict[str, float]:
         """Metrics from the step's counters summed over data-parallel ranks."""
         c = dict(zip(self.count_keys(), counts, strict=True))
-        # streams done with one pass give empty rows; once all are, the next step stops
-        self._all_dry = c["dry_streams"] == self.settings.n_streams
         total = self.settings.n_streams * self.settings.seq_len
         metrics = {"data/padding": c["pad_tokens"] / total, "data/split_docs": c["split_docs"]}
         metrics["data/dropped_docs"] = c["dropped_docs"]
@@ -446,60 +455,30 @@ def resolve_paths(paths: Sequence[str], cache_dir: str) -> list[str]:
 
 def source_specs(cfg: Config) -> list[SourceSpec]:
     """`data.sources`, or `data.paths` as one source named `data`."""
-    configs = list(cfg.data.sources) or [SourceConfig(name="data", paths=list(cfg.data.paths))]
     specs = []
-    for source in configs:
+    for source in cfg.data.source_list():
         if source.kind == "megatron":  # .bin/.idx prefixes: units of their index
             urls = unit_urls(source.paths)
         else:
             urls = resolve_paths(source.paths, cfg.data.cache_dir)
         if not urls:
             raise ShardError(f"data source {source.name!r}: its paths match no shards")
-        raw = {  # raw shards
-            "tokenize": source.tokenize,
-            "fields": source.fields,
-            "tokenize_batch": source.tokenize_batch,
-            "tokenize_device": source.tokenize_device,
-            "max_length": source.max_length,
-            "shaping": _shaping(source),
-        }
         if source.tokenize:
             warn_ignored(source.fields, f"data source {source.name!r}")
-        spec = (source.name, tuple(urls), source.weight, source.max_epochs)
-        specs.append(SourceSpec(*spec, **raw, ordered=source.ordered))
+        specs.append(SourceSpec.from_config(source, urls))
     return specs
-
-
-def _shaping(source: SourceConfig) -> Shaping | None:
-    """The shaping rule of a raw source, None when it shapes nothing."""
-    rule = Shaping(source.uncond_ratio, source.order, source.reverse_ratio, source.completion_only)
-    return rule if rule.draws or rule.completion_only else None
 
 
 def build_loader(
     cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
 ) -> StreamingLoader:
     d = cfg.data
-    settings = StreamSettings(
+    settings = StreamSettings.from_config(
+        d,
         n_streams=cfg.train.global_batch_size,
-        seq_len=d.seq_len,
         seed=cfg.train.seed,
-        weights=tuple(modality_weight_table(d.loss_weights).tolist()),
-        shuffle_buffer=d.shuffle_buffer,
-        shuffle_buffer_tokens=d.shuffle_buffer_tokens,
-        packing=d.packing,
-        pack_buffer=d.pack_buffer,
-        long_docs=d.long_docs,
-        max_error_rate=d.max_error_rate,
+        steps=cfg.train.steps,
         vocab_size=cfg.model.vocab_size,
-        read_timeout_s=d.read_timeout_s,
-        max_member=int(d.max_member_mb * 2**20),
-        attention=d.attention,
-        buckets=tuple(d.buckets),
-        remainder=d.remainder,
-        curriculum=d.curriculum,
-        num_cycles=d.num_cycles,
-        curriculum_steps=cfg.train.steps,
     )
     return StreamingLoader(
         source_specs(cfg),

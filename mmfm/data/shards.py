@@ -19,11 +19,8 @@ import json
 import logging
 import os
 import re
-import shlex
 import stat
 import tokenize
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +38,15 @@ log = logging.getLogger("mmfm.data")
 
 class ShardError(DataError):
     """A shard or one of its samples cannot be read; the message names the shard and key."""
+
+    reason = "bad_sample"
+    """The skip reason (skips.py) a stream counts it under."""
+
+
+class MissingMembers(ShardError):
+    """A sample without the members of a prepared document (tokens.npy and json)."""
+
+    reason = "missing_field"
 
 
 def encode_sample(doc: Document, sample_key: str | None = None) -> dict:
@@ -169,7 +175,7 @@ def decode_sample(sample: dict, url: str, vocab_size: int = 0) -> Document:
     try:
         raw_tokens, raw_meta = sample["tokens.npy"], sample["json"]
     except KeyError:
-        raise ShardError(
+        raise MissingMembers(
             f"shard {url}, sample {key!r}: needs members tokens.npy and json, has "
             f"{sorted(k for k in sample if k != '__key__')}"
         ) from None
@@ -241,58 +247,9 @@ def _strict(url: str, timeout_s: float) -> Iterator[dict]:
         yield held
 
 
-def held_samples(url: str) -> int | None:
-    """How many samples the shard holds by the `manifest.json` beside it, or None."""
-    try:
-        return int(shard_record(url)["samples"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def shard_record(url: str) -> dict | None:
-    """The shard's entry in the `manifest.json` beside it (`mmfm prepare` writes one), or None
-    where there is none: local and http(s) shards, and `pipe:` commands whose last argument is
-    a local file (`pipe:cat x.tar`)."""
-    base, _, name = url.rpartition("/")
-    if url.startswith(("http://", "https://")):
-        return _manifest_shards(base + "/manifest.json", 0).get(name)
-    if url.startswith("pipe:"):
-        try:
-            url = shlex.split(url[len("pipe:") :])[-1]
-        except (ValueError, IndexError):
-            return None
-    path = Path(url)
-    manifest = path.parent / "manifest.json"
-    kind = file_kind(str(manifest))
-    if kind:  # none, or a FIFO or device: reading it would block or never end
-        if kind != "missing":
-            _warn_once(f"cannot use {manifest} to count documents: it is {kind}")
-        return None
-    try:
-        return _manifest_shards(str(manifest), manifest.stat().st_mtime_ns).get(path.name)
-    except OSError:
-        return None
-
-
 @functools.lru_cache(maxsize=64)
 def _warn_once(message: str) -> None:
     log.warning("%s", message)
-
-
-@functools.lru_cache(maxsize=256)
-def _manifest_shards(where: str, version: int) -> dict[str, dict]:
-    """{shard file name: its entry} of one manifest (`version`: its mtime, for the cache)."""
-    try:
-        if where.startswith(("http://", "https://")):
-            with urllib.request.urlopen(where, timeout=10) as response:
-                raw = response.read(1 << 24)
-        else:
-            raw = Path(where).read_bytes()
-        return {s["file"]: s for s in json.loads(raw)["shards"] if isinstance(s, dict)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if not isinstance(e, urllib.error.HTTPError):
-            log.warning("cannot use %s to count documents: %s", where, e)
-        return {}
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:

@@ -9,9 +9,10 @@ mmfm/tokenization/shaping.py) and counts their realised shares, `tasks.py` reads
 response tasks.
 """
 
+from mmfm.data.manifest import MANIFEST
 from mmfm.prepare.command import check_output, dataset_vocab, prepare
 from mmfm.prepare.readers import Rejects, iter_records
-from mmfm.prepare.recipe import KINDS, MANIFEST, PrepareRecipe, PrepareSource, load_prepare_recipe
+from mmfm.prepare.recipe import KINDS, PrepareRecipe, PrepareSource, load_prepare_recipe
 
 __all__ = [
     "KINDS",

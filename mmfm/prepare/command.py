@@ -37,6 +37,7 @@ from mmfm.core.errors import ConfigError
 from mmfm.core.modalities import registered, restore
 from mmfm.core.types import MODALITY_NAMES, Document
 from mmfm.data.decompose import length_digits
+from mmfm.data.manifest import MANIFEST, read_manifest, write_manifest
 from mmfm.data.shards import ShardError, write_shard
 from mmfm.prepare.fingerprint import changed
 from mmfm.prepare.fingerprint import fingerprint as fingerprint_of
@@ -51,7 +52,7 @@ from mmfm.prepare.readers import (
     list_inputs,
     require_decoders,
 )
-from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
+from mmfm.prepare.recipe import PrepareRecipe
 from mmfm.prepare.shaping import log_realised, realised, rules
 from mmfm.tokenization.dna import DnaError
 from mmfm.tokenization.recipe import load_recipe
@@ -257,7 +258,7 @@ def prepare(
     manifest = _manifest(recipe, shards, rejects, tokenizers.vocab.fingerprint, fingerprint)
     if recipe.format == "megatron":  # the same documents as an indexed dataset, from the shards
         manifest["megatron"] = write_megatron(out, recipe.name, paths, tokenizers.vocab.size)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     for leftover in out.glob(".*.tmp"):  # temporary files of an interrupted run
         leftover.unlink()
     log.info(
@@ -302,7 +303,7 @@ def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> None:
     fingerprint stay: the run resumes)."""
     stale = []
     for path in [*sorted(out.glob("*.tar")), out / MANIFEST]:
-        made = _read_json(_stats_path(path) if path.suffix == ".tar" else path)
+        made = _read_json(_stats_path(path)) if path.suffix == ".tar" else _manifest_json(path)
         if path.suffix == ".tar" or made is not None:  # a shard without a marker is foreign
             old = (made or {}).get("fingerprint")
             if not isinstance(old, dict) or old.get("all") != fingerprint["all"]:
@@ -337,6 +338,14 @@ def check_output(recipe: PrepareRecipe, overwrite: bool = False) -> None:
     inputs = list_inputs(recipe)
     fingerprint = fingerprint_of(recipe, load_recipe(recipe.tokenizer), inputs)
     _check_output(Path(recipe.output), fingerprint, overwrite)
+
+
+def _manifest_json(path: Path) -> dict | None:
+    """The manifest at `path` as a JSON object, or None (missing, unreadable)."""
+    try:
+        return read_manifest(path).as_dict()
+    except ShardError:
+        return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -420,9 +429,9 @@ def dataset_vocab(directory: str | Path) -> tuple[str, Path] | None:
     manifest = directory / MANIFEST
     if manifest.is_file():
         try:
-            fingerprint = json.loads(manifest.read_text()).get("vocab_fingerprint")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ShardError(f"{manifest}: unreadable ({e}): run mmfm prepare again") from e
+            fingerprint = read_manifest(manifest).vocab_fingerprint
+        except ShardError as e:
+            raise ShardError(f"unreadable manifest: {e}: run mmfm prepare again") from e
         if fingerprint is not None:
             return fingerprint, manifest
     if (directory / VOCAB_FILE).is_file():

@@ -19,16 +19,16 @@ together.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from mmfm.data.manifest import write_manifest
 from mmfm.data.megatron import SPANS, megatron_indexed, spans_item
 from mmfm.data.shards import read_shard
-from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
+from mmfm.prepare.recipe import PrepareRecipe
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
 PARTS = (SPANS + ".bin", SPANS + ".idx", ".bin", ".idx")
@@ -66,5 +66,5 @@ def with_related_order(recipe: PrepareRecipe, manifest: dict) -> dict:
     shards = [str(out / s["file"]) for s in manifest["shards"]]
     vocab_size = Vocab.load(out / VOCAB_FILE).size
     manifest["megatron"] = write_megatron(out, recipe.name, shards, vocab_size)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     return manifest

@@ -36,8 +36,9 @@ import numpy as np
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import MODALITY_NAMES, Document
 from mmfm.data.decompose import length_digits
-from mmfm.data.shards import read_shard, write_shard
-from mmfm.prepare.recipe import MANIFEST, PrepareRecipe
+from mmfm.data.manifest import MANIFEST, read_manifest, write_manifest
+from mmfm.data.shards import ShardError, read_shard, write_shard
+from mmfm.prepare.recipe import PrepareRecipe
 from mmfm.tokenization.vocab import VOCAB_FILE
 
 try:  # optional: approximate neighbours for corpora beyond EXACT_DOCS
@@ -260,14 +261,14 @@ def write_related(recipe: PrepareRecipe, staged: dict, fingerprint: dict) -> dic
     manifest = _manifest(staged, shards, Counter(docs[i].source for i in path.duplicates))
     manifest.update(fingerprint=fingerprint, order=stats)
     shutil.copyfile(out / STAGING / VOCAB_FILE, out / VOCAB_FILE)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     return manifest
 
 
 def _read_manifest(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_manifest(path).as_dict()
+    except ShardError:
         return {}
 
 

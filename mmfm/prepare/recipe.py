@@ -19,7 +19,6 @@ from mmfm.tokenization.visual.data import FITS
 from mmfm.tokenization.visual.records import MASKS
 
 log = logging.getLogger("mmfm")
-MANIFEST = "manifest.json"
 KINDS = (
     "text", "dna", "dna-pairs", "svg", "image-text", "image-mask", "video", "webdataset", "voc",
     "coco", "prompt-response",

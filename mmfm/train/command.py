@@ -251,9 +251,7 @@ def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:
                 f"{start / VOCAB_FILE} and prepare the data with that vocabulary"
             )
         reference = reference or (theirs, start / VOCAB_FILE)
-    sources = list(cfg.data.sources) or [SourceConfig("data", list(cfg.data.paths))]
-    if cfg.eval.sources or cfg.eval.paths:
-        sources += cfg.eval.sources or [SourceConfig("eval", list(cfg.eval.paths))]
+    sources = cfg.data.source_list() + (cfg.eval.source_list() if cfg.eval.enabled else [])
     return vocab, check_sources_vocab(sources, reference, cfg.model.vocab_size)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from mmfm.config import Config, ConfigError, load_structured
 from mmfm.config.layout import resolve_layout
-from mmfm.config.schema import ParallelConfig, SourceConfig
+from mmfm.config.schema import EvalConfig, ParallelConfig, SourceConfig
 from mmfm.core.errors import DataError, InputNotFound
 from mmfm.core.types import Document, Modality
 from mmfm.data.demo import SPECIAL, TEXT_OFFSET
@@ -104,7 +104,7 @@ def _sources(data: Sequence[str], vocab: Vocab | None, scratch: Path) -> list[So
             write_shard(shard, text_documents(Path(item), vocab))
             item = str(shard)
         paths.append(item)
-    return [SourceConfig(name="eval", paths=paths)]
+    return EvalConfig(paths=paths).source_list()
 
 
 def evaluate_checkpoint(
@@ -175,7 +175,8 @@ def _check_data_vocab(checkpoint: Path, data: Sequence[str]) -> None:
     vocab_file = checkpoint / VOCAB_FILE
     reference = (Vocab.load(vocab_file).fingerprint, vocab_file) if vocab_file.is_file() else None
     shards = [item for item in data if not item.endswith(".txt")]
-    for note in check_sources_vocab([SourceConfig("eval", shards)], reference) if shards else []:
+    held_out = EvalConfig(paths=shards).source_list() if shards else []
+    for note in check_sources_vocab(held_out, reference) if held_out else []:
         log.info(note)
 
 

@@ -37,7 +37,8 @@ from mmfm.core.zigzag import zigzag_slice
 from mmfm.data.demo import TEXT_OFFSET
 from mmfm.data.loader import build_loader, collate
 from mmfm.data.packing import Exhausted, RowBuilder
-from mmfm.data.stream import SKIP_REASONS, VirtualStream
+from mmfm.data.skips import SKIP_REASONS
+from mmfm.data.stream import VirtualStream
 from mmfm.parallel.env import ParallelEnv
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
@@ -209,16 +210,16 @@ class HeldOutRows:
         )
         # The training loader's factory resolves the paths and the packing settings; only
         # its sources, settings and stream ids are used (it never starts).
-        loader = build_loader(
+        with build_loader(
             dataclasses.replace(cfg, data=data),
             env.dp_rank,
             env.dims.dp,
             cp_rank=env.coordinate("cp"),
             cp_size=env.dims.cp,
-        )
-        self.sources, self.settings = loader.sources, loader.settings
-        self.stream_ids, self.micro_batch_size = loader.stream_ids, loader.micro_batch_size
-        self.cp_rank, self.cp_size = loader.cp_rank, loader.cp_size
+        ) as loader:
+            self.sources, self.settings = loader.sources, loader.settings
+            self.stream_ids, self.micro_batch_size = loader.stream_ids, loader.micro_batch_size
+            self.cp_rank, self.cp_size = loader.cp_rank, loader.cp_size
         self.env = env
 
     def describe(self) -> str:
@@ -347,7 +348,7 @@ def build_evaluator(
     """The validation of `cfg.eval` (None when it names no held-out data)."""
     if not cfg.eval.enabled:
         return None
-    sources = list(cfg.eval.sources) or [SourceConfig(name="val", paths=list(cfg.eval.paths))]
+    sources = cfg.eval.source_list()
     table = text_byte_table(vocab, cfg.model.vocab_size)
     return Evaluator(cfg, env, runner, sources, cfg.eval.steps, table)
 

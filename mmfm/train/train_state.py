@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from mmfm.data.deal import deal
 from mmfm.data.loader import STATE_FORMAT
 from mmfm.data.raw_stream import POSITIONS
-from mmfm.data.stream import EMPTY_EPOCHS_LIMIT, deal, shard_sizes
+from mmfm.data.sizing import shard_sizes
+from mmfm.data.source_reader import EMPTY_EPOCHS_LIMIT
 from mmfm.train.dcp_reader import DamagedCheckpointError
 
 STATE_KEYS = ("step", "scheduler", "loader", "nonfinite")

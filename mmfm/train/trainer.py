@@ -231,7 +231,8 @@ class Trainer:
                 )
             self.scheduler.step()
         self.step += 1
-        data_metrics = self.loader.describe(flags.data_counts)  # also notes exhaustion
+        self.loader.note_totals(flags.data_counts)  # every stream dry: the next step stops
+        data_metrics = self.loader.describe(flags.data_counts)
         if flags.reported is None:
             return {}
         return {**self._metrics(flags.reported, lr, start), **data_metrics}

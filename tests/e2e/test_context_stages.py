@@ -57,13 +57,13 @@ def test_three_stages_hand_over_the_weights_and_the_data_stream(tmp_path, demo_c
         if before is not None:
             # The stream read on from the last stage's state: the same rows as a loader of
             # this stage restored from it and stepped once.
-            loader = build_loader(cfg)
-            loader.load_state_dict(_state(before)["loader"])
-            loader.next_step()
-            assert loader.state_dict()["streams"] == _state(run_dir)["loader"]["streams"]
-            fresh = build_loader(cfg)
-            fresh.next_step()
-            assert fresh.state_dict()["streams"] != _state(run_dir)["loader"]["streams"]
+            with build_loader(cfg) as loader:
+                loader.load_state_dict(_state(before)["loader"])
+                loader.next_step()
+                assert loader.state_dict()["streams"] == _state(run_dir)["loader"]["streams"]
+            with build_loader(cfg) as fresh:
+                fresh.next_step()
+                assert fresh.state_dict()["streams"] != _state(run_dir)["loader"]["streams"]
         before = run_dir
     assert torch.isfinite(torch.tensor(read_metrics(before)[-1]["loss"]))
 

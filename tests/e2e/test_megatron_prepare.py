@@ -12,7 +12,7 @@ from mmfm.config import load_config
 from mmfm.core.types import Modality
 from mmfm.data import megatron as mdata
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import Skips
+from mmfm.data.skips import Skips
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.testing import megatron_indexed_or_skip, tiny_shape, train_metrics
 from mmfm.tokenization.vocab import Vocab, VocabError

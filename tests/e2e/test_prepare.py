@@ -14,8 +14,8 @@ from mmfm.core.errors import DataError
 from mmfm.data.decompose import length_digits
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.testing import source_spec, stream_settings
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tokenizers/base.yaml")
@@ -77,8 +77,8 @@ def test_prepare_stream_pack_recovers_every_document(tmp_path):
     assert {d.source for d in docs} == {"kjv", "genome", "cds", "icons"}
 
     urls = tuple(str(p) for p in sorted(out.glob("t-*.tar")))
-    settings = StreamSettings(1, 512, 0, tuple([1.0] * 6), shuffle_buffer=16, pack_buffer=8)
-    loader = StreamingLoader([SourceSpec("t", urls, 1.0, max_epochs=1)], settings, 1)
+    settings = stream_settings(1, seq_len=512, shuffle_buffer=16, pack_buffer=8)
+    loader = StreamingLoader([source_spec("t", urls, max_epochs=1)], settings, 1)
     rows = []
     with pytest.raises(DataError, match="max_epochs"):
         while True:

@@ -22,10 +22,13 @@ from PIL import Image
 from mmfm.cli import main
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
+from mmfm.data.deal import Unit
 from mmfm.data.raw import RawDecoder, count_samples
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
@@ -201,10 +204,14 @@ def test_raw_shards_streamed_give_the_documents_prepare_made(corpus, from_raw):
     DNA windowed by max_length give the documents mmfm prepare made of the same shards."""
     root, tok = corpus["root"], str(corpus["root"] / "tok.yaml")
     prepared = documents(root / "from-raw")
-    photos = SourceSpec("photos", (f"{corpus['url']}/photos.tar",), 1.0, 0, tok, RawFields())
+    photos = source_spec(
+        "photos", (f"{corpus['url']}/photos.tar",), tokenize=tok, fields=RawFields()
+    )
     dna = RawFields(record="dna")
-    genome = SourceSpec("genome", (str(root / "raw/dna.tar"),), 1.0, 0, tok, dna, max_length=2000)
-    settings = StreamSettings(1, 4096, 0, tuple([1.0] * 6))
+    genome = source_spec(
+        "genome", (str(root / "raw/dna.tar"),), tokenize=tok, fields=dna, max_length=2000
+    )
+    settings = stream_settings(1, seq_len=4096)
     for spec in (photos, genome):
         read = read_raw_unit(Unit(spec.urls[0], 1, 0), 0, Skips(1.0), spec, settings)
         streamed = [(d.source, d.tokens.tolist(), d.modality.tolist()) for _, d in read]

@@ -16,8 +16,8 @@ from mmfm.core.errors import DataError
 from mmfm.core.types import Modality
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -141,8 +141,8 @@ def test_task_prompts_get_no_loss_in_training_batches(corpus, prepared):
     assert [s[0] for s in toks.decode(docs["tasks:22"][0])] == ["image", "text", "mask"]
 
     urls = tuple(str(p) for p in sorted((corpus / "a").glob("t-*.tar")))
-    settings = StreamSettings(1, 256, 0, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=8)
-    loader = StreamingLoader([SourceSpec("t", urls, 1.0, max_epochs=1)], settings, 1)
+    settings = stream_settings(1, seq_len=256, shuffle_buffer=8, pack_buffer=8)
+    loader = StreamingLoader([source_spec("t", urls, max_epochs=1)], settings, 1)
     seen = Counter()
     with pytest.raises(DataError, match="max_epochs"):
         while True:

@@ -16,12 +16,14 @@ from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
 from mmfm.core.modalities import Modality
+from mmfm.data.deal import Unit
 from mmfm.data.loader import source_specs
 from mmfm.data.raw import RawDecoder
 from mmfm.data.shards import read_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_raw_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
 from mmfm.prepare import PrepareRecipe, PrepareSource, prepare
-from mmfm.testing import tiny_visual_recipe
+from mmfm.testing import stream_settings, tiny_visual_recipe
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.shaping import Shaping, shape
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -121,7 +123,7 @@ def streamed(corpus: dict, sources: dict[str, dict]) -> dict[str, list[tuple]]:
         for name, entry in sources.items()
     ]
     overrides = [f"data.sources={_flow(entries)}", f"train.seed={SEED}"]
-    settings = StreamSettings(1, 4096, SEED, tuple([1.0] * 6))
+    settings = stream_settings(1, seed=SEED, seq_len=4096)
     out = {}
     for spec in source_specs(load_config(None, overrides)):
         units = [Unit(url, 1, 0) for url in spec.urls]

@@ -13,10 +13,14 @@ import webdataset as wds
 from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import DataError
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader, source_specs
 from mmfm.data.raw_stream import POSITIONS
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit, read_unit
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit, read_unit
 from mmfm.prepare import load_prepare_recipe, prepare
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.vocab import VocabError
 from mmfm.train.command import _check_vocab
 
@@ -66,21 +70,30 @@ def shards(tmp_path_factory, real_data) -> dict:
 
 def settings(n_streams: int, **kw) -> StreamSettings:
     kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
-    return StreamSettings(n_streams, 64, 3, tuple([1.0] * 6), **kw)
+    return stream_settings(n_streams, seed=3, seq_len=64, **kw)
 
 
 def raw_specs(shards, max_epochs=0) -> list[SourceSpec]:
     tok = shards["tok"]
     return [
-        SourceSpec("text", tuple(shards["raw"]["text"]), 3.0, max_epochs, tok, TEXT),
-        SourceSpec("svg", tuple(shards["raw"]["svg"]), 1.0, max_epochs, tok, SVG),
+        source_spec(
+            "text",
+            tuple(shards["raw"]["text"]),
+            3.0,
+            max_epochs=max_epochs,
+            tokenize=tok,
+            fields=TEXT,
+        ),
+        source_spec(
+            "svg", tuple(shards["raw"]["svg"]), max_epochs=max_epochs, tokenize=tok, fields=SVG
+        ),
     ]
 
 
 def prepared_specs(shards) -> list[SourceSpec]:
     return [
-        SourceSpec("text", tuple(shards["prepared"]["text"]), 3.0),
-        SourceSpec("svg", tuple(shards["prepared"]["svg"]), 1.0),
+        source_spec("text", tuple(shards["prepared"]["text"]), 3.0),
+        source_spec("svg", tuple(shards["prepared"]["svg"])),
     ]
 
 
@@ -105,7 +118,7 @@ def test_raw_shards_give_the_documents_of_their_prepared_shards(shards):
         spec = raw_specs(shards)[kind == "svg"]
         for raw, prepared in zip(shards["raw"][kind], shards["prepared"][kind], strict=True):
             got = list(read_raw_unit(Unit(raw, 1, 0), 0, Skips(1.0), spec, settings(1)))
-            want = list(read_unit(Unit(prepared, 1, 0), 0, Skips(1.0)))
+            want = list(read_unit(Unit(prepared, 1, 0), 0, Skips(1.0), settings(1)))
             assert [(d.key, d.tokens.tolist(), d.modality.tolist()) for _, d in got] == [
                 (d.key, d.tokens.tolist(), d.modality.tolist()) for _, d in want
             ]
@@ -128,10 +141,9 @@ def test_raw_resume_mid_epoch_is_exact_with_and_without_workers(shards):
     state = straight.state_dict()
     want = batches(straight, 10)  # long enough for documents read after the restore
     for workers in (0, 2):
-        resumed = StreamingLoader(raw_specs(shards), settings(4), 2, num_workers=workers)
-        resumed.load_state_dict(state)
-        got = batches(resumed, 10)
-        resumed.close()
+        with StreamingLoader(raw_specs(shards), settings(4), 2, num_workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = batches(resumed, 10)
         assert same(got, want), workers
 
 

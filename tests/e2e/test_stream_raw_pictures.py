@@ -16,9 +16,13 @@ from mmfm.config import load_config
 from mmfm.config.schema import RawFields
 from mmfm.core.errors import ConfigError
 from mmfm.data import raw_stream
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.raw_stream import POSITIONS
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_raw_unit
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
 
@@ -63,11 +67,18 @@ def photos(tmp_path_factory, real_data) -> dict:
 
 
 def spec(photos, batch: int = 4, device: str = "cpu") -> SourceSpec:
-    return SourceSpec("photos", photos["urls"], 1.0, 0, photos["tok"], RawFields(), batch, device)
+    return source_spec(
+        "photos",
+        photos["urls"],
+        tokenize=photos["tok"],
+        fields=RawFields(),
+        tokenize_batch=batch,
+        tokenize_device=device,
+    )
 
 
 def settings(n_streams: int) -> StreamSettings:
-    return StreamSettings(n_streams, 64, 5, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=4)
+    return stream_settings(n_streams, seed=5, seq_len=64, shuffle_buffer=8, pack_buffer=4)
 
 
 def as_lists(read) -> list[tuple]:
@@ -131,10 +142,9 @@ def test_raw_pictures_resume_mid_window_exactly_with_and_without_workers(photos)
     want = batches(straight, 6)
     assert len({tuple(s[0]["tokens"][0]) for s in want}) == 6  # rows differ
     for workers in (0, 2):
-        resumed = StreamingLoader([spec(photos)], settings(2), 1, num_workers=workers)
-        resumed.load_state_dict(state)
-        got = batches(resumed, 6)
-        resumed.close()
+        with StreamingLoader([spec(photos)], settings(2), 1, num_workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = batches(resumed, 6)
         assert same(got, want), workers
 
 

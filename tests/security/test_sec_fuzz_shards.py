@@ -12,8 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_unit
+from mmfm.testing import stream_settings
 
 N = 12
 
@@ -102,4 +105,4 @@ def test_every_document_is_delivered_intact_or_counted(tmp_path_factory, changes
         assert len(got) == N and not skips.counts
 
 
-_SETTINGS = StreamSettings(1, 64, 0, (1.0,) * 6, vocab_size=70_000)
+_SETTINGS = stream_settings(1, seq_len=64, vocab_size=70_000)

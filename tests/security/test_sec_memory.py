@@ -28,13 +28,17 @@ copies, 1.7 GB) do not fit, three documents (54 MB) fit many times over."""
 CHILD = """
 import json, resource, sys
 import numpy as np
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
+from mmfm.config.schema import DataConfig, SourceConfig
+from mmfm.data.settings import SourceSpec, StreamSettings
+from mmfm.data.stream import VirtualStream
 
 url, seq, headroom, rows = sys.argv[1], *map(int, sys.argv[2:5])
 tokens_limit = sys.argv[5]
 extra = {} if tokens_limit == "default" else {"shuffle_buffer_tokens": int(tokens_limit)}
-settings = StreamSettings(1, seq, 0, tuple([1.0] * 6), **extra)  # buffers 64 and 32 docs
-stream = VirtualStream(0, [SourceSpec("huge", (url,), 1.0)], settings)
+data = DataConfig(seq_len=seq, **extra)  # buffers 64 and 32 docs
+settings = StreamSettings.from_config(data, n_streams=1, seed=0, steps=1, vocab_size=0)
+source = SourceSpec.from_config(SourceConfig(name="huge", paths=[url]), [url])
+stream = VirtualStream(0, [source], settings)
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, vm + headroom))

@@ -24,10 +24,13 @@ import numpy as np
 import pytest
 
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
 from mmfm.data.tario import Interrupted
+from mmfm.data.units import read_unit
+from mmfm.testing import source_spec, stream_settings
 from mmfm.train.trainer import StopSignal
 
 N = 20
@@ -59,7 +62,7 @@ def members(path):
 
 def read(url, **settings):
     skips = Skips(1.0)
-    s = StreamSettings(1, 64, 0, (1.0,) * 6, **settings)
+    s = stream_settings(1, seq_len=64, **settings)
     got = [doc for _, doc in read_unit(Unit(str(url), 1, 0), 0, skips, s)]
     return got, dict(skips.counts)
 
@@ -274,24 +277,23 @@ def test_http_shards_served_whole_read_without_loss(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigterm_ends_a_wait_for_a_stalled_shard(tmp_path, workers):
     good = shard(tmp_path / "good")
-    sources = [SourceSpec("a", ("pipe:sleep 600", str(good)), 1.0)]
-    ld = StreamingLoader(sources, StreamSettings(2, 64, 0, (1.0,) * 6), 1, num_workers=workers)
-    before = ld.state_dict()
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    start = time.monotonic()
-    with StopSignal() as stop, pytest.raises(Interrupted):
-        ld.next_step(lambda: stop.received is not None)
-    assert time.monotonic() - start < 5
-    assert ld.state_dict() == before  # nothing of the unfinished step is kept
-    ld.close()
+    sources = [source_spec("a", ("pipe:sleep 600", str(good)))]
+    with StreamingLoader(sources, stream_settings(2, seq_len=64), 1, num_workers=workers) as ld:
+        before = ld.state_dict()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        start = time.monotonic()
+        with StopSignal() as stop, pytest.raises(Interrupted):
+            ld.next_step(lambda: stop.received is not None)
+        assert time.monotonic() - start < 5
+        assert ld.state_dict() == before  # nothing of the unfinished step is kept
 
 
 _ORPHAN = """
 import sys, time
 from mmfm.data.loader import StreamingLoader
-from mmfm.data.stream import SourceSpec, StreamSettings
-ld = StreamingLoader([SourceSpec("a", tuple(sys.argv[1:]), 1.0)],
-                     StreamSettings(4, 64, 0, (1.0,) * 6), 1, num_workers=2)
+from mmfm.testing import source_spec, stream_settings
+ld = StreamingLoader([source_spec("a", sys.argv[1:])], stream_settings(4, seq_len=64), 1,
+                     num_workers=2)
 ld._start()
 print(" ".join(str(p.pid) for p in ld.workers), flush=True)
 time.sleep(600)

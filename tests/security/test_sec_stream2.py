@@ -19,10 +19,14 @@ import webdataset as wds
 
 from mmfm.core.errors import InputNotFound
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import ShardError, encode_sample, expand_paths, write_shard
-from mmfm.data.stream import Skips, SourceSpec, StreamSettings, Unit, read_unit, shard_sizes
+from mmfm.data.sizing import shard_sizes
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_unit
+from mmfm.testing import source_spec, stream_settings
 
 WEIGHTS = (1.0,) * 6
 
@@ -36,9 +40,7 @@ def docs(n, first=0):
 
 def read(url):
     skips = Skips(1.0)
-    got = [
-        d for _, d in read_unit(Unit(str(url), 1, 0), 0, skips, StreamSettings(1, 64, 0, WEIGHTS))
-    ]
+    got = [d for _, d in read_unit(Unit(str(url), 1, 0), 0, skips, stream_settings(1, seq_len=64))]
     return got, dict(skips.counts)
 
 
@@ -58,7 +60,7 @@ def test_a_fifo_or_a_device_in_a_data_directory_is_skipped_by_name(tmp_path, cap
     assert urls == [str(data / "a.tar"), str(data / "link.tar")]
     assert "fifo.tar (a FIFO)" in caplog.text and "zero.tar (a character device)" in caplog.text
     # the loader reads the rest (opening the FIFO would block here for good)
-    ld = StreamingLoader([SourceSpec("a", tuple(urls), 1.0)], StreamSettings(2, 64, 0, WEIGHTS), 1)
+    ld = StreamingLoader([source_spec("a", tuple(urls))], stream_settings(2, seq_len=64), 1)
     assert len(ld.next_step()) == 2
     ld.close()
 
@@ -128,7 +130,7 @@ def test_gzip_shards_without_a_manifest_are_sized_and_stream(tmp_path):
     assert [s.samples for s in shard_sizes(urls)] == [-1, -1]
     assert [s.samples for s in shard_sizes(urls, ("txt",))] == [-1, -1]  # raw shards too
     # four streams, two shards: the shards must be split among the streams to feed all four
-    ld = StreamingLoader([SourceSpec("a", tuple(urls), 1.0)], StreamSettings(4, 32, 0, WEIGHTS), 1)
+    ld = StreamingLoader([source_spec("a", tuple(urls))], stream_settings(4, seq_len=32), 1)
     for _ in range(12):  # past EMPTY_EPOCHS_LIMIT epochs of a stream with nothing dealt
         ld.next_step()
     counts = ld.describe(ld.step_counts())

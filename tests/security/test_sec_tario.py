@@ -23,10 +23,13 @@ import pytest
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.types import Document
+from mmfm.data.deal import Unit
 from mmfm.data.loader import build_loader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, StreamSettings, Unit, read_unit
+from mmfm.data.skips import Skips
 from mmfm.data.tario import MIN_PROGRESS, ZERO_RUN_LIMIT
+from mmfm.data.units import read_unit
+from mmfm.testing import stream_settings
 
 MIB = 1 << 20
 
@@ -60,7 +63,7 @@ def read(url, timeout=60.0, **settings):
     """(documents, skip counts) of a shard, in a thread that must end within `timeout` (a
     guard against a hang, generous for loaded machines: the cases bound their reads otherwise)."""
     skips, out = Skips(1.0), []
-    s = StreamSettings(1, 64, 0, (1.0,) * 6, **settings)
+    s = stream_settings(1, seq_len=64, **settings)
 
     def run():
         out.extend(doc for _, doc in read_unit(Unit(str(url), 1, 0), 0, skips, s))
@@ -88,12 +91,12 @@ def test_a_member_over_the_limit_costs_its_sample_counted_too_large(tmp_path, ho
         url = tmp_path / "s.tar.gz"
         url.write_bytes(gzip.compress(path.read_bytes()))
     with caplog.at_level(logging.WARNING, "mmfm.data"):
-        got, counts = read(url, max_member=MIB)
+        got, counts = read(url, max_member_mb=1)
     assert keys(got) == ["d0", "d1", "d3", "d4", "d5"]  # d2's json is left out with it
     assert counts == {"too_large": 1}
     assert "0000002.tokens.npy" in caplog.text and str(url) in caplog.text
     assert "data.max_member_mb" in caplog.text
-    assert keys(read(url, max_member=2 * MIB)[0]) == [f"d{i}" for i in range(6)]
+    assert keys(read(url, max_member_mb=2)[0]) == [f"d{i}" for i in range(6)]
 
 
 def test_a_gzip_member_is_bounded_after_inflating_and_never_held(tmp_path):
@@ -106,7 +109,7 @@ def test_a_gzip_member_is_bounded_after_inflating_and_never_held(tmp_path):
     assert (tmp_path / "z.tar.gz").stat().st_size < 64 * 1024
     tracemalloc.start()
     try:
-        _, counts = read(tmp_path / "z.tar.gz", max_member=MIB)
+        _, counts = read(tmp_path / "z.tar.gz", max_member_mb=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -163,7 +166,7 @@ def test_a_gzip_member_claiming_2_gib_is_truncated_not_too_large(tmp_path):
 )
 def test_an_endless_stream_of_zeros_or_garbage_is_given_up_and_counted(tmp_path, source):
     write_shard(tmp_path / "s.tar", docs())
-    got, counts = read(source.replace("s.tar", str(tmp_path / "s.tar")), max_member=MIB)
+    got, counts = read(source.replace("s.tar", str(tmp_path / "s.tar")), max_member_mb=1)
     assert counts == {"corrupt_shard": 1}
     assert keys(got) == ([f"d{i}" for i in range(6)] if "s.tar" in source else [])
 
@@ -272,15 +275,15 @@ def test_a_too_large_member_is_reported_in_the_step_metrics(tmp_path):
     write_shard(tmp_path / "s-000000.tar", docs(n=40, big=2, tokens=60))  # a row: one pass
     over = ["data.max_member_mb=1", "data.max_error_rate=0.5", "train.global_batch_size=1"]
     cfg = load_config(None, [f"data.paths=[{tmp_path}]", "train.micro_batch_size=1", *over])
-    loader = build_loader(cfg)
-    loader.next_step()
-    assert loader.describe(loader.step_counts())["data/skipped/too_large"] == 1
+    with build_loader(cfg) as loader:
+        loader.next_step()
+        assert loader.describe(loader.step_counts())["data/skipped/too_large"] == 1
 
 
 def test_a_too_large_sample_is_counted_by_its_own_unit_only(tmp_path):
     path = tmp_path / "s.tar"
     write_shard(path, docs(n=8, big=2))
-    s = StreamSettings(1, 64, 0, (1.0,) * 6, max_member=MIB)
+    s = stream_settings(1, seq_len=64, max_member_mb=1)
     counts = []
     for j in range(4):
         skips = Skips(1.0)

@@ -10,7 +10,7 @@ from mmfm.core.types import Document, Modality
 from mmfm.data.demo import NUM_SHARDS, demo_documents, ensure_demo_shards
 from mmfm.data.loader import StreamingLoader, resolve_paths
 from mmfm.data.shards import ShardError, expand_paths, read_shard, write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings
+from mmfm.testing import source_spec, stream_settings
 
 
 def doc(key, tokens, modality=None):
@@ -41,8 +41,8 @@ def test_dp_ranks_split_the_global_batch(tmp_path):
     urls = tuple(ensure_demo_shards(tmp_path))
 
     def loader(dp_rank=0, dp_size=1, mbs=4):
-        settings = StreamSettings(4, 64, 0, tuple([1.0] * 6))
-        return StreamingLoader([SourceSpec("d", urls, 1.0)], settings, mbs, dp_rank, dp_size)
+        settings = stream_settings(4, seq_len=64)
+        return StreamingLoader([source_spec("d", urls)], settings, mbs, dp_rank, dp_size)
 
     whole = loader().next_step()[0]
     halves = [loader(r, 2, 2).next_step()[0] for r in (0, 1)]

@@ -17,9 +17,11 @@ from mmfm.config import ConfigError, load_config
 from mmfm.core.types import Document
 from mmfm.data.decompose import bucket_mass, bucket_pieces, length_digits, step_length
 from mmfm.data.loader import StreamingLoader
+from mmfm.data.odds import natural_odds
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import SourcesExhausted, SourceSpec, StreamSettings, natural_odds
+from mmfm.data.stream import SourcesExhausted
 from mmfm.model.attention import DocumentSdpa, SdpaMasked, document_layout
+from mmfm.testing import source_spec, stream_settings
 
 SEQ, BUCKETS, STREAMS = 64, (8, 16, 32, 64), 8
 
@@ -40,11 +42,11 @@ def corpus(root, n_docs=160, n_shards=4):
 
 def loader(urls, dp_rank=0, dp_size=1, steps=12, seq_len=SEQ, buckets=BUCKETS, **kw):
     kw = {"curriculum": "grow_p2", "num_cycles": 2, "remainder": "drop", **kw}
-    settings = StreamSettings(
-        STREAMS, seq_len, 0, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=4,
-        packing="decompose", buckets=buckets, curriculum_steps=steps, **kw,
+    settings = stream_settings(
+        STREAMS, seq_len=seq_len, shuffle_buffer=8, pack_buffer=4, packing="decompose",
+        buckets=buckets, steps=steps, **kw,
     )  # fmt: skip
-    sources = [SourceSpec("a", urls, 1.0, max_epochs=1)]
+    sources = [source_spec("a", urls, max_epochs=1)]
     return StreamingLoader(sources, settings, 2, dp_rank, dp_size)
 
 
@@ -89,7 +91,7 @@ def _run_dry(loaders):
             return steps
         summed = np.sum([ld.step_counts() for ld in loaders], axis=0).tolist()
         for ld in loaders:
-            ld.describe(summed)
+            ld.note_totals(summed)
     raise AssertionError("the sources never ran out")
 
 
@@ -199,8 +201,8 @@ def test_natural_odds_come_from_the_manifest_else_from_shards_across_the_source(
         write_shard(root / f"p-{s}.tar", docs)
         urls.append(str(root / f"p-{s}.tar"))
         lengths += [n] * 20
-    settings = StreamSettings(2, SEQ, 0, (1.0,) * 6, packing="decompose", buckets=BUCKETS)
-    source = SourceSpec("a", tuple(urls), 1.0)
+    settings = stream_settings(2, seq_len=SEQ, packing="decompose", buckets=BUCKETS)
+    source = source_spec("a", tuple(urls))
     want = bucket_mass(length_digits(lengths), BUCKETS, "drop")
     sampled = natural_odds([source], settings)  # no manifest: the first documents of 4 shards
     assert np.allclose(sampled, want / want.sum()) and sampled[-1] == 0 and sampled[1] > 0

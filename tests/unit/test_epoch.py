@@ -11,9 +11,11 @@ import pytest
 
 from mmfm.core.errors import DataError
 from mmfm.core.types import Document
+from mmfm.data.deal import EXTRA_UNITS, deal
 from mmfm.data.loader import StreamingLoader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import EXTRA_UNITS, SourceSpec, StreamSettings, deal, shard_sizes
+from mmfm.data.sizing import shard_sizes
+from mmfm.testing import source_spec, stream_settings
 
 SEQ = 64
 STREAMS = 8
@@ -41,8 +43,8 @@ EVEN = [60] * STREAMS  # the issue's 480 documents
 
 def run_loader(urls, max_epochs, steps=None):
     """Global batches (rows of token ids) until the sources run out or `steps` are done."""
-    settings = StreamSettings(STREAMS, SEQ, 0, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=4)
-    ld = StreamingLoader([SourceSpec("a", urls, 1.0, max_epochs)], settings, 2)
+    settings = stream_settings(STREAMS, seq_len=SEQ, shuffle_buffer=8, pack_buffer=4)
+    ld = StreamingLoader([source_spec("a", urls, max_epochs=max_epochs)], settings, 2)
     steps_out = []
     with pytest.raises(DataError, match="every source reached its max_epochs"):
         while steps is None or len(steps_out) < steps:
@@ -107,8 +109,8 @@ def test_shares_are_balanced_by_tokens(tmp_path):
 def ranks_run(urls, dp, max_epochs, steps, state=None):
     """`steps` global batches from `dp` data-parallel loaders (their counters summed as the
     trainer sums them), stopping early where every rank runs out at the same step."""
-    settings = StreamSettings(STREAMS, SEQ, 0, tuple([1.0] * 6), shuffle_buffer=8, pack_buffer=4)
-    source = SourceSpec("a", urls, 1.0, max_epochs)
+    settings = stream_settings(STREAMS, seq_len=SEQ, shuffle_buffer=8, pack_buffer=4)
+    source = source_spec("a", urls, max_epochs=max_epochs)
     ranks = [StreamingLoader([source], settings, 2, r, dp) for r in range(dp)]
     for ld in ranks:
         if state is not None:
@@ -127,7 +129,7 @@ def ranks_run(urls, dp, max_epochs, steps, state=None):
             break
         counts = np.sum([ld.step_counts() for ld in ranks], axis=0).tolist()
         for ld in ranks:
-            ld.describe(counts)
+            ld.note_totals(counts)
         out.append(np.concatenate(rows))
     return out, StreamingLoader.merge_states([ld.state_dict() for ld in ranks])
 

@@ -16,14 +16,16 @@ import torch
 from mmfm.config import ModelConfig, load_config
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import Document
+from mmfm.data.deal import deal
 from mmfm.data.decompose import length_digits
 from mmfm.data.loader import build_loader
 from mmfm.data.packing import Exhausted, Packer, Pending, RowBuilder, modality_weight_table
 from mmfm.data.shards import read_shard, write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream, deal
+from mmfm.data.stream import VirtualStream
 from mmfm.model import build_model, init_weights
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.prepare import order as icp
+from mmfm.testing import source_spec, stream_settings
 from mmfm.tokenization.text import TextTokenizer
 from mmfm.tokenization.vocab import Vocab
 
@@ -188,8 +190,8 @@ def test_an_ordered_source_leaves_the_shuffle_buffer_in_shard_order(tmp_path, or
         docs = [doc([1, 100 + i, 7, 2], f"{i}") for i in range(shard * 30, shard * 30 + 30)]
         write_shard(tmp_path / f"s-{shard:06d}.tar", docs)
     urls = tuple(str(p) for p in sorted(tmp_path.glob("*.tar")))
-    settings = StreamSettings(1, 16, 0, tuple(WEIGHTS.tolist()), shuffle_buffer=16)
-    spec = SourceSpec("s", urls, 1.0, ordered=ordered)
+    settings = stream_settings(1, seq_len=16, shuffle_buffer=16)
+    spec = source_spec("s", urls, ordered=ordered)
     stream = VirtualStream(0, [spec], settings)
     first = stream_docs(stream, 6)
     resumed = VirtualStream(0, [spec], settings)

@@ -22,7 +22,8 @@ from mmfm.core.errors import CheckpointError, DataError
 from mmfm.core.types import Document
 from mmfm.data.loader import Loader, StreamingLoader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import SourceSpec, StreamSettings, VirtualStream
+from mmfm.data.stream import VirtualStream
+from mmfm.testing import source_spec, stream_settings
 
 SEQ = 64
 
@@ -45,11 +46,11 @@ def corpus(root, n_docs=600, n_shards=6, seed=0, start=0):
 
 def settings(n_streams=8, **kw):
     kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
-    return StreamSettings(n_streams, SEQ, 0, tuple([1.0] * 6), **kw)
+    return stream_settings(n_streams, seq_len=SEQ, **kw)
 
 
 def loader(urls, dp_rank=0, dp_size=1, n_streams=8, workers=0, max_epochs=0, **kw):
-    sources = [SourceSpec("a", urls, 1.0, max_epochs)]
+    sources = [source_spec("a", urls, max_epochs=max_epochs)]
     return StreamingLoader(
         sources, settings(n_streams, **kw), 2, dp_rank, dp_size, num_workers=workers
     )
@@ -69,10 +70,9 @@ def test_exact_resume_with_any_number_of_workers(tmp_path):
     state = straight.state_dict()
     want = [rows_of(straight.next_step()) for _ in range(4)]
     for workers in (0, 3):  # 3 DataLoader workers for 8 streams: shares of 3, 3 and 2
-        resumed = loader(urls, workers=workers)
-        resumed.load_state_dict(state)
-        got = [rows_of(resumed.next_step()) for _ in range(4)]
-        resumed.close()
+        with loader(urls, workers=workers) as resumed:
+            resumed.load_state_dict(state)
+            got = [rows_of(resumed.next_step()) for _ in range(4)]
         assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), workers
 
 
@@ -90,15 +90,14 @@ def test_a_checkpoint_of_another_run_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_dead_worker_is_one_data_error_not_a_hang_nor_a_traceback(tmp_path):
-    ld = loader(corpus(tmp_path / "c"), workers=1)
-    ld.next_step()
-    (worker,) = ld.workers
-    os.kill(worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
-    time.sleep(0.5)  # torch's SIGCHLD handler would raise its RuntimeError in whatever runs here
-    with pytest.raises(DataError) as e:  # found at the next wait for the worker
-        for _ in range(20):
-            ld.next_step()
-    ld.close()
+    with loader(corpus(tmp_path / "c"), workers=1) as ld:
+        ld.next_step()
+        (worker,) = ld.workers
+        os.kill(worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        time.sleep(0.5)  # torch's SIGCHLD handler would raise its RuntimeError in whatever runs
+        with pytest.raises(DataError) as e:  # found at the next wait for the worker
+            for _ in range(20):
+                ld.next_step()
     message = str(e.value)
     assert f"loader worker 0 (pid {worker.pid}) was killed by SIGKILL" in message
     assert "out-of-memory killer" in message and "lower data.num_workers" in message
@@ -151,7 +150,7 @@ def test_mixing_follows_the_weights(tmp_path):
     # Weights are shares of tokens; b's documents are 4x longer than a's.
     a = corpus(tmp_path / "a", n_docs=300, n_shards=3)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000, seed=1)
-    sources = [SourceSpec("a", a, 0.7), SourceSpec("b", b, 0.3)]
+    sources = [source_spec("a", a, 0.7), source_spec("b", b, 0.3)]
     stream = VirtualStream(0, sources, settings(1))
     tokens = Counter()
     for _ in range(20_000):
@@ -164,7 +163,7 @@ def test_mixing_follows_the_weights(tmp_path):
 def test_repetition_cap_stops_a_source(tmp_path):
     a = corpus(tmp_path / "a", n_docs=50, n_shards=1)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000)
-    sources = [SourceSpec("a", a, 0.9, max_epochs=1), SourceSpec("b", b, 0.1)]
+    sources = [source_spec("a", a, 0.9, max_epochs=1), source_spec("b", b, 0.1)]
     stream = VirtualStream(0, sources, settings(1))
     drawn = Counter(stream._draw().source for _ in range(2000))
     assert drawn[0] == 50  # a's one pass, then only b
@@ -173,22 +172,25 @@ def test_repetition_cap_stops_a_source(tmp_path):
 def test_a_source_too_small_for_the_streams_is_a_clear_error(tmp_path):
     small = corpus(tmp_path / "small", n_docs=3, n_shards=1)  # 3 documents, 8 streams
     big = corpus(tmp_path / "big", n_docs=300, n_shards=3, start=1000)
-    sources = [SourceSpec("small", small, 0.5), SourceSpec("big", big, 0.5)]
+    sources = [source_spec("small", small, 0.5), source_spec("big", big, 0.5)]
     assert VirtualStream(2, sources, settings(8))._draw().source == 0  # stream 2 gets one
     starved = VirtualStream(5, sources, settings(8))
     with pytest.raises(DataError, match="source 'small' gave stream 5 no document in 8 epochs"):
         for _ in range(100):
             starved._draw()
     # through a loader worker the message arrives as it is, without a traceback
-    with pytest.raises(DataError, match=r"^source 'a' gave stream 3 no document") as info:
-        loader(small, workers=1).next_step()
+    with (
+        loader(small, workers=1) as ld,
+        pytest.raises(DataError, match=r"^source 'a' gave stream 3 no document") as info,
+    ):
+        ld.next_step()
     assert "Traceback" not in str(info.value)
 
 
 def test_mixing_is_reported_in_the_metrics(tmp_path):
     a = corpus(tmp_path / "a", n_docs=300, n_shards=3)
     b = corpus(tmp_path / "b", n_docs=300, n_shards=3, start=1000)
-    ld = StreamingLoader([SourceSpec("a", a, 3.0), SourceSpec("b", b, 1.0)], settings(8), 2)
+    ld = StreamingLoader([source_spec("a", a, 3.0), source_spec("b", b)], settings(8), 2)
     mix, padding = [], []
     for _ in range(30):
         ld.next_step()
@@ -265,7 +267,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     records = _Records()
     logging.getLogger("mmfm.data").addHandler(records)
     urls = bad_corpus(tmp_path / "c")
-    source = SourceSpec("a", urls, 1.0, max_epochs=1)  # one pass: each bad item once
+    source = source_spec("a", urls, max_epochs=1)  # one pass: each bad item once
     ld = StreamingLoader([source], settings(1, max_error_rate=0.5), 1)
     totals = Counter()
     with pytest.raises(DataError, match="every source reached its max_epochs"):
@@ -291,7 +293,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
 def test_too_many_bad_documents_stop_with_a_clear_error(tmp_path):
     bad_corpus(tmp_path / "c")
     many = tuple([str(tmp_path / "c" / "bad-000000.tar")] * 40)
-    ld = StreamingLoader([SourceSpec("a", many, 1.0)], settings(1), 1)
+    ld = StreamingLoader([source_spec("a", many)], settings(1), 1)
     with pytest.raises(DataError, match=r"over data.max_error_rate=0.01.*raise data.max_error"):
         for _ in range(100):
             ld.next_step()
@@ -312,7 +314,7 @@ def test_documents_lost_in_a_cut_shard_count_toward_max_error_rate(tmp_path):
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({"shards": shards}))
     data = (tmp_path / "c" / "part-000001.tar").read_bytes()
     (tmp_path / "c" / "part-000001.tar").write_bytes(data[: len(data) // 5 // 512 * 512])
-    stream = VirtualStream(0, [SourceSpec("a", urls, 1.0, max_epochs=1)], settings(1))
+    stream = VirtualStream(0, [source_spec("a", urls, max_epochs=1)], settings(1))
     with pytest.raises(DataError, match=r"over data.max_error_rate=0.01"):
         for _ in range(300):
             stream._draw()

@@ -16,13 +16,14 @@ import pytest
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import DataError, LaunchError
 from mmfm.core.types import Document, Modality
+from mmfm.data import deal as mdeal
 from mmfm.data import megatron as mdata
-from mmfm.data import stream as mstream
 from mmfm.data.loader import StreamingLoader, build_loader
 from mmfm.data.shards import write_shard
-from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
+from mmfm.data.skips import Skips
+from mmfm.data.source_reader import SourceReader
 from mmfm.prepare.megatron_out import write_megatron
-from mmfm.testing import megatron_indexed_or_skip
+from mmfm.testing import megatron_indexed_or_skip, source_spec, stream_settings
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 
@@ -60,11 +61,11 @@ def _torch(array):
 
 def settings(n_streams=8, **kw):
     kw = {"shuffle_buffer": 8, "pack_buffer": 4, **kw}
-    return StreamSettings(n_streams, SEQ, 0, tuple([1.0] * 6), **kw)
+    return stream_settings(n_streams, seq_len=SEQ, **kw)
 
 
 def spec(prefix, name="m", weight=1.0, max_epochs=0):
-    return SourceSpec(name, tuple(mdata.unit_urls([prefix])), weight, max_epochs)
+    return source_spec(name, tuple(mdata.unit_urls([prefix])), weight, max_epochs=max_epochs)
 
 
 def rows_of(batches):
@@ -109,7 +110,7 @@ def test_mixing_with_webdataset_holds_the_shares(tmp_path):
         Document(np.full(n, i + 10), np.zeros(n, np.uint8), f"d{i}") for i, n in wds_docs.items()
     ]
     write_shard(tmp_path / "w-000000.tar", docs)
-    sources = [spec(prefix), SourceSpec("w", (str(tmp_path / "w-000000.tar"),), 1.0)]
+    sources = [spec(prefix), source_spec("w", (str(tmp_path / "w-000000.tar"),))]
     ld = StreamingLoader(sources, settings(), 2)
     mix = []
     for _ in range(20):
@@ -190,7 +191,7 @@ def test_a_rank_reads_only_its_share_of_the_index(tmp_path, monkeypatch):
     full = np.array(reference.document_indices)
     mine = []
     for rank in range(2):
-        for cache in (mdata._open, mdata._units, mstream.deal):
+        for cache in (mdata._open, mdata._units, mdeal.deal):
             cache.cache_clear()
         source = spec(prefix, max_epochs=1)
         units = [mdata._parse(u)[1:] for u in source.urls]
