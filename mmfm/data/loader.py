@@ -87,6 +87,22 @@ def collate(rows: list[dict[str, np.ndarray]]) -> Batch:
     return Batch(**{name: torch.from_numpy(join([r[name] for r in rows])) for name in rows[0]})
 
 
+def micro_batches(rows: list[dict[str, np.ndarray]], size: int, cp_size: int, cp_rank: int):
+    """A rank's rows of one global batch as its micro-batches of `size` rows, each cut to the
+    rank's context-parallel part: the one way training and evaluation batch their rows."""
+    return [
+        zigzag_slice(collate(rows[i : i + size]), cp_size, cp_rank)
+        for i in range(0, len(rows), size)
+    ]
+
+
+def rank_streams(n_streams: int, dp_rank: int, dp_size: int) -> list[int]:
+    """The virtual streams (rows of the global batch) a data-parallel rank reads."""
+    assert n_streams % dp_size == 0
+    per_rank = n_streams // dp_size
+    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+
+
 def _pinned(batch: Batch) -> Batch:
     return Batch(**{name: getattr(batch, name).pin_memory() for name in Batch.__dataclass_fields__})
 
@@ -203,16 +219,14 @@ class StreamingLoader:
         pin_memory: bool = False,
     ):
         n = settings.n_streams
-        assert n % dp_size == 0
         natural = settings.packing == "decompose" and settings.curriculum == "natural"
         if natural and not settings.bucket_odds:
             settings = replace(settings, bucket_odds=natural_odds(sources, settings))
         self.sources, self.settings = list(sources), settings
         self.micro_batch_size = micro_batch_size
         self.cp_rank, self.cp_size = cp_rank, cp_size
-        per_rank = n // dp_size
-        self.stream_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-        self.num_workers = min(num_workers, per_rank)
+        self.stream_ids = rank_streams(n, dp_rank, dp_size)
+        self.num_workers = min(num_workers, len(self.stream_ids))
         _check_tokenize_device(sources, self.num_workers)
         self.prefetch = prefetch
         self.pin_memory = pin_memory
@@ -334,11 +348,9 @@ class StreamingLoader:
                 counts[key] = counts.get(key, 0.0) + value
         self._counts = counts
         self._all_dry = counts.get("dry_streams", 0.0) == self.settings.n_streams
-        mbs = self.micro_batch_size
-        batches = [
-            zigzag_slice(collate([r.arrays for r in rows[i : i + mbs]]), self.cp_size, self.cp_rank)
-            for i in range(0, len(rows), mbs)
-        ]
+        batches = micro_batches(
+            [r.arrays for r in rows], self.micro_batch_size, self.cp_size, self.cp_rank
+        )
         return [_pinned(b) for b in batches] if self.pin_memory else batches
 
     def _abandon(self) -> None:
@@ -469,20 +481,24 @@ def source_specs(cfg: Config) -> list[SourceSpec]:
     return specs
 
 
-def build_loader(
-    cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
-) -> StreamingLoader:
-    d = cfg.data
-    settings = StreamSettings.from_config(
-        d,
+def stream_settings(cfg: Config) -> StreamSettings:
+    """The streams' settings: `data.*` with the batch, seed, steps and vocabulary they need."""
+    return StreamSettings.from_config(
+        cfg.data,
         n_streams=cfg.train.global_batch_size,
         seed=cfg.train.seed,
         steps=cfg.train.steps,
         vocab_size=cfg.model.vocab_size,
     )
+
+
+def build_loader(
+    cfg: Config, dp_rank: int = 0, dp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
+) -> StreamingLoader:
+    d = cfg.data
     return StreamingLoader(
         source_specs(cfg),
-        settings,
+        stream_settings(cfg),
         cfg.train.micro_batch_size,
         dp_rank,
         dp_size,

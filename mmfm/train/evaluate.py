@@ -33,9 +33,8 @@ import torch
 
 from mmfm.config.schema import Config, LossConfig, SourceConfig
 from mmfm.core.types import MODALITY_NAMES, Batch, Modality
-from mmfm.core.zigzag import zigzag_slice
 from mmfm.data.demo import TEXT_OFFSET
-from mmfm.data.loader import build_loader, collate
+from mmfm.data.loader import micro_batches, rank_streams, source_specs, stream_settings
 from mmfm.data.packing import Exhausted, RowBuilder
 from mmfm.data.skips import SKIP_REASONS
 from mmfm.data.stream import VirtualStream
@@ -205,21 +204,12 @@ class HeldOutRows:
         held_out = [dataclasses.replace(s, max_epochs=1) for s in sources]
         # Decomposed training rows vary in length; held-out loss is read on full packed rows.
         packing = "best_fit" if cfg.data.packing == "decompose" else cfg.data.packing
-        data = dataclasses.replace(
-            cfg.data, paths=[], sources=held_out, num_workers=0, packing=packing
-        )
-        # The training loader's factory resolves the paths and the packing settings; only
-        # its sources, settings and stream ids are used (it never starts).
-        with build_loader(
-            dataclasses.replace(cfg, data=data),
-            env.dp_rank,
-            env.dims.dp,
-            cp_rank=env.coordinate("cp"),
-            cp_size=env.dims.cp,
-        ) as loader:
-            self.sources, self.settings = loader.sources, loader.settings
-            self.stream_ids, self.micro_batch_size = loader.stream_ids, loader.micro_batch_size
-            self.cp_rank, self.cp_size = loader.cp_rank, loader.cp_size
+        data = dataclasses.replace(cfg.data, paths=[], sources=held_out, packing=packing)
+        held_cfg = dataclasses.replace(cfg, data=data)
+        self.sources, self.settings = source_specs(held_cfg), stream_settings(held_cfg)
+        self.stream_ids = rank_streams(cfg.train.global_batch_size, env.dp_rank, env.dims.dp)
+        self.micro_batch_size = cfg.train.micro_batch_size
+        self.cp_rank, self.cp_size = env.coordinate("cp"), env.dims.cp
         self.env = env
 
     def describe(self) -> str:
@@ -249,12 +239,8 @@ class HeldOutRows:
             if not global_rows:
                 break
             step += 1
-            mbs = self.micro_batch_size
             yield (
-                [
-                    zigzag_slice(collate(rows[i : i + mbs]), self.cp_size, self.cp_rank)
-                    for i in range(0, len(rows), mbs)
-                ],
+                micro_batches(rows, self.micro_batch_size, self.cp_size, self.cp_rank),
                 global_rows,
             )
         for stream in streams:
