@@ -35,6 +35,35 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
 
 
+_SHELL_THAT_DIES_WITH_PARENT = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)  # the parent died before the death signal was set
+os.execv("/bin/sh", ["/bin/sh", "-c", sys.argv[2]])
+"""
+
+
+def shell_that_dies_with_parent(command: str) -> list[str]:
+    """The argv that runs `command` with `/bin/sh -c`, killed (SIGKILL) when this process
+    exits (a no-op for the death signal where Linux's prctl is missing).
+
+    A small Python sets the death signal and then execs the shell; not `preexec_fn`, which
+    runs Python in a child forked from this process: with many threads that child can hang
+    before its exec (it frees the other threads' thread-locals, and a PyAV reformatter's
+    `sws_freeContext` waits forever on a condition of slice threads the child does not have).
+    """
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _SHELL_THAT_DIES_WITH_PARENT,
+        str(os.getpid()),
+        command,
+    ]
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)  # unwinds the readers, whose `finally` ends their pipe commands
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from mmfm.data.orphans import die_with_parent
+from mmfm.data.orphans import shell_that_dies_with_parent
 
 log = logging.getLogger("mmfm.data")
 
@@ -210,10 +210,8 @@ class _Pipe(_Threaded):
         if not re.search(r"[|;&<>()$`\\\n]", command):
             command = "exec " + command  # one process, which keeps the death signal
         self.proc = subprocess.Popen(
-            command,
-            shell=True,
+            shell_that_dies_with_parent(command),
             stdout=subprocess.PIPE,
-            preexec_fn=die_with_parent,
             start_new_session=True,  # so close() can end the whole command line
         )
         super().__init__(url, timeout_s)
