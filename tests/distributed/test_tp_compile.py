@@ -12,7 +12,7 @@ from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 REL = 1e-5
 BASE = [
     *tiny_demo_model(n_layers=2),
-    "train.global_batch_size=2",  # one micro-batch a step: each document layout recompiles
+    "train.global_batch_size=4",
     "train.micro_batch_size=2",
     "train.steps=2",
     "optim.warmup_steps=1",
