@@ -104,7 +104,7 @@ def test_single_process_options_match(base, reference, tmp_path):
 @pytest.mark.slow  # inductor compiles a block's forward and backward per attention layout
 def test_compiled_blocks_match_one_process(base, tmp_path):
     # One micro-batch a step: each micro-batch's document layout is a recompile (4 graphs at
-    # the module's 4 micro-batches a step, 247 s on loaded cores; 2 graphs here, 79 s).
+    # the module's 4 micro-batches a step, 124 s with a cold inductor cache; 2 here, 51 s).
     one = [*base, "train.global_batch_size=2"]
     want = train_metrics([*one, f"train.run_dir={tmp_path / 'one'}"])
     got = train_metrics([*one, "parallel.compile=true", f"train.run_dir={tmp_path / 'compiled'}"])
