@@ -13,12 +13,17 @@ demo:  ## install mmfm and train the demo model (about a minute on 2 idle CPU co
 # worker, so its expensive module fixtures (the SLURM cluster of tests/e2e/test_slurm.py, a
 # shared training run) are built once.
 TEST_WORKERS ?= 2
+# One torch thread per test process: each worker's torch otherwise starts a thread per core,
+# and two workers (plus the ranks and loader workers they start) oversubscribe 2 cores (the
+# visual tokenizer fixture: 77 s at the default threads, 41 s at one, on the same loaded cores;
+# generating a 140-token video in test_generate_cli.py: 51 s against 6 s).
+TEST_ENV := OMP_NUM_THREADS=1
 
 test:  ## install the test dependencies, check lint/format, run the whole suite
 	$(PIP) install -e ".[test]"
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast:  ## the quick tier: unit and security tests without the slow ones (under 3 minutes)
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" tests/unit tests/security

@@ -5,6 +5,9 @@
 Each process gets RANK, WORLD_SIZE, LOCAL_RANK and a free MASTER_PORT in its environment (so
 `ParallelEnv.from_config` starts gloo on CPU), one thread, and its return value or traceback
 travels back. Used by the tests and benchmarks to compare layouts against one process.
+The ranks fork from a `forkserver` that imported torch and the trainer once per calling
+process (a fresh interpreter, single-threaded when it forks): a `spawn`ed rank spent 3-10 s
+importing them, up to 8 ranks a test.
 
 The other helpers are the tests' one copy of what many files need: the tiny model's overrides
 (`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`), the rows of a
@@ -48,7 +51,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, queue) -> None:
+# What every rank imports, loaded once in the forkserver that the ranks fork from.
+_PRELOAD = ["torch", "torch.distributed", "mmfm.train.main", "mmfm.testing"]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable,
+    args: Sequence,
+    queue,
+    environ: dict[str, str],
+) -> None:
+    # The forkserver's environment is the caller's when the server started; a rank sees the
+    # caller's environment as of this call, as a spawned process would.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -75,11 +94,15 @@ def run_distributed(
     fn: Callable, world_size: int, args: Sequence = (), timeout: float = 600
 ) -> list[Any]:
     """`fn(*args)` on `world_size` spawned processes; their return values by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # used when the server starts: at the first call
     queue = ctx.Queue()
     port = free_port()
+    environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(
+            target=_worker, args=(r, world_size, port, fn, args, queue, environ), daemon=False
+        )
         for r in range(world_size)
     ]
     for p in procs:
