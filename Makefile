@@ -26,7 +26,7 @@ test:  ## install the test dependencies, check lint/format, run the whole suite
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast:  ## the quick tier: unit and security tests without the slow ones (under 3 minutes)
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" tests/unit tests/security
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" tests/unit tests/security
 
 lint:  ## lint and format check only
 	$(PYTHON) -m ruff check .

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 # What every rank imports, loaded once in the forkserver that the ranks fork from.
-_PRELOAD = ["torch", "torch.distributed", "mmfm.train.main", "mmfm.testing"]
+_PRELOAD = ["torch", "torch.distributed", "mmfm.train.command", "mmfm.testing"]
 
 
 def _worker(
