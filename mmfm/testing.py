@@ -17,11 +17,15 @@ that signals the trainer at a step (`SignalAt`), megatron-core or a module skip
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import json
 import os
 import pickle
+import random
 import signal
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,10 +43,45 @@ class DistributedError(RuntimeError):
     """A rank raised; the message holds its traceback."""
 
 
+_PORT_LOCKS: collections.deque = collections.deque(maxlen=32)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on, for a listener started after this call
+    returns (the rendezvous store of `run_distributed`, SLURM's daemons).
+
+    A port the kernel picks (bind to 0) sits in the ephemeral range, which the kernel goes on
+    handing out, to the gloo connections of other tests among others, between this call and the
+    listener's bind. So the port comes from just below that range, which the kernel never hands
+    out by itself, and is reserved under a lock file (held for this process's 32 latest ports,
+    dropped at its exit) so that two test processes never get the same one."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux
+        low = 0
+    first = max(1024, low - 16384)
+    if low - first < 1024:  # no room below the range (or unknown): the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    locks = Path(tempfile.gettempdir()) / "mmfm-ports"
+    locks.mkdir(exist_ok=True)
+    rng = random.Random()  # not the tests' seeded generator: workers must not all agree
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        lock = open(locks / str(port), "a")  # noqa: SIM115 (held open: it is the reservation)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:  # reserved by another process, or in use
+            lock.close()
+            continue
+        if len(_PORT_LOCKS) == _PORT_LOCKS.maxlen:
+            _PORT_LOCKS[0].close()
+        _PORT_LOCKS.append(lock)
+        return port
+    raise RuntimeError(f"no free port in {first}..{low - 1} after 200 tries")
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, queue) -> None:
