@@ -21,10 +21,11 @@ from mmfm.data.raw import RawDecoder
 from mmfm.data.shards import read_shard
 from mmfm.data.stream import Skips, StreamSettings, Unit, read_raw_unit
 from mmfm.prepare import PrepareRecipe, PrepareSource, prepare
-from mmfm.testing import tiny_visual_recipe
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.shaping import Shaping, shape
 from mmfm.tokenization.tokenizers import Tokenizers
+
+from helpers import tiny_visual_recipe
 
 SEED = 7
 ICON_FIELDS = {"record": "svg", "svg": ["svg"], "text": ["txt"]}

@@ -22,7 +22,8 @@ from mmfm.data.loader import StreamingLoader, build_loader
 from mmfm.data.shards import write_shard
 from mmfm.data.stream import Skips, SourceReader, SourceSpec, StreamSettings
 from mmfm.prepare.megatron_out import write_megatron
-from mmfm.testing import megatron_indexed_or_skip
+
+from helpers import megatron_indexed_or_skip
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mmfm.core.errors import ConfigError, TokenizerError
-from mmfm.testing import TINY_VISUAL
 from mmfm.tokenization.visual.models import HiMTokConfig, HiMTokMaskTokenizer
 from mmfm.tokenization.visual.quantizer import FiniteScalarQuantizer, VectorQuantizer
 from mmfm.tokenization.visual.train import (
@@ -23,6 +22,8 @@ from mmfm.tokenization.visual.train import (
     save_visual,
     train_visual,
 )
+
+from helpers import TINY_VISUAL
 
 
 def _counts(vq: VectorQuantizer, features: torch.Tensor) -> torch.Tensor:
