@@ -342,6 +342,7 @@ def _alive(pid: int) -> bool:
         return False  # and read (the read then fails with ESRCH)
 
 
+@pytest.mark.slow  # a trainer and its 2 spawned workers import torch: 33-37 s on 2 loaded cores
 @pytest.mark.parametrize("source", ["pipe:sleep 600", "good"])
 def test_loader_workers_exit_when_the_trainer_is_killed(tmp_path, source, request):
     url = str(shard(tmp_path)) if source == "good" else source  # blocked reading, or putting
@@ -417,6 +418,7 @@ def _catches_sigterm(pid: int) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+@pytest.mark.slow  # `mmfm train --nproc 2`: 3 processes import torch; 39 s on 2 loaded cores
 def test_sigterm_with_nproc_checkpoints_and_exits_0(tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmfm", "train", str(REPO / "launch/demo.yaml"), *tiny_overrides]
@@ -438,6 +440,7 @@ def test_sigterm_with_nproc_checkpoints_and_exits_0(tmp_path, tiny_overrides):
     assert list((run_dir / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.slow  # `mmfm train` in a fresh process with a loader worker: 35 s on loaded cores
 def test_sigterm_while_the_data_stalls_checkpoints_and_exits(tmp_path, tiny_overrides):
     run_dir = tmp_path / "run"
     paths = "data.paths=['pipe:sleep 600']"  # every stream waits on it

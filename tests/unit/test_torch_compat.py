@@ -261,6 +261,7 @@ def _distributed_shims() -> dict:
     return out
 
 
+@pytest.mark.slow  # two spawned ranks that import torch and build meshes: 40 s on 2 loaded cores
 def test_collective_and_mesh_shims_match_public_equivalents():
     results = run_distributed(_distributed_shims, 2)
     for rank, r in enumerate(results):
