@@ -34,8 +34,8 @@ IN_XDIST = "PYTEST_XDIST_WORKER" in os.environ
 FRESH = pytest.mark.skipif(IN_XDIST, reason="run by test_pipe_cases_in_a_fresh_interpreter")
 """The `pipe:` cases. In the full suite's long-lived xdist workers their reads never ended
 (alone they take seconds; the likely cause, a hang in `preexec_fn`'s forked child: README,
-known limits), so under xdist
-they run in a fresh interpreter, all of them, by the test below."""
+known limits), so under xdist they run in a fresh interpreter, all of them, by the test
+below."""
 
 
 @pytest.mark.skipif(not IN_XDIST, reason="the pipe: cases run directly here")
