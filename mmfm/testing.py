@@ -9,23 +9,24 @@ The ranks fork from a `forkserver` that imported torch and the trainer once per 
 process (a fresh interpreter, single-threaded when it forks): a `spawn`ed rank spent 3-10 s
 importing them, up to 8 ranks a test.
 
-The other helpers are the tests' one copy of what many files need: the tiny model's overrides
-(`tiny_shape`, `tiny_demo_model`), packed rows built by hand (`packed_batch`), the rows of a
-run's metrics.jsonl (`read_metrics`, `train_metrics`), tiny untrained visual tokenizers
-(`tiny_visual_recipe`), a small VOC-style segmentation export (`voc_export`), a callback
-that signals the trainer at a step (`SignalAt`), megatron-core or a module skip
-(`megatron_indexed_or_skip`), an untrained model saved as a checkpoint
-(`random_checkpoint`), and streams' settings and sources built from the configuration, so
-with a user's defaults (`stream_settings`, `source_spec`).
+The other helpers are what spawned ranks and the benchmarks need as well as the tests: the
+tiny model's overrides (`tiny_shape`, `tiny_demo_model`), packed rows built by hand
+(`packed_batch`), a training run's rows of metrics.jsonl (`train_metrics`, `read_metrics`) and a
+small VOC-style segmentation export (`voc_export`), and streams' settings and sources built
+from the configuration, so with a user's defaults (`stream_settings`, `source_spec`). What
+only the tests use is in tests/helpers.py.
 """
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import json
 import os
 import pickle
-import signal
+import random
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,20 +36,53 @@ import torch
 import torch.multiprocessing as mp
 
 from mmfm.config.schema import DataConfig, SourceConfig
-from mmfm.core.errors import LaunchError
 from mmfm.core.types import IGNORE_INDEX, Batch
 from mmfm.data.settings import SourceSpec, StreamSettings
-from mmfm.train.callbacks import Callback
 
 
 class DistributedError(RuntimeError):
     """A rank raised; the message holds its traceback."""
 
 
+_PORT_LOCKS: collections.deque = collections.deque(maxlen=32)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on, for a listener started after this call
+    returns (the rendezvous store of `run_distributed`, SLURM's daemons).
+
+    A port the kernel picks (bind to 0) sits in the ephemeral range, which the kernel goes on
+    handing out, to the gloo connections of other tests among others, between this call and the
+    listener's bind. So the port comes from just below that range, which the kernel never hands
+    out by itself, and is reserved under a lock file (held for this process's 32 latest ports,
+    dropped at its exit) so that two test processes never get the same one."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux
+        low = 0
+    first = max(1024, low - 16384)
+    if low - first < 1024:  # no room below the range (or unknown): the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    locks = Path(tempfile.gettempdir()) / "mmfm-ports"
+    locks.mkdir(exist_ok=True)
+    rng = random.Random()  # not the tests' seeded generator: workers must not all agree
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        lock = open(locks / str(port), "a")  # noqa: SIM115 (held open: it is the reservation)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:  # reserved by another process, or in use
+            lock.close()
+            continue
+        if len(_PORT_LOCKS) == _PORT_LOCKS.maxlen:
+            _PORT_LOCKS[0].close()
+        _PORT_LOCKS.append(lock)
+        return port
+    raise RuntimeError(f"no free port in {first}..{low - 1} after 200 tries")
 
 
 # What every rank imports, loaded once in the forkserver that the ranks fork from.
@@ -190,33 +224,6 @@ def train_metrics(overrides: Sequence[str], recipe: str | Path | None = None) ->
     return read_metrics(cfg.train.run_dir)
 
 
-TINY_VISUAL = {
-    "seed_image": {"image_size": 32, "patch": 8, "dim": 32, "heads": 2, "encoder_layers": 1,
-                   "qformer_layers": 1, "decoder_layers": 1, "tokens": 8, "codebook_size": 64},
-    "himtok_mask": {"mask_size": 32, "stem": 4, "dim": 32, "heads": 2, "encoder_layers": 1,
-                    "latent_layers": 1, "decoder_layers": 1, "tokens": 32, "codebook_size": 64,
-                    "levels": [8, 16, 32], "level_weights": [2.0, 1.0, 1.0]},
-    "video": {"frame_size": 32, "hidden": 16, "dim": 16, "codebook_size": 64},
-}  # fmt: skip
-"""Model options of tiny visual tokenizers: built untrained in well under a second each."""
-
-
-def tiny_visual_recipe(root: str | Path) -> Path:
-    """A tokenizer recipe under `root`: the base text model and vocabulary
-    (tokenizers/base) with tiny untrained image, mask and video tokenizers. Their codes mean
-    nothing; the layout of documents and everything downstream of tokenizing are real."""
-    from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
-
-    root = Path(root)
-    base = Path(__file__).resolve().parents[1] / "tokenizers" / "base"
-    lines = [f"output_dir: {base}\n"]
-    for slot, kind in (("image", "seed_image"), ("mask", "himtok_mask"), ("video", "video")):
-        save_visual(build(VisualRecipe(kind=kind, model=TINY_VISUAL[kind])), root / kind)
-        lines.append(f"{slot}_tokenizer: {root / kind}\n")
-    (root / "tok.yaml").write_text("".join(lines))
-    return root / "tok.yaml"
-
-
 def voc_palette() -> list[int]:
     """VOC's colour map (bit-interleaved index -> RGB), as its label PNGs carry it."""
     palette = []
@@ -255,56 +262,6 @@ def voc_export(root: str | Path, photos: str | Path) -> Path:
         png.save(root / "SegmentationClassPNG" / f"{stem}.png")
     (root / "class_names.txt").write_text("_background_\ncat\ncup\nperson\nmotorbike\ncamera\n")
     return root
-
-
-class SignalAt(Callback):
-    """Sends this process `signum` (default SIGUSR1: checkpoint and stop) after `step`."""
-
-    def __init__(self, step: int, signum: int = signal.SIGUSR1):
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
-def megatron_indexed_or_skip():
-    """megatron-core's indexed_dataset module, or skip the calling test module when the
-    extra is not installed; under CI (setup.py's test extra installs it) never skip."""
-    import pytest
-
-    from mmfm.data import megatron as mdata
-
-    try:
-        return mdata.megatron_indexed()
-    except LaunchError:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            raise
-        pytest.skip(
-            "megatron-core is not installed: pip install -e '.[megatron]'", allow_module_level=True
-        )
-
-
-def random_checkpoint(path: Path, overrides: Sequence[str], vocab: Path | None = None) -> Path:
-    """An untrained model of the config `overrides` make, saved at `path` as an mmfm checkpoint
-    (weights and config.yaml; vocab.json from `vocab` when given), without a training run."""
-    import torch.distributed.checkpoint as dcp
-
-    from mmfm.config import load_config, save_config
-    from mmfm.model import build_model, init_weights
-    from mmfm.tokenization.vocab import Vocab
-    from mmfm.train.checkpoint import _single_process_quiet
-
-    cfg = load_config(None, list(overrides))
-    model = build_model(cfg.model)
-    model.to_empty(device="cpu")
-    init_weights(model, cfg.model, 0)
-    with _single_process_quiet():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
-    save_config(cfg, Path(path) / "config.yaml")
-    if vocab is not None:
-        Vocab.load(vocab).save(Path(path) / "vocab.json")
-    return Path(path)
 
 
 def stream_settings(

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny model config on the built-in demo corpus, pinned real files.
 
-The helpers that spawned ranks and benchmarks need too (the tiny model's overrides, packed
-rows, metrics.jsonl) live in mmfm.testing, which the tests import directly."""
+Helpers are imported, not fixtures: tests/helpers.py (what only the tests use; tests/ is on
+pytest's `pythonpath`) and mmfm.testing (what spawned ranks and benchmarks need too)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,8 @@ import pytest
 import torch
 
 from mmfm.config import Config, load_config
-from mmfm.testing import tiny_demo_model
 
-TINY = [
-    *tiny_demo_model(n_layers=2, seq_len=128),
-    "data.num_workers=1",  # the end-to-end runs keep a loader worker, as users run
-    "train.global_batch_size=4",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=2",
-    "optim.lr=1e-3",
-    "logging.progress=false",
-    "logging.print_every=1000",
-]
+from helpers import TINY
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,12 @@ host read, on reporting and other steps alike (the metrics ride along on reporti
 only). The counter is bench/step_syncs.py's, which also measures the code before the change.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.step_syncs import measure, overrides, summarise_counts
 from mmfm.testing import run_distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from step_syncs import measure, overrides, summarise_counts
 
 STEPS, EVERY = 6, 3  # reporting steps: 1 (printed), 3, 6 (logged); others: 2, 4, 5
 LAYOUTS = {

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 
 from mmfm import cli
 from mmfm.config import load_config, save_config
 from mmfm.core import errors
+
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "launch/demo.yaml")

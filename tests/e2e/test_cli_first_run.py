@@ -172,7 +172,7 @@ def test_slurm_submit_that_sbatch_refuses_leaves_no_run_dir(capsys, tmp_path, mo
 
 @pytest.mark.parametrize("start", ["train.init_from", "train.resume"])
 def test_train_from_a_folder_that_is_no_checkpoint_creates_no_run_dir(capsys, tmp_path, start):
-    from conftest import TINY
+    from helpers import TINY
 
     (tmp_path / "notes").mkdir()
     run = tmp_path / "run"

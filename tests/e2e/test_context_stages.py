@@ -12,10 +12,12 @@ import torch
 from mmfm.config import load_config
 from mmfm.core.errors import ConfigError
 from mmfm.data.loader import build_loader
-from mmfm.testing import SignalAt, read_metrics
+from mmfm.testing import read_metrics
 from mmfm.train import command as main_module
 from mmfm.train.command import build_trainer, train
 from mmfm.train.stages import stage_configs, train_stages
+
+from helpers import SignalAt
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "launch" / "long_context.yaml"

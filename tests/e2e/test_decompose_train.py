@@ -3,9 +3,11 @@ length = the token budget), and a run interrupted mid-curriculum resumes exactly
 
 import torch
 
-from mmfm.testing import SignalAt, read_metrics
+from mmfm.testing import read_metrics
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.command import build_trainer, train
+
+from helpers import SignalAt
 
 DECOMPOSE = [
     "data.packing=decompose",

@@ -12,15 +12,17 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mmfm import testing
 from mmfm.cli import main
 from mmfm.convert.hf import export_hf, import_hf
 from mmfm.data.demo import DEMO_VOCAB_SIZE
 from mmfm.generate.engine import generate
 from mmfm.generate.load import load_model
 from mmfm.generate.sampling import Sampling
-from mmfm.testing import tiny_shape, tiny_visual_recipe
+from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
+
+import helpers
+from helpers import tiny_visual_recipe
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_generate_cli")
@@ -32,7 +34,7 @@ SHAPE = tiny_shape(n_layers=2, seq_len=128, max_seq_len=1024)
 
 def random_checkpoint(path: Path, overrides: list[str], vocab: Path | None = None) -> Path:
     """An untrained model of this file's shape saved as an mmfm checkpoint."""
-    return testing.random_checkpoint(path, [*SHAPE, *overrides], vocab)
+    return helpers.random_checkpoint(path, [*SHAPE, *overrides], vocab)
 
 
 def test_greedy_on_an_exported_model_equals_transformers_generate(tmp_path):

@@ -34,12 +34,12 @@ from mmfm.testing import run_distributed
 from mmfm.train.checkpoint import load_checkpoint_model
 from mmfm.train.dcp_reader import UnsafeCheckpointError
 
+from helpers import MEGATRON, require_or_skip
+
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_megatron_checkpoints")
 
-pytest.importorskip(
-    "megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')"
-)
+require_or_skip("megatron.core", MEGATRON)  # under CI=true (the test extra): fails, never skips
 
 VOCAB, SEQ = 128, 12
 ARGS = {

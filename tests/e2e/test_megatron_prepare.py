@@ -14,9 +14,11 @@ from mmfm.data import megatron as mdata
 from mmfm.data.shards import read_shard
 from mmfm.data.skips import Skips
 from mmfm.prepare import load_prepare_recipe, prepare
-from mmfm.testing import megatron_indexed_or_skip, tiny_shape, train_metrics
+from mmfm.testing import tiny_shape, train_metrics
 from mmfm.tokenization.vocab import Vocab, VocabError
 from mmfm.train.command import build_trainer
+
+from helpers import megatron_indexed_or_skip
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 

@@ -15,7 +15,9 @@ import pytest
 from mmfm.core.types import Modality
 from mmfm.data.shards import read_shard
 from mmfm.prepare import load_prepare_recipe, prepare
-from mmfm.testing import read_metrics, tiny_shape, tiny_visual_recipe, train_metrics, voc_export
+from mmfm.testing import read_metrics, tiny_shape, train_metrics, voc_export
+
+from helpers import tiny_visual_recipe
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_paper_recipes")

@@ -23,10 +23,12 @@ from mmfm.data.shards import read_shard
 from mmfm.data.skips import Skips
 from mmfm.data.units import read_raw_unit
 from mmfm.prepare import PrepareRecipe, PrepareSource, prepare
-from mmfm.testing import stream_settings, tiny_visual_recipe
+from mmfm.testing import stream_settings
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.shaping import Shaping, shape
 from mmfm.tokenization.tokenizers import Tokenizers
+
+from helpers import tiny_visual_recipe
 
 SEED = 7
 ICON_FIELDS = {"record": "svg", "svg": ["svg"], "text": ["txt"]}

@@ -12,11 +12,13 @@ from PIL import Image
 from mmfm.core.errors import ConfigError, InputNotFound
 from mmfm.data.shards import read_shard
 from mmfm.prepare import PrepareRecipe, PrepareSource, Rejects, iter_records, prepare
-from mmfm.testing import tiny_visual_recipe, voc_palette
+from mmfm.testing import voc_palette
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual import data as vdata
+
+from helpers import tiny_visual_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 VOID = 255

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from mmfm.config import ConfigError, load_config
-from mmfm.testing import SignalAt, read_metrics
+from mmfm.testing import read_metrics
 from mmfm.train import checkpoint as checkpoint_module
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.command import build_trainer, train
 from mmfm.train.trainer import NonFiniteLossError
+
+from helpers import SignalAt
 
 REPO = Path(__file__).resolve().parents[2]
 # Runs whose loader is not under test read in-process: a loader worker is a fresh Python that

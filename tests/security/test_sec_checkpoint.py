@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from mmfm.cli import main as cli
@@ -34,6 +33,8 @@ from mmfm.train.checkpoint import (
     load_checkpoint_model,
 )
 from mmfm.train.command import train
+
+from helpers import TINY
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_checkpoint")

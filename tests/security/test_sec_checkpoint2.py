@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY
 from test_sec_checkpoint import FAST, POP, PROTO4, STOP, _stack_global, _str, _train_args
 
 from mmfm.cli import main as cli
@@ -34,6 +33,8 @@ from mmfm.train.checkpoint import (
 )
 from mmfm.train.command import train
 from mmfm.train.dcp_reader import _unpickle_metadata
+
+from helpers import TINY
 
 STEP = "step_1"
 

@@ -19,8 +19,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mmfm.cli import main
 from mmfm.core.errors import TokenizerError
-from mmfm.testing import random_checkpoint, tiny_shape
+from mmfm.testing import tiny_shape
 from mmfm.tokenization.visual.weights import read_weights
+
+from helpers import random_checkpoint
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_convert2")

@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from mmfm.cli import main
 from mmfm.data.demo import demo_documents
 from mmfm.data.shards import write_shard
-from mmfm.testing import random_checkpoint, tiny_shape
+from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
+
+from helpers import random_checkpoint
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_sec_generate")

@@ -96,6 +96,7 @@ def hostile_tokenizers(tmp_path_factory):
     unregister_modality("doom")
 
 
+@pytest.mark.slow  # prepare's worker processes, one killed and started again: 26 s on loaded cores
 def test_a_panicking_tokenizer_and_a_killed_worker_cost_one_record_each(
     tmp_path, hostile_tokenizers, mmfm_log
 ):

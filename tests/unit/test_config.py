@@ -110,14 +110,12 @@ def test_cli_reports_config_errors_without_traceback():
     assert "Traceback" not in out.stderr
 
 
-def test_cli_config_doc_lists_fields():
-    out = subprocess.run(
-        [sys.executable, "-m", "mmfm", "config", "--doc"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "model.rope_theta (float, default 10000.0)" in out.stdout
+def test_cli_config_doc_lists_fields(capsys):
+    from mmfm.cli import main
+
+    # in this process (a fresh `mmfm` process: the test above); main returns on success
+    main(["config", "--doc"])
+    assert "model.rope_theta (float, default 10000.0)" in capsys.readouterr().out
 
 
 TWO_SOURCES = (

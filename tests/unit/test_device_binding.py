@@ -116,6 +116,7 @@ def _start_and_log(timeout_s: float) -> tuple[float, list[str]]:
     return timeout.total_seconds(), records
 
 
+@pytest.mark.slow  # two spawned ranks that import torch: 13 s alone, 43 s in the suite (loaded)
 def test_two_ranks_start_with_the_configured_timeout_and_rank_0_logs_the_table():
     (timeout, logged), (_, elsewhere) = run_distributed(_start_and_log, 2, args=(123.0,))
     assert timeout == 123.0

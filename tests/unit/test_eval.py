@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY
 
 from mmfm.cli import main
 from mmfm.config import ConfigError, load_config
@@ -23,6 +22,8 @@ from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.command import build_trainer, train
 from mmfm.train.evaluate import Evaluator, text_byte_table
 from mmfm.train.step_runner import build_step_runner
+
+from helpers import TINY
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_eval")

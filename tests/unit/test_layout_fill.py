@@ -151,6 +151,7 @@ def test_slurm_dry_run_shows_the_layout_of_the_job(tmp_path, capsys):
     assert "layout: dp_replicate=2 x dp_shard=4 (-1: filled) x cp=1 x tp=2 x pp=1 = 16" in err
 
 
+@pytest.mark.slow  # two spawned ranks that import torch and train: 23 s on 2 loaded cores
 def test_two_ranks_train_with_minus_one(tiny_overrides):
     overrides = [*tiny_overrides, "parallel.dp_shard=-1", "train.steps=2"]
     overrides += ["data.num_workers=0", "logging.every=1"]

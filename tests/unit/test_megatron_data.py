@@ -23,7 +23,9 @@ from mmfm.data.shards import write_shard
 from mmfm.data.skips import Skips
 from mmfm.data.source_reader import SourceReader
 from mmfm.prepare.megatron_out import write_megatron
-from mmfm.testing import megatron_indexed_or_skip, source_spec, stream_settings
+from mmfm.testing import source_spec, stream_settings
+
+from helpers import megatron_indexed_or_skip
 
 mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
 

@@ -32,11 +32,12 @@ from mmfm.prepare import PrepareRecipe, PrepareSource, Rejects
 from mmfm.prepare.fingerprint import fingerprint, non_default_options
 from mmfm.prepare.shaping import realised
 from mmfm.prepare.tasks import task_records
-from mmfm.testing import tiny_visual_recipe
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.shaping import Shaping, shape, svg_caption
 from mmfm.tokenization.text import BOS, EOS
 from mmfm.tokenization.tokenizers import Tokenizers
+
+from helpers import tiny_visual_recipe
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_record_shaping")

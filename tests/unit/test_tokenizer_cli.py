@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mmfm.cli import main
 from mmfm.core.types import TextRecord
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
@@ -55,10 +56,13 @@ def test_train_encode_decode_commands(tmp_path):
     assert decoded.stdout == "[text]\nhello 世界\n", decoded.stderr
 
 
-def test_missing_tokenizers_say_how_to_make_them(tmp_path):
-    out = mmfm("tokenizer", "encode", str(tmp_path / "none.yaml"), "x.txt")
-    assert out.returncode == 2 and "does not exist" in out.stderr
+def test_missing_tokenizers_say_how_to_make_them(tmp_path, capsys):
+    # in this process (the `mmfm` entry point's exit codes: test_config.py, the slow test above)
+    with pytest.raises(SystemExit) as exited:
+        main(["tokenizer", "encode", str(tmp_path / "none.yaml"), "x.txt"])
+    assert exited.value.code == 2 and "does not exist" in capsys.readouterr().err
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'empty'}\n")
-    out = mmfm("tokenizer", "encode", str(recipe), str(recipe))
-    assert out.returncode == 1 and "run mmfm tokenizer train" in out.stderr
+    with pytest.raises(SystemExit) as exited:
+        main(["tokenizer", "encode", str(recipe), str(recipe)])
+    assert exited.value.code == 1 and "run mmfm tokenizer train" in capsys.readouterr().err

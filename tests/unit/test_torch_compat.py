@@ -261,6 +261,7 @@ def _distributed_shims() -> dict:
     return out
 
 
+@pytest.mark.slow  # two spawned ranks that import torch and build meshes: 40 s on 2 loaded cores
 def test_collective_and_mesh_shims_match_public_equivalents():
     results = run_distributed(_distributed_shims, 2)
     for rank, r in enumerate(results):
@@ -273,36 +274,42 @@ def test_collective_and_mesh_shims_match_public_equivalents():
 
 
 class _Slow(torch.utils.data.IterableDataset):
-    """Yields one item, then waits (a stalled shard) or exits its worker (a killed one)."""
+    """Yields one item, then waits until the file `go` exists, which the test writes once it
+    has the first item ("die": then exits its worker, a killed one) or once it has seen the
+    timeout ("stall": a stalled shard, until then)."""
 
-    def __init__(self, then: str):
-        self.then = then
+    def __init__(self, then: str, go: Path):
+        self.then, self.go = then, go
 
     def __iter__(self):
         import os
         import time
 
         yield 1
+        while not self.go.exists():
+            time.sleep(0.01)
         if self.then == "die":
-            time.sleep(1)  # after the first item has reached the test
             os._exit(3)
-        time.sleep(30)
         yield 2
 
 
 @pytest.mark.parametrize("then", ["stall", "die"])
-def test_dataloader_worker_shims_see_the_workers_and_their_failures(then):
+def test_dataloader_worker_shims_see_the_workers_and_their_failures(then, tmp_path):
     # a death is seen by torch's SIGCHLD handler, or at the end of the wait where mmfm's loader
     # took the handler away (iter_without_sigchld_handler) earlier in this process
     timeout = 1 if then == "stall" else 5
+    go = tmp_path / "go"
     loader = torch.utils.data.DataLoader(
-        _Slow(then), batch_size=None, num_workers=1, timeout=timeout
+        _Slow(then, go), batch_size=None, num_workers=1, timeout=timeout
     )
     items = iter(loader)
     assert next(items) == 1
     (worker,) = tc.dataloader_workers(items)
+    if then == "die":
+        go.touch()
     with pytest.raises(RuntimeError) as error:
         next(items)
+    go.touch()
     assert tc.dataloader_failure(error.value) == ("timeout" if then == "stall" else "worker_died")
     tc.shutdown_dataloader_workers(items)
     worker.join(timeout=10)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mmfm.core.errors import ConfigError, TokenizerError
-from mmfm.testing import TINY_VISUAL
 from mmfm.tokenization.visual.models import HiMTokConfig, HiMTokMaskTokenizer
 from mmfm.tokenization.visual.quantizer import FiniteScalarQuantizer, VectorQuantizer
 from mmfm.tokenization.visual.train import (
@@ -23,6 +22,8 @@ from mmfm.tokenization.visual.train import (
     save_visual,
     train_visual,
 )
+
+from helpers import TINY_VISUAL
 
 
 def _counts(vq: VectorQuantizer, features: torch.Tensor) -> torch.Tensor:
@@ -65,9 +66,10 @@ def test_training_logs_usage_each_log_step_and_eval_says_if_it_beats_the_baselin
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w.split(":")[0] for w in warned] == ["step 2", "step 4"]
     assert [u["step"] for u in metrics["train_usage"]] == [2, 4]
-    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert saved["beats_baseline"] == (saved["psnr"] > saved["psnr_same_bits_baseline"])
-    assert saved["margin"] == pytest.approx(saved["psnr"] - saved["psnr_same_bits_baseline"])
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())  # the verdict is saved;
+    assert isinstance(saved["beats_baseline"], bool)  # its values: test_the_verdict_on_...
+    assert saved["psnr"] > 0 and saved["psnr_same_bits_baseline"] > 0
+    assert isinstance(saved["margin"], float)
     with pytest.raises(ConfigError, match="min_code_usage"):
         VisualRecipe(min_code_usage=2.0)
 
@@ -83,8 +85,48 @@ def test_mask_baseline_and_verdict():
     ).eval()  # fmt: skip
     metrics = evaluate(model, masks)  # 24 bits: a 4 x 4 thumbnail, blurred at the square's edge
     assert metrics["iou_same_bits_baseline"] == pytest.approx(0.90625)
-    assert metrics["beats_baseline"] == (metrics["iou@4"] > 0.90625)
-    assert metrics["margin"] == pytest.approx(metrics["iou@4"] - 0.90625)
+    assert set(metrics) >= {"iou@1", "iou@2", "iou@4", "beats_baseline", "margin"}
+
+
+class _Known(torch.nn.Module):
+    """A tokenizer stand-in whose reconstruction is known from outside `evaluate`: it decodes
+    any codes to `decoded`. 4 tokens of 16 codes (16 bits) for pictures, of 64 (24 bits) for
+    masks."""
+
+    def __init__(self, kind: str, decoded: torch.Tensor):
+        super().__init__()
+        self.kind, self.decoded, self.tokens_per_item = kind, decoded, 4
+        self.num_codes = 64 if kind == "himtok_mask" else 16
+
+    def encode(self, batch):
+        return torch.zeros(len(batch), self.tokens_per_item, dtype=torch.long)
+
+    def decode(self, codes):
+        return self.decoded
+
+
+def test_the_verdict_on_reconstructions_of_known_quality():
+    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    masks[:, 8:24, 8:24] = 1  # the 24-bit thumbnail's IoU: 0.90625 (above)
+    perfect = evaluate(_Known("himtok_mask", masks), masks)
+    assert perfect["iou@4"] == 1.0 and perfect["beats_baseline"] is True
+    assert perfect["margin"] == pytest.approx(1 - 0.90625)
+    blank = evaluate(_Known("himtok_mask", torch.zeros_like(masks)), masks)
+    assert blank["iou@4"] == 0.0 and blank["beats_baseline"] is False
+    assert blank["margin"] == pytest.approx(-0.90625)
+
+    # A one-pixel checkerboard of black and white. 16 bits buy one RGB pixel: grey 127 or 128
+    # of 255, off by 127.5 +- 0.5 everywhere: MSE 0.25 (to 1e-5), PSNR 10 log10(4) = 6.02 dB.
+    board = (torch.arange(32)[:, None] + torch.arange(32)) % 2 * 2.0 - 1
+    pictures = board.expand(1, 3, 32, 32).clone()
+    exact = evaluate(_Known("seed_image", pictures), pictures)
+    assert exact["psnr_same_bits_baseline"] == pytest.approx(6.0206, abs=1e-3)
+    assert exact["psnr"] == pytest.approx(120.0)  # MSE 0, floored at 1e-12
+    assert exact["beats_baseline"] is True
+    assert exact["margin"] == pytest.approx(120.0 - 6.0206, abs=1e-3)
+    inverted = evaluate(_Known("seed_image", -pictures), pictures)  # every pixel off by 1: 0 dB
+    assert inverted["psnr"] == pytest.approx(0.0) and inverted["beats_baseline"] is False
+    assert inverted["margin"] == pytest.approx(-6.0206, abs=1e-3)
 
 
 def test_fsq_codes_cover_the_book_and_round_trip():
