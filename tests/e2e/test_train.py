@@ -61,7 +61,7 @@ def test_demo_recipe_trains_and_reports(demo_run):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / f"step_{DEMO_STEPS}" / "train_state.json").is_file()
     log = (run_dir / "train.log").read_text()
-    assert "data: data (4 shards)" in log and "validation: val (1 shards)" in log
+    assert "data: data (4 shards)" in log and "validation: eval (1 shards)" in log
 
 
 def quick_start_demo_steps() -> dict[int, dict[str, float]]:
