@@ -146,6 +146,11 @@ class DocumentSdpa:
     def prepare(self, doc_ids: torch.Tensor) -> DocumentLayout:
         return document_layout(doc_ids)
 
+    # Left out of compiled blocks (`parallel.compile`): its Python loop over length groups
+    # would make every new document layout a recompile (a dynamo guard on the groups), until
+    # dynamo's recompile limit sends the block back to eager; the projections and the
+    # feed-forward around it compile once, and each group is one fused SDPA call anyway.
+    @torch.compiler.disable
     def __call__(self, q, k, v, layout: DocumentLayout) -> torch.Tensor:
         batch, seq, heads, dim = q.shape
         kv_heads = k.shape[2]

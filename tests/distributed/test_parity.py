@@ -101,14 +101,13 @@ def test_single_process_options_match(base, reference, tmp_path):
     assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
 
 
-@pytest.mark.slow  # inductor compiles a block's forward and backward per attention layout
-def test_compiled_blocks_match_one_process(base, tmp_path):
-    # One micro-batch a step: each micro-batch's document layout is a recompile (4 graphs at
-    # the module's 4 micro-batches a step, 124 s with a cold inductor cache; 2 here, 51 s).
-    one = [*base, "train.global_batch_size=2"]
-    want = train_metrics([*one, f"train.run_dir={tmp_path / 'one'}"])
-    got = train_metrics([*one, "parallel.compile=true", f"train.run_dir={tmp_path / 'compiled'}"])
-    assert_same_run(got, want)
+@pytest.mark.slow  # inductor compiles a block's forward and backward: 40-60 s on 2 cores
+def test_compiled_blocks_match_one_process(base, reference, tmp_path):
+    # Four micro-batches a step, each its own document layout: one compile for all of them
+    # (the `docs` attention runs outside the compiled graphs; test_attention.py checks that
+    # a new layout is no recompile).
+    got = train_metrics([*base, "parallel.compile=true", f"train.run_dir={tmp_path}"])
+    assert_same_run(got, reference)
 
 
 @pytest.mark.slow  # eight ranks on 2 cores: 29-48 s

@@ -38,6 +38,26 @@ def run(backend, doc_ids, tensors):
     return out
 
 
+def test_a_compiled_block_does_not_recompile_for_a_new_document_layout(monkeypatch):
+    """`docs` is left out of compiled code: its Python loop over length groups made each new
+    layout a recompile (a guard on the groups) until dynamo gave up and ran eager."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    backend, proj = DocumentSdpa(), torch.nn.Linear(16, 16)
+
+    @torch.compile(backend="eager", fullgraph=False)
+    def block(q, k, v, layout):
+        return proj(backend(proj(q), k, v, layout))
+
+    tensors = qkv(2, 96, 4, 2, requires_grad=False)
+    for lengths in LAYOUTS.values():  # three layouts, three different group lists
+        doc_ids = packed_batch(lengths).doc_ids
+        want = proj(backend(proj(tensors[0]), *tensors[1:], backend.prepare(doc_ids)))
+        got = block(*tensors, backend.prepare(doc_ids))
+        assert torch.allclose(got, want, atol=TOL)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_docs_matches_masked_reference_with_gradients(layout, kv_heads):
