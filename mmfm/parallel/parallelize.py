@@ -99,9 +99,16 @@ def _compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:
     is a view that `DTensor.to_local` makes inside an autograd Function; a compiled graph fed
     that view returns no gradient for it (PyTorch 2.13 AOTAutograd), so the embedding would get
     none and DTensor's redistribute fails in backward. A copy gives the first block an input
-    of its own: one activation copy per micro-batch, results exact."""
-    if tensor_parallel and part.tok_embeddings is not None:
-        part.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
+    of its own: one activation copy per micro-batch, results exact.
+
+    Under tensor parallelism AOTAutograd's on-disk cache is also turned off, for the process:
+    a block whose graph is split around the eager document attention and whose weights are
+    DTensors gets wrong gradients when its compiled graphs come from that cache (PyTorch
+    2.13; a fresh compile is exact). The inductor kernel cache stays on."""
+    if tensor_parallel:
+        torch._functorch.config.enable_autograd_cache = False
+        if part.tok_embeddings is not None:
+            part.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
     for block in part.layers.values():
         block.compile()
 

@@ -38,11 +38,20 @@ def run(backend, doc_ids, tensors):
     return out
 
 
-def test_a_compiled_block_does_not_recompile_for_a_new_document_layout(monkeypatch):
+def test_a_compiled_block_does_not_recompile_for_a_new_document_layout():
     """`docs` is left out of compiled code: its Python loop over length groups made each new
-    layout a recompile (a guard on the groups) until dynamo gave up and ran eager."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    layout a recompile (a guard on the groups) until dynamo gave up and ran eager.
+
+    The flag is set with torch's own `config.patch`: pytest >= 9.2's monkeypatch deletes an
+    attribute missing from the instance `__dict__` on undo, which hides dynamo's config entry
+    from every later compile in the worker."""
     torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _compile_three_layouts()
+    torch._dynamo.reset()
+
+
+def _compile_three_layouts():
     backend, proj = DocumentSdpa(), torch.nn.Linear(16, 16)
 
     @torch.compile(backend="eager", fullgraph=False)
@@ -55,7 +64,6 @@ def test_a_compiled_block_does_not_recompile_for_a_new_document_layout(monkeypat
         want = proj(backend(proj(tensors[0]), *tensors[1:], backend.prepare(doc_ids)))
         got = block(*tensors, backend.prepare(doc_ids))
         assert torch.allclose(got, want, atol=TOL)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
