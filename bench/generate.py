@@ -39,7 +39,7 @@ def timed(fn, repeats: int, clock=time.process_time) -> float:
 
 def constraint_step_seconds(layout, batch: int, prompt: list[int], clock, steps=2000) -> float:
     """The span grammar's cost per decoding step: mask the logits, sample, advance."""
-    from mmfm.generate.constraints import SpanConstraint
+    from mmfm.decoding.constraints import SpanConstraint
 
     constraint = SpanConstraint(layout, 384, batch, torch.device("cpu"))
     for token in prompt:
@@ -96,10 +96,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from mmfm.generate.engine import generate
-    from mmfm.generate.layout import demo_layout
+    from mmfm.decoding.engine import generate
+    from mmfm.decoding.layout import demo_layout
     from mmfm.generate.load import load_model
-    from mmfm.generate.sampling import Sampling
+    from mmfm.decoding.sampling import Sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(Path(tmp))

@@ -20,7 +20,7 @@ from mmfm.convert.hf import (
 )
 from mmfm.convert.keymaps import from_hf, model_config_from_hf
 from mmfm.core.errors import ConversionError
-from mmfm.generate.layout import Layout, demo_layout
+from mmfm.decoding.layout import Layout, demo_layout
 from mmfm.model import Transformer, build_model
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint_model

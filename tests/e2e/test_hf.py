@@ -23,8 +23,8 @@ from mmfm.convert.hf import export_hf, import_hf
 from mmfm.core.errors import ConversionError
 from mmfm.core.types import Modality, TextRecord
 from mmfm.data.shards import write_shard
-from mmfm.generate.engine import generate
-from mmfm.generate.sampling import Sampling
+from mmfm.decoding.engine import generate
+from mmfm.decoding.sampling import Sampling
 from mmfm.testing import run_distributed, tiny_shape, train_metrics
 from mmfm.tokenization.document import DocumentBuilder
 from mmfm.tokenization.recipe import load_recipe

@@ -12,11 +12,11 @@ from PIL import Image
 
 from mmfm.config.schema import ModelConfig
 from mmfm.core.types import Modality
-from mmfm.generate.constraints import SpanConstraint
-from mmfm.generate.engine import generate, unconditional_prompt
-from mmfm.generate.layout import Layout, demo_layout
-from mmfm.generate.outputs import SpanWriter, split_spans
-from mmfm.generate.sampling import Sampling, filter_logits
+from mmfm.decoding.constraints import SpanConstraint
+from mmfm.decoding.engine import generate, unconditional_prompt
+from mmfm.decoding.layout import Layout, demo_layout
+from mmfm.decoding.outputs import SpanWriter, split_spans
+from mmfm.decoding.sampling import Sampling, filter_logits
 from mmfm.model import build_model, init_weights
 from mmfm.model.cache import KVCache
 from mmfm.tokenization.vocab import DELIMITERS, Vocab
@@ -302,7 +302,7 @@ def test_two_runs_into_one_out_take_turns_numbering(tmp_path):
     into the same folder waits, then numbers after the first's files."""
     import threading
 
-    from mmfm.generate.outputs import numbering, write_generations
+    from mmfm.decoding.outputs import numbering, write_generations
 
     def second() -> None:
         with numbering(tmp_path) as n:

@@ -19,15 +19,20 @@ LAYERS: dict[str, set[str]] = {
     "data": {"core", "config", "tokenization"},
     "model": {"core", "config"},
     "parallel": {"core", "config", "model"},
+    "decoding": {"core", "config", "tokenization", "data", "model"},
     "prepare": {"core", "config", "tokenization", "data"},
     "slurm": {"core", "config", "prepare"},
-    "train": {"core", "config", "tokenization", "data", "model", "parallel", "prepare"},
+    "train": {
+        *("core", "config", "tokenization", "data", "model", "parallel", "prepare", "decoding"),
+    },
     "convert": {"core", "config", "tokenization", "model", "train"},
-    "generate": {"core", "config", "tokenization", "data", "model", "train", "convert"},
+    "generate": {
+        *("core", "config", "tokenization", "data", "model", "decoding", "train", "convert"),
+    },
     "testing": {"core", "config", "tokenization", "data", "model", "parallel", "train"},
     "cli": {
         *("core", "config", "tokenization", "data", "model", "parallel", "prepare", "slurm"),
-        *("train", "convert", "generate"),
+        *("decoding", "train", "convert", "generate"),
     },
     "main": {"cli"},
 }

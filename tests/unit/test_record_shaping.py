@@ -26,8 +26,8 @@ from mmfm.core.types import (
     VideoRecord,
 )
 from mmfm.data.packing import RowBuilder, modality_weight_table
-from mmfm.generate.engine import unconditional_prompt
-from mmfm.generate.layout import Layout
+from mmfm.decoding.engine import unconditional_prompt
+from mmfm.decoding.layout import Layout
 from mmfm.prepare import PrepareRecipe, PrepareSource, Rejects
 from mmfm.prepare.fingerprint import fingerprint, non_default_options
 from mmfm.prepare.shaping import realised

@@ -27,7 +27,7 @@ from mmfm.core.errors import LaunchError
 from mmfm.core.modalities import modality_spec
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import COLORS
-from mmfm.generate.layout import Layout
+from mmfm.decoding.layout import Layout
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
 
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmfm.generate.constraints import SpanConstraint
-from mmfm.generate.layout import Layout
-from mmfm.generate.sampling import Sampling, next_tokens
+from mmfm.decoding.constraints import SpanConstraint
+from mmfm.decoding.layout import Layout
+from mmfm.decoding.sampling import Sampling, next_tokens
 from mmfm.model.cache import KVCache
 
 

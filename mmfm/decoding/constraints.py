@@ -22,7 +22,7 @@ from enum import IntEnum
 import torch
 
 from mmfm.core.types import MODALITY_NAMES, Modality
-from mmfm.generate.layout import Layout
+from mmfm.decoding.layout import Layout
 
 
 class Mode(IntEnum):
