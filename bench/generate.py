@@ -98,8 +98,8 @@ def main() -> None:
 
     from mmfm.decoding.engine import generate
     from mmfm.decoding.layout import demo_layout
-    from mmfm.generate.load import load_model
     from mmfm.decoding.sampling import Sampling
+    from mmfm.generate.load import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(Path(tmp))

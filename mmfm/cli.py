@@ -687,8 +687,8 @@ def _tokenizer_command(args: argparse.Namespace) -> None:
 def _generate_command(args: argparse.Namespace) -> None:
 
     from mmfm.config import ConfigError
-    from mmfm.generate.command import GenerateArgs, run, sampling_from
     from mmfm.decoding.prompts import FILE_KINDS, Prompt, read_prompts
+    from mmfm.generate.command import GenerateArgs, run, sampling_from
 
     texts = [(text, f"--prompt {n}") for n, text in enumerate(args.prompt, 1)]
     if args.prompts_file:

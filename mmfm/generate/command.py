@@ -1,12 +1,13 @@
 """`mmfm generate MODEL --prompt TEXT [--modality image] ...`: sample, decode, write files.
 
 Every prompt is encoded as `<s> text` (plus the opening delimiter of `--modality`); a prompt
-with files (`{image} segment the cat`, mmfm/decoding/prompts.py) as the prompt of a training task. The batch
-is generated with the KV cache under the span grammar, and every generated span is written
-to `--out` as a file (mmfm/decoding/outputs.py) with one line per prompt in `generations.jsonl` (a second
-run into the same `--out` numbers its files after the first's and appends its lines). Prompts
-that are not UTF-8, a prompt plus `--max-new-tokens` beyond the model's `max_seq_len` (the KV
-cache holds both) and an `--out` that cannot be a folder are refused before sampling.
+with files (`{image} segment the cat`, mmfm/decoding/prompts.py) as the prompt of a training
+task. The batch is generated with the KV cache under the span grammar, and every generated
+span is written to `--out` as a file (mmfm/decoding/outputs.py) with one line per prompt in
+`generations.jsonl` (a second run into the same `--out` numbers its files after the first's
+and appends its lines). Prompts that are not UTF-8, a prompt plus `--max-new-tokens` beyond
+the model's `max_seq_len` (the KV cache holds both) and an `--out` that cannot be a folder
+are refused before sampling.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from mmfm.core.errors import ConfigError, LaunchError
 from mmfm.core.files import make_folder
 from mmfm.decoding.engine import generate
 from mmfm.decoding.layout import MODALITY_OF, Layout
-from mmfm.generate.load import Loaded, load_model
 from mmfm.decoding.outputs import (
     Span,
     SpanWriter,
@@ -32,6 +32,7 @@ from mmfm.decoding.outputs import (
 )
 from mmfm.decoding.prompts import FITS, Prompt, check_prompt, needs_tokenizers, prompt_parts
 from mmfm.decoding.sampling import Sampling
+from mmfm.generate.load import Loaded, load_model
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual.records import VisualTokenizers
@@ -44,7 +45,8 @@ log = logging.getLogger("mmfm")
 class GenerateArgs:
     model: str
     prompts: Sequence[str | Prompt]
-    """Text prompts (`--modality` asked of each) or templates with files (mmfm/decoding/prompts.py)."""
+    """Text prompts (`--modality` asked of each) or templates with files
+    (mmfm/decoding/prompts.py)."""
     out: str = "generations"
     modality: str = "text"
     sampling: Sampling = field(default_factory=Sampling)

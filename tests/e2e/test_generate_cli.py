@@ -16,8 +16,8 @@ from mmfm.cli import main
 from mmfm.convert.hf import export_hf, import_hf
 from mmfm.data.demo import DEMO_VOCAB_SIZE
 from mmfm.decoding.engine import generate
-from mmfm.generate.load import load_model
 from mmfm.decoding.sampling import Sampling
+from mmfm.generate.load import load_model
 from mmfm.testing import tiny_shape
 from mmfm.tokenization.vocab import Vocab
 

@@ -26,8 +26,8 @@ from mmfm.core.modalities import (
 )
 from mmfm.core.types import MODALITY_NAMES, Modality, ModalityRecord
 from mmfm.data.shards import ShardError, read_shard
-from mmfm.generate.command import GenerateArgs, run
 from mmfm.decoding.sampling import Sampling
+from mmfm.generate.command import GenerateArgs, run
 from mmfm.prepare import load_prepare_recipe, prepare
 from mmfm.prepare.recipe import source_kinds
 from mmfm.testing import tiny_shape, train_metrics
