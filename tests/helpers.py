@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -127,3 +128,27 @@ def random_checkpoint(path: Path, overrides: Sequence[str], vocab: Path | None =
     if vocab is not None:
         Vocab.load(vocab).save(Path(path) / "vocab.json")
     return Path(path)
+
+
+def wandb_records(path: Path):
+    """The records of a .wandb file: W&B's LevelDB-style log (a 7-byte `:W&B` header, then
+    32 KiB blocks of chunks with a 7-byte header each) of `wandb_internal_pb2.Record`s."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    pos, record = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (length, kind) == (0, 0):  # the zero padding at a block's end
+            pos += left
+            continue
+        record += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            parsed = wandb_internal_pb2.Record()
+            parsed.ParseFromString(record)
+            record = b""
+            yield parsed

@@ -7,7 +7,9 @@ combinations that span sections. Messages say which field to change and how.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from mmfm.config.layout import LayoutError, layout_problems
@@ -666,6 +668,86 @@ class LoggingConfig:
 
 
 @dataclass
+class SampleConfig:
+    """One prompt sampled during training (`eval.samples`), as `mmfm generate` samples it."""
+
+    prompt: str = ""
+    """Text, or a template whose `{image}`, `{video}`, `{dna}`, `{svg}` say where the file
+    of that field goes: `{image} segment the cat` with `image: cat.png`."""
+    modality: str = "text"
+    """The modality to answer in: text, image, mask, svg, dna, video (or a registered one):
+    the prompt ends with its opening delimiter."""
+    image: str | None = None
+    """The picture of `{image}` (a file)."""
+    video: str | None = None
+    """The clip of `{video}` (a file; its frames at 2 fps, at most 8)."""
+    dna: str | None = None
+    """The FASTA / FASTQ / GenBank file of one sequence for `{dna}`."""
+    svg: str | None = None
+    """The SVG file of `{svg}`."""
+    max_new_tokens: int = 64
+    """Tokens generated at most (generation also stops at </s>); prompt plus these must fit
+    model.max_seq_len."""
+    temperature: float = 0.0
+    """0: greedy; otherwise the logits are divided by it before sampling."""
+    top_k: int = 0
+    """Sample among the k most likely ids only (0: all)."""
+    top_p: float = 1.0
+    """Sample among the most likely ids whose probabilities sum to p (1: all)."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance (1: off), as `mmfm generate --cfg-scale`."""
+    seed: int = 0
+    """The sampler's seed: the same weights, prompt and seed give the same sample, whatever
+    the training layout; the training run's own random state is never touched."""
+
+    def files(self) -> dict[str, str]:
+        """The file of each placeholder kind the sample sets."""
+        kinds = {"image": self.image, "video": self.video, "dna": self.dna, "svg": self.svg}
+        return {kind: path for kind, path in kinds.items() if path is not None}
+
+
+SAMPLE_FILES = ("image", "video", "dna", "svg")
+
+
+def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
+    """Refuse, before anything is built, a sample that could only fail at its first step."""
+    where = f"eval.samples[{k}]"
+    _require(bool(sample.prompt.strip()), f"{where}.prompt is empty: write the prompt's text")
+    _require(
+        sample.modality in MODALITY_NAMES,
+        f"{where}.modality={sample.modality!r} is not one of {', '.join(MODALITY_NAMES)}",
+    )
+    for kind in SAMPLE_FILES:
+        path, placed = getattr(sample, kind), "{" + kind + "}" in sample.prompt
+        _require(
+            path is None or placed,
+            f"{where}.{kind}={path} but its prompt has no {{{kind}}}: write {{{kind}}} where "
+            "the file's span goes",
+        )
+        _require(
+            path is not None or not placed,
+            f"{where}.prompt has {{{kind}}} but no {kind} file: set {where}.{kind}=FILE",
+        )
+        _require(
+            path is None or Path(path).is_file(),
+            f"{where}.{kind}={path}: no such file (paths are relative to where mmfm runs)",
+        )
+    _require(
+        not sample.files() or tokenizers is not None,
+        f"{where} has a {next(iter(sample.files()), '')} file: set eval.samples_tokenizers to "
+        "the tokenizer recipe the training data was prepared with, which encodes it",
+    )
+    _require(sample.max_new_tokens >= 1, f"{where}.max_new_tokens must be positive")
+    for name in ("temperature", "top_p", "cfg_scale"):
+        value = getattr(sample, name)
+        _require(math.isfinite(value), f"{where}.{name} must be a finite number, got {value}")
+    _require(sample.temperature >= 0, f"{where}.temperature must be >= 0 (0: greedy)")
+    _require(sample.top_k >= 0, f"{where}.top_k must be >= 0 (0: all ids)")
+    _require(0 < sample.top_p <= 1, f"{where}.top_p must be in (0, 1], got {sample.top_p}")
+    _require(-(2**63) <= sample.seed < 2**63, f"{where}.seed must be a 64-bit signed integer")
+
+
+@dataclass
 class EvalConfig:
     ALTERNATIVES: ClassVar[tuple[str, ...]] = DataConfig.ALTERNATIVES
 
@@ -685,6 +767,18 @@ class EvalConfig:
     """Also keep the checkpoint with the lowest val/loss so far as <run_dir>/checkpoints/best:
     an evaluation that improves on it saves step_<N> (if that step has none yet) and links
     its files there. Never pruned, never picked by train.resume=auto."""
+    samples: list[SampleConfig] = field(default_factory=list)
+    """Prompts the model answers every `samples_every` steps (rank 0 generates from a
+    gathered copy of the model; docs/generate_eval.md): each answer is decoded to a file
+    under <run_dir>/samples/step_<N>/, a line of <run_dir>/samples/samples.jsonl, and media
+    in TensorBoard, W&B and MLflow."""
+    samples_every: int = 0
+    """Sample `samples` every this many optimizer steps, and after the last step; 0: never."""
+    samples_tokenizers: str | None = None
+    """The tokenizer recipe the training data was prepared with (as `mmfm generate
+    --tokenizers`): it encodes the samples' files and its visual tokenizers decode image,
+    mask and video codes. Needed by samples with files and by picture answers outside the
+    demo corpus."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "eval", "every")
@@ -699,6 +793,23 @@ class EvalConfig:
             self.enabled or not self.keep_best,
             "eval.keep_best needs held-out data: set eval.paths or eval.sources",
         )
+        _require(self.samples_every >= 0, "eval.samples_every must be >= 0 (0: no samples)")
+        _require(
+            bool(self.samples) or self.samples_every == 0,
+            f"eval.samples_every={self.samples_every} but eval.samples is empty: list the "
+            "prompts to sample, or set eval.samples_every=0",
+        )
+        _require(
+            self.samples_tokenizers is None or Path(self.samples_tokenizers).is_file(),
+            f"eval.samples_tokenizers={self.samples_tokenizers}: no such tokenizer recipe",
+        )
+        for k, sample in enumerate(self.samples):
+            _check_sample(k, sample, self.samples_tokenizers)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether samples are generated during training."""
+        return bool(self.samples) and self.samples_every > 0
 
     @property
     def enabled(self) -> bool:
@@ -748,6 +859,12 @@ class Config:
             not self.train.stages or self.checkpoint.at_end,
             "train.stages needs checkpoint.at_end=true: each stage starts from the last "
             "one's final checkpoint",
+        )
+        _require(
+            not (self.eval.sampling and self.parallel.pp > 1),
+            f"eval.samples with parallel.pp={self.parallel.pp}: samples gather the model from "
+            "tensor and data-parallel shards, not from pipeline stages; sample a checkpoint "
+            "with `mmfm generate` instead, or set eval.samples_every=0",
         )
         _require(
             not self.train.stages or self.train.resume in ("none", "auto"),

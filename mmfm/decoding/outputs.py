@@ -28,7 +28,10 @@ from mmfm.core.modalities import modality_spec
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import COLORS
 from mmfm.decoding.layout import Layout
+from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
+from mmfm.tokenization.visual.records import VisualTokenizers
+from mmfm.tokenization.vocab import Vocab
 
 
 @dataclass
@@ -87,6 +90,32 @@ def split_spans(ids: Sequence[int], layout: Layout) -> list[Span]:
         i += 1
     flush(len(ids))
     return spans
+
+
+def answer_spans(prompt: Sequence[int], new: Sequence[int], layout: Layout) -> list[Span]:
+    """The spans of a generated answer; a span the prompt opened (its answer modality)
+    starts at its opening delimiter. Offsets index the prompt and new ids laid end to end."""
+    opens = {pair[0] for pair in layout.delimiters.values()}
+    offset = len(prompt) - 1 if prompt[-1] in opens else len(prompt)
+    spans = split_spans([*prompt[offset:], *new], layout)
+    for span in spans:
+        span.start += offset
+        span.end += offset
+    return spans
+
+
+def visual_decoders(recipe_path: str | None, vocab: Vocab | None):
+    """(VisualTokenizers or None, tokens_per_item and num_codes of the trained visual
+    tokenizers) of the tokenizer recipe at `recipe_path`, for `vocab` (None without either)."""
+    if recipe_path is None or vocab is None:
+        return None, {}, {}
+    recipe = load_recipe(recipe_path)
+    visual = VisualTokenizers(recipe, vocab)
+    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
+    slots["video"] = recipe.video_tokenizer
+    models = {name: visual.model(name) for name, path in slots.items() if path}
+    sizes = {name: model.tokens_per_item for name, model in models.items()}
+    return visual, sizes, {name: model.num_codes for name, model in models.items()}
 
 
 class SpanWriter:

@@ -29,7 +29,9 @@ from mmfm.core.errors import ConfigError, InputNotFound, TokenizerError
 from mmfm.core.types import TaskPart
 from mmfm.tokenization.dna import read_dna
 from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
 FILE_KINDS = ("image", "video", "dna", "svg")
 """What a prompt can hold besides text, each given by a file and placed by `{kind}`."""
@@ -95,6 +97,30 @@ def needs_tokenizers(prompts: Sequence[Prompt], recipe_path: str | None) -> None
                 f"in a prompt: give the tokenizer recipe the model's {kind} data was prepared "
                 "with"
             )
+
+
+def encode_prompts(
+    prompts: Sequence[Prompt], recipe_path: str | None, fit: str = "crop"
+) -> list[list[int] | None]:
+    """`<s>` and the parts of each prompt with files, tokenized by the recipe's tokenizers as
+    the prompts of training tasks are; None for a text prompt (the layout encodes it)."""
+    if not any(p.files for p in prompts):
+        return [None] * len(prompts)
+    assert recipe_path is not None, "needs_tokenizers refuses file prompts without a recipe"
+    tokenizers = Tokenizers.load(load_recipe(recipe_path))
+    return [tokenizers.prompt(prompt_parts(p, fit), p.origin) if p.files else None for p in prompts]
+
+
+def check_recipe_vocab(recipe_path: str, option: str, vocab: Vocab | None, model: str) -> None:
+    """A prompt's files are tokenized with the vocabulary of the recipe (`option`, where it
+    was given): it must be the vocabulary of `model` (`vocab`)."""
+    theirs = Vocab.load(Path(load_recipe(recipe_path).output_dir) / VOCAB_FILE)
+    if vocab is None or vocab.fingerprint != theirs.fingerprint:
+        mine = "no vocab.json" if vocab is None else f"vocabulary {vocab.fingerprint}"
+        raise ConfigError(
+            f"{option} {recipe_path} has vocabulary {theirs.fingerprint}, the model {model} "
+            f"{mine}: give the tokenizer recipe its data was prepared with"
+        )
 
 
 def prompt_parts(prompt: Prompt, fit: str = "crop") -> list[TaskPart]:

@@ -21,22 +21,25 @@ import torch
 
 from mmfm.core.errors import ConfigError, LaunchError
 from mmfm.core.files import make_folder
-from mmfm.decoding.engine import generate
-from mmfm.decoding.layout import MODALITY_OF, Layout
+from mmfm.decoding.engine import check_length, generate
+from mmfm.decoding.layout import MODALITY_OF
 from mmfm.decoding.outputs import (
-    Span,
     SpanWriter,
+    answer_spans,
     numbering,
-    split_spans,
+    visual_decoders,
     write_generations,
 )
-from mmfm.decoding.prompts import FITS, Prompt, check_prompt, needs_tokenizers, prompt_parts
+from mmfm.decoding.prompts import (
+    FITS,
+    Prompt,
+    check_prompt,
+    check_recipe_vocab,
+    encode_prompts,
+    needs_tokenizers,
+)
 from mmfm.decoding.sampling import Sampling
-from mmfm.generate.load import Loaded, load_model
-from mmfm.tokenization.recipe import load_recipe
-from mmfm.tokenization.tokenizers import Tokenizers
-from mmfm.tokenization.visual.records import VisualTokenizers
-from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
+from mmfm.generate.load import load_model
 
 log = logging.getLogger("mmfm")
 
@@ -61,21 +64,6 @@ class GenerateArgs:
     """How a prompt's pictures become square (crop or letterbox), as the data's `fit`."""
 
 
-def _visual(loaded: Loaded, recipe_path: str | None):
-    """(VisualTokenizers or None, tokens_per_item and num_codes of the trained visual
-    tokenizers)."""
-    if recipe_path is None or loaded.vocab is None:
-        return None, {}, {}
-
-    recipe = load_recipe(recipe_path)
-    visual = VisualTokenizers(recipe, loaded.vocab)
-    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
-    slots["video"] = recipe.video_tokenizer
-    models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: model.tokens_per_item for name, model in models.items()}
-    return visual, sizes, {name: model.num_codes for name, model in models.items()}
-
-
 def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
@@ -95,17 +83,19 @@ def run(args: GenerateArgs) -> list[dict]:
         raise ConfigError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
     prompts = _prompts(args)
     _check_device(args.device)
-    heads = _encode_files(prompts, args)  # before the model: a bad file costs no load
+    # Before the model: a bad file costs no load.
+    heads = encode_prompts(prompts, args.tokenizers, args.fit)
     loaded = load_model(args.model, args.device, args.dtype)
     if any(heads):
-        _same_vocabulary(loaded, args.model, args.tokenizers)
-    visual, sizes, num_codes = _visual(loaded, args.tokenizers)
+        check_recipe_vocab(args.tokenizers, "--tokenizers", loaded.vocab, args.model)
+    visual, sizes, num_codes = visual_decoders(args.tokenizers, loaded.vocab)
     layout = loaded.layout(sizes, num_codes)
     ids = [
         layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
         for p, head in zip(prompts, heads, strict=True)
     ]
-    _check_length(max(len(p) for p in ids), args.sampling.max_new_tokens, loaded)
+    longest, limit = max(len(p) for p in ids), loaded.model.cfg.max_seq_len
+    check_length(longest, args.sampling.max_new_tokens, limit, "--max-new-tokens")
     make_folder(Path(args.out), f"--out {args.out}")  # before sampling, not after
     new: list[list[int]] = []
     for i in range(0, len(ids), args.batch_size):
@@ -121,7 +111,7 @@ def _write(writer: SpanWriter, first: int, prompts: list[Prompt], ids, new) -> l
     """Every span a file, numbered from `first`, and a line per prompt in generations.jsonl."""
     records, all_spans = [], []
     for n, (p, prompt, new_ids) in enumerate(zip(prompts, ids, new, strict=True), first):
-        spans = _spans(prompt, new_ids, writer.layout)
+        spans = answer_spans(prompt, new_ids, writer.layout)
         for k, span in enumerate(spans):
             writer.write(span, f"{n:04d}-{k}-{span.modality}")
             where = span.path or "(no file)"
@@ -160,28 +150,6 @@ def _prompts(args: GenerateArgs) -> list[Prompt]:
     return prompts
 
 
-def _encode_files(prompts: list[Prompt], args: GenerateArgs) -> list[list[int] | None]:
-    """`<s>` and the parts of each prompt with files, tokenized by `--tokenizers` as the
-    prompts of training tasks are; None for a text prompt (the model's layout encodes it)."""
-    if not any(p.files for p in prompts):
-        return [None] * len(prompts)
-    tokenizers = Tokenizers.load(load_recipe(args.tokenizers))
-    return [
-        tokenizers.prompt(prompt_parts(p, args.fit), p.origin) if p.files else None for p in prompts
-    ]
-
-
-def _same_vocabulary(loaded: Loaded, model: str, recipe_path: str) -> None:
-    """A prompt's files were tokenized with the recipe's vocabulary: it must be the model's."""
-    theirs = Vocab.load(Path(load_recipe(recipe_path).output_dir) / VOCAB_FILE)
-    if loaded.vocab is None or loaded.vocab.fingerprint != theirs.fingerprint:
-        mine = "no vocab.json" if loaded.vocab is None else f"vocabulary {loaded.vocab.fingerprint}"
-        raise ConfigError(
-            f"--tokenizers {recipe_path} has vocabulary {theirs.fingerprint}, the model "
-            f"{model} {mine}: give the tokenizer recipe its data was prepared with"
-        )
-
-
 def _check_utf8(prompt: Prompt) -> None:
     """Prompts from argv carry undecodable bytes as lone surrogates: refuse them by number."""
     try:
@@ -191,33 +159,6 @@ def _check_utf8(prompt: Prompt) -> None:
             f"{prompt.origin} is not valid UTF-8 (byte {prompt.text[e.start]!r} at character "
             f"{e.start}): pass the prompt as UTF-8 text"
         ) from None
-
-
-def _check_length(prompt: int, max_new_tokens: int, loaded: Loaded) -> None:
-    """Prompt and answer fit the model's positions: the KV cache is allocated for both."""
-    limit = loaded.model.cfg.max_seq_len
-    if prompt + max_new_tokens > limit:
-        fix = (
-            f"ask for at most {limit - prompt} new tokens"
-            if prompt < limit
-            else "shorten the prompt"
-        )
-        raise ConfigError(
-            f"--max-new-tokens {max_new_tokens} after a prompt of {prompt} tokens makes "
-            f"{prompt + max_new_tokens}, beyond the model's max_seq_len {limit}: {fix}"
-        )
-
-
-def _spans(prompt: list[int], new: list[int], layout: Layout) -> list[Span]:
-    """The spans of the generated part; a span the prompt opened (`--modality`) starts at its
-    opening delimiter. Offsets index the prompt and new ids laid end to end."""
-    opens = {pair[0] for pair in layout.delimiters.values()}
-    offset = len(prompt) - 1 if prompt[-1] in opens else len(prompt)
-    spans = split_spans([*prompt[offset:], *new], layout)
-    for span in spans:
-        span.start += offset
-        span.end += offset
-    return spans
 
 
 def sampling_from(**fields) -> Sampling:

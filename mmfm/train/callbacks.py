@@ -24,6 +24,7 @@ disk. A callback's `on_fit_end` raises nothing while another error is on its way
 from __future__ import annotations
 
 import dataclasses
+import html
 import importlib.util
 import json
 import logging
@@ -34,9 +35,13 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image, ImageSequence
 
 from mmfm.config import Config, ConfigError
 from mmfm.config.schema import LoggingConfig, MlflowConfig, WandbConfig
@@ -58,6 +63,40 @@ BAR_SHOWS = "mmfm_bar_shows"
 the terminal (it would break the bar), train.log still gets it."""
 
 
+@dataclass(frozen=True)
+class Media:
+    """One decoded span of a sample (`eval.samples`), as the trackers show it."""
+
+    tag: str
+    """`samples/<k>-<modality>`: the same tag at every step, so a tracker shows its history."""
+    caption: str
+    """The prompt it answers."""
+    path: Path | None
+    """The decoded file (PNG, GIF, SVG, FASTA, text); None when the span could not be."""
+    text: str
+    """The answer as text (a text span, DNA, SVG code), or why it was not decoded."""
+
+    def picture(self) -> np.ndarray | None:
+        """The file as an RGB picture `[H, W, 3]`: a PNG, the PNG render of an SVG, a GIF's
+        frames side by side; None for other files."""
+        if self.path is None:
+            return None
+        path = self.path
+        if path.suffix == ".svg":
+            path = path.with_suffix(".svg.png")
+        if path.suffix not in (".png", ".gif") or not path.is_file():
+            return None
+        with Image.open(path) as picture:
+            frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(picture)]
+        return np.concatenate(frames, axis=1)
+
+    def markdown(self) -> str:
+        """Prompt and answer for a text panel (TensorBoard's text plugin renders markdown)."""
+        where = f"`{self.path.name}`" if self.path is not None else "(no file)"
+        answer = "    " + "\n    ".join(self.text.splitlines() or [""])
+        return f"**prompt:** {self.caption}\n\n**answer:** {where}\n\n{answer}"
+
+
 class Callback:
     """A hook of `Trainer.fit`, as OLMo-core's: the reporters here run on the main rank;
     checkpointing (`train/checkpoint.py`) and validation (`train/evaluate.py`) run on every
@@ -75,6 +114,10 @@ class Callback:
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         """After the optimizer step; earlier callbacks may have added to `metrics`."""
+
+    def on_media(self, step: int, media: list[Media]) -> None:
+        """Samples of the model at `step` (`samples.Samples`, on the main rank), for the
+        reporters that show pictures and text."""
 
     def on_train_end(self, stopped_by: str | None) -> None:
         """The loop ended without an error: at the last step, or stopped by signal
@@ -167,6 +210,14 @@ class TensorBoard(Callback):
         if _logged(step, self.every, metrics):
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
+
+    def on_media(self, step: int, media: list[Media]) -> None:
+        for item in media:
+            picture = item.picture()
+            if picture is not None:
+                self.writer.add_image(item.tag, picture, step, dataformats="HWC")
+            self.writer.add_text(item.tag, item.markdown(), step)
+        self.writer.flush()
 
     def on_fit_end(self) -> None:
         self.writer.close()
@@ -390,6 +441,23 @@ class WandB(Callback):
             with _tracker_errors("wandb", self.errors):
                 self.run.log(dict(metrics), step=step)
 
+    def on_media(self, step: int, media: list[Media]) -> None:
+        import wandb
+
+        logged: dict[str, Any] = {}
+        for item in media:
+            suffix = "" if item.path is None else item.path.suffix
+            if suffix == ".png":
+                logged[item.tag] = wandb.Image(str(item.path), caption=item.caption)
+            elif suffix in (".gif", ".mp4"):
+                logged[item.tag] = wandb.Video(str(item.path), caption=item.caption)
+            elif suffix == ".svg":
+                logged[item.tag] = wandb.Html(item.text)
+            else:
+                logged[item.tag] = wandb.Html(f"<pre>{html.escape(item.markdown())}</pre>")
+        with _tracker_errors("wandb", self.errors):
+            self.run.log(logged, step=step)
+
     def on_fit_end(self) -> None:
         if getattr(self, "run", None) is not None:
             with _tracker_errors("wandb", self.errors):
@@ -462,6 +530,19 @@ class MLflow(Callback):
             rows = [self.metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()]
             with _tracker_errors("mlflow", self.errors):
                 self.client.log_batch(self.run_id, metrics=rows)
+
+    def on_media(self, step: int, media: list[Media]) -> None:
+        """Pictures as MLflow images (a step slider per tag), every file as an artifact
+        under samples/step_<N>/."""
+        with _tracker_errors("mlflow", self.errors):
+            for item in media:
+                picture = item.picture()
+                if picture is not None:
+                    key = mlflow_name(item.tag)
+                    self.client.log_image(self.run_id, picture, key=key, step=step)
+                if item.path is not None:
+                    where = f"samples/step_{step}"
+                    self.client.log_artifact(self.run_id, str(item.path), where)
 
     def on_fit_end(self) -> None:
         if getattr(self, "run_id", None) is not None and hasattr(self, "client"):

@@ -40,6 +40,7 @@ from mmfm.train.checkpoint import (
 )
 from mmfm.train.evaluate import Validation, build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
+from mmfm.train.samples import build_samples
 from mmfm.train.step_runner import StepRunner, build_step_runner
 from mmfm.train.trainer import FitResult, Trainer
 
@@ -199,6 +200,8 @@ def build_trainer(cfg: Config) -> Trainer:
     checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
     callbacks = [*_validation(cfg, env, runner, vocab, checkpointing, checkpointer)]
     callbacks += _callbacks(cfg, run_dir) if env.is_main else []
+    samples = build_samples(cfg, env, model, vocab)  # after the reporters it logs to
+    callbacks += [samples] if samples is not None else []
     callbacks.append(checkpointing)
     return Trainer(cfg, env, runner, optimizer, scheduler, loader, checkpointer, callbacks)
 

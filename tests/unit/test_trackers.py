@@ -4,12 +4,10 @@ continues the same tracker runs; a missing tracker package is a config error."""
 import glob
 import json
 import socket
-import struct
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from wandb.proto import wandb_internal_pb2
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import LaunchError
@@ -17,6 +15,8 @@ from mmfm.testing import read_metrics
 from mmfm.train import callbacks
 from mmfm.train.callbacks import TRACKERS_FILE, flat_params, mlflow_name
 from mmfm.train.command import train
+
+from helpers import wandb_records
 
 TRACKED = [
     "data.num_workers=0",
@@ -27,28 +27,6 @@ TRACKED = [
     "logging.wandb.mode=offline",
     "logging.mlflow.enabled=true",
 ]
-
-
-def wandb_records(path: Path):
-    """The records of a .wandb file: W&B's LevelDB-style log (a 7-byte `:W&B` header, then
-    32 KiB blocks of chunks with a 7-byte header each) of `wandb_internal_pb2.Record`s."""
-    data = path.read_bytes()
-    ident, magic, _ = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic) == (b":W&B", 0xBEE1)
-    pos, record = 7, b""
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if left < 7 or (length, kind) == (0, 0):  # the zero padding at a block's end
-            pos += left
-            continue
-        record += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last chunk of one
-            parsed = wandb_internal_pb2.Record()
-            parsed.ParseFromString(record)
-            record = b""
-            yield parsed
 
 
 def wandb_history(run_dir: Path) -> tuple[set[str], dict[int, dict]]:
