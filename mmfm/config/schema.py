@@ -734,8 +734,8 @@ def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
         )
     _require(
         not sample.files() or tokenizers is not None,
-        f"{where} has a {next(iter(sample.files()), '')} file: set eval.samples_tokenizers to "
-        "the tokenizer recipe the training data was prepared with, which encodes it",
+        f"{where}.{next(iter(sample.files()), '')} is a file to encode: set "
+        "eval.samples_tokenizers to the tokenizer recipe the training data was prepared with",
     )
     _require(sample.max_new_tokens >= 1, f"{where}.max_new_tokens must be positive")
     for name in ("temperature", "top_p", "cfg_scale"):
