@@ -839,7 +839,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard and the progress bar."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Validation on held-out data during training (and the defaults of `mmfm eval`)."""
+    """Validation on held-out data during training (and the defaults of `mmfm eval`), and
+    samples of the model during training."""
 
     def __post_init__(self) -> None:
         """A context stage is a run with train.init_from: its errors name the stage it
