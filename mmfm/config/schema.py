@@ -707,6 +707,9 @@ class SampleConfig:
 
 
 SAMPLE_FILES = ("image", "video", "dna", "svg")
+SAMPLES_OFF = ("eval.samples=[]", "eval.samples_every=0", "eval.samples_tokenizers=null")
+"""Overrides for a checkpoint's saved config read to rebuild its model: the samples of the run
+that wrote it play no part, and their files may have moved since."""
 
 
 def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
