@@ -42,7 +42,7 @@ def overrides(run_dir: str, dim: int, layers: int, seq: int, rows: int) -> list[
         f"model.n_layers={layers}",
         "model.n_heads=8",
         "model.n_kv_heads=4",
-        f"model.max_seq_len={seq}",
+        f"model.max_seq_len={max(seq, 128)}",  # the longest prompt and answer fit
         f"data.seq_len={seq}",
         "data.paths=[builtin:demo]",
         "data.num_workers=0",
