@@ -88,10 +88,7 @@ def _plan(cfg: Config, vocab: Vocab | None) -> Plan:
         check_recipe_vocab(recipe, "eval.samples_tokenizers", vocab, f"data.vocab={cfg.data.vocab}")
     visual, sizes, num_codes = visual_decoders(recipe, vocab)
     layout = _layout(cfg, vocab, sizes, num_codes)
-    ids = [
-        layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
-        for p, head in zip(prompts, heads, strict=True)
-    ]
+    ids = [_ids(layout, p, head, sizes) for p, head in zip(prompts, heads, strict=True)]
     sampling = [_sampling(k, s) for k, s in enumerate(samples)]
     for k, (prompt_ids, settings) in enumerate(zip(ids, sampling, strict=True)):
         limit = cfg.model.max_seq_len
@@ -99,6 +96,27 @@ def _plan(cfg: Config, vocab: Vocab | None) -> Plan:
             len(prompt_ids), settings.max_new_tokens, limit, f"eval.samples[{k}].max_new_tokens"
         )
     return Plan(prompts, ids, sampling, layout, visual)
+
+
+def _ids(layout: Layout, prompt: Prompt, head: list[int] | None, sizes: dict) -> list[int]:
+    """The prompt's ids, ending with the opening delimiter of its answer's modality, which
+    the vocabulary must have and (for a picture, outside the demo) a visual tokenizer
+    decode."""
+    picture = prompt.modality in ("image", "mask", "video")
+    if picture and not layout.demo and prompt.modality not in sizes:
+        raise ConfigError(
+            f"{prompt.origin}: a {prompt.modality} answer is decoded by the "
+            f"{prompt.modality}_tokenizer of eval.samples_tokenizers: set it to the tokenizer "
+            "recipe the data was prepared with"
+        )
+    try:
+        return (
+            layout.ask(head, prompt.modality)
+            if head
+            else layout.prompt(prompt.text, prompt.modality)
+        )
+    except ValueError as e:  # VocabError: the vocabulary has no spans of that modality
+        raise ConfigError(f"{prompt.origin}: {e}") from None
 
 
 def _prompt(k: int, sample: SampleConfig) -> Prompt:
@@ -122,7 +140,7 @@ def _layout(cfg: Config, vocab: Vocab | None, sizes: dict, num_codes: dict) -> L
     if list(cfg.data.paths) == ["builtin:demo"] and not cfg.data.sources:
         return demo_layout()
     raise ConfigError(
-        "eval.samples needs data.vocab (the vocabulary.json of the tokenizers the data was "
+        "eval.samples needs data.vocab (the vocab.json of the tokenizers the data was "
         "prepared with) to encode its prompts and decode the answers"
     )
 

@@ -3,6 +3,7 @@ modality, a missing file, a file prompt without the tokenizer recipe, a prompt t
 the model, data without a vocabulary; and sampling leaves the training RNG as it was."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,11 @@ import torch
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import InputNotFound
 from mmfm.testing import tiny_demo_model
+from mmfm.tokenization.vocab import Vocab
 from mmfm.train.command import build_trainer
 from mmfm.train.samples import Samples, build_samples
+
+BASE_VOCAB = Path(__file__).resolve().parents[2] / "tokenizers/base/vocab.json"
 
 DEMO = [*tiny_demo_model(n_layers=1, seq_len=64), "logging.progress=false"]
 QUIET = ["logging.tensorboard=false"]  # the reporters are not started in the last test
@@ -59,6 +63,17 @@ def test_build_refuses_a_prompt_too_long_and_data_without_a_vocabulary(tmp_path)
     other = ["data.paths=[some/shards/]", "data.num_workers=0", *samples({"prompt": "hi"})]
     with pytest.raises(ConfigError, match=r"eval\.samples needs data\.vocab"):
         build_samples(load_config(None, [*DEMO, *other]), None, None, None)
+
+
+def test_build_refuses_an_answer_the_vocabulary_or_the_tokenizers_cannot_give():
+    demo = load_config(None, [*DEMO, *samples({"prompt": "a cat", "modality": "mask"})])
+    with pytest.raises(ConfigError, match=r"eval\.samples\[0\]: .*has no mask spans"):
+        build_samples(demo, None, None, None)
+    vocab = Vocab.load(BASE_VOCAB)
+    unified = [f"data.vocab={BASE_VOCAB}", f"model.vocab_size={vocab.size}"]
+    cfg = load_config(None, [*DEMO, *unified, *samples({"prompt": "a cat", "modality": "image"})])
+    with pytest.raises(ConfigError, match=r"image_tokenizer of eval\.samples_tokenizers: set"):
+        build_samples(cfg, None, None, vocab)
 
 
 def test_sampling_leaves_the_training_rng_and_model_as_they_were(tmp_path):
