@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mmfm.config import Config, ConfigError
 from mmfm.config.schema import SampleConfig
+from mmfm.core.errors import LaunchError
 from mmfm.decoding.engine import check_length, generate
 from mmfm.decoding.layout import Layout, demo_layout
 from mmfm.decoding.outputs import Span, SpanWriter, answer_spans, visual_decoders
@@ -166,7 +167,14 @@ class Samples(Callback):
         state = self._gather()
         if self.plan is None:
             return
-        media = self.sample(step, state)
+        try:
+            media = self.sample(step, state)
+        except OSError as e:  # a full disk, a quota, a file system gone
+            raise LaunchError(
+                f"cannot write the samples of step {step} under {self.root} "
+                f"({e.strerror or e}): free space there, then resume from the last checkpoint "
+                "(train.resume=auto)"
+            ) from None
         for callback in self.trainer.callbacks:
             callback.on_media(step, media)
         seconds = time.perf_counter() - start
