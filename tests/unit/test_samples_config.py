@@ -13,7 +13,7 @@ from mmfm.core.errors import InputNotFound
 from mmfm.testing import tiny_demo_model
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.command import build_trainer
-from mmfm.train.samples import Samples, build_samples
+from mmfm.train.samples import Samples, _drop_after, build_samples
 
 BASE_VOCAB = Path(__file__).resolve().parents[2] / "tokenizers/base/vocab.json"
 
@@ -92,3 +92,11 @@ def test_sampling_leaves_the_training_rng_and_model_as_they_were(tmp_path):
             assert torch.equal(value, weights[name]), name
     line = json.loads((tmp_path / "samples" / "samples.jsonl").read_text())
     assert (line["step"], line["seed"], len(line["new_ids"])) == (1, 4, 8)
+
+
+def test_a_resumed_run_drops_the_sample_lines_after_its_checkpoint(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = [json.dumps({"step": step, "index": 0}) for step in (1, 2, 3, 4)]
+    path.write_text("\n".join(rows) + '\n{"step": 5, "ind')  # the last one cut by a crash
+    _drop_after(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
