@@ -707,6 +707,9 @@ class SampleConfig:
 
 
 SAMPLE_FILES = ("image", "video", "dna", "svg")
+SAMPLES_OFF = ("eval.samples=[]", "eval.samples_every=0", "eval.samples_tokenizers=null")
+"""Overrides for a checkpoint's saved config read to rebuild its model: the samples of the run
+that wrote it play no part, and their files may have moved since."""
 
 
 def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
@@ -734,8 +737,8 @@ def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
         )
     _require(
         not sample.files() or tokenizers is not None,
-        f"{where} has a {next(iter(sample.files()), '')} file: set eval.samples_tokenizers to "
-        "the tokenizer recipe the training data was prepared with, which encodes it",
+        f"{where}.{next(iter(sample.files()), '')} is a file to encode: set "
+        "eval.samples_tokenizers to the tokenizer recipe the training data was prepared with",
     )
     _require(sample.max_new_tokens >= 1, f"{where}.max_new_tokens must be positive")
     for name in ("temperature", "top_p", "cfg_scale"):
@@ -839,7 +842,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard and the progress bar."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Validation on held-out data during training (and the defaults of `mmfm eval`)."""
+    """Validation on held-out data during training (and the defaults of `mmfm eval`), and
+    samples of the model during training."""
 
     def __post_init__(self) -> None:
         """A context stage is a run with train.init_from: its errors name the stage it

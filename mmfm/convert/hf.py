@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
+from mmfm.config.schema import SAMPLES_OFF
 from mmfm.convert.hf_tokenizer import save_hf_tokenizer
 from mmfm.convert.keymaps import from_hf, model_config_from_hf, to_hf
 from mmfm.core.errors import ConfigError, ConversionError
@@ -163,7 +164,9 @@ def export_hf(
         raise ConversionError(f"{ckpt} is not an mmfm checkpoint (needs {CONFIG_FILE}, .metadata)")
     from transformers import GenerationConfig
 
-    cfg = load_config(ckpt / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    cfg = load_config(
+        ckpt / CONFIG_FILE, [*SAMPLES_OFF, "parallel.tp=1", "parallel.pp=1", "parallel.cp=1"]
+    )
     m, torch_dtype = cfg.model, DTYPES[dtype]
     arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
     _config_class(arch, m)  # refuse an impossible architecture before writing anything

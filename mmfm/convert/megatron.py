@@ -39,6 +39,7 @@ from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
+from mmfm.config.schema import SAMPLES_OFF
 from mmfm.convert.hf import DTYPES, _check_state, _model_entries, check_stored_sizes
 from mmfm.core.errors import ConversionError
 from mmfm.core.files import make_folder
@@ -462,7 +463,9 @@ def export_megatron(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> P
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / CONFIG_FILE).is_file() or not (ckpt / ".metadata").is_file():
         raise ConversionError(f"{ckpt} is not an mmfm checkpoint (needs {CONFIG_FILE}, .metadata)")
-    cfg = load_config(ckpt / CONFIG_FILE, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
+    cfg = load_config(
+        ckpt / CONFIG_FILE, [*SAMPLES_OFF, "parallel.tp=1", "parallel.pp=1", "parallel.cp=1"]
+    )
     m = cfg.model
     if m.neftune_alpha:
         log.info("model.neftune_alpha is a training option: Megatron has no such argument")

@@ -13,7 +13,9 @@ scalars are empty.
 Weights & Biases and MLflow (`logging.wandb`, `logging.mlflow`) get the scalars of
 metrics.jsonl at the same steps and the config; their packages are imported only when they
 are on. Their run ids are kept in `<run_dir>/trackers.json`, so a resumed run continues the
-same tracker run rather than starting a second one.
+same tracker run rather than starting a second one. The samples of `eval.samples`
+(train/samples.py) reach TensorBoard, W&B and MLflow as `Media` through `on_media`, in the
+same runs as the scalars.
 
 What the run dir, the trackers or the disk refuse ends as one `MmfmError`: a damaged
 trackers.json (checked at start-up), an MLflow server that does not answer (probed at

@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mmfm.config import Config, load_config
+from mmfm.config.schema import SAMPLES_OFF
 from mmfm.core.errors import CheckpointError
 from mmfm.model import build_model
 from mmfm.train.callbacks import Callback
@@ -286,7 +287,7 @@ def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -
     the directory before a model is made.)"""
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: not an mmfm checkpoint")
-    cfg = load_config(path / CONFIG_FILE, list(overrides))
+    cfg = load_config(path / CONFIG_FILE, [*SAMPLES_OFF, *overrides])
     if not (path / ".metadata").is_file():
         return cfg
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mmfm.config import Config, ConfigError
 from mmfm.config.schema import SampleConfig
+from mmfm.core.errors import LaunchError
 from mmfm.decoding.engine import check_length, generate
 from mmfm.decoding.layout import Layout, demo_layout
 from mmfm.decoding.outputs import Span, SpanWriter, answer_spans, visual_decoders
@@ -88,10 +89,7 @@ def _plan(cfg: Config, vocab: Vocab | None) -> Plan:
         check_recipe_vocab(recipe, "eval.samples_tokenizers", vocab, f"data.vocab={cfg.data.vocab}")
     visual, sizes, num_codes = visual_decoders(recipe, vocab)
     layout = _layout(cfg, vocab, sizes, num_codes)
-    ids = [
-        layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
-        for p, head in zip(prompts, heads, strict=True)
-    ]
+    ids = [_ids(layout, p, head, sizes) for p, head in zip(prompts, heads, strict=True)]
     sampling = [_sampling(k, s) for k, s in enumerate(samples)]
     for k, (prompt_ids, settings) in enumerate(zip(ids, sampling, strict=True)):
         limit = cfg.model.max_seq_len
@@ -99,6 +97,27 @@ def _plan(cfg: Config, vocab: Vocab | None) -> Plan:
             len(prompt_ids), settings.max_new_tokens, limit, f"eval.samples[{k}].max_new_tokens"
         )
     return Plan(prompts, ids, sampling, layout, visual)
+
+
+def _ids(layout: Layout, prompt: Prompt, head: list[int] | None, sizes: dict) -> list[int]:
+    """The prompt's ids, ending with the opening delimiter of its answer's modality, which
+    the vocabulary must have and (for a picture, outside the demo) a visual tokenizer
+    decode."""
+    picture = prompt.modality in ("image", "mask", "video")
+    if picture and not layout.demo and prompt.modality not in sizes:
+        raise ConfigError(
+            f"{prompt.origin}: a {prompt.modality} answer is decoded by the "
+            f"{prompt.modality}_tokenizer of eval.samples_tokenizers: set it to the tokenizer "
+            "recipe the data was prepared with"
+        )
+    try:
+        return (
+            layout.ask(head, prompt.modality)
+            if head
+            else layout.prompt(prompt.text, prompt.modality)
+        )
+    except ValueError as e:  # VocabError: the vocabulary has no spans of that modality
+        raise ConfigError(f"{prompt.origin}: {e}") from None
 
 
 def _prompt(k: int, sample: SampleConfig) -> Prompt:
@@ -122,7 +141,7 @@ def _layout(cfg: Config, vocab: Vocab | None, sizes: dict, num_codes: dict) -> L
     if list(cfg.data.paths) == ["builtin:demo"] and not cfg.data.sources:
         return demo_layout()
     raise ConfigError(
-        "eval.samples needs data.vocab (the vocabulary.json of the tokenizers the data was "
+        "eval.samples needs data.vocab (the vocab.json of the tokenizers the data was "
         "prepared with) to encode its prompts and decode the answers"
     )
 
@@ -148,7 +167,14 @@ class Samples(Callback):
         state = self._gather()
         if self.plan is None:
             return
-        media = self.sample(step, state)
+        try:
+            media = self.sample(step, state)
+        except OSError as e:  # a full disk, a quota, a file system gone
+            raise LaunchError(
+                f"cannot write the samples of step {step} under {self.root} "
+                f"({e.strerror or e}): free space there, then resume from the last checkpoint "
+                "(train.resume=auto)"
+            ) from None
         for callback in self.trainer.callbacks:
             callback.on_media(step, media)
         seconds = time.perf_counter() - start

@@ -17,12 +17,14 @@ from mmfm.config import load_config
 from mmfm.testing import read_metrics, tiny_demo_model, tiny_shape
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.callbacks import TRACKERS_FILE
+from mmfm.train.checkpoint import load_checkpoint_model
 from mmfm.train.command import build_trainer, train
 
 from helpers import SignalAt, tiny_visual_recipe, wandb_records
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_samples")
+# The module fixture trains with W&B and MLflow on (25-35 s on 2 loaded cores): slow.
+pytestmark = [pytest.mark.xdist_group("test_samples"), pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_VOCAB = REPO / "tokenizers/base/vocab.json"
@@ -189,3 +191,17 @@ def test_resumed_run_with_samples_matches_a_straight_run_without(tmp_path):
     every = [(step, k) for step in range(1, 5) for k in (0, 1)]
     assert [(r["step"], r["index"]) for r in lines[0]] == every
     assert [r["new_ids"] for r in lines[0]] == [r["new_ids"] for r in lines[1]]
+
+
+def test_a_checkpoint_loads_after_the_samples_files_are_gone(tracked):
+    """A checkpoint's config.yaml holds the run's samples; reading it to rebuild the model
+    (mmfm generate, eval, convert) ignores them, so a moved prompt file refuses nothing."""
+    picture = tracked.parent / "cat.png"
+    picture.rename(picture.with_suffix(".moved"))
+    try:
+        model, cfg = load_checkpoint_model(tracked / "checkpoints" / "step_3")
+    finally:
+        picture.with_suffix(".moved").rename(picture)
+    assert cfg.eval.samples == [] and model.cfg.n_layers == 2
+    saved = load_config(tracked / "config.yaml", ["eval.samples_every=0"])
+    assert len(saved.eval.samples) == 6  # the run's own config keeps them

@@ -58,3 +58,12 @@ def test_loader_bench_raw_paths_read_the_same_tokens(tmp_path):
     pictures = [raw[f"raw image-text, {n} per call"] for n in ("1 picture", "16 pictures")]
     assert pictures[0]["tokens"] == pictures[1]["tokens"] > 0  # the same documents
     assert all(row["workers_per_step"] > 0 for row in raw.values())
+
+
+def test_samples_bench_times_a_step_and_a_sample_evaluation(tmp_path):
+    out = tmp_path / "samples.json"
+    run("bench/samples.py", "--dim", "64", "--layers", "1", "--seq", "64", "--rows", "2",
+        "--repeats", "1", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["new_tokens"] > 0 and result["tokens_per_step"] == 128
+    assert result["step_s"] > 0 and result["samples_s"] > 0 and result["ratio"] > 0
