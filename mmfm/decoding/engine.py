@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mmfm.core.errors import ConfigError
 from mmfm.decoding.constraints import SpanConstraint
 from mmfm.decoding.layout import Layout
 from mmfm.decoding.sampling import Sampling, next_tokens
@@ -30,6 +31,21 @@ def unconditional_prompt(prompt: Sequence[int], layout: Layout) -> list[int]:
     opens = {pair[0] for pair in layout.delimiters.values()}
     tail = [prompt[-1]] if prompt and prompt[-1] in opens else []
     return [layout.bos, *tail]
+
+
+def check_length(prompt: int, max_new_tokens: int, limit: int, option="--max-new-tokens") -> None:
+    """Prompt and answer fit the model's positions (`limit`, its max_seq_len): the KV cache is
+    allocated for both. `option` names the setting to change in the message."""
+    if prompt + max_new_tokens > limit:
+        fix = (
+            f"ask for at most {limit - prompt} new tokens"
+            if prompt < limit
+            else "shorten the prompt"
+        )
+        raise ConfigError(
+            f"{option} {max_new_tokens} after a prompt of {prompt} tokens makes "
+            f"{prompt + max_new_tokens}, beyond the model's max_seq_len {limit}: {fix}"
+        )
 
 
 def left_pad(prompts: Sequence[Sequence[int]], device: torch.device):

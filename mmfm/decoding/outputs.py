@@ -89,6 +89,18 @@ def split_spans(ids: Sequence[int], layout: Layout) -> list[Span]:
     return spans
 
 
+def generated_spans(prompt: Sequence[int], new: Sequence[int], layout: Layout) -> list[Span]:
+    """The spans of the generated part; a span the prompt opened (`--modality`) starts at its
+    opening delimiter. Offsets index the prompt and new ids laid end to end."""
+    opens = {pair[0] for pair in layout.delimiters.values()}
+    offset = len(prompt) - 1 if prompt[-1] in opens else len(prompt)
+    spans = split_spans([*prompt[offset:], *new], layout)
+    for span in spans:
+        span.start += offset
+        span.end += offset
+    return spans
+
+
 class SpanWriter:
     """Decodes spans into files under `out`; `visual` (VisualTokenizers) decodes the unified
     vocabulary's image, mask and video codes (the demo's images decode without one)."""

@@ -21,15 +21,9 @@ import torch
 
 from mmfm.core.errors import ConfigError, LaunchError
 from mmfm.core.files import make_folder
-from mmfm.decoding.engine import generate
-from mmfm.decoding.layout import MODALITY_OF, Layout
-from mmfm.decoding.outputs import (
-    Span,
-    SpanWriter,
-    numbering,
-    split_spans,
-    write_generations,
-)
+from mmfm.decoding.engine import check_length, generate
+from mmfm.decoding.layout import MODALITY_OF, visual_sizes
+from mmfm.decoding.outputs import SpanWriter, generated_spans, numbering, write_generations
 from mmfm.decoding.prompts import FITS, Prompt, check_prompt, needs_tokenizers, prompt_parts
 from mmfm.decoding.sampling import Sampling
 from mmfm.generate.load import Loaded, load_model
@@ -66,14 +60,9 @@ def _visual(loaded: Loaded, recipe_path: str | None):
     tokenizers)."""
     if recipe_path is None or loaded.vocab is None:
         return None, {}, {}
-
     recipe = load_recipe(recipe_path)
     visual = VisualTokenizers(recipe, loaded.vocab)
-    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
-    slots["video"] = recipe.video_tokenizer
-    models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: model.tokens_per_item for name, model in models.items()}
-    return visual, sizes, {name: model.num_codes for name, model in models.items()}
+    return visual, *visual_sizes(recipe, visual)
 
 
 def _check_device(name: str) -> None:
@@ -105,7 +94,9 @@ def run(args: GenerateArgs) -> list[dict]:
         layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
         for p, head in zip(prompts, heads, strict=True)
     ]
-    _check_length(max(len(p) for p in ids), args.sampling.max_new_tokens, loaded)
+    check_length(
+        max(len(p) for p in ids), args.sampling.max_new_tokens, loaded.model.cfg.max_seq_len
+    )
     make_folder(Path(args.out), f"--out {args.out}")  # before sampling, not after
     new: list[list[int]] = []
     for i in range(0, len(ids), args.batch_size):
@@ -121,7 +112,7 @@ def _write(writer: SpanWriter, first: int, prompts: list[Prompt], ids, new) -> l
     """Every span a file, numbered from `first`, and a line per prompt in generations.jsonl."""
     records, all_spans = [], []
     for n, (p, prompt, new_ids) in enumerate(zip(prompts, ids, new, strict=True), first):
-        spans = _spans(prompt, new_ids, writer.layout)
+        spans = generated_spans(prompt, new_ids, writer.layout)
         for k, span in enumerate(spans):
             writer.write(span, f"{n:04d}-{k}-{span.modality}")
             where = span.path or "(no file)"
@@ -191,33 +182,6 @@ def _check_utf8(prompt: Prompt) -> None:
             f"{prompt.origin} is not valid UTF-8 (byte {prompt.text[e.start]!r} at character "
             f"{e.start}): pass the prompt as UTF-8 text"
         ) from None
-
-
-def _check_length(prompt: int, max_new_tokens: int, loaded: Loaded) -> None:
-    """Prompt and answer fit the model's positions: the KV cache is allocated for both."""
-    limit = loaded.model.cfg.max_seq_len
-    if prompt + max_new_tokens > limit:
-        fix = (
-            f"ask for at most {limit - prompt} new tokens"
-            if prompt < limit
-            else "shorten the prompt"
-        )
-        raise ConfigError(
-            f"--max-new-tokens {max_new_tokens} after a prompt of {prompt} tokens makes "
-            f"{prompt + max_new_tokens}, beyond the model's max_seq_len {limit}: {fix}"
-        )
-
-
-def _spans(prompt: list[int], new: list[int], layout: Layout) -> list[Span]:
-    """The spans of the generated part; a span the prompt opened (`--modality`) starts at its
-    opening delimiter. Offsets index the prompt and new ids laid end to end."""
-    opens = {pair[0] for pair in layout.delimiters.values()}
-    offset = len(prompt) - 1 if prompt[-1] in opens else len(prompt)
-    spans = split_spans([*prompt[offset:], *new], layout)
-    for span in spans:
-        span.start += offset
-        span.end += offset
-    return spans
 
 
 def sampling_from(**fields) -> Sampling:
