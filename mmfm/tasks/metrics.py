@@ -73,10 +73,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     size = min(11, *x.shape[1:])
     size -= 1 - size % 2
     g = _gaussian(size, 1.5)
-    window = (g[:, None] * g[None, :])[None, None]
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t[:, None], window)
+    def blur(t: torch.Tensor) -> torch.Tensor:  # the 2-D Gaussian as two 1-D passes
+        return F.conv2d(F.conv2d(t[:, None], g[None, None, :, None]), g[None, None, None, :])
 
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2

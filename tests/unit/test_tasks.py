@@ -1,0 +1,140 @@
+"""mmfm/tasks: examples read as `mmfm prepare` reads their source, prompts laid out as
+training tasks' prompts, and the scorers on answers whose scores are known (the target's
+own tokens, an empty answer, known labels); bad task configs and sources refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmfm.config.schema import TaskConfig
+from mmfm.core.errors import ConfigError, DataError
+from mmfm.core.types import Modality
+from mmfm.decoding.outputs import Span
+from mmfm.tasks import scoring
+from mmfm.tasks.examples import read_examples
+from mmfm.tasks.run import answer_span, prompt_ids, task_layout
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.tokenizers import Tokenizers
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "tokenizers/base.yaml")
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The base tokenizer set (text, DNA, SVG; no visual tokenizers) and its layout."""
+    tokenizers = Tokenizers.load(load_recipe(BASE))
+    return tokenizers, task_layout(tokenizers)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def task(name: str, path: Path, **fields) -> TaskConfig:
+    return TaskConfig(name=name, paths=[str(path)], tokenizers=BASE, **fields)
+
+
+def test_task_configs_say_what_to_change():
+    for fields, words in [
+        ({"name": "segmentaton"}, "eval.tasks[].name='segmentaton' is not one of"),
+        ({"name": "svg", "kind": "voc"}, "eval.tasks[svg].kind='voc' is not one of svg"),
+        ({"name": "svg", "paths": []}, "eval.tasks[svg].paths"),
+        ({"name": "svg", "tokenizers": ""}, "eval.tasks[svg].tokenizers"),
+        ({"name": "text", "examples": 0}, "examples must be positive"),
+        ({"name": "text", "options": {"label_repeat": 3}}, "for dna-classify only"),
+        ({"name": "segmentation", "prefixes": [0, 4]}, "each >= 1"),
+    ]:
+        kwargs = {"paths": ["x"], "tokenizers": BASE, **fields}
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            TaskConfig(**kwargs)
+    assert TaskConfig(name="segmentation", paths=["x"], tokenizers=BASE).kind == "voc"
+
+
+def test_examples_are_the_first_records_and_prompts_end_as_training_rows(tmp_path, base):
+    """A text answer follows `<sep>`, a framed one its opening delimiter, as in the
+    `<s> prompt [<sep>] response </s>` rows of prompt-response tasks."""
+    tokenizers, layout = base
+    rows = [{"prompt": f"what is {i} + {i}?", "response": str(2 * i)} for i in range(5)]
+    examples = read_examples(task("text", _jsonl(tmp_path / "t.jsonl", rows), examples=3))
+    assert [e.target.value for e in examples] == ["0", "2", "4"]
+    ids = prompt_ids(examples[1], tokenizers, layout)
+    text = tokenizers.text
+    assert ids == [text.bos_id, *text.encode("what is 1 + 1?"), layout.specials["<sep>"]]
+    circle = '<svg viewBox="0 0 8 8"><circle r="4" fill="red"/></svg>'
+    path = _jsonl(tmp_path / "s.jsonl", [{"prompt": "a red circle", "response": {"svg": circle}}])
+    (svg,) = read_examples(task("svg", path, kind="prompt-response"))
+    assert prompt_ids(svg, tokenizers, layout)[-1] == layout.delimiters[Modality.SVG][0]  # <svg>
+
+
+def test_svg_files_prompt_with_their_names_words(tmp_path, real_data):
+    """kind svg: the caption is the file name's words, as completion_only makes it."""
+    examples = read_examples(task("svg", real_data("svg"), examples=2))
+    assert [e.prompt[0].value for e in examples] == ["back symbolic", "back"]
+    assert all(e.target.value.lstrip().startswith("<") for e in examples)
+
+
+def test_sources_without_the_needed_fields_are_refused(tmp_path):
+    mask_answers = _jsonl(tmp_path / "svg.jsonl", [{"prompt": "x", "response": {"svg": "<svg/>"}}])
+    with pytest.raises(DataError, match=r"svg.jsonl:svg:1: a response of svg; the task scores one"):
+        read_examples(task("text", mask_answers))
+    no_dna = _jsonl(tmp_path / "l.jsonl", [{"prompt": "ACGT", "response": "promoter"}])
+    with pytest.raises(DataError, match="a prompt without DNA"):
+        read_examples(task("dna-classify", no_dna))
+    empty = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
+    with pytest.raises(DataError, match=r"holds no example \(1 missing_field\)"):
+        read_examples(task("text", empty))
+    with pytest.raises(ConfigError, match=r"options.phrasee: not an option of a source"):
+        read_examples(task("text", empty, options={"phrasee": "x"}))
+    with pytest.raises(ConfigError, match=r"options.paths"):
+        read_examples(task("text", empty, options={"paths": ["y"]}))
+
+
+def _answer(ids: list[int], modality: str, layout) -> Span:
+    """The span a generation of `ids` (then its closer or </s>) makes."""
+    opener, closer = layout.delimiters[Modality.SVG]
+    if modality == "text":
+        opener, closer = layout.specials["<sep>"], layout.eos
+    prompt = [layout.bos, opener]
+    return answer_span(prompt, [*ids, closer], modality, layout)
+
+
+def test_an_svg_answer_of_its_target_scores_ssim_1_and_an_empty_one_does_not(real_data, base):
+    tokenizers, layout = base
+    cfg = task("svg", real_data("svg"), examples=3, render_size=64)
+    examples = read_examples(cfg)
+    own = [_answer(tokenizers.text.encode(e.target.value), "svg", layout) for e in examples]
+    assert [layout.decode_text(a.body) for a in own] == [e.target.value for e in examples]
+    perfect = scoring.svg(cfg, examples, own, tokenizers, layout)
+    assert perfect == {"parse_rate": 1.0, "render_rate": 1.0, "mse": 0.0, "ssim": 1.0}
+    # the target as the SVG tokenizer writes it (numbers rounded): drawn all but the same
+    own = [_answer(tokenizers.svg.encode(e.target.value, e.where), "svg", layout) for e in examples]
+    rounded = scoring.svg(cfg, examples, own, tokenizers, layout)
+    assert rounded["render_rate"] == 1.0 and rounded["ssim"] > 0.999 and rounded["mse"] < 1e-4
+    blank = scoring.svg(cfg, examples, [None, *own[1:]], tokenizers, layout)
+    assert blank["parse_rate"] == blank["render_rate"] == pytest.approx(2 / 3)
+    assert blank["ssim"] < perfect["ssim"] and blank["mse"] > 0
+
+
+def test_labels_and_text_answers_score_what_they_match(tmp_path, base):
+    tokenizers, layout = base
+    rows = [
+        {"prompt": {"dna": "ACGTACGTAA" * (i + 1)}, "response": label}
+        for i, label in enumerate(["promoter", "enhancer", "promoter", "enhancer"])
+    ]
+    cfg = task("dna-classify", _jsonl(tmp_path / "dna.jsonl", rows), options={"label_repeat": 3})
+    examples = read_examples(cfg)
+    assert [e.target.value for e in examples] == ["promoter", "enhancer"] * 2  # one label each
+    said = ["promoter promoter promoter", "promoter enhancer enhancer", "enhancer", "junk"]
+    answers = [_answer(tokenizers.text.encode(s), "text", layout) for s in said]
+    scores = scoring.dna_classify(cfg, examples, answers, tokenizers, layout)
+    assert scores == {"accuracy": 0.5, "mcc": pytest.approx(scores["mcc"]), "valid": 0.75}
+    assert -1 <= scores["mcc"] < 1
+    text = task("text", tmp_path / "dna.jsonl", kind="prompt-response")
+    exact = scoring.text(text, examples[:2], [*answers[:1], None], tokenizers, layout)
+    assert exact["exact_match"] == 0.0  # "promoter promoter promoter" is not "promoter"
+    assert 0 < exact["token_accuracy"] < 1
