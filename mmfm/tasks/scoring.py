@@ -42,23 +42,19 @@ def prefixes(task: TaskConfig, most: int) -> list[int]:
 def segmentation(task, examples, answers, tokenizers, layout) -> dict[str, float]:
     """Mean and cumulative IoU of the decoded masks, and the mean IoU of the first k codes
     (HiMTok's coarse-to-fine curve; an answer shorter than k is decoded whole)."""
-    most = layout.tokens_per_item["mask"]
-    ks = prefixes(task, most)
+    ks = prefixes(task, layout.tokens_per_item["mask"])
+    size = tokenizers.visual.model("mask").cfg.mask_size
     full, curve = [], {k: [] for k in ks}
     valid = 0
     for example, span in zip(examples, answers, strict=True):
         codes = span.body if span is not None else []
-        decoded = _masks(tokenizers, codes, ks)
-        valid += decoded is not None
-        size = tokenizers.visual.model("mask").cfg.mask_size
+        masks = _masks(tokenizers, codes, ks)
+        valid += masks is not None
         target = vdata.square(example.target.value.astype(np.uint8), size)
         empty = np.zeros_like(target)
-        whole = decoded[len(codes)] if decoded else empty
-        full.append(metrics.overlap(whole, target))
+        full.append(metrics.overlap(masks[len(codes)] if masks else empty, target))
         for k in ks:
-            curve[k].append(
-                metrics.overlap(decoded[min(k, len(codes))] if decoded else empty, target)
-            )
+            curve[k].append(metrics.overlap(masks[min(k, len(codes))] if masks else empty, target))
     scores = {**metrics.mask_ious(full), "valid": valid / len(examples)}
     scores.update({f"miou@{k}": metrics.mask_ious(curve[k])["miou"] for k in ks})
     return scores

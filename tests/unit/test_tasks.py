@@ -5,6 +5,7 @@ own tokens, an empty answer, known labels); bad task configs and sources refused
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,15 @@ from mmfm.config.schema import TaskConfig
 from mmfm.core.errors import ConfigError, DataError
 from mmfm.core.types import Modality
 from mmfm.decoding.outputs import Span
-from mmfm.tasks import scoring
+from mmfm.tasks import metrics, scoring
 from mmfm.tasks.examples import read_examples
 from mmfm.tasks.run import answer_span, prompt_ids, task_layout
+from mmfm.testing import voc_export
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
+from mmfm.tokenization.visual import data as vdata
+
+from helpers import tiny_visual_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "tokenizers/base.yaml")
@@ -138,3 +143,70 @@ def test_labels_and_text_answers_score_what_they_match(tmp_path, base):
     exact = scoring.text(text, examples[:2], [*answers[:1], None], tokenizers, layout)
     assert exact["exact_match"] == 0.0  # "promoter promoter promoter" is not "promoter"
     assert 0 < exact["token_accuracy"] < 1
+
+
+def test_a_mask_answer_of_its_targets_codes_scores_the_tokenizers_own_iou(tmp_path, real_data):
+    """Segmentation on a VOC export of real photos, each answer the target mask's own codes:
+    every IoU is the mask tokenizer's reconstruction of the target at its resolution, and
+    miou@k the reconstruction from the first k codes; a missing answer is an empty mask."""
+
+    recipe = tiny_visual_recipe(tmp_path)
+    voc = voc_export(tmp_path / "voc", real_data("photos"))
+    cfg = TaskConfig(name="segmentation", paths=[str(voc)], tokenizers=str(recipe), examples=3)
+    tokenizers = Tokenizers.load(load_recipe(recipe))
+    layout = task_layout(tokenizers)
+    examples = read_examples(cfg)
+    # astronaut, camera, chelsea: the first three label maps; the phrase first, as trained
+    assert [e.prompt[0].value for e in examples] == [
+        "segment the person", "segment the camera", "segment the cat"
+    ]  # fmt: skip
+    own = []
+    for e in examples:
+        ids, _ = tokenizers.visual.span("mask", e.target.value)
+        own.append(answer_span([layout.bos, ids[0]], ids[1:], "mask", layout))
+    scores = scoring.segmentation(cfg, examples, own, tokenizers, layout)
+    assert sorted(scores) == sorted(
+        ["miou", "ciou", "valid", *(f"miou@{k}" for k in (1, 2, 4, 8, 16, 32))]
+    )
+    size = tokenizers.visual.model("mask").cfg.mask_size
+    targets = [vdata.square(e.target.value, size) for e in examples]
+
+    def iou(k: int) -> float:
+        pairs = [
+            metrics.overlap(tokenizers.visual.decode(Modality.MASK, a.body[:k]), t)
+            for a, t in zip(own, targets, strict=True)
+        ]
+        return metrics.mask_ious(pairs)["miou"]
+
+    assert scores["valid"] == 1.0 and scores["miou"] == pytest.approx(iou(32))
+    assert scores["miou@4"] == pytest.approx(iou(4)) and scores["miou@32"] == scores["miou"]
+    missing = scoring.segmentation(cfg, examples, [None, *own[1:]], tokenizers, layout)
+    assert missing["valid"] == pytest.approx(2 / 3)
+    first = metrics.overlap(tokenizers.visual.decode(Modality.MASK, own[0].body), targets[0])
+    assert missing["miou"] == pytest.approx(scores["miou"] - first[0] / first[1] / 3)
+
+
+def test_an_image_answer_of_its_targets_codes_is_its_reconstruction(tmp_path, real_data):
+    """caption -> picture scored against the target's reconstruction: the target's own codes
+    give PSNR at its maximum and SSIM 1; an undecodable answer is a black picture."""
+
+    recipe = tiny_visual_recipe(tmp_path)
+    (tmp_path / "pics").mkdir()
+    for stem in ("coffee", "chelsea"):
+        shutil.copy(real_data("photos") / f"{stem}.png", tmp_path / "pics" / f"{stem}.png")
+        (tmp_path / "pics" / f"{stem}.txt").write_text(f"a photo of {stem}")
+    cfg = TaskConfig(name="image", paths=[str(tmp_path / "pics")], tokenizers=str(recipe))
+    tokenizers = Tokenizers.load(load_recipe(recipe))
+    layout = task_layout(tokenizers)
+    examples = read_examples(cfg)
+    assert [e.prompt[0].value for e in examples] == ["a photo of chelsea", "a photo of coffee"]
+    own = []
+    for e in examples:
+        ids, _ = tokenizers.visual.span("image", e.target.value)
+        own.append(answer_span([layout.bos, ids[0]], ids[1:], "image", layout))
+    scores = scoring.image(cfg, examples, own, tokenizers, layout)
+    assert scores == {"psnr": metrics.MAX_PSNR, "ssim": 1.0, "valid": 1.0}
+    cut = own[1].body[:3]  # an image span cut short does not decode
+    short = answer_span([layout.bos, layout.delimiters[Modality.IMAGE][0]], cut, "image", layout)
+    scores = scoring.image(cfg, examples, [own[0], short], tokenizers, layout)
+    assert scores["valid"] == 0.5 and scores["psnr"] < metrics.MAX_PSNR and scores["ssim"] < 1
