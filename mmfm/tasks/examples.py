@@ -69,18 +69,22 @@ def read_examples(task: TaskConfig) -> list[Example]:
     rule = Shaping(order=source.order, reverse_ratio=source.reverse_ratio, completion_only=True)
     rejects = Rejects()
     examples: list[Example] = []
+    unprompted = 0
     for where, record in source_records(source, rejects):
         record, _ = shape(record, rule, 0)
         if not isinstance(record, TaskRecord):
-            continue  # no condition: nothing to prompt with
+            unprompted += 1  # no caption or phrase: nothing to prompt with
+            continue
         examples.append(_example(task, where, record))
         if len(examples) == task.examples:
             break
     if not examples:
-        counts = ", ".join(f"{n} {r}" for r, n in rejects.counts.items()) or "no record"
+        counts = [f"{n} {reason}" for reason, n in rejects.counts.items()]
+        counts += [f"{unprompted} without a caption or phrase"] if unprompted else []
         raise DataError(
             f"eval.tasks[{task.name}]: {', '.join(task.paths)} ({task.kind}) holds no example "
-            f"({counts}): give a source of {ANSWERS[task.name]} answers with their prompts"
+            f"({', '.join(counts) or 'no records'}): give a source of {ANSWERS[task.name]} "
+            "answers with their prompts"
         )
     return examples
 
