@@ -248,7 +248,7 @@ def _add_eval_parser(sub) -> None:
         default=[],
         metavar="NAME",
         help="instead of DATA: score the generations on the config's eval.tasks entry NAME "
-        "(segmentation, svg, dna-classify, image, text); repeat for several; one process; "
+        "(segmentation, svg, dna-classify, image, video, text); repeat for several; one process; "
         "metrics to --json (default eval.json)",
     )
     ev.add_argument("--steps", type=int, default=0, help="global batches (0: a whole pass)")

@@ -670,6 +670,7 @@ TASKS = {
     "svg": ("svg", "prompt-response"),
     "dna-classify": ("prompt-response", "dna-pairs"),
     "image": ("image-text", "prompt-response"),
+    "video": ("video", "prompt-response"),
     "text": ("prompt-response",),
 }
 """The tasks scored from generations (mmfm/tasks/) and the source kinds each reads (the
@@ -681,15 +682,17 @@ class TaskConfig:
     name: str = ""
     """The task: segmentation (image and phrase -> mask: IoU), svg (caption -> SVG: validity,
     render MSE / SSIM), dna-classify (DNA -> label: accuracy, MCC), image (caption -> picture:
-    PSNR / SSIM against the tokenizer's reconstruction) or text (prompt -> text: exact match,
-    token accuracy); its metrics are task/<name>/<metric> (docs/generate_eval.md)."""
+    PSNR / SSIM against the tokenizer's reconstruction), video (caption -> clip: the same, per
+    frame) or text (prompt -> text: exact match, token accuracy); its metrics are
+    task/<name>/<metric> (docs/generate_eval.md)."""
     paths: list[str] = field(default_factory=list)
     """The examples' files, as a prepare recipe's sources[].paths (a VOC root, a COCO json,
     a folder of pictures, SVG files, a prompt-response jsonl, ...)."""
     kind: str = ""
     """How `paths` are read, a prepare source kind: segmentation voc, coco, image-mask or
     prompt-response; svg svg or prompt-response; dna-classify prompt-response or dna-pairs;
-    image image-text or prompt-response; text prompt-response. Empty: the first of these."""
+    image image-text or prompt-response; video video or prompt-response; text
+    prompt-response. Empty: the first of these."""
     options: dict[str, Any] = field(default_factory=dict)
     """More fields of the source, as a prepare recipe's sources[] takes them (phrase, classes,
     split, image_dir, fit, order, jsonl_field, max_pixels, ...): the examples are the records
@@ -707,7 +710,8 @@ class TaskConfig:
     examples give the same generations and metrics."""
     max_new_tokens: int = 0
     """Tokens generated per example at most; 0: what the answer needs (a mask's or image's
-    codes and its closer; the longest target's tokens and 8 more for text and SVG)."""
+    codes and its closer, the longest target clip's frames of codes with their ends; the
+    longest target's tokens and 9 more for text and SVG)."""
     temperature: float = 0.0
     """0: greedy (the usual for task metrics); otherwise sampled at this temperature."""
     top_k: int = 0

@@ -21,7 +21,7 @@ from mmfm.prepare.recipe import COMPLETION_KINDS, PrepareSource
 from mmfm.tokenization.shaping import Shaping, shape
 
 ANSWERS = {"segmentation": "mask", "svg": "svg", "dna-classify": "text", "image": "image"}
-ANSWERS["text"] = "text"
+ANSWERS |= {"video": "video", "text": "text"}
 """The modality each task's answer is in."""
 
 

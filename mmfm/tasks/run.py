@@ -119,11 +119,15 @@ def _sampling(task: TaskConfig, examples, tokenizers: Tokenizers, layout: Layout
 
 
 def _needed(task: TaskConfig, examples: list[Example], tokenizers, layout: Layout) -> int:
-    """The default max_new_tokens: a picture's codes and its closer; the longest target's
-    tokens, its closer or </s> and TEXT_SLACK more for text and SVG."""
+    """The default max_new_tokens: a picture's codes and its closer, the longest target
+    clip's frames; the longest target's tokens, its closer or </s> and TEXT_SLACK more for
+    text and SVG."""
     answer = ANSWERS[task.name]
     if answer in ("mask", "image"):
         return layout.tokens_per_item[answer] + 1
+    if answer == "video":  # frames of codes, each closed by <eof> (the last <eov>), </vision>
+        frames = max(len(e.target.value) for e in examples)
+        return frames * (layout.tokens_per_item["video"] + 1) + 1
     if answer == "svg":
         longest = max(len(tokenizers.svg.encode(e.target.value, e.where)) for e in examples)
     else:

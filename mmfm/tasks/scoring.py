@@ -18,7 +18,7 @@ from mmfm.config.schema import TaskConfig
 from mmfm.core.errors import LaunchError
 from mmfm.core.types import Modality
 from mmfm.decoding.layout import Layout
-from mmfm.decoding.outputs import Span
+from mmfm.decoding.outputs import Span, whole_frames
 from mmfm.tasks import metrics
 from mmfm.tasks.examples import Example, label_repeat
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
@@ -126,20 +126,39 @@ def _render(code: str, size: int) -> np.ndarray | None:
 def image(task, examples, answers, tokenizers, layout) -> dict[str, float]:
     """PSNR and SSIM of each decoded generation against the target picture's own
     reconstruction through the image tokenizer (the best the codes can draw)."""
+    return _pictures(Modality.IMAGE, examples, answers, tokenizers, layout)
+
+
+def video(task, examples, answers, tokenizers, layout) -> dict[str, float]:
+    """PSNR and SSIM of each generated clip against the target clip's reconstruction
+    through the video tokenizer, frame by frame (frames the generation lacks are black,
+    frames beyond the target's are not scored), averaged over the frames of each clip."""
+    return _pictures(Modality.VIDEO, examples, answers, tokenizers, layout)
+
+
+def _pictures(modality: Modality, examples, answers, tokenizers, layout) -> dict[str, float]:
+    name = "image" if modality == Modality.IMAGE else "video"
     psnrs, ssims, valid = [], [], 0
     for example, span in zip(examples, answers, strict=True):
-        ids, _ = tokenizers.visual.span("image", example.target.value)
-        reference = tokenizers.visual.decode(Modality.IMAGE, ids[1:-1])
+        ids, _ = tokenizers.visual.span(name, example.target.value)
+        reference = tokenizers.visual.decode(modality, ids[1:-1])
         picture = None
         if span is not None:
             try:
-                picture = tokenizers.visual.decode(Modality.IMAGE, span.body)
-            except VocabError:
+                body = span.body
+                if modality == Modality.VIDEO:  # a clip cut short: its whole frames
+                    body, _ = whole_frames(body, layout)
+                picture = tokenizers.visual.decode(modality, body)
+            except ValueError:  # VocabError: not decodable; no whole frame
                 picture = None
         valid += picture is not None
-        picture = np.zeros_like(reference) if picture is None else picture
-        psnrs.append(metrics.psnr(picture, reference))
-        ssims.append(metrics.ssim(picture, reference))
+        frames = reference if modality == Modality.VIDEO else reference[None]
+        made = np.zeros_like(frames)
+        if picture is not None:
+            picture = picture if modality == Modality.VIDEO else picture[None]
+            made[: len(picture)] = picture[: len(frames)]
+        psnrs.append(np.mean([metrics.psnr(a, b) for a, b in zip(made, frames, strict=True)]))
+        ssims.append(np.mean([metrics.ssim(a, b) for a, b in zip(made, frames, strict=True)]))
     n = len(examples)
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "valid": valid / n}
 
@@ -180,5 +199,6 @@ SCORERS: dict[str, Scorer] = {
     "svg": svg,
     "dna-classify": dna_classify,
     "image": image,
+    "video": video,
     "text": text,
 }

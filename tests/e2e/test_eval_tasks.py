@@ -1,8 +1,9 @@
 """`mmfm eval CKPT --task NAME` end to end: every task on its own kind of source (a VOC
-export of real photos, real SVG icons, DNA and text tasks in jsonl, captioned photos),
-scored in one process into eval.json, the same for the same seed; bad input refused in one
-line. The checkpoint is untrained (as tests/e2e/test_generate_cli.py's): these check the
-command, not the scores; tests/unit/test_tasks.py checks the scores on known answers."""
+export of real photos, real SVG icons, DNA and text tasks in jsonl, captioned photos, a
+captioned clip), scored in one process into eval.json, the same for the same seed; bad input
+refused in one line. The checkpoint is untrained (as tests/e2e/test_generate_cli.py's):
+these check the command, not the scores; tests/unit/test_tasks.py checks the scores on
+known answers."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ METRICS = {
     "svg": {"parse_rate", "render_rate", "mse", "ssim"},
     "dna-classify": {"accuracy", "mcc", "valid"},
     "image": {"psnr", "ssim", "valid"},
+    "video": {"psnr", "ssim", "valid"},
     "text": {"exact_match", "token_accuracy"},
 }
 
@@ -61,11 +63,15 @@ def setup(tmp_path_factory, real_data):
     for stem in ("coffee", "chelsea"):
         shutil.copy(real_data("photos") / f"{stem}.png", root / "pics" / f"{stem}.png")
         (root / "pics" / f"{stem}.txt").write_text(f"a photo of {stem}")
+    (root / "clips").mkdir()
+    shutil.copy(real_data("gif") / "no_time_for_that_tiny.gif", root / "clips/cat.gif")
+    (root / "clips/cat.txt").write_text("a cat turns its head")
     tasks = [
         f"{{name: segmentation, paths: [{voc}], examples: 3, batch_size: 2}}",
         f"{{name: svg, paths: [{real_data('svg')}], examples: 2, max_new_tokens: 24}}",
         f"{{name: dna-classify, paths: [{dna}], temperature: 1.0, seed: 3}}",
         f"{{name: image, paths: [{root / 'pics'}]}}",
+        f"{{name: video, paths: [{root / 'clips'}], max_new_tokens: 70}}",  # a frame
         f"{{name: text, paths: [{text}]}}",
     ]
     tasks = [t.replace("}", f", tokenizers: {recipe}}}") for t in tasks]
@@ -89,6 +95,7 @@ def test_every_task_is_scored_into_eval_json_the_same_for_a_seed(setup, tmp_path
             assert 0 <= value <= 1, (name, value)
     assert metrics["task/segmentation/valid"] == 1.0  # the grammar makes every mask decodable
     assert metrics["task/image/valid"] == 1.0
+    assert metrics["task/video/valid"] == 1.0  # cut after a frame: its whole frame scored
     assert metrics["task/segmentation/miou@32"] == metrics["task/segmentation/miou"]
     # the same seed, the same sampled labels; in the default eval.json of the working folder
     again = ["eval", str(ckpt), "--task", "dna-classify", tasks]

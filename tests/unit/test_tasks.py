@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmfm.config.schema import TaskConfig
@@ -210,3 +211,30 @@ def test_an_image_answer_of_its_targets_codes_is_its_reconstruction(tmp_path, re
     short = answer_span([layout.bos, layout.delimiters[Modality.IMAGE][0]], cut, "image", layout)
     scores = scoring.image(cfg, examples, [own[0], short], tokenizers, layout)
     assert scores["valid"] == 0.5 and scores["psnr"] < metrics.MAX_PSNR and scores["ssim"] < 1
+
+
+def test_a_video_answer_of_its_targets_codes_is_its_reconstruction(tmp_path, real_data):
+    """caption -> clip scored frame by frame against the target clip's reconstruction; an
+    answer cut after its first frame is that frame, the missing ones black."""
+    recipe = tiny_visual_recipe(tmp_path)
+    (tmp_path / "clips").mkdir()
+    shutil.copy(real_data("gif") / "no_time_for_that_tiny.gif", tmp_path / "clips/cat.gif")
+    (tmp_path / "clips/cat.txt").write_text("a cat turns its head")
+    cfg = TaskConfig(name="video", paths=[str(tmp_path / "clips")], tokenizers=str(recipe))
+    tokenizers = Tokenizers.load(load_recipe(recipe))
+    layout = task_layout(tokenizers)
+    (example,) = read_examples(cfg)
+    assert example.prompt[0].value == "a cat turns its head" and len(example.target.value) == 4
+    ids, _ = tokenizers.visual.span("video", example.target.value)
+    opener = layout.delimiters[Modality.VIDEO][0]
+    own = answer_span([layout.bos, opener], ids[1:], "video", layout)
+    scores = scoring.video(cfg, [example], [own], tokenizers, layout)
+    assert scores == {"psnr": metrics.MAX_PSNR, "ssim": 1.0, "valid": 1.0}
+    frame = layout.tokens_per_item["video"]
+    cut = answer_span([layout.bos, opener], ids[1 : 1 + frame + 5], "video", layout)
+    scores = scoring.video(cfg, [example], [cut], tokenizers, layout)
+    assert scores["valid"] == 1.0 and scores["psnr"] < metrics.MAX_PSNR
+    reference = tokenizers.visual.decode(Modality.VIDEO, ids[1:-1])
+    black = np.zeros_like(reference[0])
+    expected = np.mean([1.0, *(metrics.ssim(black, f) for f in reference[1:])])
+    assert scores["ssim"] == pytest.approx(expected)
