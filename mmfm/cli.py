@@ -3,6 +3,7 @@
 mmfm train RECIPE.yaml [section.key=value ...]   train (resolved config saved in the run dir)
 mmfm config [RECIPE.yaml] [section.key=value ...]  print the resolved config
 mmfm eval CKPT DATA... [--steps N] [--json F]       held-out loss, perplexity, bits per byte
+mmfm eval CKPT --task NAME [--task NAME ...]       task metrics of its generations (eval.json)
 mmfm config --doc [prepare|tokenizer|...]          every field with its type, default and doc
 mmfm config --doc-markdown                         all of them as one Markdown page
 mmfm prepare RECIPE.yaml [key=value ...]          raw corpora -> tokenized shards
@@ -33,6 +34,7 @@ EXAMPLES = """examples:
   mmfm train launch/demo.yaml parallel.tp=2 parallel.pp=2 --nproc 4
   mmfm eval runs/mine/checkpoints/step_1000 held_out/ --json eval.json
   mmfm eval runs/mine/checkpoints/step_1000 notes.txt parallel.tp=2 --nproc 2
+  mmfm eval runs/mine/checkpoints/step_1000 --task segmentation --task svg
   mmfm config launch/demo.yaml model.n_layers=8
   mmfm config --doc
   mmfm config --doc prepare
@@ -236,9 +238,18 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("checkpoint", help="a checkpoint directory (any training layout)")
     ev.add_argument(
         "data",
-        nargs="+",
+        nargs="*",
         help="held-out shards (directories, files, patterns, builtin:demo:held_out) or raw "
         ".txt files; dotted overrides (parallel.tp=2, train.device=cuda) may follow",
+    )
+    ev.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="instead of DATA: score the generations on the config's eval.tasks entry NAME "
+        "(segmentation, svg, dna-classify, image, video, text); repeat for several; one process; "
+        "metrics to --json (default eval.json)",
     )
     ev.add_argument("--steps", type=int, default=0, help="global batches (0: a whole pass)")
     ev.add_argument("--json", dest="json_path", help="also write the results to this file")
@@ -759,6 +770,9 @@ def _eval_command(args: argparse.Namespace) -> None:
     dotted = [d for d in args.data if re.match(r"^[a-z_]+(\.[a-z_0-9]+)+=", d)]
     data = [d for d in args.data if d not in dotted]
     overrides = [*dotted, *args.overrides]
+    if args.task:
+        _eval_tasks(args, data, overrides)
+        return
     if not data:
         raise ConfigError("mmfm eval needs held-out data after the checkpoint")
     cfg = eval_config(args.checkpoint, overrides)  # fail fast, before any launch; loaded once
@@ -768,6 +782,22 @@ def _eval_command(args: argparse.Namespace) -> None:
         _launch_local(args.nproc, ["eval", args.checkpoint, *data, *overrides, *options])
         return
     evaluate_checkpoint(args.checkpoint, data, overrides, args.steps, args.json_path, cfg=cfg)
+
+
+def _eval_tasks(args: argparse.Namespace, data: list[str], overrides: list[str]) -> None:
+    from mmfm.config import ConfigError
+    from mmfm.train.eval_command import evaluate_tasks
+
+    if data:
+        raise ConfigError(
+            f"mmfm eval --task scores generations, not held-out data ({data[0]}): run the "
+            "held-out loss and the tasks in two calls"
+        )
+    if args.nproc is not None or args.steps:
+        raise ConfigError(
+            "mmfm eval --task runs in one process on all its examples: drop --nproc and --steps"
+        )
+    evaluate_tasks(args.checkpoint, args.task, overrides, args.json_path or "eval.json")
 
 
 _CLEAN_EXITS = "MMFM_CLEAN_EXITS"

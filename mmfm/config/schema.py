@@ -667,6 +667,94 @@ class LoggingConfig:
         _require_positive(self, "logging", "every", "print_every")
 
 
+TASKS = {
+    "segmentation": ("voc", "coco", "image-mask", "prompt-response"),
+    "svg": ("svg", "prompt-response"),
+    "dna-classify": ("prompt-response", "dna-pairs"),
+    "image": ("image-text", "prompt-response"),
+    "video": ("video", "prompt-response"),
+    "text": ("prompt-response",),
+}
+"""The tasks scored from generations (mmfm/tasks/) and the source kinds each reads (the
+first is its default)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    """The task: segmentation (image and phrase -> mask: IoU), svg (caption -> SVG: validity,
+    render MSE / SSIM), dna-classify (DNA -> label: accuracy, MCC), image (caption -> picture:
+    PSNR / SSIM against the tokenizer's reconstruction), video (caption -> clip: the same, per
+    frame) or text (prompt -> text: exact match, token accuracy); its metrics are
+    task/<name>/<metric> (docs/generate_eval.md)."""
+    paths: list[str] = field(default_factory=list)
+    """The examples' files, as a prepare recipe's sources[].paths (a VOC root, a COCO json,
+    a folder of pictures, SVG files, a prompt-response jsonl, ...)."""
+    kind: str = ""
+    """How `paths` are read, a prepare source kind: segmentation voc, coco, image-mask or
+    prompt-response; svg svg or prompt-response; dna-classify prompt-response or dna-pairs;
+    image image-text or prompt-response; video video or prompt-response; text
+    prompt-response. Empty: the first of these."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """More fields of the source, as a prepare recipe's sources[] takes them (phrase, classes,
+    split, image_dir, fit, order, jsonl_field, max_pixels, ...): the examples are the records
+    `mmfm prepare` reads with them, made prompt / response tasks as `completion_only` makes
+    them. dna-classify: label_repeat, the times each label was written in training."""
+    tokenizers: str = ""
+    """The tokenizer recipe the model's data was prepared with: it tokenizes the prompts as
+    training tasks' prompts and its visual tokenizers decode the generated pictures."""
+    examples: int = 16
+    """Examples scored: the first this many records of the source, in reading order."""
+    batch_size: int = 8
+    """Prompts generated together."""
+    seed: int = 0
+    """Seed of the sampling (batch i samples with seed + i): the same seed, model and
+    examples give the same generations and metrics."""
+    max_new_tokens: int = 0
+    """Tokens generated per example at most; 0: what the answer needs (a mask's or image's
+    codes and its closer, the longest target clip's frames of codes with their ends; the
+    longest target's tokens and 9 more for text and SVG)."""
+    temperature: float = 0.0
+    """0: greedy (the usual for task metrics); otherwise sampled at this temperature."""
+    top_k: int = 0
+    """Sample among the k most likely ids only (0: all)."""
+    top_p: float = 1.0
+    """Sample among the most likely ids whose probabilities sum to p (1: all)."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance for caption -> picture (1: off)."""
+    prefixes: list[int] = field(default_factory=list)
+    """segmentation: the mask-token prefix lengths of the coarse-to-fine IoU curve
+    (miou@k); empty: 1, 2, 4, ... up to the mask tokenizer's tokens."""
+    render_size: int = 128
+    """svg: the side in pixels both SVGs are rendered at before they are compared."""
+
+    def __post_init__(self) -> None:
+        where = f"eval.tasks[{self.name or '?'}]"
+        _require_choice("eval.tasks[].name", self.name, tuple(TASKS))
+        self.kind = self.kind or TASKS[self.name][0]
+        _require_choice(f"{where}.kind", self.kind, TASKS[self.name])
+        _require(bool(self.paths), f"{where}.paths: name the examples' files")
+        _require(
+            bool(self.tokenizers),
+            f"{where}.tokenizers: name the tokenizer recipe the model's data was prepared with",
+        )
+        _require_positive(self, where, "examples", "batch_size", "render_size")
+        _require(self.max_new_tokens >= 0, f"{where}.max_new_tokens must be >= 0 (0: automatic)")
+        _require(
+            self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1,
+            f"{where}: temperature >= 0, top_k >= 0 and top_p in (0, 1], got "
+            f"{self.temperature}, {self.top_k}, {self.top_p}",
+        )
+        _require(
+            all(k > 0 for k in self.prefixes),
+            f"{where}.prefixes: mask-token counts, each >= 1, got {self.prefixes}",
+        )
+        _require(
+            "label_repeat" not in self.options or self.name == "dna-classify",
+            f"{where}.options.label_repeat is for dna-classify only",
+        )
+
+
 @dataclass
 class SampleConfig:
     """One prompt sampled during training (`eval.samples`), as `mmfm generate` samples it."""
@@ -766,6 +854,9 @@ class EvalConfig:
     steps: int = 0
     """Global batches per evaluation; 0: one whole pass over the held-out data. The same
     rows are read every time (a fresh reader per evaluation)."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Tasks scored from the model's generations (TaskConfig, docs/generate_eval.md): run by
+    `mmfm eval CKPT --task NAME`, by name."""
     keep_best: bool = False
     """Also keep the checkpoint with the lowest val/loss so far as <run_dir>/checkpoints/best:
     an evaluation that improves on it saves step_<N> (if that step has none yet) and links
@@ -792,6 +883,8 @@ class EvalConfig:
         )
         names = [s.name for s in self.sources]
         _require(len(set(names)) == len(names), f"eval.sources names must be unique: {names}")
+        tasks = [t.name for t in self.tasks]
+        _require(len(set(tasks)) == len(tasks), f"eval.tasks names must be unique: {tasks}")
         _require(
             self.enabled or not self.keep_best,
             "eval.keep_best needs held-out data: set eval.paths or eval.sources",

@@ -104,6 +104,16 @@ class Layout:
         return [*ids, self.delimiter(MODALITY_NAMES.index(modality))[0]]
 
 
+def visual_sizes(recipe, visual) -> tuple[dict[str, int], dict[str, int]]:
+    """(tokens_per_item, num_codes) of the visual tokenizers a tokenizer recipe names
+    (`visual`: its `VisualTokenizers`), for `Layout.from_vocab`."""
+    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
+    slots["video"] = recipe.video_tokenizer
+    models = {name: visual.model(name) for name, path in slots.items() if path}
+    sizes = {name: model.tokens_per_item for name, model in models.items()}
+    return sizes, {name: model.num_codes for name, model in models.items()}
+
+
 def _dna_pieces(pieces: tuple[str, ...]) -> tuple[str, ...]:
     # sentencepiece BPE marks word starts with U+2581; DNA has no words.
     return tuple(p.replace("\u2581", "") for p in pieces)

@@ -27,7 +27,7 @@ from mmfm.core.errors import LaunchError
 from mmfm.core.modalities import modality_spec
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data.demo import COLORS
-from mmfm.decoding.layout import Layout
+from mmfm.decoding.layout import Layout, visual_sizes
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.svg import SvgError, parse_svg, render_svg
 from mmfm.tokenization.visual.records import VisualTokenizers
@@ -111,11 +111,7 @@ def visual_decoders(recipe_path: str | None, vocab: Vocab | None):
         return None, {}, {}
     recipe = load_recipe(recipe_path)
     visual = VisualTokenizers(recipe, vocab)
-    slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
-    slots["video"] = recipe.video_tokenizer
-    models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: model.tokens_per_item for name, model in models.items()}
-    return visual, sizes, {name: model.num_codes for name, model in models.items()}
+    return visual, *visual_sizes(recipe, visual)
 
 
 class SpanWriter:

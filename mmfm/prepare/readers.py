@@ -175,20 +175,28 @@ def iter_records(recipe: PrepareRecipe, rejects: Rejects) -> Iterator[tuple[str,
     """(where, record) of every source, where names the file and the record; a webdataset
     source gives (where, RawSample), decoded later by whoever calls `RawSample.records`."""
     for source in recipe.sources:
-        rejects.source = source.name or source.kind
-        if source.kind == "webdataset":
-            records = _raw_samples(source, rejects)
-        else:
-            fits = within(source.max_record_bytes, rejects.add)
-            records = (
-                (where, record)
-                for path in iter_files(source.paths, recipe.cache_dir)
-                for record in _guarded(
-                    _READERS.get(source.kind, _registered_records), path, source, rejects
-                )
-                if fits(where := f"{path}:{record.key}", record)
+        yield from source_records(source, rejects, recipe.cache_dir)
+
+
+def source_records(
+    source: PrepareSource, rejects: Rejects, cache_dir: str = "~/.cache/mmfm"
+) -> Iterator[tuple[str, object]]:
+    """(where, record) of one source, as `iter_records` reads it (`mmfm eval --task` reads
+    its examples so)."""
+    rejects.source = source.name or source.kind
+    if source.kind == "webdataset":
+        records = _raw_samples(source, rejects)
+    else:
+        fits = within(source.max_record_bytes, rejects.add)
+        records = (
+            (where, record)
+            for path in iter_files(source.paths, cache_dir)
+            for record in _guarded(
+                _READERS.get(source.kind, _registered_records), path, source, rejects
             )
-        yield from islice(records, source.limit or None)
+            if fits(where := f"{path}:{record.key}", record)
+        )
+    yield from islice(records, source.limit or None)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`mmfm eval CKPT DATA...`: the held-out loss of a checkpoint, at any parallel layout.
+"""`mmfm eval CKPT DATA...`: the held-out loss of a checkpoint, at any parallel layout;
+`mmfm eval CKPT --task NAME`: task metrics of its generations (mmfm/tasks/), in one process.
 
 The checkpoint's own config rebuilds the model and the packing (seq_len, loss weights,
 batch size); `parallel.*` overrides choose the layout to run it at (one process unless
@@ -23,13 +24,14 @@ import torch
 
 from mmfm.config import Config, ConfigError, load_structured
 from mmfm.config.layout import resolve_layout
-from mmfm.config.schema import EvalConfig, ParallelConfig, SourceConfig
+from mmfm.config.schema import TASKS, EvalConfig, ParallelConfig, SourceConfig, TaskConfig
 from mmfm.core.errors import DataError, InputNotFound
 from mmfm.core.types import Document, Modality
 from mmfm.data.demo import SPECIAL, TEXT_OFFSET
 from mmfm.data.shards import write_shard
 from mmfm.parallel.env import ParallelEnv, process_ranks
 from mmfm.parallel.parallelize import parallelize
+from mmfm.tasks.run import run_task, task_layout, task_tokenizers
 from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import (
@@ -37,6 +39,7 @@ from mmfm.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     checkpoint_config,
+    load_checkpoint_model,
     require_checkpoint,
 )
 from mmfm.train.command import check_sources_vocab
@@ -148,6 +151,53 @@ def evaluate_checkpoint(
         return result
     finally:
         env.close()
+
+
+def task_configs(cfg: Config, names: Sequence[str]) -> list[TaskConfig]:
+    """The `eval.tasks` entries `--task NAME` names, in the order named."""
+    have = {task.name: task for task in cfg.eval.tasks}
+    for name in names:
+        if name not in TASKS:
+            raise ConfigError(f"--task {name!r} is not a task ({', '.join(TASKS)})")
+        if name not in have:
+            raise ConfigError(
+                f"--task {name}: the config has no eval.tasks entry named {name} (it has "
+                f"{', '.join(have) or 'none'}): add one, e.g. eval.tasks='[{{name: {name}, "
+                "paths: [...], tokenizers: tokenizers/multimodal.yaml}]'"
+            )
+    return [have[name] for name in dict.fromkeys(names)]
+
+
+def evaluate_tasks(
+    checkpoint: str | Path,
+    names: Sequence[str],
+    overrides: Sequence[str] = (),
+    json_path: str | Path = "eval.json",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Score `checkpoint`'s generations on the `eval.tasks` named (its config with
+    `overrides`), in one process on train.device; print the metrics and write them to
+    `json_path`."""
+    checkpoint = Path(checkpoint)
+    cfg = eval_config(checkpoint, overrides)
+    tasks = task_configs(cfg, names)
+    check_json_path(json_path)
+    vocab = _checkpoint_vocab(checkpoint)
+    sets = [task_tokenizers(task, vocab) for task in tasks]  # before the model is loaded
+    step = _saved_step(checkpoint)
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_checkpoint_model(checkpoint, device)
+    metrics: dict[str, float] = {}
+    for task, tokenizers in zip(tasks, sets, strict=True):
+        metrics |= run_task(task, model, task_layout(tokenizers), tokenizers, progress)
+    for name, value in metrics.items():
+        print(f"{name:<40} {value:.4f}")
+    summary = {"checkpoint": str(checkpoint), "step": step, "tasks": list(dict.fromkeys(names))}
+    Path(json_path).write_text(json.dumps({**summary, "metrics": metrics}, indent=1) + "\n")
+    print(f"{json_path}: {len(metrics)} metrics", file=sys.stderr)
+    return metrics
 
 
 def check_json_path(path: str | Path | None) -> None:

@@ -22,8 +22,10 @@ LAYERS: dict[str, set[str]] = {
     "decoding": {"core", "config", "tokenization", "data", "model"},
     "prepare": {"core", "config", "tokenization", "data"},
     "slurm": {"core", "config", "prepare"},
+    "tasks": {"core", "config", "tokenization", "data", "model", "decoding", "prepare"},
     "train": {
         *("core", "config", "tokenization", "data", "model", "parallel", "prepare", "decoding"),
+        "tasks",
     },
     "convert": {"core", "config", "tokenization", "model", "train"},
     "generate": {
