@@ -795,9 +795,12 @@ class SampleConfig:
 
 
 SAMPLE_FILES = ("image", "video", "dna", "svg")
-SAMPLES_OFF = ("eval.samples=[]", "eval.samples_every=0", "eval.samples_tokenizers=null")
-"""Overrides for a checkpoint's saved config read to rebuild its model: the samples of the run
-that wrote it play no part, and their files may have moved since."""
+SAMPLES_OFF = (
+    *("eval.samples=[]", "eval.samples_every=0", "eval.samples_tokenizers=null"),
+    "eval.tasks_every=0",
+)
+"""Overrides for a checkpoint's saved config read to rebuild its model: the samples and in-loop
+task scores of the run that wrote it play no part, and their files may have moved since."""
 
 
 def _check_sample(k: int, sample: SampleConfig, tokenizers: str | None) -> None:
@@ -856,7 +859,11 @@ class EvalConfig:
     rows are read every time (a fresh reader per evaluation)."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Tasks scored from the model's generations (TaskConfig, docs/generate_eval.md): run by
-    `mmfm eval CKPT --task NAME`, by name."""
+    `mmfm eval CKPT --task NAME`, by name, and during training every `tasks_every` steps."""
+    tasks_every: int = 0
+    """Score every `tasks` entry every this many optimizer steps, and after the last step
+    (rank 0 generates from a gathered copy of the model, as samples do): task/<name>/<metric>
+    joins the step's metrics (metrics.jsonl, TensorBoard, W&B, MLflow); 0: never in training."""
     keep_best: bool = False
     """Also keep the checkpoint with the lowest val/loss so far as <run_dir>/checkpoints/best:
     an evaluation that improves on it saves step_<N> (if that step has none yet) and links
@@ -890,6 +897,12 @@ class EvalConfig:
             "eval.keep_best needs held-out data: set eval.paths or eval.sources",
         )
         _require(self.samples_every >= 0, "eval.samples_every must be >= 0 (0: no samples)")
+        _require(self.tasks_every >= 0, "eval.tasks_every must be >= 0 (0: not in training)")
+        _require(
+            bool(self.tasks) or self.tasks_every == 0,
+            f"eval.tasks_every={self.tasks_every} but eval.tasks is empty: list the tasks to "
+            "score, or set eval.tasks_every=0",
+        )
         _require(
             bool(self.samples) or self.samples_every == 0,
             f"eval.samples_every={self.samples_every} but eval.samples is empty: list the "
@@ -906,6 +919,11 @@ class EvalConfig:
     def sampling(self) -> bool:
         """Whether samples are generated during training."""
         return bool(self.samples) and self.samples_every > 0
+
+    @property
+    def scoring(self) -> bool:
+        """Whether tasks are scored during training."""
+        return bool(self.tasks) and self.tasks_every > 0
 
     @property
     def enabled(self) -> bool:
@@ -962,6 +980,12 @@ class Config:
             f"eval.samples with parallel.pp={self.parallel.pp}: samples gather the model from "
             "tensor and data-parallel shards, not from pipeline stages; sample a checkpoint "
             "with `mmfm generate` instead, or set eval.samples_every=0",
+        )
+        _require(
+            not (self.eval.scoring and self.parallel.pp > 1),
+            f"eval.tasks_every with parallel.pp={self.parallel.pp}: tasks gather the model from "
+            "tensor and data-parallel shards, not from pipeline stages; score a checkpoint "
+            "with `mmfm eval CKPT --task NAME` instead, or set eval.tasks_every=0",
         )
         _require(
             not self.train.stages or self.train.resume in ("none", "auto"),

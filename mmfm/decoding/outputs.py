@@ -214,24 +214,10 @@ class SpanWriter:
         return path
 
     def _video(self, span: Span, stem: Path, notes: list[str]) -> Path:
-        per_frame = self.layout.tokens_per_item["video"]
-        ends = {self.layout.specials["<eof>"], self.layout.specials["<eov>"]}
-        frames, frame = [], []
-        for token in span.body:
-            if token in ends:
-                frames.append(frame)
-                frame = []
-            else:
-                frame.append(token)
-        if frame:
-            frames.append(frame)
-        whole = [f for f in frames if len(f) == per_frame]
-        if len(whole) < len(frames):
-            notes.append(f"{len(frames) - len(whole)} frame(s) without {per_frame} codes skipped")
-        if not whole:
-            raise ValueError(f"no complete frame of {per_frame} codes")
-        body = [t for f in whole for t in [*f, self.layout.specials["<eof>"]]]
-        body[-1] = self.layout.specials["<eov>"]
+        body, skipped = whole_frames(span.body, self.layout)
+        if skipped:
+            per_frame = self.layout.tokens_per_item["video"]
+            notes.append(f"{skipped} frame(s) without {per_frame} codes skipped")
         clip = self._visual().decode(Modality.VIDEO, body)
         path = stem.with_suffix(".gif")
         first, *rest = (Image.fromarray(f) for f in clip)
@@ -247,6 +233,29 @@ class SpanWriter:
                 "with image_tokenizer, mask_tokenizer, video_tokenizer)"
             )
         return self.visual
+
+
+def whole_frames(body: Sequence[int], layout: Layout) -> tuple[list[int], int]:
+    """A video span's body cut to its frames of `tokens_per_item` codes, each closed by
+    <eof> and the last by <eov> as the video tokenizer decodes them, and the number of
+    frames skipped (cut short or overlong); ValueError when none is whole."""
+    per_frame = layout.tokens_per_item["video"]
+    ends = {layout.specials["<eof>"], layout.specials["<eov>"]}
+    frames, frame = [], []
+    for token in body:
+        if token in ends:
+            frames.append(frame)
+            frame = []
+        else:
+            frame.append(token)
+    if frame:
+        frames.append(frame)
+    whole = [f for f in frames if len(f) == per_frame]
+    if not whole:
+        raise ValueError(f"no complete frame of {per_frame} codes")
+    ids = [t for f in whole for t in [*f, layout.specials["<eof>"]]]
+    ids[-1] = layout.specials["<eov>"]
+    return ids, len(frames) - len(whole)
 
 
 def write_mp4(frames: Sequence[np.ndarray], path: Path, fps: int = 2) -> bool:

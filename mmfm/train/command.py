@@ -42,6 +42,7 @@ from mmfm.train.evaluate import Validation, build_evaluator
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.samples import build_samples
 from mmfm.train.step_runner import StepRunner, build_step_runner
+from mmfm.train.task_scores import build_task_scores
 from mmfm.train.trainer import FitResult, Trainer
 
 log = logging.getLogger("mmfm")
@@ -199,6 +200,8 @@ def build_trainer(cfg: Config) -> Trainer:
     # In this order: validation adds val/* before the reporters see the step's metrics.
     checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
     callbacks = [*_validation(cfg, env, runner, vocab, checkpointing, checkpointer)]
+    scores = build_task_scores(cfg, env, model, vocab)  # task/* before the reporters, as val/*
+    callbacks += [scores] if scores is not None else []
     callbacks += _callbacks(cfg, run_dir) if env.is_main else []
     samples = build_samples(cfg, env, model, vocab)  # after the reporters it logs to
     callbacks += [samples] if samples is not None else []

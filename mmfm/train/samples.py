@@ -181,22 +181,14 @@ class Samples(Callback):
         log.info("samples of step %d: %d span(s) in %.1f s", step, len(media), seconds)
 
     def _gather(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on rank 0, in CPU memory ({} on the other ranks)."""
-        with torch.no_grad():
-            if self.env.world_size == 1:  # the names of a plain model, as checkpoints have
-                return get_model_state_dict(self.model)
-            return get_model_state_dict(self.model, options=_FULL_ON_RANK0)
+        return gather_on_rank0(self.model, self.env)
 
     def sample(self, step: int, state: dict[str, torch.Tensor]) -> list[Media]:
         """The answers of a model with weights `state`, written under step_<step>/."""
         plan, device = self.plan, self.env.device
         assert plan is not None
-        model = build_model(self.cfg.model, device)
-        model.to_empty(device=device)
-        model.load_state_dict(state)
-        model.eval()
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        model = one_process_copy(self.cfg, state, device)
+        with untouched_rng(device):
             answers = [
                 generate(model, [ids], sampling, plan.layout)[0]
                 for ids, sampling in zip(plan.ids, plan.sampling, strict=True)
@@ -241,6 +233,30 @@ class Samples(Callback):
             | {"modality": prompt.modality, "seed": settings.seed, "new_ids": new}
             | {"spans": rows}
         )
+
+
+def gather_on_rank0(model: nn.Module, env: ParallelEnv) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0, in CPU memory ({} on the other ranks); every rank
+    must call it (tensor-parallel and FSDP2 shards are gathered collectively)."""
+    with torch.no_grad():
+        if env.world_size == 1:  # the names of a plain model, as checkpoints have
+            return get_model_state_dict(model)
+        return get_model_state_dict(model, options=_FULL_ON_RANK0)
+
+
+def one_process_copy(cfg: Config, state: dict[str, torch.Tensor], device) -> nn.Module:
+    """A plain `Transformer` of `cfg.model` on `device` with the gathered weights `state`, in
+    eval mode: the training model (sharded, compiled, wrapped) is never used to generate."""
+    model = build_model(cfg.model, device)
+    model.to_empty(device=device)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def untouched_rng(device: torch.device):
+    """The training RNG state (CPU, and the device's on CUDA) restored on exit: what samples
+    and task scores draw never shifts the run, so a resumed run stays exact."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _drop_after(path: Path, step: int) -> None:

@@ -1,6 +1,8 @@
 """Samples during training (`eval.samples`): the files of every answer at the right steps,
 the media in TensorBoard, a W&B offline run and an MLflow file store (read back with their
-own readers), and a resumed run with samples on as exact as a straight run without."""
+own readers), and a resumed run with samples on as exact as a straight run without. Task
+scores during training (`eval.tasks_every`): task/* in the metrics of the scored steps, in
+every reporter, and a run that samples and scores has the losses of one that does neither."""
 
 import glob
 import json
@@ -54,21 +56,57 @@ def samples_override(samples: list[dict], root: Path) -> str:
     return "eval.samples=" + json.dumps(fixed)
 
 
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    """Three steps of a model on the unified vocabulary (the demo corpus's ids are ids of it),
-    sampled every 2 steps and after the last, into TensorBoard, W&B (offline) and MLflow."""
-    root = tmp_path_factory.mktemp("samples")
-    recipe = tiny_visual_recipe(root / "tok")
-    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(root / "cat.png")
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tasks_override(root: Path, recipe: Path) -> str:
+    """`eval.tasks=[...]`: a text task and a DNA-label task (sampled, seeded) in jsonl."""
+    text = _jsonl(
+        root / "text.jsonl", [{"prompt": f"{i} + {i}", "response": str(2 * i)} for i in range(3)]
+    )
+    labels = ["promoter", "other", "promoter"]
+    dna = _jsonl(
+        root / "dna.jsonl",
+        [{"prompt": {"dna": "TATAAAAGGC" * (1 + i)}, "response": s} for i, s in enumerate(labels)],
+    )
+    tasks = [
+        {"name": "text", "paths": [str(text)], "tokenizers": str(recipe)},
+        {
+            "name": "dna-classify",
+            "paths": [str(dna)],
+            "tokenizers": str(recipe),
+            "temperature": 1.0,
+        },
+    ]
+    return "eval.tasks=" + json.dumps(tasks)
+
+
+def unified(root: Path) -> list[str]:
+    """Three steps of a tiny model on the unified vocabulary (the demo corpus's ids are ids
+    of it)."""
     size = -(-Vocab.load(BASE_VOCAB).size // 64) * 64
-    overrides = [
+    return [
         "data.paths=[builtin:demo]",
         *tiny_shape(n_layers=2, seq_len=64, max_seq_len=256),
         f"model.vocab_size={size}",
         f"data.vocab={BASE_VOCAB}",
         *RUN,
         "train.steps=3",
+        "logging.every=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """`unified`, sampled and scored on two tasks every 2 steps and after the last, into
+    TensorBoard, W&B (offline) and MLflow."""
+    root = tmp_path_factory.mktemp("samples")
+    recipe = tiny_visual_recipe(root / "tok")
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(root / "cat.png")
+    overrides = [
+        *unified(root),
         f"train.run_dir={root / 'run'}",
         "logging.wandb.enabled=true",
         "logging.wandb.mode=offline",
@@ -76,6 +114,8 @@ def tracked(tmp_path_factory):
         "eval.samples_every=2",
         f"eval.samples_tokenizers={recipe}",
         samples_override(SAMPLES, root),
+        "eval.tasks_every=2",
+        tasks_override(root, recipe),
     ]
     with pytest.MonkeyPatch.context() as env:
         for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
@@ -205,3 +245,39 @@ def test_a_checkpoint_loads_after_the_samples_files_are_gone(tracked):
     assert cfg.eval.samples == [] and model.cfg.n_layers == 2
     saved = load_config(tracked / "config.yaml", ["eval.samples_every=0"])
     assert len(saved.eval.samples) == 6  # the run's own config keeps them
+
+
+TASK_METRICS = {
+    "task/text/exact_match",
+    "task/text/token_accuracy",
+    "task/dna-classify/accuracy",
+    "task/dna-classify/mcc",
+}
+
+
+def test_task_scores_join_the_metrics_of_the_scored_steps_in_every_reporter(tracked):
+    rows = {r["step"]: r for r in read_metrics(tracked)}
+    assert sorted(rows) == [1, 2, 3]
+    assert not any(k.startswith("task/") for k in rows[1])
+    for step in (2, 3):
+        assert set(rows[step]) >= TASK_METRICS, sorted(rows[step])
+        assert 0.0 <= rows[step]["task/text/exact_match"] <= 1.0
+    events = EventAccumulator(str(tracked / "tb"))
+    events.Reload()
+    scalars = {t for t in events.Tags()["scalars"]} | {
+        t.split("/text_summary")[0] for t in events.Tags()["tensors"]
+    }
+    assert "task/text/token_accuracy" in scalars, sorted(scalars)
+    run_id = json.loads((tracked / TRACKERS_FILE).read_text())["mlflow"]
+    client = MlflowClient((tracked / "mlruns").resolve().as_uri())
+    history = client.get_metric_history(run_id, "task.dna-classify.accuracy")  # mlflow_name
+    assert [m.step for m in history] == [2, 3]
+
+
+def test_a_run_that_samples_and_scores_has_the_losses_of_one_that_does_neither(tracked):
+    """What samples and task scores draw comes from their own seeded generators under a
+    restored RNG, and they read no training data: the losses are those of a plain run."""
+    plain = tracked.parent / "plain"
+    train(load_config(None, [*unified(tracked.parent), f"train.run_dir={plain}"]))
+    scored, straight = read_metrics(tracked), read_metrics(plain)
+    assert [r["loss"] for r in scored] == [r["loss"] for r in straight]
