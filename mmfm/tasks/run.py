@@ -68,9 +68,9 @@ def run_task(
     model.eval()
     bar = tqdm(total=len(prompts), desc=f"task {task.name}", unit="example", disable=not progress)
     try:
-        for i in range(0, len(prompts), task.batch_size):
-            chunk = prompts[i : i + task.batch_size]
-            new += generate(model, chunk, replace(sampling, seed=task.seed + i), layout)
+        for batch, start in enumerate(range(0, len(prompts), task.batch_size)):
+            chunk = prompts[start : start + task.batch_size]
+            new += generate(model, chunk, replace(sampling, seed=task.seed + batch), layout)
             bar.update(len(chunk))
     finally:
         bar.close()
