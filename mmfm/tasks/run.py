@@ -1,4 +1,5 @@
-"""`run_task`: a task's examples generated in batches by a model in memory, and scored.
+"""`run_task`: a task's examples generated in batches by a model in memory, and scored
+(`PreparedTask` reads and tokenizes the examples once for many runs).
 
 Each example's prompt is tokenized as training tokenized the prompt of that task
 (`Tokenizers.prompt`), followed by `<sep>` before a text answer or by the answer's opening
@@ -58,28 +59,46 @@ def run_task(
 ) -> dict[str, float]:
     """The metrics `task/<name>/<metric>` of `model` (one process, any device; left in the
     train / eval mode it came in) on the task's examples."""
-    examples = read_examples(task)
-    prompts = [prompt_ids(example, tokenizers, layout) for example in examples]
-    sampling = _sampling(task, examples, tokenizers, layout)
-    where = f"eval.tasks[{task.name}].max_new_tokens"
-    check_length(max(map(len, prompts)), sampling.max_new_tokens, model.cfg.max_seq_len, where)
-    new: list[list[int]] = []
-    training = model.training
-    model.eval()
-    bar = tqdm(total=len(prompts), desc=f"task {task.name}", unit="example", disable=not progress)
-    try:
-        for i in range(0, len(prompts), task.batch_size):
-            chunk = prompts[i : i + task.batch_size]
-            new += generate(model, chunk, replace(sampling, seed=task.seed + i), layout)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        model.train(training)
-    answers = [
-        answer_span(p, n, ANSWERS[task.name], layout) for p, n in zip(prompts, new, strict=True)
-    ]
-    scores = SCORERS[task.name](task, examples, answers, tokenizers, layout)
-    return {f"task/{task.name}/{name}": float(value) for name, value in scores.items()}
+    return PreparedTask(task, tokenizers, layout).run(model, progress)
+
+
+class PreparedTask:
+    """A task's examples read and their prompts tokenized once, to score a model as often as
+    wanted (a training loop scores its model every so many steps)."""
+
+    def __init__(self, task: TaskConfig, tokenizers: Tokenizers, layout: Layout):
+        self.task, self.tokenizers, self.layout = task, tokenizers, layout
+        self.examples = read_examples(task)
+        self.prompts = [prompt_ids(example, tokenizers, layout) for example in self.examples]
+        self.sampling = _sampling(task, self.examples, tokenizers, layout)
+
+    def run(self, model: nn.Module, progress: bool = False) -> dict[str, float]:
+        """The metrics `task/<name>/<metric>` of `model`'s generations."""
+        task, layout = self.task, self.layout
+        longest = max(map(len, self.prompts))
+        where = f"eval.tasks[{task.name}].max_new_tokens"
+        check_length(longest, self.sampling.max_new_tokens, model.cfg.max_seq_len, where)
+        new: list[list[int]] = []
+        training = model.training
+        model.eval()
+        bar = tqdm(
+            total=len(self.prompts), desc=f"task {task.name}", unit="example", disable=not progress
+        )
+        try:
+            for batch, start in enumerate(range(0, len(self.prompts), task.batch_size)):
+                chunk = self.prompts[start : start + task.batch_size]
+                sampling = replace(self.sampling, seed=task.seed + batch)
+                new += generate(model, chunk, sampling, layout)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            model.train(training)
+        answers = [
+            answer_span(p, n, ANSWERS[task.name], layout)
+            for p, n in zip(self.prompts, new, strict=True)
+        ]
+        scores = SCORERS[task.name](task, self.examples, answers, self.tokenizers, layout)
+        return {f"task/{task.name}/{name}": float(value) for name, value in scores.items()}
 
 
 def prompt_ids(example: Example, tokenizers: Tokenizers, layout: Layout) -> list[int]:

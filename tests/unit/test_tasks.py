@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmfm.config import load_config
 from mmfm.config.schema import TaskConfig
 from mmfm.core.errors import ConfigError, DataError
 from mmfm.core.types import Modality
 from mmfm.decoding.outputs import Span
+from mmfm.model import build_model, init_weights
 from mmfm.tasks import metrics, scoring
 from mmfm.tasks.examples import read_examples
-from mmfm.tasks.run import answer_span, prompt_ids, task_layout
-from mmfm.testing import voc_export
+from mmfm.tasks.run import PreparedTask, answer_span, prompt_ids, task_layout
+from mmfm.testing import tiny_shape, voc_export
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
 from mmfm.tokenization.visual import data as vdata
@@ -238,3 +240,21 @@ def test_a_video_answer_of_its_targets_codes_is_its_reconstruction(tmp_path, rea
     black = np.zeros_like(reference[0])
     expected = np.mean([1.0, *(metrics.ssim(black, f) for f in reference[1:])])
     assert scores["ssim"] == pytest.approx(expected)
+
+
+def test_a_prepared_task_scores_a_model_in_memory_the_same_each_time(tmp_path, base):
+    """The training loop's use: examples read once, a model in training mode scored twice
+    with sampling on (the same seed, the same metrics) and left in training mode."""
+    tokenizers, layout = base
+    size = -(-tokenizers.vocab.size // 64) * 64
+    cfg = load_config(None, [*tiny_shape(n_layers=1, max_seq_len=256), f"model.vocab_size={size}"])
+    model = build_model(cfg.model)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg.model, 0)
+    rows = [{"prompt": f"what is {i} + {i}?", "response": str(2 * i)} for i in range(3)]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    prepared = PreparedTask(task("text", path, temperature=1.0, batch_size=2), tokenizers, layout)
+    assert prepared.sampling.max_new_tokens == 1 + 1 + 8  # the longest answer, </s>, slack
+    first = prepared.run(model)
+    assert set(first) == {"task/text/exact_match", "task/text/token_accuracy"}
+    assert model.training and prepared.run(model) == first
