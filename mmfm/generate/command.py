@@ -35,6 +35,7 @@ from mmfm.decoding.sampling import Sampling
 from mmfm.generate.load import Loaded, load_model
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.tokenizers import Tokenizers
+from mmfm.tokenization.visual.published import parse_spec
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 
@@ -94,6 +95,7 @@ def run(args: GenerateArgs) -> list[dict]:
     if args.fit not in FITS:
         raise ConfigError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
     prompts = _prompts(args)
+    _check_decoders(prompts, args.tokenizers)
     _check_device(args.device)
     heads = _encode_files(prompts, args)  # before the model: a bad file costs no load
     loaded = load_model(args.model, args.device, args.dtype)
@@ -158,6 +160,25 @@ def _prompts(args: GenerateArgs) -> list[Prompt]:
         prompts.append(p)
     needs_tokenizers(prompts, args.tokenizers)
     return prompts
+
+
+def _check_decoders(prompts: list[Prompt], recipe_path: str | None) -> None:
+    """An answer whose tokenizer cannot turn codes into pictures (transformers'
+    ChameleonVQVAE) is refused before the model is loaded, not found out after sampling."""
+    if recipe_path is None:
+        return
+    recipe = load_recipe(recipe_path)
+    for p in prompts:
+        if p.modality not in ("image", "video"):
+            continue
+        slot = f"{p.modality}_tokenizer"
+        spec = parse_spec(getattr(recipe, slot), slot)
+        if spec is not None and spec.no_decoder:
+            raise ConfigError(
+                f"{p.origin}: a {p.modality} answer cannot be decoded: --tokenizers "
+                f"{recipe_path} has {slot} {spec.class_name}, and {spec.no_decoder}; ask for "
+                "text (a picture in the prompt is fine) or use a tokenizer with a decoder"
+            )
 
 
 def _encode_files(prompts: list[Prompt], args: GenerateArgs) -> list[list[int] | None]:

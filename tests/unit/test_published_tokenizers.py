@@ -23,40 +23,13 @@ from mmfm.tokenization.visual.published import _factor, load_published, parse_sp
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import Vocab, VocabError
 
+from helpers import PUBLISHED_SIZE
+from helpers import tiny_published_models as _tiny_models
+
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-SIZE = 32
-
-
-def _tiny_models() -> dict:
-    torch.manual_seed(0)
-    return {
-        "JanusVQVAE": transformers.JanusVQVAE(
-            transformers.JanusVQVAEConfig(
-                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
-                channel_multiplier=[1, 1, 2], num_res_blocks=1, num_patches=8,
-            )
-        ),
-        "Emu3VQVAE": transformers.Emu3VQVAE(
-            transformers.Emu3VQVAEConfig(
-                codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
-                channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[],
-                hidden_size=64,
-            )
-        ),
-        "ChameleonVQVAE": transformers.ChameleonVQVAE(
-            transformers.ChameleonVQVAEConfig(
-                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
-                channel_multiplier=[1, 2], num_res_blocks=1, resolution=SIZE,
-            )
-        ),
-        "VQModel": diffusers.VQModel(
-            block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64,
-            vq_embed_dim=4, layers_per_block=1, sample_size=SIZE, lookup_from_codebook=True,
-        ),
-    }  # fmt: skip
+SIZE = PUBLISHED_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,11 @@ class PublishedSpec:
     def entry(self) -> LibraryClass:
         return CLASSES[(self.library, self.class_name)]
 
+    @property
+    def no_decoder(self) -> str:
+        """Why the class cannot decode codes into pictures; empty where it can."""
+        return self.entry.no_decoder if self.entry.decode is None else ""
+
     def describe(self) -> str:
         """The recipe mapping as JSON (recorded in vocab.json, so exports say how to load it)."""
         value = {"library": self.library, "class": self.class_name, "path": self.path}

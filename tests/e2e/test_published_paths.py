@@ -1,0 +1,217 @@
+"""A published image tokenizer on every other path a user takes with pictures: `mmfm prepare`
+of a VOC segmentation export and of raw WebDataset shards, on-the-fly tokenization of raw
+shards in the training stream, pictures in `mmfm generate` prompts, `mmfm eval`; and
+transformers' ChameleonVQVAE, which has no decoder, refused for picture answers before
+anything is loaded. Tiny random JanusVQVAE / ChameleonVQVAE saved with save_pretrained; the
+codes are checked against the library's own encode; the model is an untrained checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfm.cli import main
+from mmfm.config.schema import RawFields
+from mmfm.core.errors import ConfigError
+from mmfm.core.types import Modality
+from mmfm.data.deal import Unit
+from mmfm.data.shards import read_shard
+from mmfm.data.skips import Skips
+from mmfm.data.units import read_raw_unit
+from mmfm.decoding.prompts import Prompt
+from mmfm.decoding.sampling import Sampling
+from mmfm.generate import command as generate_command
+from mmfm.testing import source_spec, stream_settings, tiny_shape, voc_export
+from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.visual.records import VisualTokenizers
+from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
+from mmfm.tokenization.vocab import Vocab
+
+from helpers import PUBLISHED_SIZE as SIZE
+from helpers import TINY_VISUAL, random_checkpoint, tiny_published_models
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+pytest.importorskip("webdataset")
+
+# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_published_paths")
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_TEXT = REPO / "tokenizers" / "base" / "text.model"
+
+
+@pytest.fixture(scope="module")
+def pub(tmp_path_factory, real_data) -> dict:
+    """Two tokenizer sets (the base text model imported, not trained): `janus` (a JanusVQVAE
+    image tokenizer and a tiny mask tokenizer of mmfm's own) and `chameleon`, each with
+    `mmfm tokenizer train`'s vocabulary and an untrained tiny model checkpoint of it; and
+    a raw WebDataset shard of six real photos as JPEGs with captions."""
+    root = tmp_path_factory.mktemp("published-paths")
+    models = tiny_published_models()
+    save_visual(
+        build(VisualRecipe(kind="himtok_mask", model=TINY_VISUAL["himtok_mask"])), root / "mask"
+    )
+    out = {"models": models, "root": root}
+    for name, cls, extra in (
+        ("janus", "JanusVQVAE", f"mask_tokenizer: {root / 'mask'}\n"),
+        ("chameleon", "ChameleonVQVAE", ""),
+    ):
+        models[cls].save_pretrained(root / cls)
+        recipe = root / f"{name}.yaml"
+        recipe.write_text(
+            f"name: {name}\noutput_dir: {root / name}\ntext: {{pretrained: {BASE_TEXT}}}\n"
+            f"image_tokenizer: {{library: transformers, class: {cls}, path: {root / cls}}}\n"
+            + extra
+        )
+        main(["tokenizer", "train", str(recipe)])
+        vocab = root / name / "vocab.json"
+        size = -(-Vocab.load(vocab).size // 64) * 64
+        checkpoint = random_checkpoint(
+            root / f"ckpt-{name}", [*tiny_shape(2, 512), f"model.vocab_size={size}"], vocab
+        )
+        out[name] = {"recipe": str(recipe), "vocab": Vocab.load(vocab), "ckpt": str(checkpoint)}
+    import webdataset as wds
+
+    photos = sorted(real_data("photos").glob("*.png"))[:6]
+    with wds.TarWriter(str(root / "photos.tar")) as sink:
+        for path in photos:
+            picture = Image.open(path).convert("RGB")
+            picture.thumbnail((64, 64))
+            jpg = io.BytesIO()
+            picture.save(jpg, "JPEG", quality=90)
+            sink.write({"__key__": path.stem, "jpg": jpg.getvalue(), "txt": path.stem.encode()})
+    out["raw"] = str(root / "photos.tar")
+    out["photos"] = real_data("photos")
+    return out
+
+
+def library_codes(model, pictures: list[np.ndarray]) -> list[list[int]]:
+    """The library's own codes of pictures made square as mmfm makes them (crop, resize)."""
+    x = vdata.to_tensor([vdata.square(vdata.fit_square(p, "crop"), SIZE) for p in pictures])
+    with torch.no_grad():
+        return model.eval().encode(x).image_tokens.view(len(x), -1).tolist()
+
+
+def image_codes(doc, vocab: Vocab) -> list[list[int]]:
+    """The codebook indices of every image span of a document."""
+    ids, (start, end) = doc.tokens.tolist(), vocab.delimiters(Modality.IMAGE)
+    offset, spans = vocab.codebook("image").offset, []
+    for i, t in enumerate(ids):
+        if t == start:
+            spans.append([c - offset for c in ids[i + 1 : ids.index(end, i)]])
+    return spans
+
+
+@pytest.fixture(scope="module")
+def prepared(pub, tmp_path_factory) -> dict:
+    """A VOC export (five photos, one labelled class each) and the raw shard of `pub`,
+    prepared in one `mmfm prepare` run with the Janus set: (shard folder, documents by
+    source)."""
+    root = tmp_path_factory.mktemp("prepared")
+    voc = voc_export(root / "voc", pub["photos"])
+    (root / "prep.yaml").write_text(
+        f"name: p\noutput: {root / 'shards'}\ntokenizer: {pub['janus']['recipe']}\n"
+        f"shard_size: 100\nsources:\n  - {{kind: voc, name: seg, paths: [{voc}], fit: crop}}\n"
+        f"  - {{kind: webdataset, name: photos, paths: [{pub['raw']}]}}\n"
+    )
+    main(["prepare", str(root / "prep.yaml"), "--workers", "1"])
+    docs: dict[str, list] = {"seg": [], "photos": []}
+    for path in sorted((root / "shards").glob("*.tar")):
+        for doc in read_shard(str(path)):
+            docs[doc.source].append(doc)
+    return {"shards": root / "shards", "voc": voc, "docs": docs}
+
+
+def test_chameleon_picture_answers_are_refused_before_loading_text_answers_work(
+    pub, tmp_path, monkeypatch
+):
+    loads = []
+    load = generate_command.load_model
+    monkeypatch.setattr(generate_command, "load_model", lambda *a: loads.append(a) or load(*a))
+    cham = pub["chameleon"]
+    image = pub["photos"] / "coffee.png"
+    args = generate_command.GenerateArgs(
+        cham["ckpt"], ["a cup"], str(tmp_path / "out"), "image", Sampling(max_new_tokens=4),
+        tokenizers=cham["recipe"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="ChameleonVQVAE has no decoder") as refused:
+        generate_command.run(args)
+    assert "--prompt 1: a image answer cannot be decoded" in str(refused.value)
+    assert not loads and not (tmp_path / "out").exists()
+    # the same tokenizer encodes a picture in the prompt, for a text answer
+    prompt = Prompt("{image} what is this?", {"image": str(image)}, "text")
+    (record,) = generate_command.run(
+        generate_command.GenerateArgs(
+            cham["ckpt"], [prompt], str(tmp_path / "out"), "image", Sampling(max_new_tokens=4),
+            tokenizers=cham["recipe"],
+        )
+    )  # fmt: skip
+    assert len(loads) == 1 and len(record["new_ids"]) == 4
+    vocab, ids = cham["vocab"], record["prompt_ids"]
+    start, end = vocab.delimiters(Modality.IMAGE)
+    codes = [i - vocab.codebook("image").offset for i in ids[ids.index(start) + 1 : ids.index(end)]]
+    (theirs,) = library_codes(pub["models"]["ChameleonVQVAE"], [vdata.read_image(image)])
+    assert codes == theirs and len(codes) == 16 * 16
+
+
+@pytest.mark.slow  # the prepared fixture: 20-40 s on 2 loaded cores (a spawned worker)
+def test_prepare_a_voc_export_with_a_published_image_tokenizer(pub, prepared):
+    docs, voc = prepared["docs"]["seg"], prepared["voc"]
+    assert len(docs) == 5  # one labelled class per picture
+    vocab = pub["janus"]["vocab"]
+    mask_open = vocab.delimiters(Modality.MASK)[0]
+    pictures = [vdata.read_image(voc / "JPEGImages" / f"{d.key.split(':')[0]}.jpg") for d in docs]
+    want = library_codes(pub["models"]["JanusVQVAE"], pictures)
+    assert [image_codes(d, vocab) for d in docs] == [[w] for w in want]
+    assert all(mask_open in d.tokens.tolist() for d in docs)  # mmfm's own mask tokenizer
+
+
+@pytest.mark.slow  # the prepared fixture: 20-40 s on 2 loaded cores (a spawned worker)
+def test_prepare_raw_shards_and_tokenize_them_in_the_stream_alike(pub, prepared, monkeypatch):
+    docs = prepared["docs"]["photos"]
+    vocab = pub["janus"]["vocab"]
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(pub["raw"], shardshuffle=False).decode("rgb8"))
+    pictures = {s["__key__"]: s["jpg"] for s in samples}
+    want = library_codes(pub["models"]["JanusVQVAE"], list(pictures.values()))
+    by_key = dict(zip(pictures, want, strict=True))
+    assert len(docs) == 6
+    assert all(image_codes(d, vocab) == [by_key[d.key]] for d in docs)
+
+    calls = []
+    encode = VisualTokenizers._encode
+
+    def counted(self, name, pictures, device):
+        calls.append(len(pictures))
+        return encode(self, name, pictures, device)
+
+    monkeypatch.setattr(VisualTokenizers, "_encode", counted)
+    spec = source_spec(
+        "photos", [pub["raw"]], tokenize=pub["janus"]["recipe"], fields=RawFields(),
+        tokenize_batch=4, tokenize_device="cpu",
+    )  # fmt: skip
+    read = read_raw_unit(Unit(pub["raw"], 1, 0), 0, Skips(1.0), spec, stream_settings(1))
+    streamed = {d.key: d for _, d in read}
+    assert [n for n in calls if n] == [4, 2]  # a window of 4 pictures in one call, then 2
+    assert {k: image_codes(d, vocab) for k, d in streamed.items()} == {
+        k: [c] for k, c in by_key.items()
+    }
+
+
+@pytest.mark.slow  # the prepared fixture: 20-40 s on 2 loaded cores (a spawned worker)
+def test_eval_of_shards_made_with_a_published_tokenizer(pub, prepared, tmp_path):
+    out = tmp_path / "eval.json"
+    main(["eval", pub["janus"]["ckpt"], str(prepared["shards"]), "--json", str(out)])
+    got = json.loads(out.read_text())["modalities"]
+    # <img>, 64 codes, </img> of 11 pictures (5 VOC, 6 raw); <mask>, 32 codes, </mask> of 5
+    assert got["image"]["targets"] == 11 * (8 * 8 + 2)
+    assert got["mask"]["targets"] == 5 * (32 + 2)
+    assert np.isfinite(got["image"]["loss"])
