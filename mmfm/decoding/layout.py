@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data import demo
 from mmfm.tokenization.text import text_of_vocab
+from mmfm.tokenization.visual.framing import RowFraming
 from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
 
 # The modalities a prompt can ask for (`--modality`: the registered ones too) and the codebook
@@ -44,6 +45,9 @@ class Layout:
     dna_pieces: tuple[str, ...] = field(default=(), repr=False)
     """The nucleotides each DNA code stands for."""
     demo: bool = False
+    image_framing: RowFraming | None = None
+    """Emu3's header and row ends in image spans (then `tokens_per_item["image"]` counts
+    every id of the body); None: the codes alone."""
 
     @classmethod
     def from_vocab(
@@ -51,9 +55,11 @@ class Layout:
         vocab: Vocab,
         tokens_per_item: dict[str, int] | None = None,
         num_codes: dict[str, int] | None = None,
+        image_framing: RowFraming | None = None,
     ) -> Layout:
-        """The layout of `vocab`; `tokens_per_item` and `num_codes` come from the trained
-        visual tokenizers (a codebook range is cut to the codes its tokenizer has)."""
+        """The layout of `vocab`; `tokens_per_item`, `num_codes` and `image_framing` come from
+        the trained visual tokenizers (a codebook range is cut to the codes its tokenizer
+        has)."""
 
         if vocab.text_model is None:
             raise VocabError(
@@ -83,6 +89,7 @@ class Layout:
             encode_text=text.encode,
             decode_text=text.decode,
             dna_pieces=_dna_pieces(dna.pieces) if dna else (),
+            image_framing=image_framing,
         )
 
     def delimiter(self, modality: Modality | int) -> tuple[int, int]:

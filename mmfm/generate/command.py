@@ -63,18 +63,19 @@ class GenerateArgs:
 
 
 def _visual(loaded: Loaded, recipe_path: str | None):
-    """(VisualTokenizers or None, tokens_per_item and num_codes of the trained visual
-    tokenizers)."""
+    """(VisualTokenizers or None, the ids of a span's body (a frame's, for video) and
+    num_codes of the trained visual tokenizers, the image spans' framing)."""
     if recipe_path is None or loaded.vocab is None:
-        return None, {}, {}
+        return None, {}, {}, None
 
     recipe = load_recipe(recipe_path)
     visual = VisualTokenizers(recipe, loaded.vocab)
     slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
     slots["video"] = recipe.video_tokenizer
     models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: model.tokens_per_item for name, model in models.items()}
-    return visual, sizes, {name: model.num_codes for name, model in models.items()}
+    sizes = {name: visual.span_length(name) for name in models}
+    framing = visual.framing("image") if "image" in models else None
+    return visual, sizes, {name: model.num_codes for name, model in models.items()}, framing
 
 
 def _check_device(name: str) -> None:
@@ -101,8 +102,8 @@ def run(args: GenerateArgs) -> list[dict]:
     loaded = load_model(args.model, args.device, args.dtype)
     if any(heads):
         _same_vocabulary(loaded, args.model, args.tokenizers)
-    visual, sizes, num_codes = _visual(loaded, args.tokenizers)
-    layout = loaded.layout(sizes, num_codes)
+    visual, sizes, num_codes, framing = _visual(loaded, args.tokenizers)
+    layout = loaded.layout(sizes, num_codes, framing)
     ids = [
         layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
         for p, head in zip(prompts, heads, strict=True)

@@ -144,7 +144,12 @@ class TokenizerRecipe:
                 f"task_tokens: {token!r} must look like <name>",
             )
         parse_spec(self.image_tokenizer, "image_tokenizer")  # a published one: checked here
-        parse_spec(self.video_tokenizer, "video_tokenizer")
+        video = parse_spec(self.video_tokenizer, "video_tokenizer")
+        _require(
+            video is None or video.framing == "flat",
+            "video_tokenizer.framing: only an image_tokenizer takes emu3 framing (a clip's "
+            "frames are framed as LWM frames them)",
+        )
         for name in self.modalities:
             _require(
                 modality_spec(name) is not None,

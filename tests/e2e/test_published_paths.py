@@ -18,6 +18,7 @@ from PIL import Image
 
 from mmfm.cli import main
 from mmfm.config.schema import RawFields
+from mmfm.convert.hf import export_hf
 from mmfm.core.errors import ConfigError
 from mmfm.core.types import Modality
 from mmfm.data.deal import Unit
@@ -28,17 +29,20 @@ from mmfm.decoding.prompts import Prompt
 from mmfm.decoding.sampling import Sampling
 from mmfm.generate import command as generate_command
 from mmfm.testing import source_spec, stream_settings, tiny_shape, voc_export
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.text import text_of_vocab
 from mmfm.tokenization.visual import data as vdata
+from mmfm.tokenization.visual.published import load_published, parse_spec
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.visual.train import VisualRecipe, build, save_visual
-from mmfm.tokenization.vocab import Vocab
+from mmfm.tokenization.vocab import Vocab, VocabError
 
 from helpers import PUBLISHED_SIZE as SIZE
 from helpers import TINY_VISUAL, random_checkpoint, tiny_published_models
 
-pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 pytest.importorskip("webdataset")
+AutoConfig = pytest.importorskip("transformers").AutoConfig
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
 pytestmark = pytest.mark.xdist_group("test_published_paths")
@@ -49,8 +53,9 @@ BASE_TEXT = REPO / "tokenizers" / "base" / "text.model"
 
 @pytest.fixture(scope="module")
 def pub(tmp_path_factory, real_data) -> dict:
-    """Two tokenizer sets (the base text model imported, not trained): `janus` (a JanusVQVAE
-    image tokenizer and a tiny mask tokenizer of mmfm's own) and `chameleon`, each with
+    """Three tokenizer sets (the base text model imported, not trained): `janus` (a JanusVQVAE
+    image tokenizer and a tiny mask tokenizer of mmfm's own), `chameleon` and `emu3` (an
+    Emu3VQVAE with Emu3's framing), each with
     `mmfm tokenizer train`'s vocabulary and an untrained tiny model checkpoint of it; and
     a raw WebDataset shard of six real photos as JPEGs with captions."""
     root = tmp_path_factory.mktemp("published-paths")
@@ -59,16 +64,17 @@ def pub(tmp_path_factory, real_data) -> dict:
         build(VisualRecipe(kind="himtok_mask", model=TINY_VISUAL["himtok_mask"])), root / "mask"
     )
     out = {"models": models, "root": root}
-    for name, cls, extra in (
-        ("janus", "JanusVQVAE", f"mask_tokenizer: {root / 'mask'}\n"),
-        ("chameleon", "ChameleonVQVAE", ""),
+    for name, cls, options, extra in (
+        ("janus", "JanusVQVAE", "", f"mask_tokenizer: {root / 'mask'}\n"),
+        ("chameleon", "ChameleonVQVAE", "", ""),
+        ("emu3", "Emu3VQVAE", f", resolution: {SIZE}, framing: emu3", ""),
     ):
         models[cls].save_pretrained(root / cls)
         recipe = root / f"{name}.yaml"
         recipe.write_text(
             f"name: {name}\noutput_dir: {root / name}\ntext: {{pretrained: {BASE_TEXT}}}\n"
-            f"image_tokenizer: {{library: transformers, class: {cls}, path: {root / cls}}}\n"
-            + extra
+            f"image_tokenizer: {{library: transformers, class: {cls}, path: {root / cls}"
+            f"{options}}}\n" + extra
         )
         main(["tokenizer", "train", str(recipe)])
         vocab = root / name / "vocab.json"
@@ -215,3 +221,63 @@ def test_eval_of_shards_made_with_a_published_tokenizer(pub, prepared, tmp_path)
     assert got["image"]["targets"] == 11 * (8 * 8 + 2)
     assert got["mask"]["targets"] == 5 * (32 + 2)
     assert np.isfinite(got["image"]["loss"])
+
+
+def test_an_hf_export_names_its_published_tokenizer_in_config_json(pub, tmp_path):
+    out = export_hf(pub["janus"]["ckpt"], tmp_path / "hf", dtype="fp32")
+    recorded = AutoConfig.from_pretrained(out).mmfm_visual_tokenizers
+    book = pub["janus"]["vocab"].codebook("image")
+    assert set(recorded) == {"image"}  # the mask tokenizer is mmfm's own: not named
+    assert recorded["image"] == {
+        "library": "transformers", "class": "JanusVQVAE",
+        "path": str(pub["root"] / "JanusVQVAE"), "fit": "crop",
+        "source": book.source, "first_id": book.offset, "codes": 64,
+    }  # fmt: skip
+    # what it names loads the tokenizer that made the codes
+    keys = ("library", "class", "path", "prefix", "subfolder", "resolution", "fit")
+    spec = parse_spec({k: v for k, v in recorded["image"].items() if k in keys}, "export")
+    assert load_published(spec).source == book.source
+
+
+def test_emu3_framing_frames_decodes_and_constrains_generation(pub, tmp_path):
+    """Emu3's layout (transformers' Emu3Processor: `H*W`, the image token, rows each closed by
+    an end-of-line, end of frame) with mmfm's tokens; the span grammar makes an untrained
+    model write exactly it, and decoding strips it."""
+    emu3, library = pub["emu3"], pub["models"]["Emu3VQVAE"].eval()
+    vocab = emu3["vocab"]
+    assert vocab.codebook("image").source.endswith(" framing emu3")
+    visual = VisualTokenizers(load_recipe(emu3["recipe"]), vocab)
+    photo = vdata.read_image(pub["photos"] / "coffee.png")
+    ids, modality = visual.span("image", photo)
+    x = vdata.to_tensor([vdata.square(vdata.fit_square(photo, "crop"), SIZE)])
+    with torch.no_grad():
+        (grid,) = library.encode(x, image_sizes=torch.tensor([[SIZE, SIZE]])).image_tokens
+    assert grid.shape == (16, 16)  # Emu3VQVAE of two levels: 2x down
+    offset, (start, end) = vocab.codebook("image").offset, vocab.delimiters(Modality.IMAGE)
+    eol, eof = vocab.special("<eol>"), vocab.special("<eof>")
+    header = [*text_of_vocab(vocab).encode("16*16"), vocab.special("<grid>")]
+    rows = [i for row in grid.tolist() for i in ([c + offset for c in row] + [eol])]
+    assert modality == Modality.IMAGE and ids == [start, *header, *rows, eof, end]
+    with torch.no_grad():
+        want = vdata.to_uint8(library.decode(grid[None]).clamp(-1, 1))[0]
+    assert np.array_equal(visual.decode(Modality.IMAGE, ids[1:-1]), want)
+    broken = ids[1:-1]
+    broken[len(header) + 16] = offset  # a code where the first row's <eol> goes
+    with pytest.raises(VocabError, match=f"holds id {offset} at {len(header) + 16}"):
+        visual.decode(Modality.IMAGE, broken)
+
+    length = len(ids) - 2
+    args = generate_command.GenerateArgs(
+        emu3["ckpt"], ["a cup"], str(tmp_path / "out"), "image",
+        Sampling(max_new_tokens=length + 1), tokenizers=emu3["recipe"],
+    )  # fmt: skip
+    (record,) = generate_command.run(args)
+    new = record["new_ids"]
+    assert new[length] == end  # the untrained model wrote a whole span, by the grammar alone
+    body = new[:length]
+    assert [i for i, w in zip(body, ids[1:-1], strict=True) if not offset <= w < offset + 64] == [
+        w for w in ids[1:-1] if not offset <= w < offset + 64
+    ]  # header, row ends and <eof> where Emu3 has them; codes everywhere else
+    span = json.loads((tmp_path / "out" / "generations.jsonl").read_text())["spans"][0]
+    with Image.open(span["path"]) as im:
+        assert im.size == (SIZE, SIZE)

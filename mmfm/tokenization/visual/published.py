@@ -34,7 +34,9 @@ from mmfm.core.errors import ConfigError, TokenizerError
 from mmfm.core.extras import require_extra
 from mmfm.tokenization.visual.data import FITS
 
-SPEC_KEYS = ("library", "class", "path", "prefix", "subfolder", "resolution", "fit")
+FRAMINGS = ("flat", "emu3")
+"""flat: the grid's codes in row-major order; emu3: Emu3's header and row ends (framing.py)."""
+SPEC_KEYS = ("library", "class", "path", "prefix", "subfolder", "resolution", "fit", "framing")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class PublishedSpec:
     """Side of the square pictures encoded; 0: the checkpoint's native size."""
     fit: str = "crop"
     """How a picture that is not square becomes square: crop or letterbox."""
+    framing: str = "flat"
+    """flat: `<img>` and the grid's codes; emu3: Emu3's header and row ends (framing.py)."""
 
     @property
     def entry(self) -> LibraryClass:
@@ -66,6 +70,8 @@ class PublishedSpec:
         value = {"library": self.library, "class": self.class_name, "path": self.path}
         value.update(prefix=self.prefix, subfolder=self.subfolder, resolution=self.resolution)
         value["fit"] = self.fit
+        if self.framing != "flat":
+            value["framing"] = self.framing
         return json.dumps({k: v for k, v in value.items() if v}, sort_keys=True)
 
 
@@ -92,6 +98,9 @@ def parse_spec(value, where: str) -> PublishedSpec | None:
         raise ConfigError(f"{where}.resolution must be a positive number of pixels (0: native)")
     if value.get("fit", "crop") not in FITS:
         raise ConfigError(f"{where}.fit {value.get('fit')!r} is not one of {', '.join(FITS)}")
+    framing = value.get("framing", "flat")
+    if framing not in FRAMINGS:
+        raise ConfigError(f"{where}.framing {framing!r} is not one of {', '.join(FRAMINGS)}")
     return PublishedSpec(
         pair[0],
         pair[1],
@@ -100,6 +109,7 @@ def parse_spec(value, where: str) -> PublishedSpec | None:
         str(value.get("subfolder") or ""),
         resolution,
         value.get("fit", "crop"),
+        framing,
     )
 
 
@@ -386,6 +396,8 @@ class PublishedTokenizer(nn.Module):
             f"{spec.library} {spec.class_name} {self.resolution}px config "
             f"{_config_digest(spec, config)} weights {digest}"
         )
+        if spec.framing != "flat":  # another layout of the spans: another vocabulary
+            self.source += f" framing {spec.framing}"
 
     @property
     def num_codes(self) -> int:

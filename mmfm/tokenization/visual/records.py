@@ -1,6 +1,7 @@
 """Pictures in documents: image, mask and video spans in the unified vocabulary.
 
 image  ->  <img> c1 ... c32 </img>                      (codes from the image range)
+           <img> H*W <grid> row_1 <eol> ... row_H <eol> <eof> </img>   (framing: emu3)
 mask   ->  <mask> c1 ... c32 </mask>                    (coarse to fine, mask range)
 video  ->  <vision> f1 <eof> f2 <eof> ... fn <eov> </vision>, fi = 256 codes of frame i
 """
@@ -16,6 +17,7 @@ import torch
 from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, Record, VideoRecord
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import VIDEO_SUFFIXES, PictureError
+from mmfm.tokenization.visual.framing import RowFraming
 from mmfm.tokenization.visual.published import PublishedTokenizer, load_published, parse_spec
 from mmfm.tokenization.visual.train import load_visual
 from mmfm.tokenization.vocab import VocabError
@@ -38,6 +40,7 @@ class VisualTokenizers:
             "video": recipe.video_tokenizer,
         }
         self._models: dict[str, torch.nn.Module] = {}
+        self._framings: dict[str, RowFraming | None] = {}
 
     def model(self, name: str) -> torch.nn.Module:
         """The trained `name` (image, mask, video) tokenizer."""
@@ -67,6 +70,21 @@ class VisualTokenizers:
                 )
             self._models[name] = model
         return self._models[name]
+
+    def framing(self, name: str) -> RowFraming | None:
+        """Emu3's framing of `name`'s spans where its published tokenizer asks for it."""
+        if name not in self._framings:
+            model = self.model(name)
+            framing = None
+            if isinstance(model, PublishedTokenizer) and model.spec.framing == "emu3":
+                framing = RowFraming.of(self.vocab, model.grid, model.grid)
+            self._framings[name] = framing
+        return self._framings[name]
+
+    def span_length(self, name: str) -> int:
+        """Ids between the delimiters of a `name` span (of a frame, for video)."""
+        framing = self.framing(name)
+        return framing.length if framing else self.model(name).tokens_per_item
 
     @torch.no_grad()
     def encode_many(self, records: Sequence[Record], device: str = "cpu") -> list[Spans]:
@@ -114,7 +132,9 @@ class VisualTokenizers:
 
     def _framed(self, book: str, codes: np.ndarray) -> list[int]:
         start, end = self.vocab.delimiters(Modality.IMAGE if book == "image" else Modality.MASK)
-        return [start, *self._ids(book, codes), end]
+        framing = self.framing(book) if book == "image" else None
+        ids = self._ids(book, codes)
+        return [start, *(framing.frame(ids) if framing else ids), end]
 
     def _ids(self, book: str, codes: np.ndarray) -> list[int]:
         return (codes + self.vocab.codebook(book).offset).tolist()
@@ -141,6 +161,8 @@ class VisualTokenizers:
         mask `[H, W]` of {0, 1} (any prefix of the codes decodes), video `[N, H, W, 3]`."""
         if modality == Modality.IMAGE:
             model = self.model("image")
+            if (framing := self.framing("image")) is not None:
+                body = framing.strip(body)
             if len(body) != model.tokens_per_item:
                 raise VocabError(
                     f"an image span of {len(body)} codes; the image tokenizer makes "
