@@ -124,8 +124,9 @@ class TokenizerRecipe:
     image_tokenizer: Any = None
     """Folder of a trained image tokenizer (tokenizers/seed_image.yaml), or a published one:
     {library: transformers, class: JanusVQVAE | Emu3VQVAE | ChameleonVQVAE, path, prefix,
-    resolution, fit} or {library: diffusers, class: VQModel, path, subfolder, ...}
-    (docs/published_tokenizers.md); None: no images."""
+    resolution, fit, framing} or {library: diffusers, class: VQModel, path, subfolder, ...}
+    (docs/published_tokenizers.md; framing: flat, or emu3 for Emu3's grid-size header and
+    row ends); None: no images."""
     mask_tokenizer: str | None = None
     """Folder of a trained mask tokenizer (tokenizers/himtok_mask.yaml); None: no masks."""
     video_tokenizer: Any = None

@@ -391,6 +391,10 @@ class PublishedTokenizer(nn.Module):
                 f"multiple of its downsampling {factor} (set resolution in the recipe)"
             )
         self.grid = self.resolution // factor
+        self.frames_per_grid = 1
+        """Frames of a clip one code grid stands for (Emu3: temporal_downsample_factor, 4)."""
+        if spec.class_name == "Emu3VQVAE":
+            self.frames_per_grid = int(model.config.temporal_downsample_factor)
         self._num_codes = int(config[spec.entry.codebook])
         self.source = (
             f"{spec.library} {spec.class_name} {self.resolution}px config "
@@ -417,6 +421,27 @@ class PublishedTokenizer(nn.Module):
         if entry.decode is None:
             raise TokenizerError(f"{self.spec.path}: decoding refused: {entry.no_decoder}")
         return entry.decode(self.model, codes, self.grid).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_clip(self, frames: torch.Tensor) -> torch.Tensor:
+        """A clip's frames `[T, 3, S, S]` -> code grids `[grids, grid * grid]`: one per frame,
+        or (Emu3) one per `frames_per_grid` frames through the library's video encode, the
+        last frame repeated up to a whole group (the library drops a part group)."""
+        t = self.frames_per_grid
+        if t == 1:
+            return self.encode(frames)
+        frames = torch.cat([frames, frames[-1:].expand(-len(frames) % t, -1, -1, -1)])
+        sizes = torch.tensor([list(frames.shape[-2:])])
+        (codes,) = self.model.encode(frames[None], image_sizes=sizes).image_tokens
+        return codes.reshape(len(codes), -1)
+
+    @torch.no_grad()
+    def decode_clip(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids `[grids, grid * grid]` -> frames `[grids * frames_per_grid, 3, S, S]`."""
+        if self.frames_per_grid == 1:
+            return self.decode(codes)
+        grids = codes.view(1, len(codes), self.grid, self.grid)
+        return self.model.decode(grids)[0].float().clamp(-1, 1)
 
 
 def load_published(spec: PublishedSpec) -> PublishedTokenizer:

@@ -4,6 +4,7 @@ image  ->  <img> c1 ... c32 </img>                      (codes from the image ra
            <img> H*W <grid> row_1 <eol> ... row_H <eol> <eof> </img>   (framing: emu3)
 mask   ->  <mask> c1 ... c32 </mask>                    (coarse to fine, mask range)
 video  ->  <vision> f1 <eof> f2 <eof> ... fn <eov> </vision>, fi = 256 codes of frame i
+           (Emu3VQVAE: fi = the code grid of frames 4i-3 .. 4i, its temporal compression)
 """
 
 from __future__ import annotations
@@ -96,9 +97,7 @@ class VisualTokenizers:
         clips = [r.frames for r in records if isinstance(r, VideoRecord)]
         image_codes = iter(self._encode("image", images, device))
         mask_codes = iter(self._encode("mask", masks, device))
-        frame_codes = self._encode("video", [f for clip in clips for f in clip], device)
-        ends = np.cumsum([len(clip) for clip in clips]).tolist()
-        clip_codes = iter(np.split(frame_codes, ends[:-1]) if clips else [])
+        clip_codes = iter(self._encode_clips(clips, device))
         spans = []
         for r in records:
             if isinstance(r, VideoRecord):
@@ -110,6 +109,26 @@ class VisualTokenizers:
             spans.append(record_spans)
         return spans
 
+    def _encode_clips(self, clips: list[np.ndarray], device: str) -> list[np.ndarray]:
+        """Each clip's code grids `[grids, tokens]`: every frame of all clips in one call, or,
+        for a tokenizer that compresses time (Emu3's), one call per clip."""
+        if not clips:
+            return []
+        model = self.model("video")
+        if getattr(model, "frames_per_grid", 1) > 1:
+            pixels = [self._pixels(model, list(clip), device) for clip in clips]
+            return [model.encode_clip(x).cpu().numpy() for x in pixels]
+        frame_codes = self._encode("video", [f for clip in clips for f in clip], device)
+        ends = np.cumsum([len(clip) for clip in clips]).tolist()
+        return np.split(frame_codes, ends[:-1])
+
+    @staticmethod
+    def _pixels(model: PublishedTokenizer, pictures: list[np.ndarray], device: str):
+        squares = [
+            vdata.square(vdata.fit_square(p, model.spec.fit), model.resolution) for p in pictures
+        ]
+        return vdata.to_tensor(squares).to(device)
+
     def _encode(self, name: str, pictures: list[np.ndarray], device: str) -> np.ndarray:
         """Codes `[N, tokens]` of N pictures of the `name` tokenizer, in one call (the model
         moves to `device` and stays there: the stream's tokenizers only encode)."""
@@ -117,11 +136,7 @@ class VisualTokenizers:
             return np.zeros((0, 0), dtype=np.int64)
         model = self.model(name).to(device)
         if isinstance(model, PublishedTokenizer):
-            squares = [
-                vdata.square(vdata.fit_square(p, model.spec.fit), model.resolution)
-                for p in pictures
-            ]
-            return model.encode(vdata.to_tensor(squares).to(device)).cpu().numpy()
+            return model.encode(self._pixels(model, pictures, device)).cpu().numpy()
         if name == "mask":
             squares = [vdata.square(m.astype(np.uint8), model.cfg.mask_size) for m in pictures]
             x = torch.from_numpy(np.stack(squares))
@@ -191,13 +206,15 @@ class VisualTokenizers:
                 f"a video span must be frames of {model.tokens_per_item} codes, each closed by "
                 "<eof> (the last by <eov>)"
             )
+        if getattr(model, "frames_per_grid", 1) > 1:  # Emu3: each grid decodes to a few frames
+            return vdata.to_uint8(model.decode_clip(torch.stack(frames)))
         return vdata.to_uint8(model.decode(torch.stack(frames)))
 
     def span(self, name: str, picture: np.ndarray) -> tuple[list[int], Modality]:
         """One picture's span, encoded alone (`name`: image, mask, or video for a clip's
         frames): the parts of a prompt / response record."""
         if name == "video":
-            return self._video_ids(self._encode("video", list(picture), "cpu")), Modality.VIDEO
+            return self._video_ids(self._encode_clips([picture], "cpu")[0]), Modality.VIDEO
         modality = Modality.IMAGE if name == "image" else Modality.MASK
         return self._framed(name, self._encode(name, [picture], "cpu")[0]), modality
 
