@@ -55,7 +55,7 @@ BASE_TEXT = REPO / "tokenizers" / "base" / "text.model"
 def pub(tmp_path_factory, real_data) -> dict:
     """Three tokenizer sets (the base text model imported, not trained): `janus` (a JanusVQVAE
     image tokenizer and a tiny mask tokenizer of mmfm's own), `chameleon` and `emu3` (an
-    Emu3VQVAE with Emu3's framing), each with
+    Emu3VQVAE with Emu3's framing, and for video), each with
     `mmfm tokenizer train`'s vocabulary and an untrained tiny model checkpoint of it; and
     a raw WebDataset shard of six real photos as JPEGs with captions."""
     root = tmp_path_factory.mktemp("published-paths")
@@ -64,10 +64,14 @@ def pub(tmp_path_factory, real_data) -> dict:
         build(VisualRecipe(kind="himtok_mask", model=TINY_VISUAL["himtok_mask"])), root / "mask"
     )
     out = {"models": models, "root": root}
+    emu3_video = (
+        "video_tokenizer: {library: transformers, class: Emu3VQVAE, "
+        f"path: {root / 'Emu3VQVAE'}, resolution: {SIZE}}}\n"
+    )
     for name, cls, options, extra in (
         ("janus", "JanusVQVAE", "", f"mask_tokenizer: {root / 'mask'}\n"),
         ("chameleon", "ChameleonVQVAE", "", ""),
-        ("emu3", "Emu3VQVAE", f", resolution: {SIZE}, framing: emu3", ""),
+        ("emu3", "Emu3VQVAE", f", resolution: {SIZE}, framing: emu3", emu3_video),
     ):
         models[cls].save_pretrained(root / cls)
         recipe = root / f"{name}.yaml"
@@ -281,3 +285,21 @@ def test_emu3_framing_frames_decodes_and_constrains_generation(pub, tmp_path):
     span = json.loads((tmp_path / "out" / "generations.jsonl").read_text())["spans"][0]
     with Image.open(span["path"]) as im:
         assert im.size == (SIZE, SIZE)
+
+
+def test_emu3_video_answers_decode_four_frames_per_grid(pub, tmp_path):
+    """A video answer of one code grid (the grammar: a grid's codes, then <eov>) becomes four
+    frames through Emu3VQVAE's video decode."""
+    emu3 = pub["emu3"]
+    frame = 16 * 16  # a grid of the tiny Emu3VQVAE at 32 px
+    args = generate_command.GenerateArgs(
+        emu3["ckpt"], ["a clip"], str(tmp_path / "out"), "video",
+        Sampling(max_new_tokens=frame + 2), tokenizers=emu3["recipe"],
+    )  # fmt: skip
+    (record,) = generate_command.run(args)
+    vocab = emu3["vocab"]
+    ends = [i for i in record["new_ids"] if i in (vocab.special("<eof>"), vocab.special("<eov>"))]
+    assert ends == [vocab.special("<eov>")] and record["new_ids"][-1] == vocab.special("</vision>")
+    span = json.loads((tmp_path / "out" / "generations.jsonl").read_text())["spans"][0]
+    with Image.open(span["path"]) as gif:
+        assert gif.size == (SIZE, SIZE) and gif.n_frames == 4  # one grid: four frames
