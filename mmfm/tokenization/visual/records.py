@@ -91,7 +91,8 @@ class VisualTokenizers:
     def encode_many(self, records: Sequence[Record], device: str = "cpu") -> list[Spans]:
         """Each record's picture spans, every picture of a kind (images, masks, video frames)
         of all `records` encoded in one batched call on `device`: a tokenizer's forward costs
-        far less per picture in a batch (the training stream batches a window of samples)."""
+        far less per picture in a batch (the training stream batches a window of samples).
+        Clips through a tokenizer that compresses time (Emu3's) take a call each."""
         images = [r.image for r in records if isinstance(r, ImageRecord | ImageMaskRecord)]
         masks = [r.mask for r in records if isinstance(r, ImageMaskRecord)]
         clips = [r.frames for r in records if isinstance(r, VideoRecord)]
@@ -116,6 +117,7 @@ class VisualTokenizers:
             return []
         model = self.model("video")
         if getattr(model, "frames_per_grid", 1) > 1:
+            model.to(device)
             pixels = [self._pixels(model, list(clip), device) for clip in clips]
             return [model.encode_clip(x).cpu().numpy() for x in pixels]
         frame_codes = self._encode("video", [f for clip in clips for f in clip], device)
