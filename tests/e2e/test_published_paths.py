@@ -45,7 +45,10 @@ pytest.importorskip("webdataset")
 AutoConfig = pytest.importorskip("transformers").AutoConfig
 
 # One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_published_paths")
+pytestmark = [
+    pytest.mark.xdist_group("test_published_paths"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # numpy 2
+]
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_TEXT = REPO / "tokenizers" / "base" / "text.model"
@@ -121,22 +124,33 @@ def image_codes(doc, vocab: Vocab) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def prepared(pub, tmp_path_factory) -> dict:
-    """A VOC export (five photos, one labelled class each) and the raw shard of `pub`,
-    prepared in one `mmfm prepare` run with the Janus set: (shard folder, documents by
-    source)."""
+    """A VOC export (five photos, one labelled class each), a COCO instances json (one photo,
+    one polygon) and the raw shard of `pub`, prepared in one `mmfm prepare` run with the
+    Janus set: (shard folder, documents by source)."""
     root = tmp_path_factory.mktemp("prepared")
     voc = voc_export(root / "voc", pub["photos"])
+    Image.open(pub["photos"] / "coffee.png").convert("RGB").save(root / "cup.jpg")
+    square = [40.0, 40.0, 200.0, 40.0, 200.0, 200.0, 40.0, 200.0]
+    coco = {
+        "images": [{"id": 1, "file_name": "cup.jpg", "height": 400, "width": 600}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 2, "iscrowd": 0, "segmentation": [square]}
+        ],
+        "categories": [{"id": 2, "name": "cup"}],
+    }
+    (root / "instances.json").write_text(json.dumps(coco))
     (root / "prep.yaml").write_text(
         f"name: p\noutput: {root / 'shards'}\ntokenizer: {pub['janus']['recipe']}\n"
         f"shard_size: 100\nsources:\n  - {{kind: voc, name: seg, paths: [{voc}], fit: crop}}\n"
         f"  - {{kind: webdataset, name: photos, paths: [{pub['raw']}]}}\n"
+        f"  - {{kind: coco, name: coco, paths: [{root / 'instances.json'}], fit: crop}}\n"
     )
     main(["prepare", str(root / "prep.yaml"), "--workers", "1"])
-    docs: dict[str, list] = {"seg": [], "photos": []}
+    docs: dict[str, list] = {"seg": [], "photos": [], "coco": []}
     for path in sorted((root / "shards").glob("*.tar")):
         for doc in read_shard(str(path)):
             docs[doc.source].append(doc)
-    return {"shards": root / "shards", "voc": voc, "docs": docs}
+    return {"shards": root / "shards", "voc": voc, "cup": root / "cup.jpg", "docs": docs}
 
 
 def test_chameleon_picture_answers_are_refused_before_loading_text_answers_work(
@@ -172,7 +186,7 @@ def test_chameleon_picture_answers_are_refused_before_loading_text_answers_work(
 
 
 @pytest.mark.slow  # the prepared fixture: 20-40 s on 2 loaded cores (a spawned worker)
-def test_prepare_a_voc_export_with_a_published_image_tokenizer(pub, prepared):
+def test_prepare_voc_and_coco_sets_with_a_published_image_tokenizer(pub, prepared):
     docs, voc = prepared["docs"]["seg"], prepared["voc"]
     assert len(docs) == 5  # one labelled class per picture
     vocab = pub["janus"]["vocab"]
@@ -181,6 +195,10 @@ def test_prepare_a_voc_export_with_a_published_image_tokenizer(pub, prepared):
     want = library_codes(pub["models"]["JanusVQVAE"], pictures)
     assert [image_codes(d, vocab) for d in docs] == [[w] for w in want]
     assert all(mask_open in d.tokens.tolist() for d in docs)  # mmfm's own mask tokenizer
+    (cup,) = prepared["docs"]["coco"]
+    cup_jpg = vdata.read_image(prepared["cup"])
+    want = library_codes(pub["models"]["JanusVQVAE"], [cup_jpg])
+    assert image_codes(cup, vocab) == want and mask_open in cup.tokens.tolist()
 
 
 @pytest.mark.slow  # the prepared fixture: 20-40 s on 2 loaded cores (a spawned worker)
@@ -221,9 +239,10 @@ def test_eval_of_shards_made_with_a_published_tokenizer(pub, prepared, tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", pub["janus"]["ckpt"], str(prepared["shards"]), "--json", str(out)])
     got = json.loads(out.read_text())["modalities"]
-    # <img>, 64 codes, </img> of 11 pictures (5 VOC, 6 raw); <mask>, 32 codes, </mask> of 5
-    assert got["image"]["targets"] == 11 * (8 * 8 + 2)
-    assert got["mask"]["targets"] == 5 * (32 + 2)
+    # <img>, 64 codes, </img> of 12 pictures (5 VOC, 6 raw, 1 COCO); <mask>, 32 codes,
+    # </mask> of 6
+    assert got["image"]["targets"] == 12 * (8 * 8 + 2)
+    assert got["mask"]["targets"] == 6 * (32 + 2)
     assert np.isfinite(got["image"]["loss"])
 
 
