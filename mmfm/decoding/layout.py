@@ -39,7 +39,8 @@ class Layout:
     specials: dict[str, int]
     """Every special token by name (`<eof>`, `<eov>`, `<sep>`, task tokens, ...)."""
     tokens_per_item: dict[str, int]
-    """Codes per image, most codes per mask, codes per video frame."""
+    """Ids of an image span's body (its codes, and Emu3's framing ids where `image_framing`
+    is set), most codes per mask, codes per video frame."""
     encode_text: Callable[[str], list[int]] = field(repr=False)
     decode_text: Callable[[list[int]], str] = field(repr=False)
     dna_pieces: tuple[str, ...] = field(default=(), repr=False)

@@ -170,7 +170,7 @@ class SpanWriter:
     def _image(self, span: Span, stem: Path, notes: list[str]) -> Path:
         wanted = self.layout.tokens_per_item["image"]
         if len(span.body) != wanted:
-            raise ValueError(f"{len(span.body)} image codes; the image tokenizer makes {wanted}")
+            raise ValueError(f"an image span of {len(span.body)} ids; its tokenizer makes {wanted}")
         if self.layout.demo:
             picture = demo_picture(np.array(span.body) - self.layout.codes["image"].start)
         else:
