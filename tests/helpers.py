@@ -152,3 +152,44 @@ def wandb_records(path: Path):
             parsed.ParseFromString(record)
             record = b""
             yield parsed
+
+
+PUBLISHED_SIZE = 32
+"""The side of the pictures the tiny published tokenizers encode."""
+
+
+def tiny_published_models() -> dict:
+    """Tiny random JanusVQVAE, Emu3VQVAE, ChameleonVQVAE (transformers) and VQModel (diffusers)
+    by class name, the same weights on every call (seed 0): save them with save_pretrained."""
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return {
+        "JanusVQVAE": transformers.JanusVQVAE(
+            transformers.JanusVQVAEConfig(
+                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
+                channel_multiplier=[1, 1, 2], num_res_blocks=1, num_patches=8,
+            )
+        ),
+        "Emu3VQVAE": transformers.Emu3VQVAE(
+            transformers.Emu3VQVAEConfig(
+                codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
+                channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[],
+                hidden_size=64,
+            )
+        ),
+        "ChameleonVQVAE": transformers.ChameleonVQVAE(
+            transformers.ChameleonVQVAEConfig(
+                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
+                channel_multiplier=[1, 2], num_res_blocks=1, resolution=PUBLISHED_SIZE,
+            )
+        ),
+        "VQModel": diffusers.VQModel(
+            block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64,
+            vq_embed_dim=4, layers_per_block=1, sample_size=PUBLISHED_SIZE,
+            lookup_from_codebook=True,
+        ),
+    }  # fmt: skip

@@ -2,7 +2,9 @@
 
 Export (`mmfm convert hf`): any mmfm checkpoint (any parallel layout) -> a Llama folder that
 `transformers` loads: config.json, generation_config.json, safetensors shards (+ index), the
-tokenizer with every modality token, and the mmfm vocabulary. Weights stream shard by shard
+tokenizer with every modality token, and the mmfm vocabulary; config.json's
+`mmfm_visual_tokenizers` names the published image / video tokenizers of its codes (library,
+class, path, prefix, their id range). Weights stream shard by shard
 straight out of the DCP files, so memory stays near one output shard.
 
 Import (`mmfm convert from-hf`): a Llama, Mistral or Qwen2 folder (safetensors, or .bin read
@@ -62,6 +64,8 @@ from mmfm.train.checkpoint import (
 log = logging.getLogger("mmfm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MMFM_VOCAB = "mmfm_vocab.json"
+VISUAL_TOKENIZERS = "mmfm_visual_tokenizers"
+"""The key of config.json that names the export's published visual tokenizers."""
 
 
 def _parse_size(text: str) -> int:
@@ -204,7 +208,9 @@ def export_hf(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
     special = _special_ids(vocab) if vocab is not None else {}
-    hf_config(m, arch, dtype_name(torch_dtype), **special).save_pretrained(str(out))
+    visual = _visual_tokenizers(vocab) if vocab is not None else {}
+    extra = {VISUAL_TOKENIZERS: visual} if visual else {}
+    hf_config(m, arch, dtype_name(torch_dtype), **special, **extra).save_pretrained(str(out))
     GenerationConfig(**special).save_pretrained(str(out))
     if vocab is not None:
         save_hf_tokenizer(vocab, out, m.max_seq_len)
@@ -222,6 +228,23 @@ def honour_umask(path: Path) -> None:
     umask = os.umask(0)  # the only way to read it; set back at once
     os.umask(umask)
     path.chmod(0o666 & ~umask)
+
+
+def _visual_tokenizers(vocab: Vocab) -> dict[str, dict]:
+    """The published visual tokenizers whose codes the model reads and writes, by codebook:
+    how to load each (library, class, path, prefix, ...: its recipe mapping), what it is
+    (`source`: class, resolution, config and weights digests) and its ids (`first_id`,
+    `codes`), for config.json: an export is usable with its tokenizer without mmfm."""
+    return {
+        book.name: {
+            **json.loads(book.where),
+            "source": book.source,
+            "first_id": book.offset,
+            "codes": book.size,
+        }
+        for book in vocab.codebooks
+        if book.where
+    }
 
 
 def _special_ids(vocab: Vocab) -> dict[str, int]:

@@ -5,7 +5,9 @@ count of codes so far. Mode and count pick one row of a boolean table `[situatio
 of allowed ids; the disallowed logits become -inf before sampling, so every sampled span
 obeys the grammar by construction (no rejection, no host synchronisation):
 
-    <img>    exactly tokens_per_item image codes, then </img>
+    <img>    exactly tokens_per_item image codes, then </img>; with Emu3's framing
+             (layout.image_framing) each position of the body holds its header id, a code
+             or a row's <eol> / the final <eof>, as the framing lists them
     <mask>   1 .. tokens_per_item mask codes, then </mask>
     <vision> frames of tokens_per_item video codes, each closed by <eof>, the last by <eov>,
              then </vision>
@@ -59,6 +61,13 @@ class Row(IntEnum):
     SVG = 10
 
 
+def fixed_ids(layout: Layout) -> list[int]:
+    """The ids Emu3's framing puts at fixed positions of an image span: one row each, after
+    the registered modalities' rows."""
+    framing = layout.image_framing
+    return sorted({i for i in framing.expected() if i is not None}) if framing else []
+
+
 def registered_modes(layout: Layout) -> list[int]:
     """The registered modalities of `layout`: the j-th has mode len(Mode) + j and row
     len(Row) + j."""
@@ -66,12 +75,14 @@ def registered_modes(layout: Layout) -> list[int]:
 
 
 def allowed_table(layout: Layout, vocab_size: int) -> torch.Tensor:
-    """Boolean `[len(Row) + registered, vocab_size]`: the ids allowed in each situation."""
-    extra = registered_modes(layout)
-    table = torch.zeros(len(Row) + len(extra), vocab_size, dtype=torch.bool)
+    """Boolean `[len(Row) + registered + fixed ids, vocab_size]`: the ids allowed in each
+    situation."""
+    extra, fixed = registered_modes(layout), fixed_ids(layout)
+    table = torch.zeros(len(Row) + len(extra) + len(fixed), vocab_size, dtype=torch.bool)
     closes = {m: pair[1] for m, pair in layout.delimiters.items()}
     frame_ends = [layout.specials[n] for n in ("<eof>", "<eov>") if n in layout.specials]
-    structural = {*closes.values(), *frame_ends, layout.bos}
+    row_marks = [layout.specials[n] for n in ("<grid>", "<eol>") if n in layout.specials]
+    structural = {*closes.values(), *frame_ends, *row_marks, layout.bos}
     codes = {name: list(r) for name, r in layout.codes.items()}
 
     def allow(row: Row, ids) -> None:
@@ -99,6 +110,8 @@ def allowed_table(layout: Layout, vocab_size: int) -> torch.Tensor:
         table[Row.SVG, [layout.bos, layout.eos]] = False
     for j, modality in enumerate(extra):
         allow(len(Row) + j, [*codes[MODALITY_NAMES[modality]], closes[modality]])
+    for k, token in enumerate(fixed):
+        table[len(Row) + len(extra) + k, token] = True
     table[:, layout.size :] = False  # embedding rows past the vocabulary (padding)
     return table
 
@@ -122,6 +135,11 @@ class SpanConstraint:
         extra = registered_modes(layout)
         rows = torch.full((len(Mode) + len(extra), self.cap), int(Row.FREE), dtype=torch.long)
         rows[Mode.IMAGE] = torch.where(counts < image, Row.IMAGE_CODE, Row.IMAGE_CLOSE)
+        if layout.image_framing is not None:  # a fixed id's own row where the framing has one
+            fixed = fixed_ids(layout)
+            for count, token in enumerate(layout.image_framing.expected()):
+                if token is not None:
+                    rows[Mode.IMAGE, count] = len(Row) + len(extra) + fixed.index(token)
         rows[Mode.MASK] = torch.where(counts < mask, Row.MASK_MORE, Row.MASK_CLOSE)
         rows[Mode.MASK, 0] = Row.MASK_FIRST
         rows[Mode.VIDEO] = torch.where(counts < frame, Row.VIDEO_CODE, Row.VIDEO_FRAME_END)
@@ -159,6 +177,7 @@ class SpanConstraint:
         restart[Mode.VIDEO, eof] = True
         increment = torch.zeros(modes, n_classes, dtype=torch.long)
         increment[:, code] = 1
+        increment[Mode.IMAGE] = 1  # every id of an image body counts (framing ids too)
         increment[restart] = 0
         self.classes, self.next_mode = classes.to(device), next_mode.to(device)
         self.restart, self.increment = restart.to(device), increment.to(device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mmfm.core.types import MODALITY_NAMES, Modality
 from mmfm.data import demo
 from mmfm.tokenization.text import text_of_vocab
+from mmfm.tokenization.visual.framing import RowFraming
 from mmfm.tokenization.vocab import DELIMITERS, Vocab, VocabError
 
 # The modalities a prompt can ask for (`--modality`: the registered ones too) and the codebook
@@ -38,12 +39,16 @@ class Layout:
     specials: dict[str, int]
     """Every special token by name (`<eof>`, `<eov>`, `<sep>`, task tokens, ...)."""
     tokens_per_item: dict[str, int]
-    """Codes per image, most codes per mask, codes per video frame."""
+    """Ids of an image span's body (its codes, and Emu3's framing ids where `image_framing`
+    is set), most codes per mask, codes per video frame."""
     encode_text: Callable[[str], list[int]] = field(repr=False)
     decode_text: Callable[[list[int]], str] = field(repr=False)
     dna_pieces: tuple[str, ...] = field(default=(), repr=False)
     """The nucleotides each DNA code stands for."""
     demo: bool = False
+    image_framing: RowFraming | None = None
+    """Emu3's header and row ends in image spans (then `tokens_per_item["image"]` counts
+    every id of the body); None: the codes alone."""
 
     @classmethod
     def from_vocab(
@@ -51,9 +56,11 @@ class Layout:
         vocab: Vocab,
         tokens_per_item: dict[str, int] | None = None,
         num_codes: dict[str, int] | None = None,
+        image_framing: RowFraming | None = None,
     ) -> Layout:
-        """The layout of `vocab`; `tokens_per_item` and `num_codes` come from the trained
-        visual tokenizers (a codebook range is cut to the codes its tokenizer has)."""
+        """The layout of `vocab`; `tokens_per_item`, `num_codes` and `image_framing` come from
+        the trained visual tokenizers (a codebook range is cut to the codes its tokenizer
+        has)."""
 
         if vocab.text_model is None:
             raise VocabError(
@@ -83,6 +90,7 @@ class Layout:
             encode_text=text.encode,
             decode_text=text.decode,
             dna_pieces=_dna_pieces(dna.pieces) if dna else (),
+            image_framing=image_framing,
         )
 
     def delimiter(self, modality: Modality | int) -> tuple[int, int]:
@@ -104,14 +112,16 @@ class Layout:
         return [*ids, self.delimiter(MODALITY_NAMES.index(modality))[0]]
 
 
-def visual_sizes(recipe, visual) -> tuple[dict[str, int], dict[str, int]]:
-    """(tokens_per_item, num_codes) of the visual tokenizers a tokenizer recipe names
-    (`visual`: its `VisualTokenizers`), for `Layout.from_vocab`."""
+def visual_sizes(recipe, visual) -> tuple[dict[str, int], dict[str, int], RowFraming | None]:
+    """(the ids of a span's body (a frame's, for video), num_codes, the image spans' framing)
+    of the visual tokenizers a tokenizer recipe names (`visual`: its `VisualTokenizers`): the
+    arguments of `Layout.from_vocab` after the vocabulary."""
     slots = {"image": recipe.image_tokenizer, "mask": recipe.mask_tokenizer}
     slots["video"] = recipe.video_tokenizer
     models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: model.tokens_per_item for name, model in models.items()}
-    return sizes, {name: model.num_codes for name, model in models.items()}
+    sizes = {name: visual.span_length(name) for name in models}
+    framing = visual.framing("image") if "image" in models else None
+    return sizes, {name: model.num_codes for name, model in models.items()}, framing
 
 
 def _dna_pieces(pieces: tuple[str, ...]) -> tuple[str, ...]:

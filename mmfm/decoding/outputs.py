@@ -105,10 +105,11 @@ def answer_spans(prompt: Sequence[int], new: Sequence[int], layout: Layout) -> l
 
 
 def visual_decoders(recipe_path: str | None, vocab: Vocab | None):
-    """(VisualTokenizers or None, tokens_per_item and num_codes of the trained visual
-    tokenizers) of the tokenizer recipe at `recipe_path`, for `vocab` (None without either)."""
+    """(VisualTokenizers or None, then `visual_sizes`: span lengths, num_codes and the image
+    framing of the trained visual tokenizers) of the tokenizer recipe at `recipe_path`, for
+    `vocab` (None and empty sizes without either)."""
     if recipe_path is None or vocab is None:
-        return None, {}, {}
+        return None, {}, {}, None
     recipe = load_recipe(recipe_path)
     visual = VisualTokenizers(recipe, vocab)
     return visual, *visual_sizes(recipe, visual)
@@ -195,7 +196,7 @@ class SpanWriter:
     def _image(self, span: Span, stem: Path, notes: list[str]) -> Path:
         wanted = self.layout.tokens_per_item["image"]
         if len(span.body) != wanted:
-            raise ValueError(f"{len(span.body)} image codes; the image tokenizer makes {wanted}")
+            raise ValueError(f"an image span of {len(span.body)} ids; its tokenizer makes {wanted}")
         if self.layout.demo:
             picture = demo_picture(np.array(span.body) - self.layout.codes["image"].start)
         else:

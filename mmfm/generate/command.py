@@ -40,6 +40,8 @@ from mmfm.decoding.prompts import (
 )
 from mmfm.decoding.sampling import Sampling
 from mmfm.generate.load import load_model
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.visual.published import parse_spec
 
 log = logging.getLogger("mmfm")
 
@@ -82,14 +84,15 @@ def run(args: GenerateArgs) -> list[dict]:
     if args.fit not in FITS:
         raise ConfigError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
     prompts = _prompts(args)
+    _check_decoders(prompts, args.tokenizers)
     _check_device(args.device)
     # Before the model: a bad file costs no load.
     heads = encode_prompts(prompts, args.tokenizers, args.fit)
     loaded = load_model(args.model, args.device, args.dtype)
     if any(heads):
         check_recipe_vocab(args.tokenizers, "--tokenizers", loaded.vocab, args.model)
-    visual, sizes, num_codes = visual_decoders(args.tokenizers, loaded.vocab)
-    layout = loaded.layout(sizes, num_codes)
+    visual, sizes, num_codes, framing = visual_decoders(args.tokenizers, loaded.vocab)
+    layout = loaded.layout(sizes, num_codes, framing)
     ids = [
         layout.ask(head, p.modality) if head else layout.prompt(p.text, p.modality)
         for p, head in zip(prompts, heads, strict=True)
@@ -148,6 +151,25 @@ def _prompts(args: GenerateArgs) -> list[Prompt]:
         prompts.append(p)
     needs_tokenizers(prompts, args.tokenizers)
     return prompts
+
+
+def _check_decoders(prompts: list[Prompt], recipe_path: str | None) -> None:
+    """An answer whose tokenizer cannot turn codes into pictures (transformers'
+    ChameleonVQVAE) is refused before the model is loaded, not found out after sampling."""
+    if recipe_path is None:
+        return
+    recipe = load_recipe(recipe_path)
+    for p in prompts:
+        if p.modality not in ("image", "video"):
+            continue
+        slot = f"{p.modality}_tokenizer"
+        spec = parse_spec(getattr(recipe, slot), slot)
+        if spec is not None and spec.no_decoder:
+            raise ConfigError(
+                f"{p.origin}: a {p.modality} answer cannot be decoded: --tokenizers "
+                f"{recipe_path} has {slot} {spec.class_name}, and {spec.no_decoder}; ask for "
+                "text (a picture in the prompt is fine) or use a tokenizer with a decoder"
+            )
 
 
 def _check_utf8(prompt: Prompt) -> None:

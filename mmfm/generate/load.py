@@ -22,6 +22,7 @@ from mmfm.convert.keymaps import from_hf, model_config_from_hf
 from mmfm.core.errors import ConversionError
 from mmfm.decoding.layout import Layout, demo_layout
 from mmfm.model import Transformer, build_model
+from mmfm.tokenization.visual.framing import RowFraming
 from mmfm.tokenization.vocab import VOCAB_FILE, Vocab
 from mmfm.train.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint_model
 
@@ -35,10 +36,13 @@ class Loaded:
     """Trained on `builtin:demo`: the demo's own layout (mmfm.data.demo)."""
 
     def layout(
-        self, tokens_per_item: dict[str, int] | None = None, num_codes: dict[str, int] | None = None
+        self,
+        tokens_per_item: dict[str, int] | None = None,
+        num_codes: dict[str, int] | None = None,
+        image_framing: RowFraming | None = None,
     ) -> Layout:
         if self.vocab is not None:
-            return Layout.from_vocab(self.vocab, tokens_per_item, num_codes)
+            return Layout.from_vocab(self.vocab, tokens_per_item, num_codes, image_framing)
         if self.demo:
             return demo_layout()
         raise CheckpointError(

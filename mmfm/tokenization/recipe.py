@@ -124,8 +124,9 @@ class TokenizerRecipe:
     image_tokenizer: Any = None
     """Folder of a trained image tokenizer (tokenizers/seed_image.yaml), or a published one:
     {library: transformers, class: JanusVQVAE | Emu3VQVAE | ChameleonVQVAE, path, prefix,
-    resolution, fit} or {library: diffusers, class: VQModel, path, subfolder, ...}
-    (docs/published_tokenizers.md); None: no images."""
+    resolution, fit, framing} or {library: diffusers, class: VQModel, path, subfolder, ...}
+    (docs/published_tokenizers.md; framing: flat, or emu3 for Emu3's grid-size header and
+    row ends); None: no images."""
     mask_tokenizer: str | None = None
     """Folder of a trained mask tokenizer (tokenizers/himtok_mask.yaml); None: no masks."""
     video_tokenizer: Any = None
@@ -144,7 +145,12 @@ class TokenizerRecipe:
                 f"task_tokens: {token!r} must look like <name>",
             )
         parse_spec(self.image_tokenizer, "image_tokenizer")  # a published one: checked here
-        parse_spec(self.video_tokenizer, "video_tokenizer")
+        video = parse_spec(self.video_tokenizer, "video_tokenizer")
+        _require(
+            video is None or video.framing == "flat",
+            "video_tokenizer.framing: only an image_tokenizer takes emu3 framing (a clip's "
+            "frames are framed as LWM frames them)",
+        )
         for name in self.modalities:
             _require(
                 modality_spec(name) is not None,

@@ -58,6 +58,7 @@ from mmfm.tokenization.text import (
     load_pretrained,
     load_text_tokenizer,
 )
+from mmfm.tokenization.visual.framing import EMU3_SPECIALS
 from mmfm.tokenization.visual.published import load_published, parse_spec
 from mmfm.tokenization.visual.records import Spans, VisualTokenizers
 from mmfm.tokenization.vocab import (
@@ -313,9 +314,11 @@ def build_vocab(recipe: TokenizerRecipe, text: AnyTextTokenizer, dna: DnaTokeniz
     imported checkpoint share one fingerprint. A pretrained text part records its bos / eos."""
     own = text.kind == "sentencepiece" and not recipe.text.pretrained
     delimiters, books = registered_layout(recipe.modalities)
+    image = parse_spec(recipe.image_tokenizer, "image_tokenizer")
+    rows = EMU3_SPECIALS if image is not None and image.framing == "emu3" else ()
     return Vocab.build(
         text.size,
-        [*recipe.task_tokens, *delimiters],
+        [*recipe.task_tokens, *delimiters, *rows],
         [*reserved_codebooks(recipe), ("dna", dna.size, dna.pieces), *books],
         text_kind=text.kind,
         text_pieces=text.pieces(),

@@ -87,8 +87,8 @@ def _plan(cfg: Config, vocab: Vocab | None) -> Plan:
     heads = encode_prompts(prompts, recipe)
     if any(heads):
         check_recipe_vocab(recipe, "eval.samples_tokenizers", vocab, f"data.vocab={cfg.data.vocab}")
-    visual, sizes, num_codes = visual_decoders(recipe, vocab)
-    layout = _layout(cfg, vocab, sizes, num_codes)
+    visual, sizes, num_codes, framing = visual_decoders(recipe, vocab)
+    layout = _layout(cfg, vocab, sizes, num_codes, framing)
     ids = [_ids(layout, p, head, sizes) for p, head in zip(prompts, heads, strict=True)]
     sampling = [_sampling(k, s) for k, s in enumerate(samples)]
     for k, (prompt_ids, settings) in enumerate(zip(ids, sampling, strict=True)):
@@ -131,11 +131,11 @@ def _sampling(k: int, s: SampleConfig) -> Sampling:
         raise ConfigError(f"eval.samples[{k}]: {e}") from None
 
 
-def _layout(cfg: Config, vocab: Vocab | None, sizes: dict, num_codes: dict) -> Layout:
+def _layout(cfg: Config, vocab: Vocab | None, sizes: dict, num_codes: dict, framing) -> Layout:
     """The ids of prompts and answers: the vocabulary of data.vocab, or the demo corpus's."""
     try:
         if vocab is not None:
-            return Layout.from_vocab(vocab, sizes, num_codes)
+            return Layout.from_vocab(vocab, sizes, num_codes, framing)
     except ValueError as e:  # VocabError: a vocabulary without its text model
         raise ConfigError(f"eval.samples: data.vocab={cfg.data.vocab}: {e}") from None
     if list(cfg.data.paths) == ["builtin:demo"] and not cfg.data.sources:

@@ -232,7 +232,8 @@ def test_demo_image_spans_become_pngs_and_bad_lengths_are_named(tmp_path):
     with Image.open(spans[0].path) as im:
         assert im.size == (128, 128)
         assert np.asarray(im.convert("RGB"))[0, 0].tolist() == [220, 30, 30]  # colour 2: red
-    assert spans[1].path is None and "52 image codes; the image tokenizer makes 64" in spans[1].note
+    assert spans[1].path is None
+    assert "an image span of 52 ids; its tokenizer makes 64" in spans[1].note
     assert not spans[2].closed and "unterminated" in spans[2].note and spans[2].path is None
 
 

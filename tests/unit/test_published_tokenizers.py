@@ -23,40 +23,13 @@ from mmfm.tokenization.visual.published import _factor, load_published, parse_sp
 from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import Vocab, VocabError
 
+from helpers import PUBLISHED_SIZE
+from helpers import tiny_published_models as _tiny_models
+
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-SIZE = 32
-
-
-def _tiny_models() -> dict:
-    torch.manual_seed(0)
-    return {
-        "JanusVQVAE": transformers.JanusVQVAE(
-            transformers.JanusVQVAEConfig(
-                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
-                channel_multiplier=[1, 1, 2], num_res_blocks=1, num_patches=8,
-            )
-        ),
-        "Emu3VQVAE": transformers.Emu3VQVAE(
-            transformers.Emu3VQVAEConfig(
-                codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
-                channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[],
-                hidden_size=64,
-            )
-        ),
-        "ChameleonVQVAE": transformers.ChameleonVQVAE(
-            transformers.ChameleonVQVAEConfig(
-                embed_dim=4, num_embeddings=64, latent_channels=8, base_channels=32,
-                channel_multiplier=[1, 2], num_res_blocks=1, resolution=SIZE,
-            )
-        ),
-        "VQModel": diffusers.VQModel(
-            block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=64,
-            vq_embed_dim=4, layers_per_block=1, sample_size=SIZE, lookup_from_codebook=True,
-        ),
-    }  # fmt: skip
+SIZE = PUBLISHED_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +166,10 @@ def test_pickles_auto_map_escaping_indexes_hub_ids_offline_and_unknown_classes_a
         parse_spec({**spec, "class": "os.system"}, "image_tokenizer")
     with pytest.raises(ConfigError, match="did you mean 'prefix'"):
         parse_spec({**spec, "prefx": "model."}, "image_tokenizer")
+    with pytest.raises(ConfigError, match=r"image_tokenizer\.framing 'rows' is not one of"):
+        parse_spec({**spec, "framing": "rows"}, "image_tokenizer")
+    with pytest.raises(ConfigError, match="only an image_tokenizer takes emu3 framing"):
+        TokenizerRecipe(video_tokenizer={**spec, "framing": "emu3"})
 
 
 def test_the_vocabulary_reserves_the_codebook_and_refuses_another_tokenizer(saved, tmp_path):
@@ -258,3 +235,31 @@ def test_a_published_tokenizer_codes_every_frame_of_a_clip_with_lwm_framing(save
     assert codes == theirs.tolist()
     frames = visual.decode(Modality.VIDEO, body)
     assert frames.shape == (3, SIZE, SIZE, 3) and frames.dtype == np.uint8
+
+
+def test_emu3_compresses_every_four_frames_of_a_clip_into_one_grid(saved, photos):
+    """Emu3's own video tokens: the library's encode of the clip `[1, T, 3, S, S]`, each grid
+    standing for temporal_downsample_factor (4) frames, framed as LWM frames its frames; five
+    frames are padded with the last to eight (the library would drop the fifth)."""
+    from mmfm.core.types import Modality, VideoRecord
+
+    models, specs = saved
+    recipe = TokenizerRecipe(video_tokenizer=specs["Emu3VQVAE"])
+    vocab = Vocab.build(300, [], reserved_codebooks(recipe))
+    visual = VisualTokenizers(recipe, vocab)
+    clip = np.stack([*photos, *photos[:2]])  # five 32 x 32 frames
+    (ids, modality), *_ = visual.encode_many([VideoRecord("clip", clip, None, "test")])[0]
+    eof, eov = vocab.special("<eof>"), vocab.special("<eov>")
+    body = ids[1:-1]
+    assert modality == Modality.VIDEO and [i for i in body if i in (eof, eov)] == [eof, eov]
+    library = models["Emu3VQVAE"].eval()
+    padded = vdata.to_tensor([*photos, *photos[:2], photos[1], photos[1], photos[1]])
+    sizes = torch.tensor([[SIZE, SIZE]])
+    with torch.no_grad():
+        (theirs,) = library.encode(padded[None], image_sizes=sizes).image_tokens
+        want = vdata.to_uint8(library.decode(theirs[None])[0].clamp(-1, 1))
+    assert theirs.shape == (2, 16, 16)
+    offset = vocab.codebook("video").offset
+    assert [i - offset for i in body if i not in (eof, eov)] == theirs.flatten().tolist()
+    frames = visual.decode(Modality.VIDEO, body)
+    assert frames.shape == (8, SIZE, SIZE, 3) and np.array_equal(frames, want)

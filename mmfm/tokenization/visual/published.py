@@ -34,7 +34,9 @@ from mmfm.core.errors import ConfigError, TokenizerError
 from mmfm.core.extras import require_extra
 from mmfm.tokenization.visual.data import FITS
 
-SPEC_KEYS = ("library", "class", "path", "prefix", "subfolder", "resolution", "fit")
+FRAMINGS = ("flat", "emu3")
+"""flat: the grid's codes in row-major order; emu3: Emu3's header and row ends (framing.py)."""
+SPEC_KEYS = ("library", "class", "path", "prefix", "subfolder", "resolution", "fit", "framing")
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,25 @@ class PublishedSpec:
     """Side of the square pictures encoded; 0: the checkpoint's native size."""
     fit: str = "crop"
     """How a picture that is not square becomes square: crop or letterbox."""
+    framing: str = "flat"
+    """flat: `<img>` and the grid's codes; emu3: Emu3's header and row ends (framing.py)."""
 
     @property
     def entry(self) -> LibraryClass:
         return CLASSES[(self.library, self.class_name)]
+
+    @property
+    def no_decoder(self) -> str:
+        """Why the class cannot decode codes into pictures; empty where it can."""
+        return self.entry.no_decoder if self.entry.decode is None else ""
 
     def describe(self) -> str:
         """The recipe mapping as JSON (recorded in vocab.json, so exports say how to load it)."""
         value = {"library": self.library, "class": self.class_name, "path": self.path}
         value.update(prefix=self.prefix, subfolder=self.subfolder, resolution=self.resolution)
         value["fit"] = self.fit
+        if self.framing != "flat":
+            value["framing"] = self.framing
         return json.dumps({k: v for k, v in value.items() if v}, sort_keys=True)
 
 
@@ -87,6 +98,9 @@ def parse_spec(value, where: str) -> PublishedSpec | None:
         raise ConfigError(f"{where}.resolution must be a positive number of pixels (0: native)")
     if value.get("fit", "crop") not in FITS:
         raise ConfigError(f"{where}.fit {value.get('fit')!r} is not one of {', '.join(FITS)}")
+    framing = value.get("framing", "flat")
+    if framing not in FRAMINGS:
+        raise ConfigError(f"{where}.framing {framing!r} is not one of {', '.join(FRAMINGS)}")
     return PublishedSpec(
         pair[0],
         pair[1],
@@ -95,6 +109,7 @@ def parse_spec(value, where: str) -> PublishedSpec | None:
         str(value.get("subfolder") or ""),
         resolution,
         value.get("fit", "crop"),
+        framing,
     )
 
 
@@ -376,11 +391,17 @@ class PublishedTokenizer(nn.Module):
                 f"multiple of its downsampling {factor} (set resolution in the recipe)"
             )
         self.grid = self.resolution // factor
+        self.frames_per_grid = 1
+        """Frames of a clip one code grid stands for (Emu3: temporal_downsample_factor, 4)."""
+        if spec.class_name == "Emu3VQVAE":
+            self.frames_per_grid = int(model.config.temporal_downsample_factor)
         self._num_codes = int(config[spec.entry.codebook])
         self.source = (
             f"{spec.library} {spec.class_name} {self.resolution}px config "
             f"{_config_digest(spec, config)} weights {digest}"
         )
+        if spec.framing != "flat":  # another layout of the spans: another vocabulary
+            self.source += f" framing {spec.framing}"
 
     @property
     def num_codes(self) -> int:
@@ -400,6 +421,27 @@ class PublishedTokenizer(nn.Module):
         if entry.decode is None:
             raise TokenizerError(f"{self.spec.path}: decoding refused: {entry.no_decoder}")
         return entry.decode(self.model, codes, self.grid).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_clip(self, frames: torch.Tensor) -> torch.Tensor:
+        """A clip's frames `[T, 3, S, S]` -> code grids `[grids, grid * grid]`: one per frame,
+        or (Emu3) one per `frames_per_grid` frames through the library's video encode, the
+        last frame repeated up to a whole group (the library drops a part group)."""
+        t = self.frames_per_grid
+        if t == 1:
+            return self.encode(frames)
+        frames = torch.cat([frames, frames[-1:].expand(-len(frames) % t, -1, -1, -1)])
+        sizes = torch.tensor([list(frames.shape[-2:])])
+        (codes,) = self.model.encode(frames[None], image_sizes=sizes).image_tokens
+        return codes.reshape(len(codes), -1)
+
+    @torch.no_grad()
+    def decode_clip(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids `[grids, grid * grid]` -> frames `[grids * frames_per_grid, 3, S, S]`."""
+        if self.frames_per_grid == 1:
+            return self.decode(codes)
+        grids = codes.view(1, len(codes), self.grid, self.grid)
+        return self.model.decode(grids)[0].float().clamp(-1, 1)
 
 
 def load_published(spec: PublishedSpec) -> PublishedTokenizer:

@@ -1,8 +1,10 @@
 """Pictures in documents: image, mask and video spans in the unified vocabulary.
 
 image  ->  <img> c1 ... c32 </img>                      (codes from the image range)
+           <img> H*W <grid> row_1 <eol> ... row_H <eol> <eof> </img>   (framing: emu3)
 mask   ->  <mask> c1 ... c32 </mask>                    (coarse to fine, mask range)
 video  ->  <vision> f1 <eof> f2 <eof> ... fn <eov> </vision>, fi = 256 codes of frame i
+           (Emu3VQVAE: fi = the code grid of frames 4i-3 .. 4i, its temporal compression)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from mmfm.core.types import ImageMaskRecord, ImageRecord, Modality, Record, VideoRecord
 from mmfm.tokenization.visual import data as vdata
 from mmfm.tokenization.visual.data import VIDEO_SUFFIXES, PictureError
+from mmfm.tokenization.visual.framing import RowFraming
 from mmfm.tokenization.visual.published import PublishedTokenizer, load_published, parse_spec
 from mmfm.tokenization.visual.train import load_visual
 from mmfm.tokenization.vocab import VocabError
@@ -38,6 +41,7 @@ class VisualTokenizers:
             "video": recipe.video_tokenizer,
         }
         self._models: dict[str, torch.nn.Module] = {}
+        self._framings: dict[str, RowFraming | None] = {}
 
     def model(self, name: str) -> torch.nn.Module:
         """The trained `name` (image, mask, video) tokenizer."""
@@ -68,19 +72,33 @@ class VisualTokenizers:
             self._models[name] = model
         return self._models[name]
 
+    def framing(self, name: str) -> RowFraming | None:
+        """Emu3's framing of `name`'s spans where its published tokenizer asks for it."""
+        if name not in self._framings:
+            model = self.model(name)
+            framing = None
+            if isinstance(model, PublishedTokenizer) and model.spec.framing == "emu3":
+                framing = RowFraming.of(self.vocab, model.grid, model.grid)
+            self._framings[name] = framing
+        return self._framings[name]
+
+    def span_length(self, name: str) -> int:
+        """Ids between the delimiters of a `name` span (of a frame, for video)."""
+        framing = self.framing(name)
+        return framing.length if framing else self.model(name).tokens_per_item
+
     @torch.no_grad()
     def encode_many(self, records: Sequence[Record], device: str = "cpu") -> list[Spans]:
         """Each record's picture spans, every picture of a kind (images, masks, video frames)
         of all `records` encoded in one batched call on `device`: a tokenizer's forward costs
-        far less per picture in a batch (the training stream batches a window of samples)."""
+        far less per picture in a batch (the training stream batches a window of samples).
+        Clips through a tokenizer that compresses time (Emu3's) take a call each."""
         images = [r.image for r in records if isinstance(r, ImageRecord | ImageMaskRecord)]
         masks = [r.mask for r in records if isinstance(r, ImageMaskRecord)]
         clips = [r.frames for r in records if isinstance(r, VideoRecord)]
         image_codes = iter(self._encode("image", images, device))
         mask_codes = iter(self._encode("mask", masks, device))
-        frame_codes = self._encode("video", [f for clip in clips for f in clip], device)
-        ends = np.cumsum([len(clip) for clip in clips]).tolist()
-        clip_codes = iter(np.split(frame_codes, ends[:-1]) if clips else [])
+        clip_codes = iter(self._encode_clips(clips, device))
         spans = []
         for r in records:
             if isinstance(r, VideoRecord):
@@ -92,6 +110,27 @@ class VisualTokenizers:
             spans.append(record_spans)
         return spans
 
+    def _encode_clips(self, clips: list[np.ndarray], device: str) -> list[np.ndarray]:
+        """Each clip's code grids `[grids, tokens]`: every frame of all clips in one call, or,
+        for a tokenizer that compresses time (Emu3's), one call per clip."""
+        if not clips:
+            return []
+        model = self.model("video")
+        if getattr(model, "frames_per_grid", 1) > 1:
+            model.to(device)
+            pixels = [self._pixels(model, list(clip), device) for clip in clips]
+            return [model.encode_clip(x).cpu().numpy() for x in pixels]
+        frame_codes = self._encode("video", [f for clip in clips for f in clip], device)
+        ends = np.cumsum([len(clip) for clip in clips]).tolist()
+        return np.split(frame_codes, ends[:-1])
+
+    @staticmethod
+    def _pixels(model: PublishedTokenizer, pictures: list[np.ndarray], device: str):
+        squares = [
+            vdata.square(vdata.fit_square(p, model.spec.fit), model.resolution) for p in pictures
+        ]
+        return vdata.to_tensor(squares).to(device)
+
     def _encode(self, name: str, pictures: list[np.ndarray], device: str) -> np.ndarray:
         """Codes `[N, tokens]` of N pictures of the `name` tokenizer, in one call (the model
         moves to `device` and stays there: the stream's tokenizers only encode)."""
@@ -99,11 +138,7 @@ class VisualTokenizers:
             return np.zeros((0, 0), dtype=np.int64)
         model = self.model(name).to(device)
         if isinstance(model, PublishedTokenizer):
-            squares = [
-                vdata.square(vdata.fit_square(p, model.spec.fit), model.resolution)
-                for p in pictures
-            ]
-            return model.encode(vdata.to_tensor(squares).to(device)).cpu().numpy()
+            return model.encode(self._pixels(model, pictures, device)).cpu().numpy()
         if name == "mask":
             squares = [vdata.square(m.astype(np.uint8), model.cfg.mask_size) for m in pictures]
             x = torch.from_numpy(np.stack(squares))
@@ -114,7 +149,9 @@ class VisualTokenizers:
 
     def _framed(self, book: str, codes: np.ndarray) -> list[int]:
         start, end = self.vocab.delimiters(Modality.IMAGE if book == "image" else Modality.MASK)
-        return [start, *self._ids(book, codes), end]
+        framing = self.framing(book) if book == "image" else None
+        ids = self._ids(book, codes)
+        return [start, *(framing.frame(ids) if framing else ids), end]
 
     def _ids(self, book: str, codes: np.ndarray) -> list[int]:
         return (codes + self.vocab.codebook(book).offset).tolist()
@@ -141,6 +178,8 @@ class VisualTokenizers:
         mask `[H, W]` of {0, 1} (any prefix of the codes decodes), video `[N, H, W, 3]`."""
         if modality == Modality.IMAGE:
             model = self.model("image")
+            if (framing := self.framing("image")) is not None:
+                body = framing.strip(body)
             if len(body) != model.tokens_per_item:
                 raise VocabError(
                     f"an image span of {len(body)} codes; the image tokenizer makes "
@@ -169,13 +208,15 @@ class VisualTokenizers:
                 f"a video span must be frames of {model.tokens_per_item} codes, each closed by "
                 "<eof> (the last by <eov>)"
             )
+        if getattr(model, "frames_per_grid", 1) > 1:  # Emu3: each grid decodes to a few frames
+            return vdata.to_uint8(model.decode_clip(torch.stack(frames)))
         return vdata.to_uint8(model.decode(torch.stack(frames)))
 
     def span(self, name: str, picture: np.ndarray) -> tuple[list[int], Modality]:
         """One picture's span, encoded alone (`name`: image, mask, or video for a clip's
         frames): the parts of a prompt / response record."""
         if name == "video":
-            return self._video_ids(self._encode("video", list(picture), "cpu")), Modality.VIDEO
+            return self._video_ids(self._encode_clips([picture], "cpu")[0]), Modality.VIDEO
         modality = Modality.IMAGE if name == "image" else Modality.MASK
         return self._framed(name, self._encode(name, [picture], "cpu")[0]), modality
 
