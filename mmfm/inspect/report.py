@@ -164,15 +164,16 @@ class Kinds:
                 kinds[span.start : span.end] = self.index(span.modality)
         return kinds
 
-    def label(self, token: int, kind: str) -> str:
-        """What a token shows: its text, its code in its codebook, or its special's name."""
+    def label(self, token: int, kind: str) -> tuple[str, bool]:
+        """What a token shows (its text, its code in its codebook, or its special's name),
+        and whether it is a code."""
         layout = self.layout
         if kind in ("text", "svg") and token in layout.text:
-            return layout.decode_text([token])
+            return layout.decode_text([token]), False
         for ids in layout.codes.values():
             if token in ids:
-                return str(token - ids.start)
-        return self.special_names.get(token, f"[{token}]")
+                return str(token - ids.start), True
+        return self.special_names.get(token, f"[{token}]"), False
 
 
 def learned(row: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
@@ -242,10 +243,11 @@ class Page:
         return box + media + "</div>", names
 
     def _token(self, token: int, kind: str, weight: float, position: int) -> str:
-        shown = html.escape(self.kinds.label(token, kind))
+        label, code = self.kinds.label(token, kind)
+        shown = html.escape(label)
         w = "none (starts the piece)" if np.isnan(weight) else f"{weight:g}"
         title = html.escape(f"{kind} id {token}, position {position}, loss weight {w}")
-        classes = f"t k-{html.escape(kind)}" + (" code" if shown.isdigit() else "")
+        classes = f"t k-{html.escape(kind)}" + (" code" if code else "")
         classes += " nl" if not weight > 0 else ""
         return f'<span class="{classes}" title="{title}">{shown}</span>'
 

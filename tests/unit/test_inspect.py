@@ -4,7 +4,6 @@ the page's CSP would stop what slipped through), and the page loads in a real he
 Chromium without console errors, showing every picture."""
 
 import html
-import os
 import re
 import shutil
 import subprocess
@@ -17,12 +16,24 @@ from PIL import Image
 from mmfm.cli import main
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import InputNotFound
-from mmfm.core.types import Document, Modality
+from mmfm.core.types import (
+    DnaRecord,
+    Document,
+    ImageMaskRecord,
+    Modality,
+    SvgRecord,
+    TextRecord,
+    VideoRecord,
+)
 from mmfm.data.loader import StreamingLoader, source_specs, stream_settings
 from mmfm.data.packing import RowBuilder, modality_weight_table
+from mmfm.data.shards import write_shard
 from mmfm.decoding.outputs import demo_picture
 from mmfm.inspect.command import InspectArgs, run
 from mmfm.inspect.report import learned
+from mmfm.tokenization.recipe import load_recipe
+from mmfm.tokenization.tokenizers import Tokenizers
+from mmfm.tokenization.vocab import VOCAB_FILE
 
 from helpers import in_ci, tiny_visual_recipe
 
@@ -30,6 +41,10 @@ from helpers import in_ci, tiny_visual_recipe
 pytestmark = pytest.mark.xdist_group("test_inspect")
 
 DEMO = ["data.seq_len=256"]
+ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect x="2" y="2" width="12" '
+    'height="12" fill="red"/><text x="1" y="9">&lt;script&gt;alert(1)&lt;/script&gt;</text></svg>'
+)
 ATTACK = '<script>document.body.dataset.pwned="1"</script><img src=x onerror="alert(1)">'
 """Text a hostile corpus may hold: run as markup, it would mark the page."""
 
@@ -45,7 +60,8 @@ def ids_shown(row_html: str) -> list[int]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
-    run(InspectArgs("builtin:demo", DEMO, str(out), stream=1, step=1, rows=3, progress=False))
+    args = ["--stream", "1", "--step", "1", "--rows", "3", "--out", str(out), "--no-progress"]
+    main(["inspect", "builtin:demo", *DEMO, *args])  # the command line, as a user runs it
     return out
 
 
@@ -126,45 +142,30 @@ def test_learned_weights_of_a_hand_packed_row():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, real_data):
-    """Shards of every modality made by `mmfm prepare` with tiny untrained visual tokenizers
-    (their codes decode to pictures of the right size), hostile text in a caption, a text
-    document and an SVG's text; and the report of their first rows."""
-    from mmfm.prepare import load_prepare_recipe, prepare
-
+    """Shards of every modality as `mmfm prepare` writes them (its tokenizers, with tiny
+    untrained visual ones whose codes decode to pictures of the right size, in this process:
+    prepare's spawned worker would cost seconds), next to their vocab.json; hostile text in
+    a caption, a text document and an SVG's text; and the report of their first rows."""
     root = tmp_path_factory.mktemp("prepared")
     tokenizers = tiny_visual_recipe(root / "tok")
-    raw = root / "raw"
-    raw.mkdir()
-    cat = Image.open(real_data("photos") / "chelsea.png").convert("RGB")
-    cat.save(raw / "cat.png")
-    Image.fromarray((np.asarray(cat).mean(-1) > 100).astype(np.uint8) * 255).save(
-        raw / "cat.mask.png"
-    )
-    (raw / "cat.txt").write_text(f"a cat {ATTACK}\n")
-    (raw / "notes.txt").write_text(f"{ATTACK}\n")
-    (raw / "icon.svg").write_text(
-        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect x="2" y="2" '
-        'width="12" height="12" fill="red"/><text x="1" y="9">&lt;script&gt;alert(1)'
-        "&lt;/script&gt;</text></svg>"
-    )
-    (raw / "seq.fa").write_text(">seq1\n" + "ACGTTGCA" * 12 + "\n")
-    clips = real_data("video")
-    recipe = root / "prepare.yaml"
-    recipe.write_text(
-        f"name: t\noutput: {root / 'shards'}\ntokenizer: {tokenizers}\nshard_size: 8\nsources:\n"
-        f"  - {{kind: image-mask, name: masks, paths: ['{raw}/cat.png']}}\n"
-        f"  - {{kind: video, name: clips, paths: ['{clips}/bikes.mp4'], max_frames: 2}}\n"
-        f"  - {{kind: svg, name: icons, paths: ['{raw}/icon.svg']}}\n"
-        f"  - {{kind: dna, name: genome, paths: ['{raw}/seq.fa']}}\n"
-        f"  - {{kind: text, name: notes, paths: ['{raw}/notes.txt']}}\n"
-    )
-    prepare(load_prepare_recipe(recipe), workers=1, progress=False)
+    tok = Tokenizers.load(load_recipe(tokenizers))
+    cat = Image.open(real_data("photos") / "chelsea.png").convert("RGB").resize((32, 32))
+    photo = np.asarray(cat)
+    frames = np.stack([photo, photo[::-1]])
+    records = [
+        ImageMaskRecord("cat", photo, (photo.mean(-1) > 100).astype(np.uint8), ATTACK, "masks"),
+        VideoRecord("clip", frames, "a cat upside down", "clips"),
+        SvgRecord("icon", ICON, "icons"),
+        DnaRecord("seq", "ACGTTGCA" * 12, None, "genome"),
+        TextRecord("notes", ATTACK, "notes"),
+    ]
+    shards = root / "shards"
+    shards.mkdir()
+    write_shard(shards / "t-000000.tar", [tok.encode(r) for r in records])
+    tok.vocab.save(shards / VOCAB_FILE)
     out = root / "report"
-    overrides = ["train.global_batch_size=1", "data.seq_len=1024"]
-    args = InspectArgs(
-        str(root / "shards"), overrides, str(out), rows=2, tokenizers=str(tokenizers)
-    )
-    run(args)
+    overrides = ["train.global_batch_size=1", "data.seq_len=512"]
+    run(InspectArgs(str(shards), overrides, str(out), rows=2, tokenizers=str(tokenizers)))
     return root, out
 
 
@@ -226,7 +227,7 @@ def test_mistakes_name_the_input_and_the_fix(prepared, tmp_path, capsys):
     shutil.copy(next((root / "shards").glob("*.tar")), lone)
     with pytest.raises(ConfigError, match=r"no vocabulary.*--vocab VOCAB.json"):
         run(InspectArgs(str(lone), out=str(tmp_path / "b")))
-    with pytest.raises(ConfigError, match=r"--source 'x': the data has no such source; it has data"):
+    with pytest.raises(ConfigError, match=r"--source 'x': .* it has data"):
         run(InspectArgs(str(root / "shards"), out=str(tmp_path / "c"), source="x"))
     with pytest.raises(ConfigError, match=r"--stream 8: .*choose 0..7"):
         run(InspectArgs("builtin:demo", out=str(tmp_path / "d"), stream=8))
@@ -237,6 +238,27 @@ def test_mistakes_name_the_input_and_the_fix(prepared, tmp_path, capsys):
     assert exit_code.value.code == 2
     assert "ranks divides train.global_batch_size=8" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_run_directory_gives_its_data_and_vocabulary(prepared, tmp_path):
+    """A run directory (config.yaml and vocab.json, as mmfm train leaves them) is inspected
+    with its own data settings; --rank R --ranks D shows that rank's streams."""
+    from mmfm.config import save_config
+
+    root, _ = prepared
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [f"data.paths=[{root / 'shards'}]", "data.seq_len=300", "model.vocab_size=44992"]
+    save_config(
+        load_config(None, [*overrides, "train.global_batch_size=4", "train.micro_batch_size=2"]),
+        run_dir / "config.yaml",
+    )
+    shutil.copy(root / "shards" / "vocab.json", run_dir / "vocab.json")
+    out = tmp_path / "out"
+    run(InspectArgs(str(run_dir), out=str(out), rank=1, ranks=2, rows=1, progress=False))
+    page = (out / "index.html").read_text()
+    assert f"the data of the run {run_dir}" in page and "seq_len 300" in page
+    assert re.findall(r"<h2>row \d+: step 0, stream (\d+)</h2>", page) == ["2", "3"]
 
 
 # -- in a real browser ------------------------------------------------------------------------
@@ -252,31 +274,47 @@ def chromium() -> str:
     pytest.skip("chromium is not installed: apt-get install -y chromium")
 
 
-def headless(page: Path, *options: str) -> subprocess.CompletedProcess:
+def headless(page: Path, shot: Path) -> subprocess.CompletedProcess:
+    """One headless run: the DOM after load on stdout, the console on stderr, a screenshot."""
     args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    args += ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *options]
-    env = {**os.environ, "HOME": str(page.parent)}  # its profile goes there
-    return subprocess.run(
-        [*args, page.as_uri()], capture_output=True, text=True, timeout=60, env=env, check=True
-    )
+    args += ["--enable-logging=stderr", "--v=0", "--dump-dom", f"--screenshot={shot}"]
+    args += ["--window-size=1000,1400", page.as_uri()]
+    args.insert(1, f"--user-data-dir={shot.parent / 'profile'}")
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
 
 
-def test_the_page_in_headless_chromium_loads_clean_and_shows_every_picture(prepared):
-    """The DOM after load (--dump-dom): the page's script marked every <img> with its
-    naturalWidth (0 for one that did not load) and nothing of the data ran; the browser's
-    console (logged to stderr) has no line at all: no error, no CSP violation. A screenshot
-    is drawn."""
+def console(done: subprocess.CompletedProcess) -> list[str]:
+    """The page's console messages (errors, CSP violations, logs) that chromium logged."""
+    return [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_the_page_in_headless_chromium_loads_clean_and_shows_every_picture(prepared, tmp_path):
+    """The DOM after load: the page's script marked every <img> with its naturalWidth (0 for
+    one that did not load) and nothing of the data ran; the console has no line at all (no
+    error, no CSP violation); the screenshot is drawn."""
     _, out = prepared
     page = out / "index.html"
-    done = headless(page, "--dump-dom")
+    done = headless(page, tmp_path / "shot.png")
     body = re.search(r"<body[^>]*>", done.stdout)[0]
     pictures = len(re.findall(r"<img ", page.read_text()))
     assert f'data-pictures="{pictures}"' in body and 'data-broken="0"' in body, body
     widths = re.findall(r'data-width="(\d+)"', done.stdout)
     assert len(widths) == pictures >= 4 and all(int(w) > 0 for w in widths)
     assert "data-pwned" not in done.stdout
-    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []
-    headless(page, f"--screenshot={out / 'shot.png'}", "--window-size=1000,1400")
-    shot = np.asarray(Image.open(out / "shot.png").convert("RGB"))
-    assert shot.shape == (1400, 1000, 3) and len(np.unique(shot.reshape(-1, 3), axis=0)) > 20
+    assert console(done) == []
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"))
+    colours = np.unique(shot.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1]))
+    assert shot.shape == (1400, 1000, 3) and len(colours) > 20  # drawn: text, colours, pictures
+
+
+def test_the_browser_checks_can_fail(prepared, tmp_path):
+    """The control: the same page with a picture that is not there and an injected script
+    is seen as one broken picture, the script does not run, and the console says why."""
+    _, out = prepared
+    control = tmp_path / "control.html"
+    shutil.copytree(out / "media", tmp_path / "media")
+    injected = '<img src="media/missing.png"><script>document.body.dataset.pwned = "1"</script>'
+    control.write_text((out / "index.html").read_text().replace("</body>", injected + "</body>"))
+    done = headless(control, tmp_path / "control.png")
+    assert 'data-broken="1"' in done.stdout and "data-pwned" not in done.stdout
+    assert any("Content Security Policy" in line for line in console(done))
