@@ -106,10 +106,11 @@ def resolve(args: InspectArgs) -> Inputs:
 
 def _config(data: str, overrides: Sequence[str]) -> tuple[Config, Path | None, str]:
     """(config, vocab.json or None, description) of shards, a recipe or a run directory.
-    Rows do not depend on the micro-batch size (one stream per row): it is set to 1, so that
-    `train.global_batch_size` (the number of streams) may be any size."""
+    Rows depend on neither the micro-batch size (one stream per row) nor the model: the
+    micro-batch is set to 1 and `model.max_seq_len` to 2^24, so that any
+    `train.global_batch_size` (the number of streams) and `data.seq_len` may be asked for."""
     path = Path(data)
-    overrides = ["train.micro_batch_size=1", *overrides]
+    overrides = ["train.micro_batch_size=1", f"model.max_seq_len={1 << 24}", *overrides]
     if path.is_dir() and (path / RUN_CONFIG).is_file():  # a run directory or a checkpoint
         cfg = load_config(path / RUN_CONFIG, overrides)
         vocab = path / VOCAB_FILE if (path / VOCAB_FILE).is_file() else _vocab_of(cfg)

@@ -332,7 +332,7 @@ def _summary(rows: Sequence[Row], stats: Sequence[RowStats]) -> str:
         )
         + _table(
             ["data source", "tokens", "share"],
-            [[k, n, f"{n / max(sum(mix.values()), 1):.1%}"] for k, n in mix.items()],
+            [[k, n, f"{n / max(sum(mix.values()), 1):.1%}"] for k, n in mix.most_common()],
         )
         + _table(
             ["document source", *names, "tokens"],

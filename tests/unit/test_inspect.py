@@ -261,6 +261,31 @@ def test_a_run_directory_gives_its_data_and_vocabulary(prepared, tmp_path):
     assert re.findall(r"<h2>row \d+: step 0, stream (\d+)</h2>", page) == ["2", "3"]
 
 
+def test_one_source_of_a_mix(prepared, tmp_path):
+    """The mix of data.sources is shown source by source; --source keeps one of them: the
+    rows hold only its tokens."""
+    root, _ = prepared
+    shards = root / "shards"
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        f"data:\n  vocab: {shards / VOCAB_FILE}\n  seq_len: 2048\n  sources:\n"
+        f"    - {{name: first, paths: ['{shards}']}}\n"
+        f"    - {{name: second, paths: ['{shards}']}}\n"
+        "model:\n  vocab_size: 44992\n  max_seq_len: 2048\ntrain:\n  global_batch_size: 1\n"
+    )
+    both, one = tmp_path / "both", tmp_path / "one"
+    run(InspectArgs(str(recipe), out=str(both), rows=1, progress=False))
+    run(InspectArgs(str(recipe), out=str(one), rows=1, source="second", progress=False))
+    mix = re.findall(
+        r"<tr><th>(first|second)</th><td>(\d+)</td>", (both / "index.html").read_text()
+    )
+    assert sorted(name for name, _ in mix) == ["first", "second"]
+    alone = re.findall(
+        r"<tr><th>(first|second)</th><td>(\d+)</td>", (one / "index.html").read_text()
+    )
+    assert [name for name, _ in alone] == ["second"] and int(alone[0][1]) > 0
+
+
 # -- in a real browser ------------------------------------------------------------------------
 
 
