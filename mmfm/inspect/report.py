@@ -228,16 +228,19 @@ class Page:
             self._token(int(t), name, float(w), int(p))
             for t, name, w, p in zip(tokens, names, weights, positions, strict=True)
         )
-        media = "".join(self._media(s, f"{stem}-{k}-{s.modality}") for k, s in enumerate(spans))
+        continues = piece.end < piece.length
+        media = "".join(
+            self._media(s, f"{stem}-{k}-{s.modality}", continues) for k, s in enumerate(spans)
+        )
         cut = piece.end - piece.start < piece.length
         what = (
-            f"tokens {piece.start}..{piece.end - 1} of the {piece.length} of"
+            f"its tokens {piece.start}..{piece.end - 1} of {piece.length}"
             if cut
-            else f"{piece.length} tokens,"
+            else f"{piece.length} tokens"
         )
         head = (
             f'<div class="head">{html.escape(piece.key)} from {html.escape(piece.source)}: '
-            f"{what} row tokens {a}..{b - 1}, {int((weights > 0).sum())} learned</div>"
+            f"{what}, at {a}..{b - 1} of the row, {int((weights > 0).sum())} learned</div>"
         )
         box = f'<div class="doc{" cut" if cut else ""}">{head}<div class="tokens">{body}</div>'
         return box + media + "</div>", names
@@ -251,12 +254,15 @@ class Page:
         classes += " nl" if not weight > 0 else ""
         return f'<span class="{classes}" title="{title}">{shown}</span>'
 
-    def _media(self, span: Span, stem: str) -> str:
+    def _media(self, span: Span, stem: str, continues: bool) -> str:
+        """The decoded span (a picture, a sequence, SVG's render and code) with its caption;
+        `continues`: its document goes on in the next row."""
         if span.modality == "text":
             return ""
         what = f"{span.modality}, {len(span.body)} ids"
         if not span.closed:
-            return _figure("", f"{what}: continues in the next row (not decoded)")
+            why = "continues in the next row" if continues else "has no closing delimiter"
+            return _figure("", f"{what}: {why} (not decoded)")
         self.writer.write(span, stem)
         if span.path is None:
             return _figure("", f"{what}: {span.note}")
