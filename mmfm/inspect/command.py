@@ -158,9 +158,14 @@ def _layout(
     """The id layout of the rows (the demo's, or the vocabulary's with the trained visual
     tokenizers' sizes) and the visual tokenizers that decode their codes."""
     demo = all(p.startswith("builtin:demo") for s in cfg.data.source_list() for p in s.paths)
+    if demo:
+        if vocab_file is not None or recipe is not None:
+            raise ConfigError(
+                f"{data}: builtin:demo has its own small vocabulary; leave out --vocab, "
+                "--tokenizers and data.vocab"
+            )
+        return demo_layout(), None
     if vocab_file is None:
-        if demo:
-            return demo_layout(), None
         raise ConfigError(
             f"{data}: no vocabulary to read its ids with: pass --vocab VOCAB.json (mmfm prepare "
             "writes it next to the shards) or --tokenizers RECIPE (the tokenizer recipe)"

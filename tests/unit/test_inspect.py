@@ -118,6 +118,22 @@ def test_demo_statistics_count_the_rows(demo):
     assert re.search(r"<th>data</th><td>(\d+)</td><td>100.0%</td>", page)[1] == str(shown)
 
 
+def test_a_document_split_across_rows_is_shown_in_pieces(tmp_path):
+    """Rows of 48 tokens split the demo's documents (up to 200 tokens): each piece says which
+    of its document's tokens it holds, in a dashed box, and a span cut by the row's end is
+    not decoded but said to continue."""
+    out = tmp_path / "out"
+    run(InspectArgs("builtin:demo", ["data.seq_len=48"], str(out), rows=4, progress=False))
+    page = (out / "index.html").read_text()
+    pieces = re.findall(r"its tokens (\d+)\.\.(\d+) of (\d+), at (\d+)\.\.(\d+) of the row", page)
+    assert pieces and page.count('<div class="doc cut">') == len(pieces)
+    for start, end, length, a, b in (map(int, p) for p in pieces):
+        assert end - start == b - a <= 47 and (start > 0 or end < length - 1)
+    assert "continues in the next row (not decoded)" in page
+    with pytest.raises(ConfigError, match="builtin:demo has its own small vocabulary"):
+        run(InspectArgs("builtin:demo", out=str(tmp_path / "v"), vocab="vocab.json"))
+
+
 def test_learned_weights_of_a_hand_packed_row():
     """A token is learned with the weight of the target the token before it makes: none for
     a piece's first token, 0 inside a no-loss prompt, the modality's weight elsewhere."""
