@@ -2,12 +2,12 @@
 
 DATA_OR_RUN is shards in any `data.paths` syntax (a folder, files, patterns, `builtin:demo`),
 a training recipe, or a run directory (or checkpoint) whose `config.yaml` and `vocab.json`
-say which data and vocabulary it trained on. The rows come from the real loader
-(`mmfm.data.loader.StreamingLoader`, in this process, one loader per virtual stream), so
-mixing, shuffling and packing are the trainer's own; row i of every global batch is stream i,
-and `--rank R --ranks D` shows the streams data-parallel rank R of D trains on. Spans are
-split and decoded into media files by `mmfm.decoding` (`split_spans`, `SpanWriter`); the page
-itself is written by `report.py`. The output folder is checked before any row is read.
+say which data and vocabulary it trained on. Each stream shown is the trainer's
+`VirtualStream` (mmfm/data/stream.py) on the sources and settings the loader builds, in this
+process, so mixing, shuffling and packing are the trainer's own; row i of every global batch
+is stream i, and `--rank R --ranks D` shows the streams data-parallel rank R of D trains on.
+Spans are split and decoded into media files by `mmfm.decoding` (`split_spans`, `SpanWriter`);
+the page itself is written by `report.py`. The output folder is checked before any row is read.
 """
 
 from __future__ import annotations
@@ -233,24 +233,24 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
 def read_rows(
     cfg: Config, streams: Sequence[int], first: int, steps: int, progress: bool = True
 ) -> Iterator[Row]:
-    """Rows of `streams` at steps first .. first + steps - 1: each stream is the trainer's
-    `VirtualStream` with the loader's sources and settings (a stream's rows do not depend on
-    the others, nor on the number of ranks or workers); its row statistics say which pieces
-    of which documents each row holds. A stream whose sources ran dry ends early."""
+    """Rows of `streams` at steps first .. first + steps - 1, step by step: each stream is the
+    trainer's `VirtualStream` with the loader's sources and settings (a stream's rows depend
+    neither on the others nor on the number of ranks or workers); its row statistics say
+    which pieces of which documents each row holds. A stream whose sources ran dry stops."""
     from tqdm import tqdm
 
     loader = StreamingLoader(source_specs(cfg), stream_settings(cfg), 1, num_workers=0)
     names = loader.names
+    live = [VirtualStream(i, loader.sources, loader.settings) for i in streams]
     with tqdm(total=(first + steps) * len(streams), unit="row", disable=not progress) as bar:
-        for stream_id in streams:
-            stream = VirtualStream(stream_id, loader.sources, loader.settings)
-            for step in range(first + steps):
+        for step in range(first + steps):
+            for stream in list(live):
+                bar.update()
                 try:
                     arrays, stats, skipped = stream.next_row()
                 except SourcesExhausted:
-                    bar.update(first + steps - step)
-                    break
-                bar.update()
+                    live.remove(stream)
+                    continue
                 if step < first:
                     continue
                 counts = {names[i]: t for i, t in stats.tokens_by_source.items()}
@@ -258,4 +258,4 @@ def read_rows(
                 for r, placed in enumerate(stats.pieces):
                     row = {k: v[r] if stacked else v for k, v in arrays.items()}
                     pieces = [Piece(d.key, d.source, a, b, len(d.tokens)) for d, a, b in placed]
-                    yield Row(step, stream_id, row, pieces, counts, skipped)
+                    yield Row(step, stream.id, row, pieces, counts, skipped)

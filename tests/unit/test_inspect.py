@@ -271,10 +271,11 @@ def test_a_run_directory_gives_its_data_and_vocabulary(prepared, tmp_path):
     )
     shutil.copy(root / "shards" / "vocab.json", run_dir / "vocab.json")
     out = tmp_path / "out"
-    run(InspectArgs(str(run_dir), out=str(out), rank=1, ranks=2, rows=1, progress=False))
+    run(InspectArgs(str(run_dir), out=str(out), rank=1, ranks=2, rows=2, progress=False))
     page = (out / "index.html").read_text()
     assert f"the data of the run {run_dir}" in page and "seq_len 300" in page
-    assert re.findall(r"<h2>row \d+: step 0, stream (\d+)</h2>", page) == ["2", "3"]
+    shown = re.findall(r"<h2>row \d+: step (\d+), stream (\d+)</h2>", page)
+    assert shown == [("0", "2"), ("0", "3"), ("1", "2"), ("1", "3")]  # step by step
 
 
 def test_one_source_of_a_mix(prepared, tmp_path):
