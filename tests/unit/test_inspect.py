@@ -45,6 +45,8 @@ ICON = (
     '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect x="2" y="2" width="12" '
     'height="12" fill="red"/><text x="1" y="9">&lt;script&gt;alert(1)&lt;/script&gt;</text></svg>'
 )
+NOTES = 'notes"><svg onload="alert(3)">'
+"""A document source that is markup (the shards say where each document came from)."""
 ATTACK = '<script>document.body.dataset.pwned="1"</script><img src=x onerror="alert(1)">'
 """Text a hostile corpus may hold: run as markup, it would mark the page."""
 
@@ -173,7 +175,7 @@ def prepared(tmp_path_factory, real_data):
         VideoRecord("clip", frames, "a cat upside down", "clips"),
         SvgRecord("icon", ICON, "icons"),
         DnaRecord("seq", "ACGTTGCA" * 12, None, "genome"),
-        TextRecord("notes", ATTACK, "notes"),
+        TextRecord("notes", ATTACK, NOTES),
     ]
     shards = root / "shards"
     shards.mkdir()
@@ -206,8 +208,9 @@ def test_prepared_shards_show_every_modality_decoded(prepared):
     assert f'<pre class="dna">{"ACGTTGCA" * 12}</pre>' in page
     for kind in ("image", "mask", "video", "dna", "svg", "text"):
         assert re.search(rf'<th class="k-{kind}">{kind}</th><td>[1-9]', page), kind
-    for source in ("masks", "clips", "icons", "genome", "notes"):
-        assert re.search(rf"<th>{source}</th>(<td>\d+</td>)+</tr>", page), source
+    for source in ("masks", "clips", "icons", "genome", NOTES):  # the documents' sources
+        shown = re.escape(html.escape(source))
+        assert re.search(rf"<th>{shown}</th>(<td>\d+</td>)+</tr>", page), source
 
 
 def test_hostile_text_in_the_data_is_escaped(prepared):
@@ -215,6 +218,7 @@ def test_hostile_text_in_the_data_is_escaped(prepared):
     page = (out / "index.html").read_text()
     assert page.count("<script") == 1  # the page's own
     assert "<img src=x" not in page and "<script>document" not in page
+    assert "<svg onload" not in page  # a document source
     text = html.unescape(re.sub(r"<[^>]+>", "", page))  # what a reader sees
     assert 'document.body.dataset.pwned="1"' in text
     assert 'onerror="alert(1)"' in text
