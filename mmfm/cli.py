@@ -16,6 +16,7 @@ mmfm tokenizer train RECIPE.yaml [key=value ...]   train a tokenizer set or a vi
 mmfm tokenizer encode RECIPE.yaml FILE ...         show a file's tokens
 mmfm tokenizer decode RECIPE.yaml ID ...           ids (or stdin) back to content
 mmfm generate MODEL --prompt TEXT [--modality M]   sample a checkpoint or HF folder into files
+mmfm inspect DATA_OR_RUN [--out DIR] [--rows N]    packed rows as the trainer sees them (HTML)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ EXAMPLES = """examples:
       --modality image --out generations
   mmfm generate ckpt --prompt "{image} segment the cat" --image cat.png --modality mask \
       --tokenizers tokenizers/multimodal.yaml
+  mmfm inspect builtin:demo data.seq_len=256 --rows 4 --out inspect-demo
+  mmfm inspect runs/mine --step 1000 --rank 3 --ranks 8 --tokenizers tokenizers/multimodal.yaml
 """
 
 
@@ -152,7 +155,51 @@ def _parser() -> argparse.ArgumentParser:
     _add_slurm_parser(sub)
     _add_eval_parser(sub)
     _add_generate_parser(sub)
+    _add_inspect_parser(sub)
     return parser
+
+
+def _add_inspect_parser(sub) -> None:
+    ins = sub.add_parser(
+        "inspect",
+        help="packed rows as the trainer sees them, spans decoded: a static HTML report",
+    )
+    ins.add_argument(
+        "data",
+        help="prepared shards (a folder, files, a pattern, builtin:demo), a training recipe, "
+        "or a run directory / checkpoint (its config.yaml and vocab.json)",
+    )
+    ins.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=512 train.seed=3"
+    )
+    ins.add_argument("--out", default="inspect", help="folder for index.html and media/")
+    ins.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    ins.add_argument("--source", help="only this source of data.sources (default: the mix)")
+    ins.add_argument(
+        "--stream",
+        type=int,
+        default=0,
+        help="the virtual stream shown: row STREAM of every global batch (default 0)",
+    )
+    ins.add_argument(
+        "--rank",
+        type=int,
+        help="instead of --stream: every stream of data-parallel rank RANK of --ranks",
+    )
+    ins.add_argument("--ranks", type=int, default=1, help="the data-parallel size of --rank")
+    ins.add_argument(
+        "--step", type=int, default=0, help="the first step shown (earlier ones are read)"
+    )
+    ins.add_argument("--rows", type=int, default=4, help="steps shown (one row per stream each)")
+    ins.add_argument(
+        "--tokenizers",
+        help="the tokenizer recipe the data was made with: its visual tokenizers decode "
+        "image, mask and video codes (as for mmfm generate)",
+    )
+    ins.add_argument(
+        "--vocab", help="the data's vocab.json (default: the run's, data.vocab or the shards')"
+    )
+    ins.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_generate_parser(sub) -> None:
@@ -535,6 +582,7 @@ def _run(args: argparse.Namespace) -> None:
         "slurm": _slurm_command,
         "tokenizer": _tokenizer_command,
         "generate": _generate_command,
+        "inspect": _inspect_command,
         "eval": _eval_command,
         "train": _train_command,
     }
@@ -737,6 +785,28 @@ def _generate_command(args: argparse.Namespace) -> None:
             args.tokenizers,
             not args.no_constrain,
             args.fit,
+        )
+    )
+
+
+def _inspect_command(args: argparse.Namespace) -> None:
+    from mmfm.inspect.command import InspectArgs, run
+
+    run(
+        InspectArgs(
+            args.data,
+            args.overrides,
+            args.out,
+            args.source,
+            args.stream,
+            args.rank,
+            args.ranks,
+            args.step,
+            args.rows,
+            args.tokenizers,
+            args.vocab,
+            args.overwrite,
+            not args.no_progress,
         )
     )
 

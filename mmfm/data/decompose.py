@@ -125,6 +125,7 @@ class Decomposer:
                 counts[piece.source] = counts.get(piece.source, 0) + piece.remaining
                 stats.docs += 1
             stats.pad += row.free
+            stats.pieces.append(row.pieces)
             rows.append(row.finish())
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, stats
 

@@ -128,6 +128,9 @@ class RowStats:
     tokens_by_source: dict[int, int] = field(default_factory=dict)
     dry: bool = False
     """The stream has no document left after this row."""
+    pieces: list[list[tuple[Document, int, int]]] = field(default_factory=list)
+    """(document, start, end) of every piece placed, per row (decompose: per stacked row), in
+    row order: which documents a row holds (`mmfm inspect`)."""
 
 
 class Packer:
@@ -168,6 +171,7 @@ class Packer:
                 self.buffer.remove(choice)
                 stats.docs += 1
         stats.pad = row.free
+        stats.pieces.append(row.pieces)
         return row.finish(), stats
 
     def _fill(self, pull: Callable[[], Pending], stats: RowStats) -> None:

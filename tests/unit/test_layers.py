@@ -31,10 +31,11 @@ LAYERS: dict[str, set[str]] = {
     "generate": {
         *("core", "config", "tokenization", "data", "model", "decoding", "train", "convert"),
     },
+    "inspect": {"core", "config", "tokenization", "data", "decoding"},
     "testing": {"core", "config", "tokenization", "data", "model", "parallel", "train"},
     "cli": {
         *("core", "config", "tokenization", "data", "model", "parallel", "prepare", "slurm"),
-        *("decoding", "train", "convert", "generate"),
+        *("decoding", "train", "convert", "generate", "inspect"),
     },
     "main": {"cli"},
 }

@@ -1,0 +1,1 @@
+"""`mmfm inspect`: packed rows as the trainer sees them, as a static HTML report."""
