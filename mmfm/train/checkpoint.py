@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
@@ -185,6 +186,7 @@ class Checkpointer:
                         tensors,
                         storage_writer=self.storage_writer(tmp),
                         process_group=self.async_group,
+                        no_dist=not dist.is_initialized(),  # one process: as dcp.save infers
                     )
                     self._in_flight = _InFlight(step, tmp, final, state, config_yaml, future)
                     return final
