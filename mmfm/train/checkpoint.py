@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -111,6 +112,13 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def _quiet_writer_thread() -> None:
+    """DCP's warning that it saves without a process group, which a background save in one
+    process gives from its writer thread, where `_single_process_quiet` (warning filters are
+    per process, and not thread-safe to change) cannot reach: ignored for the process."""
+    warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+
+
 @dataclass
 class _InFlight:
     """A background save: DCP writes the tensors; the rest waits for `Checkpointer.finish`."""
@@ -171,6 +179,8 @@ class Checkpointer:
         them at once): a thread writes the files, and `finish` marks the checkpoint complete.
         A save still in flight is finished first (at most one)."""
         self.finish()
+        if background and not dist.is_initialized():
+            _quiet_writer_thread()
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.tmp"
         if self.is_main:
