@@ -58,3 +58,13 @@ def test_loader_bench_raw_paths_read_the_same_tokens(tmp_path):
     pictures = [raw[f"raw image-text, {n} per call"] for n in ("1 picture", "16 pictures")]
     assert pictures[0]["tokens"] == pictures[1]["tokens"] > 0  # the same documents
     assert all(row["workers_per_step"] > 0 for row in raw.values())
+
+
+def test_checkpoint_async_bench_times_both_modes(tmp_path):
+    out = tmp_path / "checkpoint_async.json"
+    run("bench/checkpoint_async.py", "--dim", "64", "--layers", "1", "--steps", "3", "--every",
+        "2", "--repeats", "1", "--dir", str(tmp_path), "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [len(runs[mode][0]["blocked_s"]) for mode in ("sync", "async")] == [1, 1]
+    assert len(runs["async"][0]["write_s"]) == 1 and report["summary"]["async_over_sync"] > 0
