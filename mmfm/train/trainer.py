@@ -14,8 +14,9 @@ Communication per step, kept as low as torchtitan and OLMo-core keep it: the tar
 (one vector, a count per modality) are reduced before the loss and the gradient norm before
 clipping; everything else the ranks must agree on travels in one all_reduce that is read to
 the host once (`StepFlags`): whether any rank got a stop signal, whether the loss or gradient
-norm is non-finite, the data counters (exhaustion depends on them) and, on a step that
-reports (logged, printed or validated), the metrics. Other steps reduce no metrics and
+norm is non-finite, whether a background checkpoint write still runs (checkpoint.async_save),
+the data counters (exhaustion depends on them) and, on a step that reports (logged, printed
+or validated), the metrics. Other steps reduce no metrics and
 return none.
 """
 
