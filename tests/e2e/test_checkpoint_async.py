@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from mmfm.testing import read_metrics
 from mmfm.train import checkpoint as checkpoint_module
 from mmfm.train.callbacks import Callback
-from mmfm.train.checkpoint import Checkpointer, CheckpointError
+from mmfm.train.checkpoint import Checkpointer, CheckpointError, is_complete
 from mmfm.train.command import build_trainer, train
 
 from helpers import SignalAt
@@ -177,3 +177,14 @@ def test_failed_background_write_is_reported_and_resume_takes_the_previous(
     assert train(tiny_config(*common, "train.resume=auto")).step == 6
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 7))
     assert [p.name for p in Checkpointer(ckpt_dir, 3).complete()] == ["step_2", "step_4", "step_6"]
+
+
+def test_the_best_checkpoint_is_copied_from_a_complete_one(tiny_config, tmp_path):
+    # Validation (steps 2 and 4) keeps the best checkpoint while the background save of the
+    # step before may be in flight: its save waits for that write and completes its own.
+    val = ["eval.paths=[builtin:demo]", "eval.every=2", "eval.steps=1", "eval.keep_best=true"]
+    train(tiny_config("train.steps=4", "checkpoint.every=1", ASYNC, NO_WORKER, *val))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    best = json.loads((ckpt_dir / "best" / "best.json").read_text())
+    assert is_complete(ckpt_dir / "best") and best["step"] in (2, 4)
+    assert [p.name for p in Checkpointer(ckpt_dir, 3).complete()] == ["step_2", "step_3", "step_4"]
