@@ -26,7 +26,7 @@ def weights(run_dir, step: int) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.slow  # three 2-rank runs: 25-40 s on 2 loaded cores
+@pytest.mark.slow  # three 2-rank runs: 43-63 s on 2 loaded cores
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_async_save_and_resume_equal_sync(name, tmp_path):
     run = [*MODEL, f"data.cache_dir={tmp_path / 'cache'}", *LAYOUTS[name]]

@@ -71,7 +71,7 @@ def _count_async_saves(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.slow  # four short runs: 20-35 s on 2 loaded cores
+@pytest.mark.slow  # four short runs: 21-30 s on 2 loaded cores
 def test_async_run_and_resume_equal_the_synchronous_run(tiny_config, tmp_path, monkeypatch):
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     common = ["train.steps=4", "checkpoint.every=1", NO_WORKER]
