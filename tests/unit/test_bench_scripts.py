@@ -68,4 +68,3 @@ def test_loader_bench_raw_paths_read_the_same_tokens(tmp_path):
     pictures = [raw[f"raw image-text, {n} per call"] for n in ("1 picture", "16 pictures")]
     assert pictures[0]["tokens"] == pictures[1]["tokens"] > 0  # the same documents
     assert all(row["workers_per_step"] > 0 for row in raw.values())
-
