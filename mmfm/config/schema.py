@@ -595,6 +595,13 @@ class CheckpointConfig:
     """Number of newest complete checkpoints to keep; older ones are deleted."""
     at_end: bool = True
     """Save a checkpoint when training finishes."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP's async_save): the step waits only while this
+    rank's state is copied to host memory, a thread writes the files while training goes on,
+    and the checkpoint gets its COMPLETE marker once every rank's files are on disk. At most
+    one save is in flight: the next save, the end of the run and a stop signal wait for it. A
+    failed write stops the run at the next step; the previous checkpoint stays the one
+    train.resume=auto picks. Costs host memory for one copy of the rank's state."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)")

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,7 @@ class ParallelEnv:
     dims: ParallelDims
     mesh: DeviceMesh | None
     flat_meshes: dict[str, DeviceMesh]
+    _checkpoint_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, device_name: str) -> ParallelEnv:
@@ -163,6 +164,17 @@ class ParallelEnv:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def checkpoint_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of every rank for the collectives of background checkpoint writes
+        (None in one process): a thread that shared the training's group would interleave its
+        collectives with the step's in an order that differs between ranks. Every rank must
+        call this, at the same point, the first time."""
+        if self.world_size == 1:
+            return None
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     def close(self) -> None:
         if dist.is_initialized():

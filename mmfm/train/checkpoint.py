@@ -14,17 +14,23 @@ executed beyond DCP's own metadata classes, and every name, shape and file is ch
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mmfm.config import Config, load_config
@@ -107,6 +113,25 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def _quiet_writer_thread() -> None:
+    """DCP's warning that it saves without a process group, which a background save in one
+    process gives from its writer thread, where `_single_process_quiet` (warning filters are
+    per process, and not thread-safe to change) cannot reach: ignored for the process."""
+    warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+
+
+@dataclass
+class _InFlight:
+    """A background save: DCP writes the tensors; the rest waits for `Checkpointer.finish`."""
+
+    step: int
+    tmp: Path
+    final: Path
+    state: dict
+    config: str
+    future: Future
+
+
 class Checkpointer:
     """Saves, finds, loads and prunes the checkpoints of one run.
 
@@ -121,12 +146,17 @@ class Checkpointer:
         is_main: bool = True,
         barrier=lambda: None,
         extra_files: tuple[Path, ...] = (),
+        async_group=None,
     ):
         self.root = Path(root)
         self.keep = keep
         self.is_main, self.barrier = is_main, barrier
         self.extra_files = extra_files
         """Files copied into every checkpoint (the vocabulary)."""
+        self.async_group = async_group
+        """The process group of background writes' collectives (`ParallelEnv.checkpoint_group`:
+        not the training's own); None in one process."""
+        self._in_flight: _InFlight | None = None
 
     def step_dirs(self) -> list[Path]:
         """Every `step_<N>` directory, complete or not, oldest first."""
@@ -142,7 +172,16 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, tensors: dict, state: dict, config_yaml: str) -> Path:
+    def save(
+        self, step: int, tensors: dict, state: dict, config_yaml: str, background: bool = False
+    ) -> Path:
+        """Checkpoint `step`; every rank calls it. With `background`, return once `tensors`
+        are copied (DCP's async_save stages them before it returns, so the caller may change
+        them at once): a thread writes the files, and `finish` marks the checkpoint complete.
+        A save still in flight is finished first (at most one)."""
+        self.finish()
+        if background and not dist.is_initialized():
+            _quiet_writer_thread()
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.tmp"
         if self.is_main:
@@ -151,20 +190,82 @@ class Checkpointer:
         self.barrier()
         try:
             with _single_process_quiet():
-                dcp.save(tensors, checkpoint_id=tmp)
+                if not background:
+                    dcp.save(tensors, checkpoint_id=tmp)
+                else:
+                    future = dcp.async_save(
+                        tensors,
+                        storage_writer=self.storage_writer(tmp),
+                        process_group=self.async_group,
+                        no_dist=not dist.is_initialized(),  # one process: as dcp.save infers
+                    )
+                    self._in_flight = _InFlight(step, tmp, final, state, config_yaml, future)
+                    return final
+        except (OSError, CheckpointException) as e:
+            raise self._write_failed(final, tmp, e) from None
+        self._complete(step, tmp, final, state, config_yaml)
+        return final
+
+    def storage_writer(self, path: Path) -> FileSystemWriter:
+        """DCP's writer of a background save's directory (each file fsynced before the write
+        returns, as `dcp.save`'s own)."""
+        return FileSystemWriter(path, sync_files=True)
+
+    def writing(self) -> bool:
+        """Whether this rank's background write is still running (not done nor failed)."""
+        return self._in_flight is not None and not self._in_flight.future.done()
+
+    @property
+    def in_flight(self) -> Path | None:
+        """The checkpoint a background write is making, until `finish` completes it."""
+        return None if self._in_flight is None else self._in_flight.final
+
+    def finish(self) -> None:
+        """Wait for the background write (if any) on this rank, then, once every rank's files
+        are durable (a barrier), write the JSON state and the marker: the checkpoint is
+        complete. A failed write raises `CheckpointError` here, on every rank (DCP hands each
+        rank the failure), after removing its temporary directory."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return
+        try:
+            with _single_process_quiet():
+                pending.future.result()
+        except (OSError, CheckpointException) as e:
+            raise self._write_failed(pending.final, pending.tmp, e) from None
+        self.barrier()
+        self._complete(pending.step, pending.tmp, pending.final, pending.state, pending.config)
+
+    def abandon(self) -> None:
+        """On the way out of a failing run: let this rank's background write end (its thread
+        holds the process group) and leave it unmarked, so the previous checkpoint stays the
+        newest complete one. No collective: the other ranks may be gone."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is not None:
+            # The run's own error is the one to report.
+            with contextlib.suppress(Exception, CheckpointException):
+                pending.future.result()
+            log.warning(
+                "checkpoint %s was being written when the run failed: left incomplete",
+                pending.final,
+            )
+
+    def _complete(self, step: int, tmp: Path, final: Path, state: dict, config_yaml: str) -> None:
+        """After every rank's tensors are written: the JSON state, the config, the extra files
+        and, last, the marker; the directory is published and old ones pruned."""
+        try:
             if self.is_main:
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
                 (tmp / CONFIG_FILE).write_text(config_yaml)
                 for path in self.extra_files:
                     shutil.copyfile(path, tmp / path.name)
                 (tmp / COMPLETE_FILE).write_text(f"{step}\n")  # last: the rest is on disk
-        except (OSError, CheckpointException) as e:
+        except OSError as e:
             raise self._write_failed(final, tmp, e) from None
         if self.is_main:
             self._publish(tmp, final)
             self._prune()
         self.barrier()
-        return final
 
     def _write_failed(self, final: Path, tmp: Path, e: BaseException) -> CheckpointError:
         if isinstance(e, CheckpointException):  # DCP's wrapper: the first rank's own error
@@ -249,25 +350,36 @@ class Checkpointer:
 class Checkpointing(Callback):
     """Saves the trainer's state every `every` steps (not at the last step: `at_end` decides),
     after a stop signal, and with `at_end` when the run ends; never twice at one step (the
-    best checkpoint may have written it, `save_once`)."""
+    best checkpoint may have written it, `save_once`).
 
-    def __init__(self, every: int, at_end: bool):
-        self.every, self.at_end = every, at_end
+    With `background` (checkpoint.async_save) the periodic saves are written while training
+    goes on: the step after every rank's write ended (the trainer's `StepFlags` say so, in
+    the all_reduce the step makes anyway) completes the checkpoint, or reports its failure;
+    the next save, the end of the run and a stop signal wait for it."""
+
+    def __init__(self, every: int, at_end: bool, background: bool = False):
+        self.every, self.at_end, self.background = every, at_end, background
         self._saved: tuple[int, Path] | None = None
 
     def on_fit_start(self, start_step: int, total_steps: int) -> None:
         self.total = total_steps
 
-    def save_once(self) -> Path:
-        """A checkpoint of this step, unless one was already written."""
+    def save_once(self, background: bool = False) -> Path:
+        """A checkpoint of this step, unless one was already written; complete when it
+        returns unless `background`."""
         step = self.trainer.step
         if self._saved is None or self._saved[0] != step:
-            self._saved = step, self.trainer.save()
+            self._saved = step, self.trainer.save(background)
+        if not background:
+            self.trainer.checkpointer.finish()
         return self._saved[1]
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        checkpointer = self.trainer.checkpointer
+        if checkpointer.in_flight is not None and not self.trainer.writes_pending:
+            checkpointer.finish()  # every rank's write ended before this step's all_reduce
         if self.every and step % self.every == 0 and step < self.total:
-            self.save_once()
+            self.save_once(self.background)
 
     def on_train_end(self, stopped_by: str | None) -> None:
         if stopped_by is not None:
@@ -277,6 +389,11 @@ class Checkpointing(Callback):
             )
         elif self.at_end:
             self.save_once()
+        self.trainer.checkpointer.finish()
+
+    def on_fit_end(self) -> None:
+        """A run that failed leaves a write in flight incomplete (finished runs have none)."""
+        self.trainer.checkpointer.abandon()
 
 
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -194,11 +194,13 @@ def build_trainer(cfg: Config) -> Trainer:
         cfg.train.micro_batch_size,
     )
     extra = (run_dir / VOCAB_FILE,) if vocab is not None else ()
+    ckpt = cfg.checkpoint
+    group = env.checkpoint_group() if ckpt.async_save else None
     checkpointer = Checkpointer(
-        checkpoint_dir(cfg), cfg.checkpoint.keep, env.is_main, env.barrier, extra
+        checkpoint_dir(cfg), ckpt.keep, env.is_main, env.barrier, extra, group
     )
     # In this order: validation adds val/* before the reporters see the step's metrics.
-    checkpointing = Checkpointing(cfg.checkpoint.every, cfg.checkpoint.at_end)
+    checkpointing = Checkpointing(ckpt.every, ckpt.at_end, ckpt.async_save)
     callbacks = [*_validation(cfg, env, runner, vocab, checkpointing, checkpointer)]
     scores = build_task_scores(cfg, env, model, vocab)  # task/* before the reporters, as val/*
     callbacks += [scores] if scores is not None else []

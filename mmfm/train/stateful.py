@@ -126,10 +126,14 @@ def state_dicts(components: Sequence[Stateful]) -> tuple[dict, dict]:
 
 
 def save_states(
-    checkpointer: Checkpointer, step: int, components: Sequence[Stateful], config_yaml: str
+    checkpointer: Checkpointer,
+    step: int,
+    components: Sequence[Stateful],
+    config_yaml: str,
+    background: bool = False,
 ) -> Path:
     tensors, state = state_dicts(components)
-    return checkpointer.save(step, tensors, state, config_yaml)
+    return checkpointer.save(step, tensors, state, config_yaml, background)
 
 
 def load_states(

@@ -14,8 +14,9 @@ Communication per step, kept as low as torchtitan and OLMo-core keep it: the tar
 (one vector, a count per modality) are reduced before the loss and the gradient norm before
 clipping; everything else the ranks must agree on travels in one all_reduce that is read to
 the host once (`StepFlags`): whether any rank got a stop signal, whether the loss or gradient
-norm is non-finite, the data counters (exhaustion depends on them) and, on a step that
-reports (logged, printed or validated), the metrics. Other steps reduce no metrics and
+norm is non-finite, whether a background checkpoint write still runs (checkpoint.async_save),
+the data counters (exhaustion depends on them) and, on a step that reports (logged, printed
+or validated), the metrics. Other steps reduce no metrics and
 return none.
 """
 
@@ -88,6 +89,9 @@ class StepFlags:
 
     stop: bool
     """Some rank got a stop signal: every rank stops after this step."""
+    writing: int
+    """How many ranks' background checkpoint write was still running (0: every rank's files
+    are written, or none is in flight; `checkpoint.Checkpointing` then completes it)."""
     finite: bool
     """The loss and the gradient norm are finite on every rank: the optimizer steps."""
     data_counts: list[float]
@@ -127,6 +131,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.stop_agreed = False
         """Whether some rank had a stop signal at the last step's `StepFlags`."""
+        self.writes_pending = 0
+        """`StepFlags.writing` of the last step."""
         # One rank per distinct copy adds a value to `StepFlags` (see `_agree`).
         replicas = ("cp", "tp", "pp")
         self._adds_data_counts = all(env.coordinate(d) == 0 for d in replicas)
@@ -221,7 +227,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.env)
         stopping = stop is not None and stop.received is not None
         flags = self._agree(step_loss.totals(), grad_norm, report, stopping)
-        self.stop_agreed = flags.stop
+        self.stop_agreed, self.writes_pending = flags.stop, flags.writing
         lr = self.scheduler.get_last_lr()[0]
         stepped = self._step_if_finite(flags.finite)
         with warnings.catch_warnings():
@@ -242,8 +248,9 @@ class Trainer:
     ) -> StepFlags:
         """The step's `StepFlags`: one all_reduce over every rank, one host read.
 
-        Every rank adds its stop flag and whether its loss or the gradient norm is non-finite
-        (the summed loss is finite exactly when every rank's share is). The other values are
+        Every rank adds its stop flag, whether its loss or the gradient norm is non-finite
+        (the summed loss is finite exactly when every rank's share is) and whether its
+        background checkpoint write is still running. The other values are
         added by one rank per distinct copy, the others adding zeros, so that the sum equals
         the reductions over groups it replaces: data counters by one rank per data-parallel
         rank, the loss statistics (summed over dp_cp and pp before) by tensor-parallel rank
@@ -252,7 +259,12 @@ class Trainer:
         counts = self.loader.step_counts()
         head = self._on_device(
             torch.tensor(
-                [float(stop), 0.0, *(counts if self._adds_data_counts else [0.0] * len(counts))]
+                [
+                    float(stop),
+                    0.0,
+                    float(self.checkpointer.writing()),
+                    *(counts if self._adds_data_counts else [0.0] * len(counts)),
+                ]
             )
         )
         head[1] = ~(torch.isfinite(stats[:2]).all() & torch.isfinite(grad_norm))
@@ -262,11 +274,12 @@ class Trainer:
             parts += [norm if self.env.is_main else torch.zeros_like(norm)]
             parts += [stats if self._adds_loss_stats else torch.zeros_like(stats)]
         values = self.env.all_reduce_world(torch.cat(parts)).tolist()
-        n = 2 + len(counts)
+        n = 3 + len(counts)
         return StepFlags(
             stop=values[0] > 0,
             finite=values[1] == 0,
-            data_counts=values[2:n],
+            writing=round(values[2]),
+            data_counts=values[3:n],
             reported=values[n:] if report else None,
         )
 
@@ -328,8 +341,10 @@ class Trainer:
         """(tensors for DCP, JSON-able state) of everything a resume needs (`states`)."""
         return state_dicts(self.states)
 
-    def save(self) -> Path:
-        return save_states(self.checkpointer, self.step, self.states, to_yaml(self.cfg))
+    def save(self, background: bool = False) -> Path:
+        """Checkpoint this step (`background`: see `Checkpointer.save`)."""
+        states, config = self.states, to_yaml(self.cfg)
+        return save_states(self.checkpointer, self.step, states, config, background)
 
     def load_model(self, path: str | Path, data: bool = False) -> None:
         """Model weights only (train.init_from): optimizer, schedule and data start fresh,

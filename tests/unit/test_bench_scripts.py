@@ -49,6 +49,16 @@ def test_cross_entropy_bench_runs():
     assert out.count("| chunked |") == 2 and out.count("| torch |") == 2
 
 
+def test_checkpoint_async_bench_times_both_modes(tmp_path):
+    out = tmp_path / "checkpoint_async.json"
+    run("bench/checkpoint_async.py", "--dim", "64", "--layers", "1", "--steps", "3", "--every",
+        "2", "--repeats", "1", "--dir", str(tmp_path), "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [len(runs[mode][0]["blocked_s"]) for mode in ("sync", "async")] == [1, 1]
+    assert len(runs["async"][0]["write_s"]) == 1 and report["summary"]["async_over_sync"] > 0
+
+
 def test_loader_bench_raw_paths_read_the_same_tokens(tmp_path):
     out = tmp_path / "loader.json"
     run("bench/loader.py", "--raw-only", "--repeats", "1", "--verses", "20", "--photos", "2",

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, retention, and refusing unsafe or incomplete checkpoints."""
 
 import errno
+import gc
 import os
 import pickle
 import pickletools
@@ -240,3 +241,34 @@ def test_pruning_removes_the_marker_first(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.complete()] == ["step_2"]
     ckpt.save(3, tensors(), {"step": 3}, "")  # the next prune removes the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3"]
+
+
+# -- background saves (checkpoint.async_save) -----------------------------------------------
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+
+def test_background_saves_complete_at_finish_and_hold_no_copies_after(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    live = {"model": {"w": torch.zeros(1 << 16)}}
+    counts = {}
+    for step in range(1, 5):
+        path = ckpt.save(step, live, {"step": step}, "", background=True)
+        live["model"]["w"].fill_(-1.0)  # the staged copy is the step's, not this
+        assert ckpt.in_flight == path and not (path / "COMPLETE").exists()
+        ckpt.finish()  # also what the next save does first
+        assert ckpt.in_flight is None and ckpt.latest() == path
+        target = tensors()
+        target["model"] = {"w": torch.ones(1 << 16)}
+        del target["rng"]
+        Checkpointer.load(path, target)
+        assert torch.equal(target["model"]["w"], torch.full((1 << 16,), float(step - 1)))
+        live["model"]["w"].fill_(float(step))
+        del target
+        if step in (2, 4):
+            counts[step] = _live_tensors()
+    assert [p.name for p in ckpt.complete()] == ["step_3", "step_4"]
+    assert counts[4] <= counts[2], counts  # staged copies are freed: no growth per save
