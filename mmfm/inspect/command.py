@@ -23,7 +23,7 @@ from mmfm.core.errors import InputNotFound
 from mmfm.core.files import make_folder
 from mmfm.data.loader import StreamingLoader, rank_streams, source_specs, stream_settings
 from mmfm.data.stream import SourcesExhausted, VirtualStream
-from mmfm.decoding.layout import Layout, demo_layout
+from mmfm.decoding.layout import Layout, demo_layout, visual_sizes
 from mmfm.inspect.report import Piece, Row, write_report
 from mmfm.tokenization.recipe import load_recipe
 from mmfm.tokenization.visual.records import VisualTokenizers
@@ -183,12 +183,7 @@ def _layout(
             "tokenizer recipe the data was prepared with"
         )
     visual = VisualTokenizers(tokenizers, vocab)
-    slots = {"image": tokenizers.image_tokenizer, "mask": tokenizers.mask_tokenizer}
-    slots["video"] = tokenizers.video_tokenizer
-    models = {name: visual.model(name) for name, path in slots.items() if path}
-    sizes = {name: m.tokens_per_item for name, m in models.items()}
-    codes = {name: m.num_codes for name, m in models.items()}
-    return Layout.from_vocab(vocab, sizes, codes), visual
+    return Layout.from_vocab(vocab, *visual_sizes(tokenizers, visual)), visual
 
 
 def _streams(cfg: Config, args: InspectArgs) -> list[int]:
