@@ -5,8 +5,9 @@ The weights are gathered to rank 0 as samples gather them (samples.py: every ran
 rank 0 builds a plain one-process copy); rank 0 runs each task (`run_task`: batched generation
 under the span grammar, seeded) with the training RNG restored afterwards, and its
 `task/<name>/<metric>` values join the step's metrics before the reporters see them
-(metrics.jsonl, TensorBoard, W&B, MLflow). Each task's tokenizers and examples are read when
-the run is built, on every rank, so that a bad source stops the run before its first step.
+(metrics.jsonl, TensorBoard, W&B, MLflow). Each task's tokenizers and examples are read and
+its prompts tokenized once, when the run is built, on every rank, so that a bad source or a
+prompt too long for the model stops the run before its first step.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import time
 from torch import nn
 
 from mmfm.config import Config
-from mmfm.config.schema import TaskConfig
-from mmfm.decoding.layout import Layout
+from mmfm.decoding.engine import check_length
 from mmfm.parallel.env import ParallelEnv
-from mmfm.tasks.examples import read_examples
-from mmfm.tasks.run import run_task, task_layout, task_tokenizers
-from mmfm.tokenization.tokenizers import Tokenizers
+from mmfm.tasks.run import PreparedTask, task_layout, task_tokenizers
 from mmfm.tokenization.vocab import Vocab
 from mmfm.train.callbacks import Callback
 from mmfm.train.samples import gather_on_rank0, one_process_copy, untouched_rng
@@ -35,14 +33,17 @@ def build_task_scores(cfg: Config, env: ParallelEnv, model: nn.Module, vocab: Vo
     every task's tokenizers and examples checked on every rank."""
     if not cfg.eval.scoring:
         return None
-    sets = []
-    for task in cfg.eval.tasks:
+    tasks = []
+    for task in cfg.eval.tasks:  # a missing or unreadable source fails here, not at step N
         tokenizers = task_tokenizers(task, vocab)
-        read_examples(task)  # a missing or unreadable source fails here, not at step N
-        sets.append((task, task_layout(tokenizers), tokenizers))
+        prepared = PreparedTask(task, tokenizers, task_layout(tokenizers))
+        longest = max(map(len, prepared.prompts))
+        where = f"eval.tasks[{task.name}].max_new_tokens"
+        check_length(longest, prepared.sampling.max_new_tokens, cfg.model.max_seq_len, where)
+        tasks.append(prepared)
     names = ", ".join(task.name for task in cfg.eval.tasks)
     log.info("task scores: %s every %d steps", names, cfg.eval.tasks_every)
-    return TaskScores(cfg, env, model, sets)
+    return TaskScores(cfg, env, model, tasks)
 
 
 class TaskScores(Callback):
@@ -54,7 +55,7 @@ class TaskScores(Callback):
         cfg: Config,
         env: ParallelEnv,
         model: nn.Module,
-        tasks: list[tuple[TaskConfig, Layout, Tokenizers]],
+        tasks: list[PreparedTask],
     ):
         self.cfg, self.env, self.model, self.tasks = cfg, env, model, tasks
         self.every = cfg.eval.tasks_every
@@ -75,8 +76,8 @@ class TaskScores(Callback):
         model = one_process_copy(self.cfg, state, self.env.device)
         scores: dict[str, float] = {}
         with untouched_rng(self.env.device):
-            for task, layout, tokenizers in self.tasks:
-                scores |= run_task(task, model, layout, tokenizers)
+            for task in self.tasks:
+                scores |= task.run(model)
         del model
         scores["task/seconds"] = time.perf_counter() - start
         metrics.update(scores)
