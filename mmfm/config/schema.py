@@ -851,6 +851,7 @@ class Config:
             if stage is None:
                 raise
             raise ConfigError(f"{stage}: {e}") from None
+        self._check_mot()
         _require(
             not self.train.stages or self.checkpoint.at_end,
             "train.stages needs checkpoint.at_end=true: each stage starts from the last "
@@ -860,6 +861,21 @@ class Config:
             not self.train.stages or self.train.resume in ("none", "auto"),
             f"train.stages with train.resume={self.train.resume}: a run of stages resumes "
             "with train.resume=auto (each stage from its own newest checkpoint)",
+        )
+
+    def _check_mot(self) -> None:
+        if not self.model.mot.enabled:
+            return
+        p = self.parallel
+        _require(
+            p.tp == 1 or not p.sequence_parallel,
+            "model.mot with parallel.tp > 1 needs parallel.sequence_parallel=false (a group's "
+            "tokens are gathered from the whole row; MoT has no sequence-parallel plan yet)",
+        )
+        _require(
+            not p.compile,
+            "model.mot with parallel.compile=true: the per-batch group sizes would recompile "
+            "every block each step; set parallel.compile=false",
         )
 
     def _check_shapes(self) -> None:
