@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfm.config.schema import ModelConfig
 from mmfm.model.attention import permute_rows
 
 
 def token_groups(id_groups: list[tuple[int, int]], tokens: torch.Tensor) -> torch.Tensor:
     """The group index of every token id, `[batch, seq]`, from (first id, group) ranges."""
-    groups = torch.zeros_like(tokens)
+    groups = torch.full_like(tokens, id_groups[0][1])
     for start, group in id_groups[1:]:
         groups = torch.where(tokens >= start, group, groups)
     return groups
@@ -69,10 +68,26 @@ class Routing:
         return list(x.reshape(-1, x.shape[-1]).split(self.counts))
 
 
-def upcycled_name(name: str, cfg: ModelConfig) -> str | None:
-    """The dense parameter a MoT parameter `name` starts from (upcycling): a group's weights
-    are the dense block's, so every group begins as the dense model. None: not in a block."""
+def upcycled_name(name: str) -> str:
+    """The dense parameter that MoT parameter `name` starts from when a dense checkpoint is
+    upcycled: a group's weights are the dense block's (`layers.3.groups.vision.attention.wq`
+    <- `layers.3.attention.wq`); every other name is the dense one."""
     parts = name.split(".")
-    if parts[0] != "layers" or len(parts) < 4 or parts[2] != "groups":
-        return name
-    return ".".join([*parts[:2], *parts[4:]])
+    if len(parts) > 4 and parts[0] == "layers" and parts[2] == "groups":
+        return ".".join([*parts[:2], *parts[4:]])
+    return name
+
+
+def upcycle_rounds(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A MoT model's state dict as dicts keyed by dense names, one load of a dense checkpoint
+    each (DCP fills one tensor per name and load): the first holds every weight outside the
+    groups and the first group's, each next one another group's. The tensors are the state's
+    own, so the loads fill the model in place, whatever its sharding."""
+    rounds: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        parts = name.split(".")
+        group = parts[3] if upcycled_name(name) != name else ""
+        rounds.setdefault(group, {})[upcycled_name(name)] = tensor
+    first = rounds.pop("", {})
+    groups = list(rounds.values())
+    return [{**first, **groups[0]}, *groups[1:]] if groups else [first]
