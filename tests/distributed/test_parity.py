@@ -128,6 +128,14 @@ def test_mot_layout_matches_one_process(name, mot_base, mot_reference, tmp_path)
     assert_same_run(results[0], mot_reference)
 
 
+@pytest.mark.slow  # one 3-step run beside the MoT reference: 8-15 s
+def test_mot_activation_checkpoint_matches(mot_base, mot_reference, tmp_path):
+    got = train_metrics(
+        [*mot_base, "parallel.activation_checkpoint=1", f"train.run_dir={tmp_path}"]
+    )
+    assert_same_run(got, mot_reference)
+
+
 @pytest.mark.slow  # inductor compiles a block's forward and backward: 40-60 s on 2 cores
 def test_compiled_blocks_match_one_process(base, reference, tmp_path):
     # Four micro-batches a step, each its own document layout: one compile for all of them
