@@ -102,7 +102,7 @@ def test_single_process_options_match(base, reference, tmp_path):
 
 
 MOT = "model.mot.groups={language: [text, dna, svg], vision: [image, mask, video]}"
-MOT_LAYOUTS = ("tp2_no_sp", "fsdp2", "pp2_1f1b", "cp2")
+MOT_LAYOUTS = ("tp2_no_sp", "pp2_1f1b", "cp2")  # fsdp2: test_mot_fsdp2_matches_and_reshards
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,19 @@ def test_mot_layout_matches_one_process(name, mot_base, mot_reference, tmp_path)
     assert_same_run(results[0], mot_reference)
 
 
-@pytest.mark.slow  # one 3-step run beside the MoT reference: 8-15 s
-def test_mot_activation_checkpoint_matches(mot_base, mot_reference, tmp_path):
-    got = train_metrics(
-        [*mot_base, "parallel.activation_checkpoint=1", f"train.run_dir={tmp_path}"]
+@pytest.mark.slow  # 2 ranks, then one process: 15-25 s
+def test_mot_fsdp2_matches_and_reshards(mot_base, mot_reference, tmp_path):
+    """MoT at FSDP2 with every block's activations recomputed equals one process; its
+    checkpoint of step 2 resumes in one process with step 3 as the uninterrupted run's."""
+    saved = tmp_path / "fsdp2"
+    layout = [*LAYOUTS["fsdp2_activation_checkpoint"], "checkpoint.every=2"]
+    fsdp = run_distributed(train_metrics, 2, args=([*mot_base, *layout, f"train.run_dir={saved}"],))
+    assert_same_run(fsdp[0], mot_reference)
+    step2 = saved / "checkpoints" / "step_2"
+    single = train_metrics(
+        [*mot_base, f"train.resume={step2}", f"train.run_dir={tmp_path / 'one'}"]
     )
-    assert_same_run(got, mot_reference)
+    assert_same_run(single, mot_reference[2:])
 
 
 @pytest.mark.slow  # inductor compiles a block's forward and backward: 40-60 s on 2 cores
