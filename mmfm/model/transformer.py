@@ -228,18 +228,20 @@ class Transformer(nn.Module):
         if not self.cfg.mot.enabled:
             return None
         if groups is None:
-            if not self.id_groups:
-                raise ValueError(
-                    "model.mot.ranges is empty: set data.vocab (mmfm train fills the ranges "
-                    "from it) or model.mot.ranges"
-                )
             assert self.tok_embeddings is not None, "a later pipeline stage needs `groups`"
-            groups = token_groups(self.id_groups, tokens)
+            groups = self.groups_of(tokens)
         return Routing.of(groups, len(self.cfg.mot.groups))
 
     def groups_of(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Each token id's MoT group `[batch, seq]` (None for a dense model)."""
-        return token_groups(self.id_groups, tokens) if self.cfg.mot.enabled else None
+        if not self.cfg.mot.enabled:
+            return None
+        if not self.id_groups:
+            raise ValueError(
+                "model.mot.ranges is empty: set data.vocab (mmfm train fills the ranges from "
+                "it) or model.mot.ranges"
+            )
+        return token_groups(self.id_groups, tokens)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Transformer:
