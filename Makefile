@@ -34,6 +34,7 @@ lint:  ## lint and format check only
 
 bench:  ## the benchmarks whose results are recorded in bench/README.md
 	$(PYTHON) bench/attention.py
+	$(PYTHON) bench/mot_step.py
 	$(PYTHON) bench/memory_per_rank.py
 	$(PYTHON) bench/ring_attention.py
 	$(PYTHON) bench/tokenization.py

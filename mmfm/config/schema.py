@@ -38,6 +38,111 @@ def _require_positive(section: object, prefix: str, *names: str) -> None:
         _require(value > 0, f"{prefix}.{name} must be positive, got {value}")
 
 
+ROUTING_KINDS = ("text", "special")
+"""Kinds of id range besides the codebooks' modalities (`model.mot.ranges`)."""
+
+
+@dataclass
+class MotConfig:
+    """Mixture-of-Transformers (Liang et al. 2024, arXiv 2411.04996): every block holds, per
+    group of modalities, its own attention projections, norms and feed-forward; attention stays
+    global over the whole packed row; the embeddings and the output layer are shared. A token
+    is routed by the vocabulary range of its input id (docs/sparse_models.md)."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    """Named groups of modalities, e.g. {language: [text, dna, svg], vision: [image, mask,
+    video]}: every modality (the built-in ones and those registered) in exactly one group,
+    svg with text (SVG code is text ids). One group is the dense model. Empty: dense."""
+    specials: str = ""
+    """The group of the special and delimiter tokens (<bos>, <img>, </img>, <sep>, ...),
+    whose ids belong to no modality's range; empty: the group holding text."""
+    share_attention: bool = False
+    """One set of q/k/v/o projections for every group (the norms and the feed-forward stay
+    per group); false: each group has its own (the paper's and BAGEL's split)."""
+    ranges: list[str] = field(default_factory=list)
+    """The vocabulary's id ranges as `first_id:kind` from id 0 upwards (kind: text, special
+    or a codebook's modality), e.g. [0:special, 8:text, 264:image, 328:dna] for the demo
+    corpus. Empty: filled by mmfm train from data.vocab (or the demo corpus's layout) and
+    saved with the run's config."""
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            _require(
+                not self.share_attention and not self.specials and not self.ranges,
+                "model.mot.share_attention / specials / ranges need model.mot.groups: name the "
+                "groups of modalities, e.g. {language: [text, dna, svg], vision: [image, mask, "
+                "video]}",
+            )
+            return
+        owner: dict[str, str] = {}
+        for group, members in self.groups.items():
+            _require(
+                group.isidentifier() and bool(members),
+                f"model.mot.groups.{group}: a group is an identifier with at least one modality",
+            )
+            for name in members:
+                _require(
+                    name in MODALITY_NAMES,
+                    f"model.mot.groups.{group} names {name!r}, which is no modality: choose "
+                    f"among {', '.join(MODALITY_NAMES)}",
+                )
+                _require(
+                    name not in owner,
+                    f"model.mot.groups puts {name} in both {owner.get(name)} and {group}: "
+                    "keep it in one",
+                )
+                owner[name] = group
+        missing = [n for n in MODALITY_NAMES if n not in owner]
+        _require(
+            not missing,
+            f"model.mot.groups leaves out {', '.join(missing)}: put every modality in a group",
+        )
+        _require(
+            owner["svg"] == owner["text"],
+            f"model.mot.groups puts svg ({owner['svg']}) apart from text ({owner['text']}): SVG "
+            "code is text ids and routing goes by id, so put svg in text's group",
+        )
+        _require(
+            not self.specials or self.specials in self.groups,
+            f"model.mot.specials={self.specials!r} is no group of model.mot.groups "
+            f"({', '.join(self.groups)})",
+        )
+        self.id_groups()  # checks ranges
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.groups)
+
+    def group_of(self, kind: str) -> int:
+        """The index of the group of id-range kind `kind` (text, special or a modality)."""
+        if kind == "special" and self.specials:
+            return list(self.groups).index(self.specials)
+        kind = "text" if kind == "special" else kind
+        return next(i for i, members in enumerate(self.groups.values()) if kind in members)
+
+    def id_groups(self) -> list[tuple[int, int]]:
+        """(first id, group index) of each id range in `ranges`, increasing; adjacent ranges of
+        one group merged."""
+        out: list[tuple[int, int]] = []
+        previous = -1
+        for entry in self.ranges:
+            first, _, kind = str(entry).partition(":")
+            _require(
+                first.strip().isdigit() and kind in (*ROUTING_KINDS, *MODALITY_NAMES),
+                f"model.mot.ranges entry {entry!r}: write first_id:kind, kind one of "
+                f"{', '.join((*ROUTING_KINDS, *MODALITY_NAMES))}",
+            )
+            start, group = int(first), self.group_of(kind)
+            _require(
+                start == 0 if previous < 0 else start > previous,
+                f"model.mot.ranges must start at 0 and increase: {entry!r}",
+            )
+            previous = start
+            if not out or out[-1][1] != group:
+                out.append((start, group))
+        return out
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -78,6 +183,8 @@ class ModelConfig:
     """NEFTune (Jain et al. 2023) for fine-tuning: in training only, uniform noise in
     [-1, 1] x alpha / sqrt(L x dim) is added to the input embeddings, L being the row length
     (data.seq_len); off in eval and generation. The paper uses 5-15; 0: off."""
+    mot: MotConfig = field(default_factory=MotConfig)
+    """Mixture-of-Transformers: per-modality-group blocks (empty groups: a dense model)."""
 
     def __post_init__(self) -> None:
         _require_positive(self, "model", "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
@@ -977,6 +1084,7 @@ class Config:
             if stage is None:
                 raise
             raise ConfigError(f"{stage}: {e}") from None
+        self._check_mot()
         _require(
             not self.train.stages or self.checkpoint.at_end,
             "train.stages needs checkpoint.at_end=true: each stage starts from the last "
@@ -998,6 +1106,21 @@ class Config:
             not self.train.stages or self.train.resume in ("none", "auto"),
             f"train.stages with train.resume={self.train.resume}: a run of stages resumes "
             "with train.resume=auto (each stage from its own newest checkpoint)",
+        )
+
+    def _check_mot(self) -> None:
+        if not self.model.mot.enabled:
+            return
+        p = self.parallel
+        _require(
+            p.tp == 1 or not p.sequence_parallel,
+            "model.mot with parallel.tp > 1 needs parallel.sequence_parallel=false (a group's "
+            "tokens are gathered from the whole row; MoT has no sequence-parallel plan yet)",
+        )
+        _require(
+            not p.compile,
+            "model.mot with parallel.compile=true: the per-batch group sizes would recompile "
+            "every block each step; set parallel.compile=false",
         )
 
     def _check_shapes(self) -> None:

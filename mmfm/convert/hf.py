@@ -172,6 +172,7 @@ def export_hf(
         ckpt / CONFIG_FILE, [*SAMPLES_OFF, "parallel.tp=1", "parallel.pp=1", "parallel.cp=1"]
     )
     m, torch_dtype = cfg.model, DTYPES[dtype]
+    refuse_mot(m, ckpt, "transformers")
     arch = ("qwen2" if m.qkv_bias else "llama") if arch == "auto" else arch
     _config_class(arch, m)  # refuse an impossible architecture before writing anything
     entries = _model_entries(ckpt, m)
@@ -219,6 +220,17 @@ def export_hf(
         log.warning("%s has no %s: the export has no tokenizer", ckpt, VOCAB_FILE)
     log.info("wrote %s: %d tensors in %d shard(s), %s", out, len(weight_map), len(shards), dtype)
     return out
+
+
+def refuse_mot(m: ModelConfig, ckpt: Path, library: str) -> None:
+    """A Mixture-of-Transformers checkpoint has no architecture in `library` to go to."""
+    if m.mot.enabled:
+        raise ConversionError(
+            f"{ckpt} is a Mixture-of-Transformers model (model.mot.groups: "
+            f"{', '.join(m.mot.groups)}), and {library} has no architecture with per-modality "
+            "blocks: nothing is exported. Sample and evaluate the checkpoint itself (mmfm "
+            "generate / mmfm eval read it at any layout); docs/sparse_models.md"
+        )
 
 
 def honour_umask(path: Path) -> None:

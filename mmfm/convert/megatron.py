@@ -40,7 +40,13 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from mmfm.config import Config, DataConfig, ModelConfig, load_config, save_config
 from mmfm.config.schema import SAMPLES_OFF
-from mmfm.convert.hf import DTYPES, _check_state, _model_entries, check_stored_sizes
+from mmfm.convert.hf import (
+    DTYPES,
+    _check_state,
+    _model_entries,
+    check_stored_sizes,
+    refuse_mot,
+)
 from mmfm.core.errors import ConversionError
 from mmfm.core.files import make_folder
 from mmfm.train import dcp_reader
@@ -467,6 +473,7 @@ def export_megatron(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> P
         ckpt / CONFIG_FILE, [*SAMPLES_OFF, "parallel.tp=1", "parallel.pp=1", "parallel.cp=1"]
     )
     m = cfg.model
+    refuse_mot(m, ckpt, "megatron-core's GPTModel")
     if m.neftune_alpha:
         log.info("model.neftune_alpha is a training option: Megatron has no such argument")
     entries = _model_entries(ckpt, m)

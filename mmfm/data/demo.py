@@ -30,6 +30,9 @@ NUCLEOTIDES = "ACGT"
 DEMO_VOCAB_SIZE = DNA_OFFSET + len(NUCLEOTIDES)
 SPECIAL = {name: i for i, name in enumerate(SPECIALS)}
 
+DEMO_RANGES = ["0:special", f"{TEXT_OFFSET}:text", f"{IMAGE_OFFSET}:image", f"{DNA_OFFSET}:dna"]
+"""The layout's id ranges as `model.mot.ranges` routes tokens by."""
+
 VERSION = 2
 NUM_SHARDS = 4
 DOCS_PER_SHARD = 600

@@ -6,7 +6,9 @@ the vocabulary and the output projection too, so logits stay sharded over the vo
 the cross-entropy runs vocabulary-parallel (`loss_parallel`): the full logits never exist on
 one rank. With sequence parallelism the norms and the residual stream between blocks are
 sharded along the sequence; the all-gather before attention / MLP and the reduce-scatter
-after them replace Megatron's all-reduces.
+after them replace Megatron's all-reduces. A Mixture-of-Transformers block shards each
+group's projections the same way (without sequence parallelism: its groups' tokens are
+gathered from the whole row).
 """
 
 from __future__ import annotations
@@ -39,28 +41,49 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     parallelize_module(model, tp_mesh, top)
 
     for block in model.layers.values():
-        plan: dict[str, object] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=residual),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=residual),
-        }
-        if sequence_parallel:
-            plan.update(
-                {
-                    "attention_norm": SequenceParallel(),
-                    "ffn_norm": SequenceParallel(),
-                    # (x, rope, backend, mask): only x is a sharded activation.
-                    "attention": PrepareModuleInput(
-                        input_layouts=(Shard(1), None, None, None),
-                        desired_input_layouts=(Replicate(), None, None, None),
-                    ),
-                    "feed_forward": PrepareModuleInput(
-                        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                    ),
-                }
-            )
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, _block_plan(block, residual, sequence_parallel))
+
+
+def _block_plan(block: nn.Module, residual, sequence_parallel: bool) -> dict[str, object]:
+    """The plan of a dense block, or of a Mixture-of-Transformers block: each group's
+    projections sharded as the dense ones (its norms replicated), or the shared attention's."""
+    if not hasattr(block, "groups"):
+        owners = attention_owners = [""]
+    else:
+        assert not sequence_parallel, "the config refuses sequence parallelism with model.mot"
+        owners = [f"groups.{g}." for g in block.groups]
+        attention_owners = [""] if block.attention is not None else owners
+    plan: dict[str, object] = {}
+    for o in attention_owners:
+        plan.update(
+            {
+                f"{o}attention.wq": ColwiseParallel(),
+                f"{o}attention.wk": ColwiseParallel(),
+                f"{o}attention.wv": ColwiseParallel(),
+                f"{o}attention.wo": RowwiseParallel(output_layouts=residual),
+            }
+        )
+    for o in owners:
+        plan.update(
+            {
+                f"{o}feed_forward.w1": ColwiseParallel(),
+                f"{o}feed_forward.w3": ColwiseParallel(),
+                f"{o}feed_forward.w2": RowwiseParallel(output_layouts=residual),
+            }
+        )
+    if sequence_parallel:
+        plan.update(
+            {
+                "attention_norm": SequenceParallel(),
+                "ffn_norm": SequenceParallel(),
+                # (x, rope, backend, mask): only x is a sharded activation.
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None),
+                ),
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+            }
+        )
+    return plan

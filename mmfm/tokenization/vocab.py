@@ -161,6 +161,12 @@ class Vocab:
         last = self.codebooks[-1] if self.codebooks else None
         return last.offset + last.size if last else self.text_size + len(self.specials)
 
+    def id_ranges(self) -> list[str]:
+        """Its id ranges as `first_id:kind` (text, special, then each codebook's modality):
+        what `model.mot.ranges` routes tokens by."""
+        books = [f"{b.offset}:{b.name}" for b in self.codebooks]
+        return ["0:text", f"{self.text_size}:special", *books]
+
     def special(self, name: str) -> int:
         try:
             return self.text_size + self.specials.index(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from mmfm.config.layout import resolve_layout
 from mmfm.config.schema import SourceConfig
 from mmfm.core.errors import LaunchError
 from mmfm.core.files import make_folder
+from mmfm.data.demo import DEMO_RANGES
 from mmfm.data.loader import build_loader
 from mmfm.data.megatron import expand_prefixes
 from mmfm.data.shards import expand_paths
@@ -145,6 +147,7 @@ def build_trainer(cfg: Config) -> Trainer:
     cfg = resolve_layout(cfg, process_ranks(os.environ)[1])
     require_trackers(cfg.logging, Path(cfg.train.run_dir))
     vocab, vocab_notes = _check_vocab(cfg)
+    cfg = with_mot_ranges(cfg, vocab)
     _check_start(cfg)
     env = ParallelEnv.from_config(cfg.parallel, cfg.train.device)
     run_dir = Path(cfg.train.run_dir)
@@ -232,6 +235,25 @@ def _validation(
     if not cfg.eval.keep_best:
         return [Validation(evaluator, cfg.eval.every)]
     return [Validation(evaluator, cfg.eval.every, checkpointing, checkpointer.root)]
+
+
+def with_mot_ranges(cfg: Config, vocab: Vocab | None) -> Config:
+    """`cfg` with model.mot.ranges filled from the vocabulary (or the demo corpus's layout)
+    for a Mixture-of-Transformers model that does not set them."""
+    mot = cfg.model.mot
+    if not mot.enabled or mot.ranges:
+        return cfg
+    if vocab is not None:
+        ranges = vocab.id_ranges()
+    elif all(p.startswith("builtin:demo") for s in cfg.data.source_list() for p in s.paths):
+        ranges = list(DEMO_RANGES)
+    else:
+        raise ConfigError(
+            "model.mot routes tokens by the vocabulary's id ranges, and this run has no "
+            "vocabulary: set data.vocab=<tokenizers>/vocab.json or model.mot.ranges"
+        )
+    model = dataclasses.replace(cfg.model, mot=dataclasses.replace(mot, ranges=ranges))
+    return dataclasses.replace(cfg, model=model)
 
 
 def _check_vocab(cfg: Config) -> tuple[Vocab | None, list[str]]:

@@ -115,6 +115,9 @@ class PipelineSteps:
         self._batch, self._step_loss = batch, step_loss
         rows = torch.arange(batch.tokens.shape[0])  # on the host: keys without a device sync
         args = (batch.tokens,) if self.has_first else ()
+        # Mixture-of-Transformers: every stage routes by the ids, which only the first has.
+        groups = self.parts[0].groups_of(batch.tokens)
+        routing = {} if groups is None else {"groups": groups}
         # torch's V-shaped schedule (zbv) has no forward-only mode (its `eval` still hands
         # gradients between the two stages of a rank): it runs whole, its gradients dropped.
         no_backward = forward_only and not self.v_shaped
@@ -126,6 +129,7 @@ class PipelineSteps:
                     *args,
                     positions=batch.positions,
                     doc_ids=batch.doc_ids,
+                    **routing,
                     target=rows,
                     return_outputs=False,
                 )

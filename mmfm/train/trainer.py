@@ -37,10 +37,11 @@ from mmfm.core.errors import TrainingError
 from mmfm.core.types import Batch
 from mmfm.data.loader import Loader
 from mmfm.data.tario import Interrupted
+from mmfm.model.mot import upcycle_rounds
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.grads import clip_grad_norm_, finalize_gradients
 from mmfm.train.callbacks import Callback
-from mmfm.train.checkpoint import STATE_FILE, Checkpointer
+from mmfm.train.checkpoint import STATE_FILE, Checkpointer, checkpoint_config
 from mmfm.train.loss import StepLoss, count_modality_targets, modality_losses, split_totals
 from mmfm.train.stateful import (
     LoaderState,
@@ -351,7 +352,13 @@ class Trainer:
         but with `data` (train.init_data) the data streams continue from the checkpoint's."""
         model = ModelState(self.model)
         tensors = model.state_dict()
-        self.checkpointer.load_model(path, tensors["model"], whole_model=self.env.dims.pp == 1)
+        rounds = [tensors["model"]]
+        if self.cfg.model.mot.enabled and not _saved_model(path).mot.enabled:
+            rounds = upcycle_rounds(tensors["model"])  # every group starts as the dense block
+            log.info("upcycling the dense model of %s into every group", path)
+        for i, part in enumerate(rounds):
+            whole = self.env.dims.pp == 1 and i == 0
+            self.checkpointer.load_model(path, part, whole_model=whole)
         model.load_state_dict(tensors)
         if data:
             loader = self.checkpointer.load_state(path).get("loader")
@@ -366,6 +373,11 @@ class Trainer:
         whole_model = self.env.dims.pp == 1
         load_states(self.checkpointer, path, self.states, whole_model, self._check_state)
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def _saved_model(path: str | Path):
+    """The model section of checkpoint `path`'s config."""
+    return checkpoint_config(Path(path), ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"]).model
 
 
 class _Counters:

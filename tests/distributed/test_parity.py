@@ -101,6 +101,48 @@ def test_single_process_options_match(base, reference, tmp_path):
     assert_same_run(train_metrics([*base, *options, f"train.run_dir={tmp_path}"]), reference)
 
 
+MOT = "model.mot.groups={language: [text, dna, svg], vision: [image, mask, video]}"
+MOT_LAYOUTS = ("tp2_no_sp", "pp2_1f1b", "cp2")  # fsdp2: test_mot_fsdp2_matches_and_reshards
+
+
+@pytest.fixture(scope="module")
+def mot_base(base) -> list[str]:
+    """A Mixture-of-Transformers model (language and vision groups, on demo rows that pack
+    text, captioned pictures and DNA together) of 2 blocks, over 3 steps."""
+    return [*base, MOT, "model.n_layers=2", "train.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def mot_reference(mot_base, tmp_path_factory) -> list[dict]:
+    return train_metrics([*mot_base, f"train.run_dir={tmp_path_factory.mktemp('mot_ref')}"])
+
+
+@pytest.mark.slow  # 10-40 s each on 2 cores
+@pytest.mark.parametrize("name", MOT_LAYOUTS)
+def test_mot_layout_matches_one_process(name, mot_base, mot_reference, tmp_path):
+    layout = LAYOUTS[name]
+    results = run_distributed(
+        train_metrics, world_size(layout), args=([*mot_base, *layout, f"train.run_dir={tmp_path}"],)
+    )
+    assert len(mot_reference) == 3
+    assert_same_run(results[0], mot_reference)
+
+
+@pytest.mark.slow  # 2 ranks, then one process: 15-25 s
+def test_mot_fsdp2_matches_and_reshards(mot_base, mot_reference, tmp_path):
+    """MoT at FSDP2 with every block's activations recomputed equals one process; its
+    checkpoint of step 2 resumes in one process with step 3 as the uninterrupted run's."""
+    saved = tmp_path / "fsdp2"
+    layout = [*LAYOUTS["fsdp2_activation_checkpoint"], "checkpoint.every=2"]
+    fsdp = run_distributed(train_metrics, 2, args=([*mot_base, *layout, f"train.run_dir={saved}"],))
+    assert_same_run(fsdp[0], mot_reference)
+    step2 = saved / "checkpoints" / "step_2"
+    single = train_metrics(
+        [*mot_base, f"train.resume={step2}", f"train.run_dir={tmp_path / 'one'}"]
+    )
+    assert_same_run(single, mot_reference[2:])
+
+
 @pytest.mark.slow  # inductor compiles a block's forward and backward: 40-60 s on 2 cores
 def test_compiled_blocks_match_one_process(base, reference, tmp_path):
     # Four micro-batches a step, each its own document layout: one compile for all of them
