@@ -44,6 +44,15 @@ stores for each tensor's memory format; the safe reader must allow it and watch 
 Public replacement: the same as for `DcpStorageInfo`."""
 
 
+def disable_autograd_cache() -> None:
+    """Turn off AOTAutograd's on-disk cache of compiled graphs for this process
+    (`torch._functorch.config.enable_autograd_cache`; no public switch in 2.13 other than the
+    TORCHINDUCTOR_AUTOGRAD_CACHE=0 environment variable read at import). Under tensor
+    parallelism a block compiled around the eager document attention gets wrong gradients
+    when its graphs come from that cache (mmfm/parallel/parallelize.py)."""
+    torch._functorch.config.enable_autograd_cache = False
+
+
 def dcp_private_pickle_globals() -> dict[tuple[str, str], Any]:
     """The private (module, name) pairs a DCP `.metadata` pickle refers to, and their objects.
 

@@ -17,7 +17,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mmfm.config.schema import Config, ModelConfig, ParallelConfig
-from mmfm.core.torch_compat import checkpoint_wrapper, compute_local_shape_and_global_offset
+from mmfm.core.torch_compat import (
+    checkpoint_wrapper,
+    compute_local_shape_and_global_offset,
+    disable_autograd_cache,
+)
 from mmfm.model import build_model, init_weights
 from mmfm.parallel.context_parallel import AllGatherAttention, RingAttention, build_kernel
 from mmfm.parallel.data_parallel import apply_fsdp
@@ -106,7 +110,7 @@ def _compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:
     DTensors gets wrong gradients when its compiled graphs come from that cache (PyTorch
     2.13; a fresh compile is exact). The inductor kernel cache stays on."""
     if tensor_parallel:
-        torch._functorch.config.enable_autograd_cache = False
+        disable_autograd_cache()
         if part.tok_embeddings is not None:
             part.tok_embeddings.register_forward_hook(lambda module, args, out: out.clone())
     for block in part.layers.values():

@@ -334,3 +334,11 @@ def test_an_iterator_without_the_sigchld_handler_leaves_none_installed(monkeypat
     assert list(items) == [1, 2]
     assert not torchs(signal.getsignal(signal.SIGCHLD))
     tc.shutdown_dataloader_workers(plain)
+
+
+def test_disable_autograd_cache_turns_off_the_config_dynamo_reads():
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=True):  # restored after the test
+        tc.disable_autograd_cache()
+        assert functorch_config.enable_autograd_cache is False
