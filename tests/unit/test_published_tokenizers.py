@@ -24,12 +24,16 @@ from mmfm.tokenization.visual.records import VisualTokenizers
 from mmfm.tokenization.vocab import Vocab, VocabError
 
 transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+
+# One worker runs the published-tokenizer files (make test: --dist loadgroup), so the tiny
+# models are saved once and diffusers (~4 s of CPU to import) is imported by that worker only.
+pytestmark = pytest.mark.xdist_group("published_tokenizers")
 
 SIZE = 32
 
 
 def _tiny_models() -> dict:
+    diffusers = pytest.importorskip("diffusers")  # here, not at every worker's collection
     torch.manual_seed(0)
     return {
         "JanusVQVAE": transformers.JanusVQVAE(
