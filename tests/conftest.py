@@ -15,6 +15,18 @@ from mmfm.config import Config, load_config
 from helpers import TINY
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` deselected: a no-op for `make test-fast`
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that hold `slow` tests run first, each kept whole and in collection order.
+
+    `--dist loadgroup` hands out the groups (largest first), then the other tests one at a time
+    in this order: a minute-long test handed out last ran alone at the end while the other
+    worker sat idle. Now the many short tests of the other files fill the end. A file stays
+    contiguous, so that its module fixtures are still built once per worker."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each part
+
+
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("mmfm-cache"))

@@ -36,10 +36,16 @@ from mmfm.train.dcp_reader import UnsafeCheckpointError
 
 from helpers import MEGATRON, require_or_skip
 
-# One worker runs this file (make test: --dist loadgroup), so its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_megatron_checkpoints")
+# One worker runs this file and the other files that need megatron-core (make test: --dist
+# loadgroup), so its module fixtures are built once and megatron-core (~7 s of CPU) is imported
+# once, at the first test instead of at every worker's collection.
+pytestmark = pytest.mark.xdist_group("megatron")
 
-require_or_skip("megatron.core", MEGATRON)  # under CI=true (the test extra): fails, never skips
+
+@pytest.fixture(scope="module", autouse=True)
+def _megatron_core():
+    require_or_skip("megatron.core", MEGATRON)  # under CI=true (the test extra): fails, never skips
+
 
 VOCAB, SEQ = 128, 12
 ARGS = {

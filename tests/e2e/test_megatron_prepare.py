@@ -20,10 +20,21 @@ from mmfm.train.command import build_trainer
 
 from helpers import megatron_indexed_or_skip
 
-mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
+# megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates. One
+# worker runs the files that need megatron-core (tests/unit/test_megatron_data.py).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.xdist_group("megatron"),
+]
 
-# megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+@pytest.fixture(scope="module", autouse=True)
+def mcore():
+    """megatron-core's own indexed_dataset module: without it every test here skips (fails
+    under CI)."""
+    return megatron_indexed_or_skip()
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +57,9 @@ def recipe(tmp_path) -> Path:
     return path
 
 
-def test_prepared_megatron_dataset_reads_back_in_megatron_core_and_mmfm(tmp_path, monkeypatch):
+def test_prepared_megatron_dataset_reads_back_in_megatron_core_and_mmfm(
+    tmp_path, monkeypatch, mcore
+):
     monkeypatch.chdir(REPO)
     manifest = prepare(load_prepare_recipe(recipe(tmp_path)), progress=False)
     out = tmp_path / "out"
@@ -85,7 +98,7 @@ def test_prepared_megatron_dataset_reads_back_in_megatron_core_and_mmfm(tmp_path
         build_trainer(load_config(None, [*overrides, f"data.vocab={tmp_path / 'other.json'}"]))
 
 
-def test_related_order_is_written_in_that_order(tmp_path, monkeypatch):
+def test_related_order_is_written_in_that_order(tmp_path, monkeypatch, mcore):
     """`order: related` is an order of documents: the indexed dataset holds the ordered
     shards' documents in their order (the staging folder gets shards only)."""
     monkeypatch.chdir(REPO)
@@ -103,7 +116,9 @@ def test_related_order_is_written_in_that_order(tmp_path, monkeypatch):
     assert prepare(load_prepare_recipe(path), progress=False) == manifest  # a rerun: done
 
 
-def test_megatron_output_added_to_existing_shards_without_retokenizing(tmp_path, monkeypatch):
+def test_megatron_output_added_to_existing_shards_without_retokenizing(
+    tmp_path, monkeypatch, mcore
+):
     """A rerun with `format: megatron` on an output prepared as shards resumes from them: the
     same fingerprint (the format is no part of it), the shards untouched, the indexed dataset
     written from them."""

@@ -18,7 +18,6 @@ from mmfm.testing import read_metrics, tiny_shape
 from mmfm.tokenization.vocab import Vocab
 
 transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE, GRID = 32, 8  # both tiny tokenizers downsample 4x: 8 x 8 = 64 codes per picture
@@ -35,6 +34,7 @@ def _save(kind: str, folder: Path) -> str:
             )
         ).save_pretrained(folder)  # fmt: skip
         return f"{{library: transformers, class: JanusVQVAE, path: {folder}}}"
+    diffusers = pytest.importorskip("diffusers")  # here: ~4 s of CPU, not at every collection
     diffusers.VQModel(
         block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, num_vq_embeddings=48,

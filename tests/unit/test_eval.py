@@ -32,7 +32,12 @@ REL = 1e-5
 
 
 def test_eval_of_one_batch_equals_the_training_loss_of_that_batch(tiny_config, tmp_path):
-    cfg = tiny_config("train.steps=1", "checkpoint.at_end=false", "data.loss_weights.dna=0.5")
+    cfg = tiny_config(
+        "train.steps=1",
+        "checkpoint.at_end=false",
+        "data.loss_weights.dna=0.5",
+        "data.num_workers=0",
+    )
     trainer = build_trainer(cfg)
     try:
         initial = trainer.save()  # step_0: the weights the first training step is computed with

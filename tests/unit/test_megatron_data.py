@@ -27,10 +27,22 @@ from mmfm.testing import source_spec, stream_settings
 
 from helpers import megatron_indexed_or_skip
 
-mcore = megatron_indexed_or_skip()  # megatron-core's own indexed_dataset module
+# megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates. One
+# worker runs the files that need megatron-core (make test: --dist loadgroup; its import takes
+# ~7 s of CPU), at their first test instead of at every worker's collection.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.xdist_group("megatron"),
+]
 
-# megatron-core's builder calls numpy.array on torch tensors, which numpy 2 deprecates
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+@pytest.fixture(scope="module", autouse=True)
+def mcore():
+    """megatron-core's own indexed_dataset module: without it every test here skips (fails
+    under CI)."""
+    return megatron_indexed_or_skip()
+
+
 SEQ = 64
 
 
@@ -42,7 +54,7 @@ def lengths(n_docs, seed=0, start=0) -> dict[int, int]:
 def build(prefix, docs: dict[int, int], dtype=np.uint16) -> str:
     """A dataset of megatron-core's builder: every third document in two sequences (as
     preprocess_data.py --split-sentences writes them), the others in one."""
-    builder = mcore.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    builder = mdata.megatron_indexed().IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for i, n in docs.items():
         tokens = np.full(n, i + 10, np.int64)
         if i % 3 == 0:
@@ -172,7 +184,7 @@ class Touched:
         return self.array if dtype is None else self.array.astype(dtype)
 
 
-def test_a_rank_reads_only_its_share_of_the_index(tmp_path, monkeypatch):
+def test_a_rank_reads_only_its_share_of_the_index(tmp_path, monkeypatch, mcore):
     """Two ranks of 4 streams each, one after the other in this process, each from a fresh
     open of the dataset: each reads its own documents' entries of the index and a few per
     unit, not all of them."""
@@ -254,7 +266,7 @@ def test_the_config_names_a_megatron_source(tmp_path):
         load_config(None, ["data.sources=[{name: m, kind: megatron, paths: [x], tokenize: t}]"])
 
 
-def test_damaged_document_boundaries_are_counted_or_refused(tmp_path, monkeypatch):
+def test_damaged_document_boundaries_are_counted_or_refused(tmp_path, monkeypatch, mcore):
     monkeypatch.setattr(mdata, "BLOCK_DOCS", 10)
     prefix = build(tmp_path / "m", lengths(20))
     index = Path(f"{prefix}.idx")

@@ -27,7 +27,10 @@ from helpers import PUBLISHED_SIZE
 from helpers import tiny_published_models as _tiny_models
 
 transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+
+# One worker runs the published-tokenizer files (make test: --dist loadgroup), so the tiny
+# models are saved once and diffusers (~4 s of CPU to import) is imported by that worker only.
+pytestmark = pytest.mark.xdist_group("published_tokenizers")
 
 SIZE = PUBLISHED_SIZE
 

@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from mmfm.config import ConfigError, load_config
 from mmfm.core.errors import LaunchError
@@ -17,6 +16,10 @@ from mmfm.train.callbacks import TRACKERS_FILE, flat_params, mlflow_name
 from mmfm.train.command import train
 
 from helpers import wandb_records
+
+# One worker runs this file (make test: --dist loadgroup): mlflow and wandb (~3 s of CPU to
+# import) are imported there, at the tests that use them, not at every worker's collection.
+pytestmark = pytest.mark.xdist_group("test_trackers")
 
 TRACKED = [
     "data.num_workers=0",
@@ -102,6 +105,8 @@ def test_trackers_hold_the_scalars_of_metrics_jsonl_and_a_resume_continues_their
     assert history == rows
     assert wandb_config(run_dir)["model"]["dim"] == first.model.dim
 
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient((run_dir / "mlruns").resolve().as_uri())
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [ids["mlflow"]] and runs[0].info.status == "FINISHED"
@@ -132,6 +137,8 @@ def test_a_run_that_raises_is_a_failed_mlflow_run(tmp_path, no_server):
             raise KeyError("a step that fails")
         finally:  # as in Trainer.fit
             tracker.on_fit_end()
+    from mlflow.tracking import MlflowClient
+
     run = MlflowClient((tmp_path / "mlruns").as_uri()).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
 
