@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mmfm.config import Config
 from mmfm.config.schema import (
     DataConfig,
@@ -15,6 +17,7 @@ from mmfm.core.types import Batch
 from mmfm.parallel.env import ParallelEnv
 from mmfm.parallel.parallelize import parallelize
 from mmfm.testing import packed_batch
+from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.optim import build_optimizer, build_scheduler
 from mmfm.train.step_runner import build_step_runner
 from mmfm.train.trainer import Trainer
@@ -84,4 +87,5 @@ def fixed_batch_trainer(
     runner = build_step_runner(cfg, env, parallelize(cfg, env))
     optimizer = build_optimizer(runner.model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    return Trainer(cfg, env, runner, optimizer, scheduler, FixedRows(), None, [])
+    never_saves = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", keep=1)  # train_step only
+    return Trainer(cfg, env, runner, optimizer, scheduler, FixedRows(), never_saves, [])

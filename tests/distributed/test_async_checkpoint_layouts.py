@@ -1,5 +1,7 @@
-"""checkpoint.async_save at 2 ranks (FSDP2, TP2): the same losses and weights as synchronous
-saves, and a resume from a background-written checkpoint continues the run exactly."""
+"""checkpoint.async_save at 2 ranks (FSDP2, TP2): the losses of one process (1e-5, as every
+layout in test_parity), and a resume from a background-written checkpoint continues the run
+bit for bit, weights included. That async saves equal sync ones bit for bit is shown in one
+process (tests/e2e/test_checkpoint_async.py), where it costs no 2-rank run."""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from mmfm.testing import run_distributed, tiny_demo_model, train_metrics
 from mmfm.train.checkpoint import load_checkpoint_model
 
 MODEL = [
-    *tiny_demo_model(),
+    *tiny_demo_model(n_layers=2),
     "train.global_batch_size=4",
     "train.micro_batch_size=2",
     "optim.warmup_steps=1",
@@ -26,26 +28,27 @@ def weights(run_dir, step: int) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.slow  # three 2-rank runs: 43-63 s on 2 loaded cores
+@pytest.mark.slow  # two 2-rank runs and one process: 10-20 s on 2 cores
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_async_save_and_resume_equal_sync(name, tmp_path):
-    run = [*MODEL, f"data.cache_dir={tmp_path / 'cache'}", *LAYOUTS[name]]
+def test_async_saves_match_one_process_and_resume_exactly(name, tmp_path):
+    run = [*MODEL, f"data.cache_dir={tmp_path / 'cache'}", "checkpoint.async_save=true"]
 
     def metrics(*overrides):
-        return run_distributed(train_metrics, 2, args=([*run, *overrides],))[0]
+        return run_distributed(train_metrics, 2, args=([*run, *LAYOUTS[name], *overrides],))[0]
 
-    sync = metrics(f"train.run_dir={tmp_path / 'sync'}")
-    background = metrics("checkpoint.async_save=true", f"train.run_dir={tmp_path / 'async'}")
+    one = train_metrics([*run, f"train.run_dir={tmp_path / 'one'}"])
+    background = metrics(f"train.run_dir={tmp_path / 'async'}")
     step2 = tmp_path / "async" / "checkpoints" / "step_2"
-    resumed = metrics(
-        "checkpoint.async_save=true", f"train.resume={step2}", f"train.run_dir={tmp_path / 'res'}"
-    )
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in background] == [
-        (r["step"], r["loss"], r["grad_norm"]) for r in sync
+    resumed = metrics(f"train.resume={step2}", f"train.run_dir={tmp_path / 'res'}")
+    assert [r["step"] for r in background] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for got, want in zip(background, one, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in background[2:]
     ]
-    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in sync[2:]]
-    want = weights(tmp_path / "sync", 4)
-    for got in (weights(tmp_path / "async", 4), weights(tmp_path / "res", 4)):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
+    want = weights(tmp_path / "async", 4)
+    got = weights(tmp_path / "res", 4)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
